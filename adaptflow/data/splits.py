@@ -1,0 +1,42 @@
+"""Stratified, seeded splits and the k-shot labeled subset: pure functions over label arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int, rest: str = "train") -> np.ndarray:
+    """Assign each index a split name; every class is divided by the same fractions (rounded per class).
+
+    Returns an array of split names. ``rest`` receives what the fractions leave.
+    """
+    rng = np.random.default_rng(seed)
+    out = np.full(len(labels), rest, dtype=object)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        start = 0
+        for name, frac in fractions.items():
+            n = int(round(frac * len(idx)))
+            out[idx[start : start + n]] = name
+            start += n
+    return out
+
+
+def k_shot(labels: np.ndarray, candidates: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """A boolean mask over ``labels``: k seeded picks per class among ``candidates`` (a boolean mask)."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels[candidates]):
+        idx = np.flatnonzero(candidates & (labels == c))
+        if len(idx) < k:
+            raise ValueError(f"class {c} has {len(idx)} train images, fewer than target.k={k}; lower target.k")
+        mask[rng.choice(idx, size=k, replace=False)] = True
+    return mask
+
+
+def stratified_subset(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
+    """Indices of at most ``limit`` items keeping the class proportions (all of them when ``limit`` is None)."""
+    if limit is None or limit >= len(labels):
+        return np.arange(len(labels))
+    picked = stratified_split(labels, {"keep": limit / len(labels)}, seed=seed, rest="drop")
+    return np.flatnonzero(picked == "keep")

@@ -1,0 +1,91 @@
+"""Image preprocessing shared by ingest and by the registered model.
+
+This module imports only numpy and Pillow on purpose: it is shipped inside every registered MLflow model
+(``code_paths``) so a consumer preprocesses a raw image exactly as ingest did, without adaptflow installed.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    """Bring an array to uint8 0–255: uint8 as is, floats in [0, 1] scaled, other ranges min–max scaled."""
+    arr = np.asarray(img)
+    if arr.dtype == np.uint8:
+        return arr
+    arr = arr.astype(np.float64)
+    lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+    if lo >= 0.0 and hi <= 1.0:
+        arr = arr * 255.0
+    elif lo >= 0.0 and hi <= 255.0 and hi > 16.0:
+        pass
+    else:
+        arr = (arr - min(lo, 0.0)) / max(hi - min(lo, 0.0), 1e-12) * 255.0
+    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+
+
+def to_pil(img: Any) -> Image.Image:
+    """Accept a PIL image, a path, encoded bytes, a base64 string or an array (H×W, H×W×C)."""
+    if isinstance(img, Image.Image):
+        return img
+    if isinstance(img, (bytes, bytearray, memoryview)):
+        return _open(io.BytesIO(bytes(img)))
+    if isinstance(img, Path) or (isinstance(img, str) and _is_file(img)):
+        return _open(Path(img))
+    if isinstance(img, str):
+        try:
+            return _open(io.BytesIO(base64.b64decode(img, validate=True)))
+        except (ValueError, OSError):
+            raise ValueError(f"not an existing path nor base64 image bytes: {img[:60]!r}") from None
+    arr = np.asarray(img)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # C×H×W → H×W×C
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"expected an H×W or H×W×C image, got shape {arr.shape}")
+    return Image.fromarray(to_uint8(arr))
+
+
+def _is_file(s: str) -> bool:
+    try:
+        return Path(s).is_file()
+    except (OSError, ValueError):  # too long for a path, or a NUL byte: not a path
+        return False
+
+
+def _open(src: Any) -> Image.Image:
+    im = Image.open(src)
+    im.load()
+    return im
+
+
+def prepare(img: Any, size: int, channels: int) -> np.ndarray:
+    """Decode and bring one image to the model's stored form: uint8 (channels, size, size)."""
+    im = to_pil(img)
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        im = Image.fromarray(to_uint8(np.asarray(im)))
+    im = im.convert("L" if channels == 1 else "RGB")
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BILINEAR)
+    arr = np.asarray(im, dtype=np.uint8)
+    return arr[None] if channels == 1 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def prepare_batch(images: Any, size: int, channels: int) -> np.ndarray:
+    return np.stack([prepare(im, size, channels) for im in images]) if len(images) else np.zeros((0, channels, size, size), np.uint8)
+
+
+def normalize(batch: Any) -> Any:
+    """uint8 → float32 in [-1, 1], for numpy arrays and torch tensors alike: the one definition used in
+    training, feature caching and serving."""
+    if hasattr(batch, "float"):
+        return batch.float() / 127.5 - 1.0
+    return batch.astype(np.float32) / 127.5 - 1.0

@@ -1,0 +1,12 @@
+"""Backbones by name (timm), classifier heads, checkpoint I/O (safetensors + a JSON config)."""
+
+from adaptflow.models.factory import (
+    ModelConfig,
+    create,
+    features,
+    load,
+    save,
+    set_head,
+)
+
+__all__ = ["ModelConfig", "create", "features", "load", "save", "set_head"]

@@ -1,0 +1,78 @@
+"""timm backbones by name and their checkpoints.
+
+A checkpoint directory holds ``model.safetensors`` and ``config.json`` (:class:`ModelConfig`): enough to
+rebuild the network with timm alone, without adaptflow or MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+@dataclass
+class ModelConfig:
+    arch: str  # timm model name
+    in_chans: int
+    image_size: int
+    classes: list[str]
+    extra: dict = field(default_factory=dict)  # strategy, selection rule, source checkpoint, ...
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def create(cfg: ModelConfig) -> nn.Module:
+    """A randomly initialised timm model for ``cfg`` (weights come from a checkpoint, never a hub)."""
+    return timm.create_model(cfg.arch, pretrained=False, in_chans=cfg.in_chans, num_classes=cfg.num_classes)
+
+
+def save(model: nn.Module, cfg: ModelConfig, directory: Path) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS))
+    (directory / CONFIG).write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True))
+
+
+def load(directory: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelConfig]:
+    directory = Path(directory)
+    cfg = ModelConfig(**json.loads((directory / CONFIG).read_text()))
+    model = create(cfg)
+    model.load_state_dict(load_file(str(directory / WEIGHTS), device="cpu"))
+    return model.to(device).eval(), cfg
+
+
+def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pooled backbone features (the classifier's input)."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def set_head(model: nn.Module, source_classes: list[str], target_classes: list[str]) -> bool:
+    """Point the classifier at the target classes.
+
+    Classes are matched by name: when every target class is known to the source, the source head's rows
+    are kept (re-ordered to the target's order), so the model starts as the source-only classifier.
+    Otherwise the head is re-initialised. Returns whether the source head was kept.
+    """
+    head = model.get_classifier()
+    if all(c in source_classes for c in target_classes) and isinstance(head, nn.Linear):
+        rows = torch.tensor([source_classes.index(c) for c in target_classes])
+        weight, bias = head.weight.data[rows].clone(), head.bias.data[rows].clone()
+        model.reset_classifier(len(target_classes))
+        new = model.get_classifier()
+        new.weight.data.copy_(weight)
+        new.bias.data.copy_(bias)
+        return True
+    model.reset_classifier(len(target_classes))
+    return False

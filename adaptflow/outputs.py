@@ -1,0 +1,104 @@
+"""Stage outputs that are either complete or absent.
+
+A stage writes into a temporary sibling directory, then promotes it with a rename. The manifest inside
+(``_manifest.json``: the stage, its input key and a digest of every file) is written before the rename,
+so a directory at the final path with a manifest is always whole, and a stage killed midway leaves only
+a temporary directory that nothing reads. The input key — the stage's params sections, the digests of
+its upstream outputs and the code version — lets a re-run with nothing changed skip the work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "_manifest.json"
+_PKG = Path(__file__).resolve().parent
+
+
+def code_version() -> str:
+    """Hash of the core's source: a code change invalidates every stage's key."""
+    h = hashlib.sha256()
+    for p in sorted(_PKG.rglob("*.py")):
+        h.update(str(p.relative_to(_PKG)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def input_key(stage: str, params_hash: str, upstream: list[Path] | None = None) -> str:
+    parts = [stage, params_hash, code_version()] + [digest(p) for p in upstream or []]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def read_manifest(directory: Path) -> dict | None:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def digest(directory: Path) -> str:
+    """The content digest of a complete output; raises if the output is missing or incomplete."""
+    m = read_manifest(directory)
+    if m is None:
+        raise FileNotFoundError(f"{directory}: no complete stage output here (run the upstream stage first)")
+    return m["digest"]
+
+
+def is_current(directory: Path, key: str) -> bool:
+    m = read_manifest(directory)
+    return m is not None and m.get("key") == key
+
+
+@contextmanager
+def atomic_dir(directory: Path, stage: str, key: str) -> Iterator[Path]:
+    """Yield a temporary directory; on success write its manifest and promote it to ``directory``."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        files = {
+            str(p.relative_to(tmp)): file_digest(p) for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != MANIFEST
+        }
+        content = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+        manifest = {"stage": stage, "key": key, "digest": content, "files": files, "created": time.time()}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        old = directory.parent / f".{directory.name}.old-{os.getpid()}"
+        if directory.exists():
+            directory.rename(old)
+        tmp.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

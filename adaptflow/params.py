@@ -1,0 +1,260 @@
+"""params.yaml → validated, typed sections.
+
+Every section belongs to one stage (or to the data of one role). Validation happens on load, before any
+work: an unknown key or a bad value raises :class:`ParamsError` whose message names the dotted key, so
+`finetune.lr: Input should be greater than 0` is the whole story.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ROLES = ("source", "target")
+BUILTIN_DOMAINS = ("mnist", "uci_digits")
+STRATEGIES = ("scratch", "source_only", "linear_probe", "finetune")
+BASELINES = ("scratch", "source_only")
+
+
+class ParamsError(ValueError):
+    """A params.yaml problem, reported with the dotted key that caused it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Paths(_Section):
+    ingested: str = "data/ingested"
+    augmented: str = "data/augmented"
+    features: str = "data/features"
+    source_model: str = "models/source"
+    adapted: str = "models/adapted"
+    reports: str = "reports"
+
+
+class Preprocess(_Section):
+    image_size: int = Field(32, ge=8, le=1024)
+    channels: Literal[1, 3] = 1
+
+
+def _check_domain(value: str) -> str:
+    if value in BUILTIN_DOMAINS:
+        return value
+    raise ValueError(f"unknown domain {value!r}; choose one of {', '.join(BUILTIN_DOMAINS)}")
+
+
+class Source(_Section):
+    domain: str = "mnist"
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    limit: int | None = Field(None, ge=10, description="keep at most this many images (stratified); for quick runs")
+
+    _domain = field_validator("domain")(classmethod(lambda cls, v: _check_domain(v)))
+
+
+class Target(_Section):
+    domain: str = "uci_digits"
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.3, gt=0, lt=0.8)
+    k: int = Field(10, ge=1, description="labeled target train images per class")
+    limit: int | None = Field(None, ge=10, description="keep at most this many images (stratified); for quick runs")
+
+    _domain = field_validator("domain")(classmethod(lambda cls, v: _check_domain(v)))
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "Target":
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must leave at least 10% for train")
+        return self
+
+
+class TransformSpec(_Section):
+    """One torchvision.transforms.v2 class by name and its keyword arguments (nested specs allowed)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str
+
+
+class Augment(_Section):
+    source: list[TransformSpec] = Field(default_factory=list)
+    target: list[TransformSpec] = Field(default_factory=list)
+    preview_n: int = Field(64, ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _buildable(self) -> "Augment":
+        # Building the pipelines here turns a typo in a transform name or argument into a load-time error.
+        from adaptflow.data.transforms import build_pipeline
+
+        for role in ROLES:
+            try:
+                build_pipeline([t.model_dump() for t in getattr(self, role)])
+            except (TypeError, ValueError, AttributeError) as exc:
+                raise ValueError(f"{role}: {exc}") from None
+        return self
+
+
+class Pretrain(_Section):
+    model: str = "resnet10t"
+    epochs: int = Field(6, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        import timm
+
+        if not timm.is_model(v):
+            raise ValueError(f"{v!r} is not a timm model name (see timm.list_models())")
+        return v
+
+
+class CacheFeatures(_Section):
+    batch_size: int = Field(512, ge=1)
+
+
+class Finetune(_Section):
+    strategies: list[str] = Field(default_factory=lambda: list(STRATEGIES), min_length=1)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    backbone_lr_scale: float = Field(0.1, gt=0, le=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    linear_probe_epochs: int = Field(200, ge=1)
+
+    @field_validator("strategies")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        unknown = [s for s in v if s not in STRATEGIES]
+        if unknown:
+            raise ValueError(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
+        if len(set(v)) != len(v):
+            raise ValueError("strategies must not repeat")
+        return v
+
+
+class Evaluate(_Section):
+    baselines: list[str] = Field(default_factory=lambda: list(BASELINES))
+
+
+class Register(_Section):
+    model_name: str = "adaptflow-{target}"
+    margin: float = Field(0.0, ge=0, le=1, description="accuracy the candidate must beat each baseline by")
+
+
+with warnings.catch_warnings():
+    # "register" (the stage) shadows ABCMeta.register on the model class, which nothing here uses.
+    warnings.filterwarnings("ignore", message='Field name "register"')
+
+    class _ParamsBase(_Section):
+        register: Register = Field(default_factory=Register)
+
+
+class Params(_ParamsBase):
+    seed: int = 0
+    paths: Paths = Field(default_factory=Paths)
+    preprocess: Preprocess = Field(default_factory=Preprocess)
+    source: Source = Field(default_factory=Source)
+    target: Target = Field(default_factory=Target)
+    augment: Augment = Field(default_factory=Augment)
+    pretrain: Pretrain = Field(default_factory=Pretrain)
+    cache_features: CacheFeatures = Field(default_factory=CacheFeatures)
+    finetune: Finetune = Field(default_factory=Finetune)
+    evaluate: Evaluate = Field(default_factory=Evaluate)
+
+    @model_validator(mode="after")
+    def _baselines_run(self) -> "Params":
+        missing = [b for b in self.evaluate.baselines if b not in self.finetune.strategies]
+        if missing:
+            raise ValueError(f"evaluate.baselines {missing} must also be in finetune.strategies")
+        return self
+
+    def section_hash(self, *names: str) -> str:
+        """Content hash of the named sections: the params part of a stage's identity."""
+        data = {}
+        for name in names:  # dotted names reach into a section: "augment.source"
+            value: Any = self
+            for part in name.split("."):
+                value = getattr(value, part)
+            data[name] = _dump(value)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def registered_model_name(self) -> str:
+        target = self.target.domain.replace(":", "-").replace("/", "-")
+        return self.register.model_name.format(target=target)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _dump(v: Any) -> Any:
+    if isinstance(v, list):
+        return [_dump(x) for x in v]
+    return v.model_dump(mode="json") if isinstance(v, BaseModel) else v
+
+
+def _format(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against params.yaml)"
+        lines.append(f"{origin}: {loc or '<root>'}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`finetune.lr=0.01` → (["finetune", "lr"], 0.01); the value is read as YAML."""
+    if "=" not in item:
+        raise ParamsError(f"--set {item!r}: expected key=value, e.g. finetune.lr=0.01")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ParamsError(f"--set {item!r}: empty key")
+    return parts, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        node = data
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ParamsError(f"--set {item!r}: {p!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def from_dict(data: dict[str, Any], origin: str = "params") -> Params:
+    try:
+        return Params.model_validate(data)
+    except ValidationError as err:
+        raise ParamsError(_format(err, origin)) from None
+
+
+def load(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read, override and validate params; raise ParamsError naming the key on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: no such params file (run from the project root or pass --params)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    return from_dict(apply_overrides(data, overrides), origin=str(path))

@@ -1,0 +1,58 @@
+"""The registered model's own code (MLflow models-from-code), executed by MLflow when a model loads.
+
+Self-contained on purpose: it needs torch, timm, safetensors, numpy, pandas, Pillow and MLflow, plus
+``imaging.py`` which is shipped beside it in the model (``code_paths``). A consumer needs no adaptflow
+install, and loading unpickles nothing: weights are safetensors, the config is JSON.
+
+Input: a DataFrame with an ``image`` column (file paths, base64-encoded image bytes, raw bytes, or arrays
+H×W / H×W×C), or a list / array of images. Output: ``label``, ``confidence`` and one ``proba_<class>``
+column per class.
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import timm
+import torch
+from safetensors.torch import load_file
+
+try:  # the copy shipped inside the model wins
+    import imaging
+except ImportError:  # pragma: no cover - inside the adaptflow repository
+    from adaptflow import imaging
+
+
+class ImageClassifier(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        with open(context.artifacts["config"]) as f:
+            self.cfg = json.load(f)
+        model = timm.create_model(self.cfg["arch"], pretrained=False, in_chans=self.cfg["in_chans"], num_classes=len(self.cfg["classes"]))
+        model.load_state_dict(load_file(context.artifacts["weights"], device="cpu"))
+        self.model = model.eval()
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        if isinstance(model_input, pd.DataFrame):
+            images = list(model_input["image"] if "image" in model_input.columns else model_input.iloc[:, 0])
+        elif isinstance(model_input, np.ndarray) and model_input.ndim >= 3:
+            images = list(model_input)
+        else:
+            images = list(model_input)
+        classes = self.cfg["classes"]
+        batch = imaging.prepare_batch(images, self.cfg["image_size"], self.cfg["in_chans"])
+        probs = []
+        with torch.no_grad():
+            for i in range(0, len(batch), 256):
+                x = imaging.normalize(torch.from_numpy(batch[i : i + 256]))
+                probs.append(torch.softmax(self.model(x).float(), dim=1).numpy())
+        p = np.concatenate(probs) if probs else np.zeros((0, len(classes)), np.float32)
+        out = pd.DataFrame({"label": [classes[i] for i in p.argmax(1)], "confidence": p.max(1) if len(p) else []})
+        for j, c in enumerate(classes):
+            out[f"proba_{c}"] = p[:, j]
+        return out
+
+
+mlflow.models.set_model(ImageClassifier())

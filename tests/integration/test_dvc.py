@@ -1,0 +1,40 @@
+"""The same stages through real `dvc repro` in a temporary git repo."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.integration.conftest import BIN, run
+
+pytestmark = pytest.mark.integration
+
+
+def test_dvc_repro_runs_stages_then_has_nothing_to_do(dvc_project):
+    first = run([str(BIN / "dvc"), "repro"], dvc_project)
+    for stage in ("ingest@source", "ingest@target", "augment", "pretrain", "cache_features", "finetune", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in first.stdout, stage
+    assert (dvc_project / "dvc.lock").is_file()
+    metrics = json.loads((dvc_project / "reports" / "evaluate" / "metrics.json").read_text())
+    assert metrics["candidate"] in {"linear_probe", "finetune"}
+    registry = json.loads((dvc_project / "reports" / "registry.json").read_text())
+    assert registry["version"] == "1"
+
+    second = run([str(BIN / "dvc"), "repro"], dvc_project)
+    assert "Running stage" not in second.stdout
+    status = run([str(BIN / "dvc"), "status"], dvc_project)
+    assert "up to date" in status.stdout.lower()
+
+    shown = run([str(BIN / "dvc"), "metrics", "show", "--json"], dvc_project)
+    assert "test_acc" in shown.stdout
+
+
+    # A finetune param changes: only finetune and what reads it re-run.
+    params = (dvc_project / "params.yaml").read_text()
+    assert "linear_probe_epochs: 20" in params
+    (dvc_project / "params.yaml").write_text(params.replace("linear_probe_epochs: 20", "linear_probe_epochs: 10"))
+    out = run([str(BIN / "dvc"), "repro"], dvc_project).stdout
+    assert "Running stage 'finetune'" in out
+    for untouched in ("ingest@source", "ingest@target", "pretrain", "cache_features", "augment"):
+        assert f"Running stage '{untouched}'" not in out, untouched

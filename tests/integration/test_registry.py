@@ -1,0 +1,102 @@
+"""Registry round trip: register → alias → load in another process → predict raw images.
+
+The consumer process cannot import adaptflow: the model must carry its own code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from adaptflow.data import store
+from adaptflow.params import load
+from tests.integration.conftest import BIN, run
+
+pytestmark = pytest.mark.integration
+
+CONSUMER = r"""
+import sys, json
+sys.modules["adaptflow"] = None  # the consumer has no adaptflow: importing it must fail
+try:
+    import adaptflow
+    raise SystemExit("adaptflow importable in the consumer")
+except ImportError:
+    pass
+import mlflow, pandas as pd
+mlflow.set_tracking_uri(sys.argv[1]); mlflow.set_registry_uri(sys.argv[1])
+model = mlflow.pyfunc.load_model(sys.argv[2])
+out = model.predict(pd.DataFrame({"image": sys.argv[3:]}))
+print(json.dumps(list(out["label"])))
+"""
+
+
+def _raw_test_pngs(root: Path, dest: Path) -> tuple[list[str], list[str]]:
+    """The target test images at their native 8×8 size, as a consumer would hold them."""
+    from sklearn.datasets import load_digits
+
+    p = load(root / "params.yaml")
+    tgt = root / p.paths.ingested / "target"
+    meta = store.read_meta(tgt)
+    test = meta[meta.split == "test"]
+    raw = load_digits().images
+    dest.mkdir()
+    paths = []
+    for i, idx in enumerate(test.source_index):
+        path = dest / f"{i:04d}.png"
+        Image.fromarray(np.clip(np.rint(raw[idx] * 255 / 16), 0, 255).astype(np.uint8)).save(path)
+        paths.append(str(path))
+    return paths, list(test.class_name)
+
+
+def test_champion_loads_without_adaptflow_and_matches_evaluate(flow_project, tmp_path):
+    root = flow_project["root"]
+    p = load(root / "params.yaml")
+    registry = json.loads((root / p.paths.reports / "registry.json").read_text())
+    metrics = json.loads((root / p.paths.reports / "evaluate" / "metrics.json").read_text())
+    name, uri = registry["model_name"], f"sqlite:///{root / 'mlflow.db'}"
+    paths, truth = _raw_test_pngs(root, tmp_path / "pngs")
+
+    proc = run([sys.executable, "-c", CONSUMER, uri, f"models:/{name}@champion", *paths], tmp_path)
+    labels = json.loads(proc.stdout.strip().splitlines()[-1])
+    acc = float(np.mean(np.array(labels) == np.array(truth)))
+    # Same images, preprocessed inside the model from their raw 8×8 form: the accuracy evaluate reported.
+    assert acc == pytest.approx(metrics["strategies"][registry["candidate"]]["test_acc"], abs=1e-9)
+
+
+def test_predict_cli_prints_one_label_per_image(flow_project, tmp_path):
+    root = flow_project["root"]
+    paths, _ = _raw_test_pngs(root, tmp_path / "pngs")
+    name = json.loads((root / "reports" / "registry.json").read_text())["model_name"]
+    out = run([str(BIN / "adaptflow"), "predict", "--model", f"models:/{name}@champion", *paths[:5]], root).stdout
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 5
+    for line, path in zip(lines, paths[:5]):
+        file, label, conf = line.split("\t")
+        assert file == path and label in [str(d) for d in range(10)] and 0.0 <= float(conf) <= 1.0
+
+    bad = run([str(BIN / "adaptflow"), "predict", "--model", f"models:/{name}@champion", str(tmp_path / "missing.png")], root, check=False)
+    assert bad.returncode == 2 and "no such file" in bad.stderr
+
+
+def test_gate_keeps_champion_when_candidate_does_not_beat_it(flow_project):
+    """A second registration of an equally good model is not promoted: it becomes `challenger`."""
+    from adaptflow import tracking
+    from adaptflow.stages import register
+
+    root = flow_project["root"]
+    p = load(root / "params.yaml", overrides=["register.margin=0.001"])  # a new key: register runs again
+    first = json.loads((root / p.paths.reports / "registry.json").read_text())
+    second = register.run(p, root)
+    assert second["cached"] is False and second["version"] != first["version"]
+    assert second["promoted"] is False
+    assert any("does not beat current champion" in r for r in second["reasons"])
+    tracking.configure(root)
+    assert tracking.alias_version(first["model_name"], "champion") == first["version"]
+    assert tracking.alias_version(first["model_name"], "challenger") == second["version"]
+    assert json.loads((root / p.paths.reports / "registry.json").read_text())["version"] == second["version"]
