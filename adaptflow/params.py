@@ -87,17 +87,17 @@ class Augment(_Section):
     target: list[TransformSpec] = Field(default_factory=list)
     preview_n: int = Field(64, ge=1, le=1024)
 
-    @model_validator(mode="after")
-    def _buildable(self) -> "Augment":
-        # Building the pipelines here turns a typo in a transform name or argument into a load-time error.
+    @field_validator("source", "target")
+    @classmethod
+    def _buildable(cls, specs: list[TransformSpec]) -> list[TransformSpec]:
+        # Building the pipeline here turns a typo in a transform name or argument into a load-time error.
         from adaptflow.data.transforms import build_pipeline
 
-        for role in ROLES:
-            try:
-                build_pipeline([t.model_dump() for t in getattr(self, role)])
-            except (TypeError, ValueError, AttributeError) as exc:
-                raise ValueError(f"{role}: {exc}") from None
-        return self
+        try:
+            build_pipeline([t.model_dump() for t in specs])
+        except (TypeError, AttributeError) as exc:
+            raise ValueError(str(exc)) from None
+        return specs
 
 
 class Pretrain(_Section):

@@ -26,7 +26,7 @@ def k_shot(labels: np.ndarray, candidates: np.ndarray, k: int, seed: int) -> np.
     """A boolean mask over ``labels``: k seeded picks per class among ``candidates`` (a boolean mask)."""
     rng = np.random.default_rng(seed)
     mask = np.zeros(len(labels), dtype=bool)
-    for c in np.unique(labels[candidates]):
+    for c in np.unique(labels):  # every class, including one with no candidates left
         idx = np.flatnonzero(candidates & (labels == c))
         if len(idx) < k:
             raise ValueError(f"class {c} has {len(idx)} train images, fewer than target.k={k}; lower target.k")
@@ -35,8 +35,14 @@ def k_shot(labels: np.ndarray, candidates: np.ndarray, k: int, seed: int) -> np.
 
 
 def stratified_subset(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
-    """Indices of at most ``limit`` items keeping the class proportions (all of them when ``limit`` is None)."""
+    """Indices of exactly ``min(limit, N)`` items keeping the class proportions (largest remainder)."""
     if limit is None or limit >= len(labels):
         return np.arange(len(labels))
-    picked = stratified_split(labels, {"keep": limit / len(labels)}, seed=seed, rest="drop")
-    return np.flatnonzero(picked == "keep")
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * (limit / len(labels))
+    take = np.floor(quota).astype(int)
+    for i in np.argsort(-(quota - take), kind="stable")[: limit - take.sum()]:
+        take[i] += 1
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:n] for c, n in zip(classes, take)]
+    return np.sort(np.concatenate(picked))

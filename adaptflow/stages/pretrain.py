@@ -16,7 +16,7 @@ from adaptflow.models import ModelConfig, create, save
 from adaptflow.params import Params
 from adaptflow.stages.augment import pipeline
 from adaptflow.stages.ingest import output_dir as ingested_dir
-from adaptflow.training import fit
+from adaptflow.training import fit, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     train, val = store.load_split(src, "train"), store.load_split(src, "val")
     p = params.pretrain
     cfg = ModelConfig(p.model, card["channels"], card["image_size"], card["classes"], {"domain": card["domain"], "role": "source"})
+    seed_everything(params.seed)  # the initial weights are part of what the seed fixes
     model = create(cfg)
     res = fit(
         model,

@@ -38,7 +38,7 @@ def gate(candidate_acc: float, baseline_accs: dict[str, float], champion_acc: fl
     """Whether the candidate may become champion, and why (one reason per check)."""
     ok, reasons = True, []
     for name, acc in baseline_accs.items():
-        passed = candidate_acc > acc + margin
+        passed = round(candidate_acc - acc, 9) > margin  # rounded: "by exactly the margin" is not a float accident
         ok &= passed
         reasons.append(f"{'beats' if passed else 'does not beat'} {name} ({candidate_acc:.4f} vs {acc:.4f}, margin {margin})")
     if champion_acc is None:

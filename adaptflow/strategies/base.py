@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from torchvision.transforms import v2
 from adaptflow.data.store import Split
 from adaptflow.models import ModelConfig, create, load, set_head
 from adaptflow.params import Params
+from adaptflow.training import seed_everything
 
 
 @dataclass
@@ -26,14 +28,19 @@ class Context:
 
     def source_model(self) -> tuple[nn.Module, ModelConfig, bool]:
         """The source network with its head pointed at the target classes (kept when classes match)."""
+        seed_everything(self.params.seed)  # a re-initialised head draws from the seeded generator
         model, cfg = load(self.source_dir, self.dev)
         kept = set_head(model, cfg.classes, self.labeled.classes)
         cfg = ModelConfig(cfg.arch, cfg.in_chans, cfg.image_size, list(self.labeled.classes), {"source_head_kept": kept})
         return model.to(self.dev), cfg, kept
 
+    def source_classes(self) -> list[str]:
+        return ModelConfig(**json.loads((self.source_dir / "config.json").read_text())).classes
+
     def fresh_model(self) -> tuple[nn.Module, ModelConfig]:
         _, src_cfg = load(self.source_dir, "cpu")
         cfg = ModelConfig(src_cfg.arch, src_cfg.in_chans, src_cfg.image_size, list(self.labeled.classes))
+        seed_everything(self.params.seed)  # the initial weights are part of what the seed fixes
         return create(cfg).to(self.dev), cfg
 
 

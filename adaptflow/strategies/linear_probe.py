@@ -37,7 +37,7 @@ def adapt(ctx: Context) -> Adapted:
             logits = head(x_va)
             acc = float((logits.argmax(1) == y_va).float().mean())
             vloss = float(F.cross_entropy(logits, y_va))
-        history.append({"epoch": epoch, "train_loss": float(loss) if epoch else float("nan"), "val_acc": acc, "val_loss": vloss})
+        history.append({"epoch": epoch, "train_loss": loss.item() if epoch else float("nan"), "val_acc": acc, "val_loss": vloss})
         if best is None or (acc, -vloss) > best[0]:
             best = ((acc, -vloss), epoch, copy.deepcopy(head.state_dict()))
     model.get_classifier().load_state_dict(best[2])

@@ -12,7 +12,7 @@ from adaptflow.training import accuracy, predict_logits
 def adapt(ctx: Context) -> Adapted:
     model, cfg, kept = ctx.source_model()
     if not kept:
-        missing = sorted(set(ctx.labeled.classes) - set(cfg.classes))
+        missing = sorted(set(ctx.labeled.classes) - set(ctx.source_classes()))
         raise ValueError(f"source_only needs every target class in the source classes; unknown to the source: {missing}")
     cfg.extra.update({"strategy": "source_only"})
     val_acc = accuracy(predict_logits(model, ctx.val.images), ctx.val.labels)

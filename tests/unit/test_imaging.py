@@ -1,0 +1,190 @@
+"""adaptflow.imaging: any image input → uint8 (C, size, size); normalize maps [0, 255] → [-1, 1]."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, PngImagePlugin
+
+from adaptflow.imaging import normalize, prepare, prepare_batch, to_uint8
+
+RNG = np.random.default_rng(0)
+U8_2D = RNG.integers(0, 256, (10, 12), dtype=np.uint8)
+
+
+def _pil(mode: str) -> Image.Image:
+    if mode == "P":
+        return Image.fromarray(U8_2D).convert("P")
+    if mode == "RGBA":
+        return Image.fromarray(RNG.integers(0, 256, (9, 7, 4), dtype=np.uint8), "RGBA")
+    if mode == "LA":
+        return Image.fromarray(U8_2D).convert("LA")
+    if mode == "I;16":
+        return Image.fromarray(U8_2D.astype(np.uint16) * 200)  # 16-bit grayscale
+    if mode == "F":
+        return Image.fromarray(U8_2D.astype(np.float32) / 255.0, "F")
+    if mode == "1":
+        return Image.fromarray(U8_2D > 128)
+    return Image.fromarray(U8_2D).convert(mode)
+
+
+INPUTS = {
+    "uint8_2d": lambda: U8_2D,
+    "float_0_16": lambda: RNG.integers(0, 17, (8, 8)).astype(np.float64),
+    "float_0_1": lambda: RNG.random((8, 8)),
+    "float32_0_255": lambda: RNG.integers(0, 256, (8, 8)).astype(np.float32),
+    "int64_0_255": lambda: RNG.integers(0, 256, (8, 8)),
+    "negative_floats": lambda: RNG.normal(size=(8, 8)),
+    "rgb_hwc": lambda: RNG.integers(0, 256, (9, 11, 3), dtype=np.uint8),
+    "rgba_hwc": lambda: RNG.integers(0, 256, (9, 11, 4), dtype=np.uint8),
+    "gray_hw1": lambda: RNG.integers(0, 256, (9, 11, 1), dtype=np.uint8),
+    "rgb_chw": lambda: RNG.integers(0, 256, (3, 9, 11), dtype=np.uint8),
+    "gray_1hw": lambda: RNG.integers(0, 256, (1, 9, 11), dtype=np.uint8),
+    "pil_L": lambda: _pil("L"),
+    "pil_RGB": lambda: _pil("RGB"),
+    "pil_RGBA": lambda: _pil("RGBA"),
+    "pil_P": lambda: _pil("P"),
+    "pil_LA": lambda: _pil("LA"),
+    "pil_I16": lambda: _pil("I;16"),
+    "pil_F": lambda: _pil("F"),
+    "pil_1": lambda: _pil("1"),
+}
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("size", [8, 20])
+@pytest.mark.parametrize("name", sorted(INPUTS))
+def test_prepare_any_input(name, size, channels):
+    out = prepare(INPUTS[name](), size, channels)
+    assert out.dtype == np.uint8
+    assert out.shape == (channels, size, size)
+    assert out.flags["C_CONTIGUOUS"]
+
+
+def test_prepare_grayscale_to_rgb_repeats_channel():
+    out = prepare(U8_2D, 10, 3)
+    assert (out[0] == out[1]).all() and (out[1] == out[2]).all()
+
+
+@pytest.mark.parametrize("size", [8, 16])
+def test_prepare_identity_at_target_size_gray(size):
+    img = RNG.integers(0, 256, (size, size), dtype=np.uint8)
+    out = prepare(img, size, 1)
+    assert out.shape == (1, size, size)
+    assert (out[0] == img).all()
+    assert (prepare(img[None], size, 1) == out).all()  # (1, H, W) too
+
+
+def test_prepare_identity_at_target_size_rgb():
+    chw = RNG.integers(0, 256, (3, 16, 16), dtype=np.uint8)
+    assert (prepare(chw, 16, 3) == chw).all()
+    assert (prepare(chw.transpose(1, 2, 0), 16, 3) == chw).all()
+
+
+def test_prepare_is_idempotent():
+    once = prepare(RNG.random((13, 9)), 12, 1)
+    assert (prepare(once, 12, 1) == once).all()
+
+
+def test_float_ranges_scaled_to_full_uint8():
+    f01 = np.array([[0.0, 0.5], [1.0, 0.25]])
+    assert to_uint8(f01).tolist() == [[0, 128], [255, 64]]
+    f016 = np.array([[0.0, 8.0], [16.0, 4.0]])
+    assert to_uint8(f016).tolist() == [[0, 128], [255, 64]]
+    f0255 = np.array([[0.0, 100.0], [255.0, 17.0]])
+    assert to_uint8(f0255).tolist() == [[0, 100], [255, 17]]
+    u8 = np.array([[3, 4]], dtype=np.uint8)
+    assert to_uint8(u8) is u8  # uint8 passes through untouched
+
+
+def test_prepare_uci_like_digit_matches_255_scale():
+    # an 8×8 float image in 0–16 (UCI digits) ends up 0–255 with its max at 255
+    img = np.zeros((8, 8))
+    img[2:6, 3:5] = 16.0
+    out = prepare(img, 8, 1)[0]
+    assert out.max() == 255 and out.min() == 0
+    assert ((out == 255) == (img == 16)).all()
+
+
+def test_prepare_path_str_path_bytes_and_base64_agree(tmp_path, png_bytes):
+    f = tmp_path / "digit.png"
+    f.write_bytes(png_bytes)
+    ref = prepare(Image.open(io.BytesIO(png_bytes)), 16, 1)
+    b64 = base64.b64encode(png_bytes).decode()
+    for src in (f, str(f), png_bytes, bytearray(png_bytes), memoryview(png_bytes), b64):
+        out = prepare(src, 16, 1)
+        assert out.dtype == np.uint8 and out.shape == (1, 16, 16)
+        assert (out == ref).all(), type(src)
+
+
+def test_prepare_png_matches_array(png_bytes):
+    arr = np.asarray(Image.open(io.BytesIO(png_bytes)))
+    assert (prepare(png_bytes, 7, 1) == prepare(arr, 7, 1)).all()
+
+
+@pytest.mark.parametrize("bad", ["not an image", "definitely/not/a/file.png", "abcd", "%%%%"])
+def test_non_path_non_base64_string_raises_value_error(bad):
+    with pytest.raises(ValueError):
+        prepare(bad, 8, 1)
+
+
+def _b64_png_with_long_slash_free_run() -> str:
+    # A valid PNG whose base64 text holds a >255-character run without "/" (a tEXt chunk of "A"s encodes as "QUFB…").
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "A" * 600)
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(buf, format="PNG", pnginfo=info)
+    text = base64.b64encode(buf.getvalue()).decode()
+    assert len(text) < 4096 and max(len(s) for s in text.split("/")) > 255
+    return text
+
+
+def test_prepare_base64_with_long_component():
+    # regression: Path(s).exists() raised OSError (ENAMETOOLONG) for such strings instead of trying base64
+    assert prepare(_b64_png_with_long_slash_free_run(), 8, 1).shape == (1, 8, 8)
+
+
+@pytest.mark.parametrize("bad", ["x" * 300, "a\x00b"])
+def test_long_or_nul_garbage_string_raises_value_error(bad):
+    # regression: a string too long for a path component raised OSError (File name too long)
+    with pytest.raises(ValueError):
+        prepare(bad, 8, 1)
+
+
+@pytest.mark.parametrize("shape", [(4,), (2, 3, 4, 5)])
+def test_bad_array_shape_raises(shape):
+    with pytest.raises(ValueError, match="shape"):
+        prepare(np.zeros(shape, np.uint8), 8, 1)
+
+
+def test_prepare_batch():
+    out = prepare_batch([U8_2D, RNG.random((5, 5)), _pil("RGBA")], 6, 3)
+    assert out.shape == (3, 3, 6, 6) and out.dtype == np.uint8
+    empty = prepare_batch([], 6, 1)
+    assert empty.shape == (0, 1, 6, 6) and empty.dtype == np.uint8
+
+
+def test_normalize_numpy():
+    x = np.array([[0, 127, 255]], dtype=np.uint8)
+    y = normalize(x)
+    assert isinstance(y, np.ndarray) and y.dtype == np.float32
+    assert y[0, 0] == -1.0 and y[0, 2] == 1.0
+    assert abs(y[0, 1]) < 0.01
+
+
+def test_normalize_torch_matches_numpy():
+    x = torch.from_numpy(RNG.integers(0, 256, (2, 1, 4, 4), dtype=np.uint8))
+    y = normalize(x)
+    assert isinstance(y, torch.Tensor) and y.dtype == torch.float32
+    assert y.min() >= -1.0 and y.max() <= 1.0
+    assert np.allclose(y.numpy(), normalize(x.numpy()))
+    assert normalize(torch.tensor([0, 255], dtype=torch.uint8)).tolist() == [-1.0, 1.0]
+
+
+def test_directory_path_string_raises_value_error(tmp_path):
+    with pytest.raises(ValueError):
+        prepare(str(tmp_path), 8, 1)

@@ -1,0 +1,250 @@
+"""adaptflow.params: the real params.yaml loads; every problem is a ParamsError naming the dotted key."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from adaptflow import params as P
+
+
+def test_real_params_yaml_loads(params_path):
+    p = P.load(params_path)
+    raw = yaml.safe_load(params_path.read_text())
+    assert p.seed == raw["seed"]
+    assert p.pretrain.model == raw["pretrain"]["model"]
+    assert p.finetune.lr == pytest.approx(raw["finetune"]["lr"])
+    assert p.finetune.strategies == raw["finetune"]["strategies"]
+    assert [t.name for t in p.augment.source] == [t["name"] for t in raw["augment"]["source"]]
+    assert set(p.evaluate.baselines) <= set(p.finetune.strategies)
+
+
+def test_missing_file_is_params_error(tmp_path):
+    with pytest.raises(P.ParamsError, match="no such params file"):
+        P.load(tmp_path / "nope.yaml")
+
+
+def test_non_mapping_yaml_is_params_error(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("- a\n- b\n")
+    with pytest.raises(P.ParamsError, match="mapping"):
+        P.load(f)
+
+
+def test_invalid_yaml_is_params_error(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("finetune: {lr: [\n")
+    with pytest.raises(P.ParamsError, match="not valid YAML"):
+        P.load(f)
+
+
+@pytest.mark.parametrize("override, key", [("foo=1", "foo"), ("finetune.lrr=0.1", "finetune.lrr"), ("target.kk=3", "target.kk"),
+                                           ("register.marg=0.1", "register.marg")])
+def test_unknown_key_names_dotted_key(params_path, override, key):
+    with pytest.raises(P.ParamsError) as exc:
+        P.load(params_path, [override])
+    msg = str(exc.value)
+    assert f"{key}: unknown key" in msg
+
+
+def test_unknown_key_in_file(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("finetune:\n  lrr: 0.1\n")
+    with pytest.raises(P.ParamsError, match=r"finetune\.lrr"):
+        P.load(f)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("finetune.lr=-1", "finetune.lr"),
+        ("finetune.lr=0", "finetune.lr"),
+        ("finetune.epochs=0", "finetune.epochs"),
+        ("finetune.backbone_lr_scale=2", "finetune.backbone_lr_scale"),
+        ("target.k=0", "target.k"),
+        ("target.val_fraction=0.6", "target.val_fraction"),
+        ("source.limit=3", "source.limit"),
+        ("preprocess.channels=2", "preprocess.channels"),
+        ("preprocess.image_size=4", "preprocess.image_size"),
+        ("finetune.strategies=[scratch, source_only, transmogrify]", "finetune.strategies"),
+        ("finetune.strategies=[scratch, scratch, source_only]", "finetune.strategies"),
+        ("source.domain=cifar", "source.domain"),
+        ("target.domain=svhn", "target.domain"),
+        ("pretrain.model=resnet_does_not_exist", "pretrain.model"),
+        ("register.margin=2", "register.margin"),
+        ("augment.preview_n=0", "augment.preview_n"),
+    ],
+)
+def test_bad_value_names_key(params_path, override, key):
+    with pytest.raises(P.ParamsError) as exc:
+        P.load(params_path, [override])
+    assert f"{key}:" in str(exc.value)
+
+
+def test_bad_value_messages_are_specific(params_path):
+    with pytest.raises(P.ParamsError, match="transmogrify"):
+        P.load(params_path, ["finetune.strategies=[scratch, source_only, transmogrify]"])
+    with pytest.raises(P.ParamsError, match="cifar"):
+        P.load(params_path, ["source.domain=cifar"])
+    with pytest.raises(P.ParamsError, match="resnet_does_not_exist"):
+        P.load(params_path, ["pretrain.model=resnet_does_not_exist"])
+
+
+@pytest.mark.parametrize("domain", P.BUILTIN_DOMAINS)
+@pytest.mark.parametrize("role", P.ROLES)
+def test_every_builtin_domain_accepted(params_path, role, domain):
+    assert getattr(P.load(params_path, [f"{role}.domain={domain}"]), role).domain == domain
+
+
+@pytest.mark.parametrize("strategy", P.STRATEGIES)
+def test_every_strategy_accepted_alone(params_path, strategy):
+    p = P.load(params_path, [f"finetune.strategies=[{strategy}]", "evaluate.baselines=[]"])
+    assert p.finetune.strategies == [strategy]
+
+
+def test_fractions_must_leave_train(params_path):
+    with pytest.raises(P.ParamsError, match="target") as exc:
+        P.load(params_path, ["target.val_fraction=0.45", "target.test_fraction=0.45"])
+    assert "val_fraction + test_fraction" in str(exc.value)
+
+
+MISSPELLED_TRANSFORM = "augment.source=[{name: RandomAffin, degrees: 3}]"
+
+
+def test_misspelled_transform_fails_naming_section_and_name(params_path):
+    with pytest.raises(P.ParamsError) as exc:
+        P.load(params_path, [MISSPELLED_TRANSFORM])
+    msg = str(exc.value)
+    assert "augment" in msg and "source" in msg and "RandomAffin" in msg
+
+
+def test_misspelled_transform_names_dotted_key(params_path):
+    with pytest.raises(P.ParamsError, match=r"augment\.source"):
+        P.load(params_path, [MISSPELLED_TRANSFORM])
+
+
+@pytest.mark.parametrize("spec", ["[{name: Resize}]", "[{name: RandomAffine, degreez: 3}]",
+                                  "[{name: RandomChoice, transforms: [{name: Rezise, size: 8}]}]"])
+def test_bad_transform_argument_fails_on_load(params_path, spec):
+    with pytest.raises(P.ParamsError, match="augment"):
+        P.load(params_path, [f"augment.target={spec}"])
+
+
+def test_baselines_must_run(params_path):
+    with pytest.raises(P.ParamsError) as exc:
+        P.load(params_path, ["finetune.strategies=[finetune, linear_probe]"])
+    assert "evaluate.baselines" in str(exc.value)
+    # dropping the baselines too makes it valid
+    p = P.load(params_path, ["finetune.strategies=[finetune, linear_probe]", "evaluate.baselines=[]"])
+    assert p.evaluate.baselines == []
+
+
+# --- overrides ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, getter, expected",
+    [
+        ("finetune.lr=0.01", lambda p: p.finetune.lr, 0.01),
+        ("finetune.lr=1e-3", lambda p: p.finetune.lr, 0.001),
+        ("seed=7", lambda p: p.seed, 7),
+        ("target.k=3", lambda p: p.target.k, 3),
+        ("source.limit=100", lambda p: p.source.limit, 100),
+        ("source.limit=null", lambda p: p.source.limit, None),
+        ("finetune.strategies=[scratch, source_only]", lambda p: p.finetune.strategies, ["scratch", "source_only"]),
+        ("register.model_name=digits-{target}=x", lambda p: p.register.model_name, "digits-{target}=x"),
+        (" finetune.epochs = 4", lambda p: p.finetune.epochs, 4),
+        ("augment.target=[]", lambda p: p.augment.target, []),
+    ],
+)
+def test_override_applies_yaml_typed_value(params_path, override, getter, expected):
+    assert getter(P.load(params_path, [override])) == expected
+
+
+def test_override_value_is_yaml_typed():
+    assert P.parse_override("finetune.lr=0.5") == (["finetune", "lr"], 0.5)
+    assert P.parse_override("a.b=true") == (["a", "b"], True)
+    assert P.parse_override("a=[1, 2]") == (["a"], [1, 2])
+    assert P.parse_override("a=x=y") == (["a"], "x=y")
+    assert P.parse_override("a=") == (["a"], "")
+
+
+def test_later_override_wins_and_file_untouched(params_path):
+    before = params_path.read_text()
+    p = P.load(params_path, ["finetune.lr=0.1", "finetune.lr=0.2"])
+    assert p.finetune.lr == 0.2
+    assert params_path.read_text() == before
+
+
+def test_apply_overrides_does_not_mutate_input():
+    data = {"finetune": {"lr": 0.1}}
+    out = P.apply_overrides(data, ["finetune.lr=0.3", "new.section.key=1"])
+    assert data == {"finetune": {"lr": 0.1}}
+    assert out == {"finetune": {"lr": 0.3}, "new": {"section": {"key": 1}}}
+
+
+@pytest.mark.parametrize("bad", ["foo", "finetune.lr", "", "=3", "...=3"])
+def test_malformed_override_raises(params_path, bad):
+    with pytest.raises(P.ParamsError, match="--set"):
+        P.load(params_path, [bad])
+
+
+def test_override_through_a_value_is_rejected(params_path):
+    with pytest.raises(P.ParamsError, match="not a section"):
+        P.load(params_path, ["seed.x=1"])
+
+
+# --- section_hash -------------------------------------------------------------------------------------
+
+
+def test_section_hash_changes_only_with_its_section(params_path):
+    base = P.load(params_path)
+    same = P.load(params_path)
+    lr = P.load(params_path, ["finetune.lr=0.005"])
+    assert base.section_hash("finetune") == same.section_hash("finetune")
+    assert base.section_hash("finetune") != lr.section_hash("finetune")
+    assert base.section_hash("pretrain") == lr.section_hash("pretrain")
+    assert base.section_hash("pretrain", "seed") == lr.section_hash("pretrain", "seed")
+    assert base.section_hash("seed") != P.load(params_path, ["seed=1"]).section_hash("seed")
+
+
+def test_section_hash_depends_on_the_names(params_path):
+    p = P.load(params_path)
+    assert p.section_hash("finetune") != p.section_hash("pretrain")
+    assert p.section_hash("finetune", "seed") != p.section_hash("finetune")
+    assert p.section_hash("finetune", "seed") == p.section_hash("seed", "finetune")
+
+
+def test_section_hash_dotted_names(params_path):
+    base = P.load(params_path)
+    tgt = P.load(params_path, ["augment.target=[{name: RandomAffine, degrees: 3}]"])
+    src = P.load(params_path, ["augment.source=[{name: Resize, size: 32}]"])
+    assert base.section_hash("augment.source") == tgt.section_hash("augment.source")
+    assert base.section_hash("augment.source") != src.section_hash("augment.source")
+    assert base.section_hash("augment.target") != tgt.section_hash("augment.target")
+    assert base.section_hash("augment") != tgt.section_hash("augment")
+    strat = P.load(params_path, ["finetune.lr=0.1"])
+    assert base.section_hash("finetune.strategies") == strat.section_hash("finetune.strategies")
+    # a nested transform argument counts
+    nested = P.load(params_path, ["augment.source=[{name: RandomChoice, transforms: [{name: Resize, size: 9}]}]"])
+    nested2 = P.load(params_path, ["augment.source=[{name: RandomChoice, transforms: [{name: Resize, size: 10}]}]"])
+    assert nested.section_hash("augment.source") != nested2.section_hash("augment.source")
+
+
+def test_round_trip_through_dict(params_path):
+    p = P.load(params_path)
+    q = P.from_dict(p.to_dict())
+    assert q == p
+    for name in ("finetune", "augment", "augment.source", "target", "register", "seed"):
+        assert q.section_hash(name) == p.section_hash(name)
+
+
+def test_registered_model_name(params_path):
+    p = P.load(params_path, ["register.model_name=af-{target}", "target.domain=uci_digits"])
+    assert p.registered_model_name() == "af-uci_digits"
+
+
+def test_params_are_frozen(params_path):
+    p = P.load(params_path)
+    with pytest.raises(Exception):
+        p.finetune.lr = 1.0  # type: ignore[misc]

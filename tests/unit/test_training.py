@@ -1,0 +1,123 @@
+"""adaptflow.training.fit: loss goes down, the returned model holds the best-val weights."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adaptflow.data.store import Split
+from adaptflow.data.transforms import build_pipeline
+from adaptflow.models import ModelConfig, create
+from adaptflow.training import accuracy, fit, predict_logits
+
+CPU = torch.device("cpu")
+
+
+def bright_dark(n: int, seed: int, flip: bool = False) -> Split:
+    """2 classes of 8×8 images: dark (0) and bright (1); ``flip`` swaps the labels."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    bright = rng.integers(180, 256, (n, 1, 8, 8))
+    dark = rng.integers(0, 60, (n, 1, 8, 8))
+    x = np.where(y[:, None, None, None] == 1, bright, dark).astype(np.uint8)
+    return Split(x, (1 - y if flip else y).astype(np.int64), ["dark", "bright"])
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return create(ModelConfig("test_resnet", 1, 8, ["dark", "bright"]))
+
+
+def _fit(model, train, val, **kw):
+    args = dict(epochs=4, batch_size=8, transform=build_pipeline([]), seed=0, dev=CPU)
+    args.update(kw)
+    return fit(model, [{"params": model.parameters(), "lr": 1e-2}], train, val, **args)
+
+
+def _val(model, val):
+    logits = predict_logits(model, val.images)
+    return accuracy(logits, val.labels), float(F.cross_entropy(logits, torch.from_numpy(val.labels)))
+
+
+def test_fit_learns_separable_problem():
+    train, val = bright_dark(16, 0), bright_dark(8, 1)
+    model = _model()
+    res = _fit(model, train, val)
+    losses = [h["train_loss"] for h in res.history]
+    assert [h["epoch"] for h in res.history] == [1, 2, 3, 4]
+    assert losses[-1] < losses[0]
+    assert all(math.isfinite(v) for v in losses)
+    assert res.best_val_acc == 1.0
+    acc, _ = _val(model, val)
+    assert acc == res.best_val_acc
+    assert not model.training
+
+
+def test_fit_restores_best_val_weights():
+    # val labels are the opposite of train labels: training makes val worse, so the best epoch is early
+    train, val = bright_dark(16, 0), bright_dark(8, 1, flip=True)
+    model = _model()
+    res = _fit(model, train, val, epochs=4, evaluate_start=True)
+    assert res.best_epoch < 4
+    best = next(h for h in res.history if h["epoch"] == res.best_epoch)
+    assert best["val_acc"] == max(h["val_acc"] for h in res.history)
+    acc, loss = _val(model, val)
+    assert acc == res.best_val_acc == best["val_acc"]
+    assert loss == pytest.approx(best["val_loss"], rel=1e-5)
+    last = res.history[-1]
+    assert last["val_acc"] < res.best_val_acc  # the restore made a difference
+
+
+def test_evaluate_start_records_epoch_zero():
+    train, val = bright_dark(8, 0), bright_dark(6, 1)
+    model = _model()
+    with torch.no_grad():
+        acc0, loss0 = _val(model, val)
+    res = _fit(model, train, val, epochs=2, evaluate_start=True)
+    assert [h["epoch"] for h in res.history] == [0, 1, 2]
+    first = res.history[0]
+    assert math.isnan(first["train_loss"])
+    assert first["val_acc"] == acc0
+    assert first["val_loss"] == pytest.approx(loss0, rel=1e-5)
+
+
+def test_without_evaluate_start_no_epoch_zero():
+    train, val = bright_dark(8, 0), bright_dark(6, 1)
+    res = _fit(_model(), train, val, epochs=1)
+    assert [h["epoch"] for h in res.history] == [1]
+    assert res.best_epoch == 1
+
+
+def test_fit_is_deterministic_for_a_seed():
+    train, val = bright_dark(12, 0), bright_dark(6, 1)
+    t = build_pipeline([{"name": "RandomAffine", "degrees": 10}])
+    a, b = _model(), _model()
+    ra = _fit(a, train, val, epochs=2, transform=t)
+    rb = _fit(b, train, val, epochs=2, transform=t)
+    assert [h["train_loss"] for h in ra.history] == pytest.approx([h["train_loss"] for h in rb.history], rel=1e-5)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(a(x), b(x), atol=1e-5)
+
+
+def test_odd_batch_of_one_is_skipped():
+    # 9 images, batch 4 → the last batch has one image; BatchNorm must not see it
+    train, val = bright_dark(9, 0), bright_dark(4, 1)
+    res = _fit(_model(), train, val, epochs=1, batch_size=4)
+    assert math.isfinite(res.history[0]["train_loss"])
+
+
+def test_predict_logits_and_accuracy():
+    model = _model().eval()
+    images = bright_dark(7, 0).images
+    full = predict_logits(model, images, batch_size=512)
+    chunked = predict_logits(model, images, batch_size=3)
+    assert full.shape == (7, 2) and full.dtype == torch.float32
+    assert torch.allclose(full, chunked, atol=1e-5)
+    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0]])
+    assert accuracy(logits, np.array([0, 1, 1])) == pytest.approx(2 / 3)
+    assert math.isnan(accuracy(torch.zeros(0, 2), np.array([], dtype=np.int64)))
