@@ -33,7 +33,7 @@ def cache_features(params: Params, root: str) -> dict:
 
 @task(name="finetune", task_run_name="finetune[{strategy}]")
 def finetune(params: Params, root: str, strategy: str) -> dict:
-    return stages.get("finetune")(params, Path(root), strategy=strategy)
+    return stages.get("finetune")(params, Path(root), strategy=strategy)["strategies"][strategy]
 
 
 @task(name="evaluate")
