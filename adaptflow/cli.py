@@ -53,6 +53,7 @@ def stage(
     set_: Optional[list[str]] = SetOpt,
     role: Optional[str] = typer.Option(None, help="ingest only: source or target (default: both)"),
     strategy: Optional[str] = typer.Option(None, help="finetune only: one strategy (default: all in params)"),
+    seed: Optional[int] = typer.Option(None, help="finetune only: one seed of finetune.seeds (default: all)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run one stage in this process (what `dvc repro` calls)."""
@@ -69,7 +70,7 @@ def stage(
         for r in [role] if role else list(params_mod.ROLES):
             fn(p, Path.cwd(), role=r)
     elif name == "finetune":
-        fn(p, Path.cwd(), strategy=strategy)
+        fn(p, Path.cwd(), strategy=strategy, seed=seed)
     else:
         fn(p, Path.cwd())
 

@@ -123,6 +123,7 @@ class CacheFeatures(_Section):
 
 class Finetune(_Section):
     strategies: list[str] = Field(default_factory=lambda: list(STRATEGIES), min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="one adapted model per strategy and seed")
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-3, gt=0)
@@ -138,6 +139,13 @@ class Finetune(_Section):
             raise ValueError(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
         if len(set(v)) != len(v):
             raise ValueError("strategies must not repeat")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("seeds must not repeat")
         return v
 
 
@@ -177,14 +185,19 @@ class Params(_ParamsBase):
             raise ValueError(f"evaluate.baselines {missing} must also be in finetune.strategies")
         return self
 
-    def section_hash(self, *names: str) -> str:
-        """Content hash of the named sections: the params part of a stage's identity."""
+    def section_hash(self, *names: str, exclude: tuple[str, ...] = ()) -> str:
+        """Content hash of the named sections (dotted names reach inside: "augment.source"), leaving out
+        the dotted keys in ``exclude``: the params part of a stage's identity."""
         data = {}
-        for name in names:  # dotted names reach into a section: "augment.source"
+        for name in names:
             value: Any = self
             for part in name.split("."):
                 value = getattr(value, part)
             data[name] = _dump(value)
+        for dotted in exclude:
+            section, _, key = dotted.rpartition(".")
+            if isinstance(data.get(section), dict):
+                data[section].pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def registered_model_name(self) -> str:

@@ -26,7 +26,7 @@ def transfer_pipeline(params_path: str = "params.yaml", overrides: list[str] | N
     results["augment"] = t.augment(params, root)
     results["pretrain"] = t.pretrain(params, root)
     results["cache_features"] = t.cache_features(params, root)
-    results["finetune"] = {s: t.finetune(params, root, s) for s in params.finetune.strategies}
+    results["finetune"] = {f"{s}[seed={k}]": t.finetune(params, root, s, k) for s in params.finetune.strategies for k in params.finetune.seeds}
     results["evaluate"] = t.evaluate(params, root)
     results["register"] = t.register(params, root)
     cached = [name for name, r in results.items() if isinstance(r, dict) and r.get("cached")]

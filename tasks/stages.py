@@ -31,9 +31,9 @@ def cache_features(params: Params, root: str) -> dict:
     return stages.get("cache_features")(params, Path(root))
 
 
-@task(name="finetune", task_run_name="finetune[{strategy}]")
-def finetune(params: Params, root: str, strategy: str) -> dict:
-    return stages.get("finetune")(params, Path(root), strategy=strategy)["strategies"][strategy]
+@task(name="finetune", task_run_name="finetune[{strategy},seed={seed}]")
+def finetune(params: Params, root: str, strategy: str, seed: int) -> dict:
+    return stages.get("finetune")(params, Path(root), strategy=strategy, seed=seed)["runs"][0]
 
 
 @task(name="evaluate")

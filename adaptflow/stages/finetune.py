@@ -1,8 +1,8 @@
-"""finetune: adapt the source model to the target with each strategy (baselines included).
+"""finetune: adapt the source model to the target with each strategy (baselines included), for each seed.
 
-One output directory per strategy, each complete or absent, so strategies can run in parallel (Prefect
-maps over them) or in one process (``adaptflow stage finetune``, which DVC runs). Checkpoints are chosen
-on target val; target test is not loaded here.
+One output directory per strategy and seed (``<adapted>/<strategy>/seed<N>/``), each complete or absent,
+so runs can go in parallel (Prefect maps over them) or in one process (``adaptflow stage finetune``, which
+DVC runs). Checkpoints are chosen on target val; target test is not loaded here.
 """
 
 from __future__ import annotations
@@ -24,19 +24,29 @@ from adaptflow.training import device
 log = logging.getLogger(__name__)
 
 
-def output_dir(params: Params, root: Path, strategy: str | None = None) -> Path:
+def output_dir(params: Params, root: Path, strategy: str | None = None, seed: int | None = None) -> Path:
     base = Path(root) / params.paths.adapted
-    return base / strategy if strategy else base
+    if strategy is None:
+        return base
+    return base / strategy / f"seed{seed}" if seed is not None else base / strategy
 
 
-def run_one(params: Params, root: Path, strategy: str) -> dict:
-    out = output_dir(params, root, strategy)
+def runs(params: Params) -> list[tuple[str, int]]:
+    """Every (strategy, seed) pair the params ask for, in a stable order."""
+    return [(s, seed) for s in params.finetune.strategies for seed in params.finetune.seeds]
+
+
+def run_one(params: Params, root: Path, strategy: str, seed: int) -> dict:
+    out = output_dir(params, root, strategy, seed)
     tgt, src, feats = ingested_dir(params, root, "target"), source_model_dir(params, root), features_dir(params, root)
     upstream = [tgt, src] + ([feats] if strategy == "linear_probe" else [])
-    key = outputs.input_key(f"finetune:{strategy}", params.section_hash("finetune", "augment.target", "seed"), upstream)
+    # Which other strategies and seeds run does not change this run's result.
+    section = params.section_hash("finetune", "augment.target", exclude=("finetune.strategies", "finetune.seeds"))
+    key = outputs.input_key(f"finetune:{strategy}:{seed}", section, upstream)
+    label = f"finetune[{strategy},seed={seed}]"
     if outputs.is_current(out, key):
-        log.info("finetune %s: up to date", strategy)
-        return {"strategy": strategy, "path": str(out), "digest": outputs.digest(out), "cached": True}
+        log.info("%s: up to date", label)
+        return {"strategy": strategy, "seed": seed, "path": str(out), "digest": outputs.digest(out), "cached": True}
     ctx = strategies.Context(
         params=params,
         source_dir=src,
@@ -45,18 +55,21 @@ def run_one(params: Params, root: Path, strategy: str) -> dict:
         val=store.load_split(tgt, "val"),
         transform=pipeline(params, "target"),
         dev=device(),
+        seed=seed,
     )
     adapted = strategies.get(strategy)(ctx)
-    adapted.config.extra.update({"selection": adapted.selection, "val_acc": adapted.val_acc, "best_epoch": adapted.best_epoch})
+    adapted.config.extra.update({"seed": seed, "selection": adapted.selection, "val_acc": adapted.val_acc, "best_epoch": adapted.best_epoch})
     with outputs.atomic_dir(out, "finetune", key) as tmp:
         save(adapted.model.cpu(), adapted.config, tmp)
         (tmp / "history.json").write_text(json.dumps(adapted.history, indent=2))
-    log.info("finetune %s: target val acc %.4f (%s)", strategy, adapted.val_acc, adapted.selection)
-    return {"strategy": strategy, "path": str(out), "digest": outputs.digest(out), "cached": False, "val_acc": adapted.val_acc}
+    log.info("%s: target val acc %.4f (%s)", label, adapted.val_acc, adapted.selection)
+    return {"strategy": strategy, "seed": seed, "path": str(out), "digest": outputs.digest(out), "cached": False, "val_acc": adapted.val_acc}
 
 
-def run(params: Params, root: Path = Path("."), strategy: str | None = None) -> dict:
-    """Run one strategy, or every strategy in ``finetune.strategies``."""
-    names = [strategy] if strategy else list(params.finetune.strategies)
-    results = {name: run_one(params, root, name) for name in names}
-    return {"path": str(output_dir(params, root)), "strategies": results}
+def run(params: Params, root: Path = Path("."), strategy: str | None = None, seed: int | None = None) -> dict:
+    """Run the (strategy, seed) pairs in params, optionally narrowed to one strategy and/or one seed."""
+    pairs = [(s, k) for s, k in runs(params) if (strategy is None or s == strategy) and (seed is None or k == seed)]
+    if not pairs:
+        raise ValueError(f"nothing to run: strategy={strategy!r} seed={seed!r} are not in finetune.strategies/seeds")
+    results = [run_one(params, root, s, k) for s, k in pairs]
+    return {"path": str(output_dir(params, root)), "runs": results}

@@ -25,10 +25,11 @@ class Context:
     val: Split  # labeled target val: the only split that chooses anything
     transform: v2.Transform  # augment.target
     dev: torch.device
+    seed: int = 0  # this run's seed (one of finetune.seeds): initial heads, data order, augmentation draws
 
     def source_model(self) -> tuple[nn.Module, ModelConfig, bool]:
         """The source network with its head pointed at the target classes (kept when classes match)."""
-        seed_everything(self.params.seed)  # a re-initialised head draws from the seeded generator
+        seed_everything(self.seed)  # a re-initialised head draws from the seeded generator
         model, cfg = load(self.source_dir, self.dev)
         kept = set_head(model, cfg.classes, self.labeled.classes)
         cfg = ModelConfig(cfg.arch, cfg.in_chans, cfg.image_size, list(self.labeled.classes), {"source_head_kept": kept})
@@ -40,7 +41,7 @@ class Context:
     def fresh_model(self) -> tuple[nn.Module, ModelConfig]:
         _, src_cfg = load(self.source_dir, "cpu")
         cfg = ModelConfig(src_cfg.arch, src_cfg.in_chans, src_cfg.image_size, list(self.labeled.classes))
-        seed_everything(self.params.seed)  # the initial weights are part of what the seed fixes
+        seed_everything(self.seed)  # the initial weights are part of what the seed fixes
         return create(cfg).to(self.dev), cfg
 
 

@@ -19,7 +19,7 @@ def adapt(ctx: Context) -> Adapted:
     head = [p for p in model.parameters() if id(p) in head_ids]
     groups = [{"params": backbone, "lr": f.lr * f.backbone_lr_scale}, {"params": head, "lr": f.lr}]
     res = fit(model, groups, ctx.labeled, ctx.val, epochs=f.epochs, batch_size=f.batch_size,
-              transform=ctx.transform, seed=ctx.params.seed, weight_decay=f.weight_decay,
+              transform=ctx.transform, seed=ctx.seed, weight_decay=f.weight_decay,
               evaluate_start=True, dev=ctx.dev, desc="finetune")
     cfg.extra.update({"strategy": "finetune"})
     return Adapted(model, cfg, "target val: " + res.selection, res.best_val_acc, res.history, res.best_epoch)

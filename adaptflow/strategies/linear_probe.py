@@ -20,7 +20,7 @@ from adaptflow.training import seed_everything
 
 def adapt(ctx: Context) -> Adapted:
     f = ctx.params.finetune
-    seed_everything(ctx.params.seed)
+    seed_everything(ctx.seed)
     model, cfg, _ = ctx.source_model()
     x_tr, y_tr = (torch.from_numpy(a) for a in load_features(ctx.features_dir, "labeled"))
     x_va, y_va = (torch.from_numpy(a) for a in load_features(ctx.features_dir, "val"))

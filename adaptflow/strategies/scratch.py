@@ -13,7 +13,7 @@ def adapt(ctx: Context) -> Adapted:
     f = ctx.params.finetune
     model, cfg = ctx.fresh_model()
     res = fit(model, [{"params": model.parameters(), "lr": f.lr}], ctx.labeled, ctx.val, epochs=f.epochs,
-              batch_size=f.batch_size, transform=ctx.transform, seed=ctx.params.seed,
+              batch_size=f.batch_size, transform=ctx.transform, seed=ctx.seed,
               weight_decay=f.weight_decay, dev=ctx.dev, desc="scratch")
     cfg.extra.update({"strategy": "scratch"})
     return Adapted(model, cfg, "target val: " + res.selection, res.best_val_acc, res.history, res.best_epoch)

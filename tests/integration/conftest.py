@@ -28,7 +28,7 @@ def shrunk_params() -> dict:
     ]
     p["augment"]["preview_n"] = 8
     p["pretrain"].update({"model": "test_resnet", "epochs": 2, "batch_size": 64})
-    p["finetune"].update({"epochs": 3, "batch_size": 16, "linear_probe_epochs": 20})
+    p["finetune"].update({"epochs": 3, "batch_size": 16, "linear_probe_epochs": 20, "seeds": [0]})
     return p
 
 
@@ -69,6 +69,7 @@ def flow_project(tmp_path_factory, prefect_harness) -> dict:
     root = tmp_path_factory.mktemp("flow_project")
     params = shrunk_params()
     params["evaluate"]["baselines"] = []  # so the first registration is promoted deterministically
+    params["finetune"]["seeds"] = [0, 1]
     write_params(root, params)
     result = transfer_pipeline(params_path="params.yaml", root=str(root))
     return {"root": root, "result": result}

@@ -20,14 +20,18 @@ def test_flow_runs_every_stage_and_registers(flow_project):
     for d in [root / p.paths.ingested / "source", root / p.paths.ingested / "target", root / p.paths.augmented,
               root / p.paths.source_model, root / p.paths.features, root / p.paths.reports / "evaluate"]:
         assert outputs.read_manifest(d) is not None, f"{d} has no complete output"
+    assert len(result["finetune"]) == len(p.finetune.strategies) * len(p.finetune.seeds) == 8
     for s in p.finetune.strategies:
-        assert (root / p.paths.adapted / s / "model.safetensors").is_file()
+        for seed in p.finetune.seeds:
+            assert (root / p.paths.adapted / s / f"seed{seed}" / "model.safetensors").is_file()
     assert (root / p.paths.augmented / "preview_target.png").stat().st_size > 1000
     metrics = json.loads((root / p.paths.reports / "evaluate" / "metrics.json").read_text())
     assert set(metrics["strategies"]) == set(p.finetune.strategies)
     assert metrics["candidate"] in {"linear_probe", "finetune"}
     for s, m in metrics["strategies"].items():
-        assert 0.0 <= m["test_acc"] <= 1.0 and 0.0 <= m["val_acc"] <= 1.0
+        assert 0.0 <= m["test_acc"] <= 1.0 and 0.0 <= m["val_acc"] <= 1.0 and m["n_seeds"] == 2
+    assert len(metrics["runs"]) == 8
+    assert metrics["candidate_seed"] in (0, 1)
     registry = json.loads((root / p.paths.reports / "registry.json").read_text())
     assert registry["version"] == "1" and registry["promoted"] is True
     assert registry["candidate"] == metrics["candidate"]
@@ -55,5 +59,5 @@ def test_changing_a_finetune_param_reruns_only_downstream(flow_project, tmp_path
     again = transfer_pipeline(params_path="params.yaml", overrides=["finetune.epochs=2"], root=str(root))
     assert all(r["cached"] for r in again["ingest"].values())
     assert again["pretrain"]["cached"] and again["cache_features"]["cached"]
-    assert not again["finetune"]["finetune"]["cached"]
+    assert not again["finetune"]["finetune[seed=0]"]["cached"]
     assert not again["evaluate"]["cached"]

@@ -6,16 +6,14 @@ import pandas as pd
 import pytest
 
 from adaptflow.params import BASELINES, STRATEGIES
-from adaptflow.stages.evaluate import choose_candidate, compare, to_markdown
+from adaptflow.stages.evaluate import choose_candidate, compare, summarise, to_markdown
 from adaptflow.stages.register import gate
 
 
 def rows(**by_strategy) -> pd.DataFrame:
-    """rows(scratch=(val_acc, test_acc), ...) → the DataFrame evaluate builds (indexed by strategy)."""
-    return pd.DataFrame.from_dict(
-        {s: {"val_acc": v, "test_acc": t, "test_macro_f1": t, "selection": "sel"} for s, (v, t) in by_strategy.items()},
-        orient="index",
-    )
+    """rows(scratch=(val_acc, test_acc), ...) → the per-strategy summary evaluate builds (one seed each)."""
+    runs = pd.DataFrame([{"strategy": s, "seed": 0, "val_acc": v, "test_acc": t, "test_macro_f1": t} for s, (v, t) in by_strategy.items()])
+    return summarise(runs)
 
 
 BASE = list(BASELINES)
@@ -76,11 +74,29 @@ def test_compare_without_candidate_or_scratch():
     assert compare(r, "finetune", ["source_only"])["transfer_gain"] == {"over_source_only": pytest.approx(0.4)}
 
 
+def test_summarise_means_and_stds_over_seeds():
+    runs = pd.DataFrame([
+        {"strategy": "scratch", "seed": 0, "val_acc": 0.5, "test_acc": 0.6, "test_macro_f1": 0.6},
+        {"strategy": "scratch", "seed": 1, "val_acc": 0.7, "test_acc": 0.8, "test_macro_f1": 0.8},
+        {"strategy": "finetune", "seed": 0, "val_acc": 0.9, "test_acc": 0.9, "test_macro_f1": 0.9},
+    ])
+    s = summarise(runs)
+    assert list(s.index) == ["scratch", "finetune"]
+    assert s.loc["scratch", "val_acc"] == pytest.approx(0.6) and s.loc["scratch", "n_seeds"] == 2
+    assert s.loc["scratch", "test_acc_std"] == pytest.approx(0.1414213, abs=1e-6)
+    assert s.loc["finetune", "test_acc_std"] == 0.0
+
+
+def test_oracle_is_never_the_candidate():
+    r = rows(scratch=(0.5, 0.5), oracle=(1.0, 1.0), finetune=(0.8, 0.8))
+    assert choose_candidate(r, BASE) == "finetune"
+
+
 def test_markdown_marks_candidate():
     r = rows(scratch=(0.5, 0.6), finetune=(0.8, 0.75))
-    md = to_markdown(r, "finetune")
+    md = to_markdown(r, "finetune", {"scratch": "sel", "finetune": "sel"})
     assert "| finetune **(candidate)** |" in md
-    assert "+0.1500" in md and "| scratch |" in md
+    assert "+0.1500" in md and "| scratch | 1 |" in md
 
 
 # --- gate ---------------------------------------------------------------------------------------------
