@@ -19,7 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 ROLES = ("source", "target")
 BUILTIN_DOMAINS = ("mnist", "uci_digits")
-STRATEGIES = ("scratch", "source_only", "linear_probe", "finetune")
+# Single-word strategies (bases, and objectives which start from finetune); combine with "+": dann+fixmatch.
+STRATEGIES = (
+    "scratch", "source_only", "linear_probe", "finetune", "partial", "gradual_unfreeze", "oracle",
+    "l2sp", "dann", "coral", "mmd", "fixmatch",
+)
 BASELINES = ("scratch", "source_only")
 
 
@@ -63,7 +67,7 @@ class Target(_Section):
     domain: str = "uci_digits"
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.3, gt=0, lt=0.8)
-    k: int = Field(10, ge=1, description="labeled target train images per class")
+    k: int = Field(10, ge=0, description="labeled target train images per class (0: no target labels at all)")
     limit: int | None = Field(None, ge=10, description="keep at most this many images (stratified); for quick runs")
 
     _domain = field_validator("domain")(classmethod(lambda cls, v: _check_domain(v)))
@@ -121,22 +125,73 @@ class CacheFeatures(_Section):
     batch_size: int = Field(512, ge=1)
 
 
+class Partial(_Section):
+    freeze_groups: int = Field(2, ge=0, description="parameter groups (stem, stage 1, ...) kept frozen")
+
+
+class GradualUnfreeze(_Section):
+    milestones: list[int] = Field(default_factory=lambda: [2, 4, 6, 8], min_length=1)
+
+
+class L2SP(_Section):
+    alpha: float = Field(0.01, ge=0)
+    beta: float = Field(0.01, ge=0)
+
+
+class Weighted(_Section):
+    weight: float = Field(1.0, ge=0)
+
+
+class FixMatch(_Section):
+    threshold: float = Field(0.95, gt=0, le=1)
+    weight: float = Field(1.0, ge=0)
+    strong: list[TransformSpec] = Field(
+        default_factory=lambda: [TransformSpec(name="RandAugment", num_ops=2, magnitude=10), TransformSpec(name="RandomErasing", p=0.5, scale=[0.02, 0.15])]
+    )
+
+    @field_validator("strong")
+    @classmethod
+    def _buildable(cls, specs: list[TransformSpec]) -> list[TransformSpec]:
+        from adaptflow.data.transforms import build_pipeline
+
+        try:
+            build_pipeline([t.model_dump() for t in specs])
+        except (TypeError, AttributeError) as exc:
+            raise ValueError(str(exc)) from None
+        return specs
+
+
 class Finetune(_Section):
-    strategies: list[str] = Field(default_factory=lambda: list(STRATEGIES), min_length=1)
+    strategies: list[str] = Field(default_factory=lambda: ["scratch", "source_only", "finetune"], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="one adapted model per strategy and seed")
     epochs: int = Field(30, ge=1)
+    steps_per_epoch: int | None = Field(None, ge=1, description="default: one pass over the labeled set (or the pool, for objectives that read it)")
     batch_size: int = Field(32, ge=1)
+    unlabeled_batch_size: int = Field(64, ge=2)
     lr: float = Field(2e-3, gt=0)
     backbone_lr_scale: float = Field(0.1, gt=0, le=1)
+    layer_decay: float | None = Field(None, gt=0, le=1, description="timm-style layer-wise LR decay for the backbone")
     weight_decay: float = Field(1e-4, ge=0)
+    bn: Literal["train", "frozen", "adabn"] = "train"
+    selection: Literal["auto", "val", "source_val", "im"] = "auto"
+    source_weight: float = Field(1.0, ge=0, description="source cross-entropy weight in dann/coral/mmd")
     linear_probe_epochs: int = Field(200, ge=1)
+    linear_probe_lr: float = Field(0.01, gt=0)
+    partial: Partial = Field(default_factory=Partial)
+    gradual_unfreeze: GradualUnfreeze = Field(default_factory=GradualUnfreeze)
+    l2sp: L2SP = Field(default_factory=L2SP)
+    dann: Weighted = Field(default_factory=Weighted)
+    coral: Weighted = Field(default_factory=Weighted)
+    mmd: Weighted = Field(default_factory=Weighted)
+    fixmatch: FixMatch = Field(default_factory=FixMatch)
 
     @field_validator("strategies")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        unknown = [s for s in v if s not in STRATEGIES]
-        if unknown:
-            raise ValueError(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
+        from adaptflow.strategies import parse
+
+        for s in v:
+            parse(s)  # raises ValueError naming the bad part
         if len(set(v)) != len(v):
             raise ValueError("strategies must not repeat")
         return v
@@ -183,6 +238,13 @@ class Params(_ParamsBase):
         missing = [b for b in self.evaluate.baselines if b not in self.finetune.strategies]
         if missing:
             raise ValueError(f"evaluate.baselines {missing} must also be in finetune.strategies")
+        if self.target.k == 0:
+            from adaptflow.strategies import needs_labels
+
+            blocked = [s for s in self.finetune.strategies if needs_labels(s)]
+            if blocked:
+                raise ValueError(f"finetune.strategies {blocked} need labeled target images but target.k is 0; "
+                                 "drop them (and from evaluate.baselines) or raise target.k")
         return self
 
     def section_hash(self, *names: str, exclude: tuple[str, ...] = ()) -> str:

@@ -7,6 +7,7 @@ Default store: ``sqlite:///<root>/mlflow.db`` with artifacts in ``<root>/mlartif
 from __future__ import annotations
 
 import logging
+import re
 import os
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -76,7 +77,8 @@ def log_params(params: dict[str, Any]) -> None:
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=step)
+    # MLflow metric names allow [\w-. :/] only: "dann+fixmatch.val_acc" → "dann_fixmatch.val_acc".
+    mlflow.log_metrics({re.sub(r"[^\w\-. :/]", "_", k): float(v) for k, v in metrics.items() if v is not None}, step=step)
 
 
 def log_artifacts(path: Path, artifact_path: str | None = None) -> None:

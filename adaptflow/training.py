@@ -10,6 +10,7 @@ import copy
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -55,23 +56,58 @@ def accuracy(logits: torch.Tensor, labels: np.ndarray) -> float:
 
 @dataclass
 class FitResult:
-    history: list[dict] = field(default_factory=list)  # one row per epoch: epoch, train_loss, val_acc, val_loss
+    history: list[dict] = field(default_factory=list)  # one row per epoch: epoch, train_loss, val_acc, val_loss, ...
     best_epoch: int = 0
     best_val_acc: float = float("nan")
+    best_score: float = float("nan")  # the selection rule's score at the chosen epoch
     selection: str = "max val_acc (ties: lowest val_loss)"
 
 
-def _val_row(model: nn.Module, val: Split, dev: torch.device) -> tuple[float, float]:
-    logits = predict_logits(model, val.images, dev=dev)
-    loss = float(F.cross_entropy(logits, torch.from_numpy(val.labels)).item())
-    return accuracy(logits, val.labels), loss
+Scorer = Callable[[nn.Module], dict]  # → {"score": higher is better, "tiebreak": higher is better, **logged}
+
+
+def val_scorer(val: Split, dev: torch.device) -> Scorer:
+    """Selection on labeled val: accuracy, ties broken by the lower cross-entropy."""
+
+    def score(model: nn.Module) -> dict:
+        logits = predict_logits(model, val.images, dev=dev)
+        loss = float(F.cross_entropy(logits, torch.from_numpy(val.labels)).item())
+        acc = accuracy(logits, val.labels)
+        return {"score": acc, "tiebreak": -loss, "val_acc": acc, "val_loss": loss}
+
+    return score
+
+
+def stream(split: Split, batch_size: int, transform: v2.Transform, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless shuffled batches (uint8 images after ``transform``, labels), reshuffled every pass."""
+    n = len(split)
+    labels = torch.from_numpy(split.labels)
+    while True:
+        order = rng.permutation(n)
+        for i in range(0, n, batch_size):
+            idx = np.sort(order[i : i + batch_size])
+            if len(idx) < 2 and n >= 2:
+                break  # BatchNorm cannot train on a batch of one
+            x = apply_per_sample(transform, torch.from_numpy(np.ascontiguousarray(split.images[idx])))
+            yield x, labels[idx]
+
+
+class Objective(nn.Module):
+    """An extra training loss computed every step (domain alignment, self-training, a weight penalty).
+
+    Subclasses draw their own batches (unlabeled target, source) and may own parameters (a domain
+    discriminator): those are optimised with the model.
+    """
+
+    def forward(self, model: nn.Module, progress: float) -> tuple[torch.Tensor, dict]:  # pragma: no cover
+        raise NotImplementedError
 
 
 def fit(
     model: nn.Module,
     param_groups: list[dict],
-    train: Split,
-    val: Split,
+    train: Split | None,
+    val: Split | None,
     *,
     epochs: int,
     batch_size: int,
@@ -81,53 +117,116 @@ def fit(
     evaluate_start: bool = False,
     dev: torch.device | None = None,
     desc: str = "fit",
+    objectives: list[Objective] | None = None,
+    steps_per_epoch: int | None = None,
+    scorer: Scorer | None = None,
+    selection: str | None = None,
+    before_score: Callable[[nn.Module], None] | None = None,
+    train_mode: Callable[[nn.Module], None] | None = None,
+    epoch_hook: Callable[[int], None] | None = None,
 ) -> FitResult:
-    """Cross-entropy training with AdamW + cosine LR; the returned model holds the best-val weights.
+    """Cross-entropy on ``train`` (if any) plus each objective's loss, AdamW + cosine LR; the returned model
+    holds the weights of the epoch the scorer liked best (default: labeled ``val`` accuracy).
 
     ``evaluate_start`` scores the initial weights as epoch 0, so a run whose training only hurts keeps
-    its starting point (chosen on val, like every other epoch).
+    its starting point (chosen by the same rule as every other epoch). ``before_score`` runs before each
+    scoring (e.g. re-estimating BatchNorm statistics on target images); ``train_mode`` runs after
+    ``model.train()`` (e.g. to keep BatchNorm frozen); ``epoch_hook(epoch)`` runs before each epoch.
     """
     dev = dev or device()
     seed_everything(seed)
     model.to(dev)
-    opt = torch.optim.AdamW(param_groups, weight_decay=weight_decay)
-    steps = epochs * max(1, -(-len(train) // batch_size))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    objectives = [o.to(dev) for o in objectives or []]
+    groups = list(param_groups)
+    extra = [p for o in objectives for p in o.parameters() if p.requires_grad]
+    if extra:
+        groups.append({"params": extra, "lr": max(g["lr"] for g in param_groups)})
+    opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
+    has_labels = train is not None and len(train) > 0
+    if steps_per_epoch is None:
+        if not has_labels:
+            raise ValueError("fit without labeled data needs steps_per_epoch")
+        steps_per_epoch = max(1, -(-len(train) // batch_size))
+    total_steps = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
     rng = np.random.default_rng(seed)
-    result = FitResult()
+    batches = stream(train, batch_size, transform, rng) if has_labels else None
+    if scorer is None:
+        if val is None:
+            raise ValueError("fit needs a val split or a scorer to choose a checkpoint")
+        scorer = val_scorer(val, dev)
+    result = FitResult(selection=selection or FitResult.selection)
     best_key, best_state = None, None
 
-    def consider(epoch: int, train_loss: float) -> None:
+    def consider(epoch: int, logs: dict) -> None:
         nonlocal best_key, best_state
-        acc, loss = _val_row(model, val, dev)
-        result.history.append({"epoch": epoch, "train_loss": train_loss, "val_acc": acc, "val_loss": loss})
-        key = (acc, -loss)
+        if before_score is not None:
+            before_score(model)
+        s = scorer(model)
+        row = {"epoch": epoch, **logs, **{k: v for k, v in s.items() if k not in ("score", "tiebreak")}}
+        result.history.append(row)
+        key = (s["score"], s["tiebreak"])
         if best_key is None or key > best_key:
             best_key, best_state = key, copy.deepcopy(model.state_dict())
-            result.best_epoch, result.best_val_acc = epoch, acc
+            result.best_epoch, result.best_val_acc, result.best_score = epoch, s.get("val_acc", s["score"]), s["score"]
 
     if evaluate_start:
-        consider(0, float("nan"))
-    labels = torch.from_numpy(train.labels)
+        consider(0, {"train_loss": float("nan")})
+    step = 0
     for epoch in range(1, epochs + 1):
+        if epoch_hook is not None:
+            epoch_hook(epoch)
         model.train()
-        order = rng.permutation(len(train))
-        total, n = 0.0, 0
-        for i in range(0, len(order), batch_size):
-            idx = np.sort(order[i : i + batch_size])
-            if len(idx) < 2 and len(order) >= 2:
-                continue  # BatchNorm cannot train on a batch of one
-            x = apply_per_sample(transform, torch.from_numpy(np.ascontiguousarray(train.images[idx])))
-            x, y = normalize(x.to(dev)), labels[idx].to(dev)
-            loss = F.cross_entropy(model(x), y)
+        if train_mode is not None:
+            train_mode(model)
+        sums: dict[str, float] = {}
+        for _ in range(steps_per_epoch):
+            loss = torch.zeros((), device=dev)
+            logs: dict[str, float] = {}
+            if batches is not None:
+                x, y = next(batches)
+                ce = F.cross_entropy(model(normalize(x.to(dev))), y.to(dev))
+                loss = loss + ce
+                logs["ce"] = ce.item()
+            for o in objectives:
+                extra_loss, extra_logs = o(model, step / max(1, total_steps))
+                loss = loss + extra_loss
+                logs.update(extra_logs)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if loss.requires_grad:
+                loss.backward()
+                opt.step()
             sched.step()
-            total, n = total + loss.item() * len(idx), n + len(idx)
-        consider(epoch, total / max(n, 1))
+            step += 1
+            logs["train_loss"] = loss.item()
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+        consider(epoch, {k: v / steps_per_epoch for k, v in sums.items()})
         row = result.history[-1]
-        log.info("%s epoch %d/%d train_loss %.4f val_acc %.4f", desc, epoch, epochs, row["train_loss"], row["val_acc"])
+        log.info("%s epoch %d/%d train_loss %.4f score %s", desc, epoch, epochs, row["train_loss"],
+                 {k: round(v, 4) for k, v in row.items() if k.startswith("val") or k.startswith("sel")})
     model.load_state_dict(best_state)
     model.eval()
     return result
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> None:
+    """Re-estimate BatchNorm running statistics on ``images`` (AdaBN): the target's own feature statistics."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or len(images) < 2:
+        return
+    dev = next(model.parameters()).device
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+    model.train()
+    for i in range(0, len(images), batch_size):
+        chunk = images[i : i + batch_size]
+        if len(chunk) < 2:
+            break
+        model(normalize(torch.from_numpy(np.ascontiguousarray(chunk)).to(dev)))
+    for m, (momentum, _) in zip(bns, saved):
+        m.momentum = momentum
+    model.eval()

@@ -1,11 +1,15 @@
-"""Transfer benchmark: the pipeline's stages over several seeds, mean ± std per strategy.
+"""Transfer benchmark: every strategy, several label budgets k and seeds, mean ± std.
 
-Runs ingest → … → evaluate in-process for each seed (the seed changes the splits, the k-shot subset, the
-initial weights and the augmentation draws), in its own work directory, and writes
-``benchmarks/results/transfer.json`` and ``transfer.md``. Test accuracy is reported, never used to choose:
-every checkpoint and the candidate are chosen on target val, as in the pipeline.
+For each (k, seed) the pipeline's own stages run in-process — ingest → pretrain → cache_features →
+finetune → evaluate — in their own work directory (the seed changes the splits, the k-shot subset, the
+source pretraining, initial weights and augmentation draws). (k, seed) cells run in parallel processes.
+Every checkpoint is chosen as the pipeline chooses it: on target val when k > 0, by the label-free
+information-maximisation score when k = 0. Target test accuracy is reported and chooses nothing.
 
-    python benchmarks/transfer.py --seeds 0 1 2 [--set key=value ...]
+Writes ``<out>.json``, ``<out>.md`` and ``<out>.png`` (test accuracy vs k per strategy).
+
+    python benchmarks/transfer.py                          # the full grid (a GPU makes it minutes)
+    python benchmarks/transfer.py --k 10 --seeds 0 --jobs 1 --set finetune.epochs=5   # a quick look
 """
 
 from __future__ import annotations
@@ -13,81 +17,161 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
+import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from adaptflow import params as params_mod
-from adaptflow import stages
-from adaptflow.params import ROLES
-
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+LABELED = ["scratch", "source_only", "linear_probe", "finetune", "partial", "gradual_unfreeze", "l2sp",
+           "dann", "coral", "mmd", "fixmatch", "dann+fixmatch"]
+LABEL_FREE = ["source_only", "dann", "coral", "mmd", "fixmatch", "dann+fixmatch"]
+TARGETS = {0: 0.93, 1: 0.93, 10: 0.98}  # issue targets: mean test accuracy of the val-chosen candidate
 
 
-def run_seed(seed: int, overrides: list[str], work: Path) -> dict:
-    p = params_mod.load(HERE.parent / "params.yaml", overrides + [f"seed={seed}"])
-    root = work / f"seed{seed}"
+def cell(k: int, seed: int, overrides: list[str], work: str, oracle: bool) -> dict:
+    """One (k, seed): the stages in-process; returns evaluate's metrics plus timing."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    from adaptflow import params as params_mod
+    from adaptflow import stages
+    from adaptflow.params import ROLES
+
+    strategies = list(LABEL_FREE if k == 0 else LABELED) + (["oracle"] if oracle else [])
+    base = [f"target.k={k}", f"seed={seed}", f"finetune.seeds=[{seed}]", f"finetune.strategies=[{','.join(strategies)}]",
+            f"evaluate.baselines=[{'source_only' if k == 0 else 'scratch,source_only'}]"]
+    p = params_mod.load(HERE.parent / "params.yaml", base + overrides)
+    root = Path(work) / f"k{k}_seed{seed}"
     start = time.time()
     for role in ROLES:
         stages.get("ingest")(p, root, role=role)
     for name in ("pretrain", "cache_features", "finetune", "evaluate"):
         stages.get(name)(p, root)
     metrics = json.loads((root / p.paths.reports / "evaluate" / "metrics.json").read_text())
-    metrics["seconds"] = time.time() - start
+    if k == 0:
+        # No target labels: the candidate is the strategy whose checkpoint scored best on the label-free rule.
+        scores = {}
+        for s in strategies:
+            if s in p.evaluate.baselines or s == "oracle":
+                continue
+            extra = json.loads((root / p.paths.adapted / s / f"seed{seed}" / "config.json").read_text())["extra"]
+            scores[s] = extra.get("selection_score") or float("-inf")
+        metrics["candidate"] = max(scores, key=scores.get)
+        metrics["candidate_selection"] = "label-free: max information-maximisation score on the target pool"
+    card = json.loads((root / p.paths.ingested / "target" / "card.json").read_text())
+    metrics.update({"k": k, "seed": seed, "seconds": time.time() - start,
+                    "label_budget": {"train_labeled": k * len(card["classes"]), "val": metrics["n_val"] if k > 0 else 0}})
     return metrics
 
 
-def summarise(per_seed: dict[int, dict]) -> dict:
-    strategies = list(next(iter(per_seed.values()))["strategies"])
-    out = {}
-    for s in strategies:
-        for m in ("val_acc", "test_acc", "test_macro_f1"):
-            vals = np.array([r["strategies"][s][m] for r in per_seed.values()])
-            out.setdefault(s, {})[m] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
-    cand = np.array([r["strategies"][r["candidate"]]["test_acc"] for r in per_seed.values()])
-    out["candidate (chosen on val)"] = {"test_acc": {"mean": float(cand.mean()), "std": float(cand.std(ddof=1)) if len(cand) > 1 else 0.0},
-                                        "picked": [r["candidate"] for r in per_seed.values()]}
+def summarise(cells: list[dict]) -> dict:
+    out: dict = {}
+    for k in sorted({c["k"] for c in cells}):
+        mine = [c for c in cells if c["k"] == k]
+        row = {}
+        for s in mine[0]["strategies"]:
+            vals = np.array([[c["strategies"][s]["val_acc"], c["strategies"][s]["test_acc"]] for c in mine])
+            row[s] = {"val_acc": float(vals[:, 0].mean()), "test_acc": float(vals[:, 1].mean()),
+                      "test_acc_std": float(vals[:, 1].std(ddof=1)) if len(vals) > 1 else 0.0, "n": len(vals)}
+        cand = np.array([c["strategies"][c["candidate"]]["test_acc"] for c in mine])
+        out[str(k)] = {"strategies": row, "candidate": {"picked": [c["candidate"] for c in mine], "test_acc": float(cand.mean()),
+                                                        "test_acc_std": float(cand.std(ddof=1)) if len(cand) > 1 else 0.0},
+                       "label_budget": mine[0]["label_budget"], "selection": mine[0].get("candidate_selection", "")}
     return out
 
 
-def to_markdown(summary: dict, seeds: list[int], overrides: list[str]) -> str:
-    lines = [f"Seeds {seeds}; overrides {overrides or 'none'}; mean ± std (sample std) over seeds.", "",
-             "| strategy | target val acc | target test acc | test macro-F1 |", "|---|---|---|---|"]
-    for s, m in summary.items():
-        if "val_acc" not in m:
-            continue
-        f = lambda k: f"{m[k]['mean']:.4f} ± {m[k]['std']:.4f}"  # noqa: E731
-        lines.append(f"| {s} | {f('val_acc')} | {f('test_acc')} | {f('test_macro_f1')} |")
-    c = summary["candidate (chosen on val)"]
-    lines += ["", f"Candidate chosen on target val per seed: {c['picked']}; its test accuracy "
-              f"{c['test_acc']['mean']:.4f} ± {c['test_acc']['std']:.4f}.",
-              "Checkpoints: best target val accuracy per strategy. Test accuracy chose nothing."]
+def to_markdown(summary: dict, meta: dict) -> str:
+    ks = list(summary)
+    strategies = list(dict.fromkeys(s for k in ks for s in summary[k]["strategies"]))
+    lines = [f"# Transfer benchmark: {meta['source']} → {meta['target']}", "",
+             f"Seeds {meta['seeds']}; device {meta['device']}; overrides {meta['overrides'] or 'none'}.",
+             "Target test accuracy, mean ± std over seeds. Checkpoints chosen on target val (k > 0) or by the",
+             "label-free information-maximisation score on the unlabeled pool (k = 0); test chose nothing.", "",
+             "| strategy | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for s in strategies:
+        cells = []
+        for k in ks:
+            r = summary[k]["strategies"].get(s)
+            cells.append(f"{r['test_acc']:.4f} ± {r['test_acc_std']:.4f}" if r else "—")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    lines += ["", "## The candidate each run would register (chosen without test labels)", "",
+              "| k | label budget (train + val) | picked per seed | test acc | target | met |", "|---|---|---|---|---|---|"]
+    for k in ks:
+        c, b = summary[k]["candidate"], summary[k]["label_budget"]
+        target = TARGETS.get(int(k))
+        met = "—" if target is None else ("yes" if c["test_acc"] >= target else f"no (short by {target - c['test_acc']:.4f})")
+        lines.append(f"| {k} | {b['train_labeled']} + {b['val']} | {', '.join(c['picked'])} | {c['test_acc']:.4f} ± {c['test_acc_std']:.4f} | "
+                     f"{'—' if target is None else f'{target:.2f}'} | {met} |")
     return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = [int(k) for k in summary]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s in dict.fromkeys(s for k in summary for s in summary[k]["strategies"]):
+        pts = [(int(k), summary[k]["strategies"][s]) for k in summary if s in summary[k]["strategies"]]
+        ax.errorbar([p[0] for p in pts], [p[1]["test_acc"] for p in pts], yerr=[p[1]["test_acc_std"] for p in pts],
+                    marker="o", capsize=3, label=s)
+    ax.set_xscale("symlog")
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("labeled target images per class (k)")
+    ax.set_ylabel("target test accuracy")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--k", type=int, nargs="+", default=[0, 1, 5, 10])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="params override key=value")
+    ap.add_argument("--jobs", type=int, default=1, help="(k, seed) cells run in parallel")
+    ap.add_argument("--no-oracle", action="store_true", help="skip the oracle (all target train labels)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "transfer")
     ap.add_argument("--workdir", type=Path, default=None, help="where stage outputs go (default: a temp dir)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="adaptflow-bench-"))
-    per_seed = {}
-    for seed in args.seeds:
-        per_seed[seed] = run_seed(seed, args.overrides, work)
-        print(f"seed {seed}: " + ", ".join(f"{s} {m['test_acc']:.4f}" for s, m in per_seed[seed]["strategies"].items()), flush=True)
-    summary = summarise(per_seed)
-    result = {"seeds": args.seeds, "overrides": args.overrides, "machine": platform.platform(), "summary": summary,
-              "per_seed": per_seed}
+    work = str(args.workdir or tempfile.mkdtemp(prefix="adaptflow-bench-"))
+    jobs = [(k, s) for k in args.k for s in args.seeds]
+    start = time.time()
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {(k, s): pool.submit(cell, k, s, args.overrides, work, not args.no_oracle and k == max(args.k)) for k, s in jobs}
+        cells = []
+        for (k, s), fut in futures.items():
+            c = fut.result()
+            cells.append(c)
+            print(f"k={k} seed={s} ({c['seconds']:.0f} s): candidate {c['candidate']} "
+                  + ", ".join(f"{n} {m['test_acc']:.4f}" for n, m in c["strategies"].items()), flush=True)
+    import torch
+
+    from adaptflow.params import load
+
+    p = load(HERE.parent / "params.yaml", args.overrides)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    meta = {"source": p.source.domain, "target": p.target.domain, "seeds": args.seeds, "k": args.k, "overrides": args.overrides,
+            "device": device, "machine": platform.platform(), "torch": torch.__version__, "wall_seconds": time.time() - start}
+    summary = summarise(cells)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    md = to_markdown(summary, args.seeds, args.overrides)
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "cells": cells}, indent=2))
+    md = to_markdown(summary, meta)
     args.out.with_suffix(".md").write_text(md)
+    plot(summary, args.out.with_suffix(".png"))
     print(md)
 
 

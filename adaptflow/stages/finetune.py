@@ -39,9 +39,10 @@ def runs(params: Params) -> list[tuple[str, int]]:
 def run_one(params: Params, root: Path, strategy: str, seed: int) -> dict:
     out = output_dir(params, root, strategy, seed)
     tgt, src, feats = ingested_dir(params, root, "target"), source_model_dir(params, root), features_dir(params, root)
-    upstream = [tgt, src] + ([feats] if strategy == "linear_probe" else [])
+    src_data = ingested_dir(params, root, "source")
+    upstream = [tgt, src] + ([feats] if strategy == "linear_probe" else []) + ([src_data] if strategies.uses_source(strategy) else [])
     # Which other strategies and seeds run does not change this run's result.
-    section = params.section_hash("finetune", "augment.target", exclude=("finetune.strategies", "finetune.seeds"))
+    section = params.section_hash("finetune", "augment.target", "augment.source", exclude=("finetune.strategies", "finetune.seeds"))
     key = outputs.input_key(f"finetune:{strategy}:{seed}", section, upstream)
     label = f"finetune[{strategy},seed={seed}]"
     if outputs.is_current(out, key):
@@ -56,9 +57,14 @@ def run_one(params: Params, root: Path, strategy: str, seed: int) -> dict:
         transform=pipeline(params, "target"),
         dev=device(),
         seed=seed,
+        pool=store.load_split(tgt, "train", labeled=False),
+        source=store.load_split(src_data, "train") if strategies.uses_source(strategy) else None,
+        source_val=store.load_split(src_data, "val"),
+        source_transform=pipeline(params, "source"),
     )
     adapted = strategies.get(strategy)(ctx)
-    adapted.config.extra.update({"seed": seed, "selection": adapted.selection, "val_acc": adapted.val_acc, "best_epoch": adapted.best_epoch})
+    adapted.config.extra.update({"seed": seed, "selection": adapted.selection, "val_acc": adapted.val_acc,
+                                 "selection_score": adapted.score, "best_epoch": adapted.best_epoch})
     with outputs.atomic_dir(out, "finetune", key) as tmp:
         save(adapted.model.cpu(), adapted.config, tmp)
         (tmp / "history.json").write_text(json.dumps(adapted.history, indent=2))

@@ -1,8 +1,13 @@
-"""Adaptation strategies and baselines, one small module each, looked up by name.
+"""Adaptation strategies and baselines, looked up by name.
 
-Every strategy takes a :class:`Context` (the source checkpoint, the labeled target train set, the target
-val set, the cached features) and returns an :class:`Adapted` model whose checkpoint was chosen on target
-val. None of them sees target test.
+A strategy name is a *base* optionally followed by *objectives*: ``finetune``, ``dann``,
+``dann+fixmatch``, ``l2sp+fixmatch``, ``partial+coral``. The base says where the weights start and which
+of them train (``scratch``, ``source_only``, ``linear_probe``, ``finetune``, ``partial``,
+``gradual_unfreeze``, ``oracle``); each objective adds a loss (``l2sp``, ``dann``, ``coral``, ``mmd``,
+``fixmatch``). A name made only of objectives starts from ``finetune``.
+
+Every strategy takes a :class:`Context` and returns an :class:`Adapted` model whose checkpoint was chosen
+on target val (or, with no target labels, by a label-free rule). None of them sees target test.
 """
 
 from __future__ import annotations
@@ -12,12 +17,57 @@ from typing import Callable
 
 from adaptflow.strategies.base import Adapted, Context
 
-__all__ = ["Adapted", "Context", "get"]
+__all__ = ["Adapted", "Context", "BASES", "OBJECTIVES", "parse", "get", "needs_labels", "uses_source", "uses_pool"]
+
+BASES = ("scratch", "source_only", "linear_probe", "finetune", "partial", "gradual_unfreeze", "oracle")
+OBJECTIVES = ("l2sp", "dann", "coral", "mmd", "fixmatch")
+# Bases that do not train through the network cannot take objectives.
+_NO_OBJECTIVES = ("source_only", "linear_probe", "scratch", "oracle")
+_SOURCE_OBJECTIVES = ("dann", "coral", "mmd")  # align source and target features: need source batches
+_POOL_OBJECTIVES = ("dann", "coral", "mmd", "fixmatch")  # read the unlabeled target pool
+
+
+def parse(name: str) -> tuple[str, list[str]]:
+    """``"dann+fixmatch"`` → ``("finetune", ["dann", "fixmatch"])``; raises ValueError naming what is wrong."""
+    parts = [p.strip() for p in name.split("+") if p.strip()]
+    if not parts:
+        raise ValueError("empty strategy name")
+    unknown = [p for p in parts if p not in BASES and p not in OBJECTIVES]
+    if unknown:
+        raise ValueError(f"unknown strategy part(s) {unknown} in {name!r}; bases: {list(BASES)}, objectives: {list(OBJECTIVES)}")
+    bases = [p for p in parts if p in BASES]
+    if len(bases) > 1 or (bases and parts[0] != bases[0]):
+        raise ValueError(f"{name!r}: at most one base, and it comes first (e.g. partial+dann)")
+    base = bases[0] if bases else "finetune"
+    objectives = [p for p in parts if p in OBJECTIVES]
+    if len(set(objectives)) != len(objectives):
+        raise ValueError(f"{name!r}: an objective is repeated")
+    if objectives and base in _NO_OBJECTIVES:
+        raise ValueError(f"{name!r}: {base} takes no objectives")
+    return base, objectives
+
+
+def needs_labels(name: str) -> bool:
+    """Whether the strategy needs labeled target train images (target.k > 0)."""
+    base, objectives = parse(name)
+    if base in ("source_only", "oracle"):
+        return False
+    if base in ("scratch", "linear_probe"):
+        return True
+    return not any(o in _POOL_OBJECTIVES for o in objectives)
+
+
+def uses_source(name: str) -> bool:
+    return any(o in _SOURCE_OBJECTIVES for o in parse(name)[1])
+
+
+def uses_pool(name: str) -> bool:
+    return any(o in _POOL_OBJECTIVES for o in parse(name)[1])
 
 
 def get(name: str) -> Callable[[Context], Adapted]:
-    from adaptflow.params import STRATEGIES
-
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose from {list(STRATEGIES)}")
-    return importlib.import_module(f"adaptflow.strategies.{name}").adapt
+    base, objectives = parse(name)
+    module = importlib.import_module(f"adaptflow.strategies.{base}")
+    if not objectives:
+        return module.adapt
+    return lambda ctx: module.adapt(ctx, objectives=objectives, name=name)

@@ -20,12 +20,14 @@ from adaptflow.training import seed_everything
 
 def adapt(ctx: Context) -> Adapted:
     f = ctx.params.finetune
+    if not ctx.has_target_labels():
+        raise ValueError("linear_probe needs labeled target images (target.k > 0)")
     seed_everything(ctx.seed)
     model, cfg, _ = ctx.source_model()
     x_tr, y_tr = (torch.from_numpy(a) for a in load_features(ctx.features_dir, "labeled"))
     x_va, y_va = (torch.from_numpy(a) for a in load_features(ctx.features_dir, "val"))
     head = copy.deepcopy(model.get_classifier()).cpu().train()
-    opt = torch.optim.AdamW(head.parameters(), lr=f.lr * 5, weight_decay=f.weight_decay)
+    opt = torch.optim.AdamW(head.parameters(), lr=f.linear_probe_lr, weight_decay=f.weight_decay)
     history, best = [], None
     for epoch in range(0, f.linear_probe_epochs + 1):
         if epoch > 0:
@@ -42,5 +44,5 @@ def adapt(ctx: Context) -> Adapted:
             best = ((acc, -vloss), epoch, copy.deepcopy(head.state_dict()))
     model.get_classifier().load_state_dict(best[2])
     cfg.extra.update({"strategy": "linear_probe"})
-    sel = "target val: max val_acc (ties: lowest val_loss)"
-    return Adapted(model.eval(), cfg, sel, best[0][0], history, best[1])
+    sel = "target val: max accuracy (ties: lowest val loss)"
+    return Adapted(model.eval(), cfg, sel, best[0][0], history, best[1], best[0][0])

@@ -15,5 +15,5 @@ def adapt(ctx: Context) -> Adapted:
         missing = sorted(set(ctx.labeled.classes) - set(ctx.source_classes()))
         raise ValueError(f"source_only needs every target class in the source classes; unknown to the source: {missing}")
     cfg.extra.update({"strategy": "source_only"})
-    val_acc = accuracy(predict_logits(model, ctx.val.images), ctx.val.labels)
+    val_acc = accuracy(predict_logits(model, ctx.val.images), ctx.val.labels)  # reported; chooses nothing here
     return Adapted(model, cfg, "none (no training; the source checkpoint)", val_acc)

@@ -48,7 +48,7 @@ def params_path() -> Path:
 
 def tiny_params(**finetune) -> params_mod.Params:
     """Params with a shrunk finetune section (tiny epochs/batches) and a tiny target augmentation."""
-    ft = {"epochs": 2, "batch_size": 4, "lr": 0.01, "linear_probe_epochs": 5, **finetune}
+    ft = {"epochs": 2, "batch_size": 4, "unlabeled_batch_size": 4, "lr": 0.01, "linear_probe_epochs": 5, **finetune}
     return params_mod.from_dict(
         {
             "seed": 0,

@@ -61,7 +61,7 @@ def test_unknown_key_in_file(tmp_path):
         ("finetune.lr=0", "finetune.lr"),
         ("finetune.epochs=0", "finetune.epochs"),
         ("finetune.backbone_lr_scale=2", "finetune.backbone_lr_scale"),
-        ("target.k=0", "target.k"),
+        ("target.k=-1", "target.k"),
         ("target.val_fraction=0.6", "target.val_fraction"),
         ("source.limit=3", "source.limit"),
         ("preprocess.channels=2", "preprocess.channels"),
@@ -248,3 +248,17 @@ def test_params_are_frozen(params_path):
     p = P.load(params_path)
     with pytest.raises(Exception):
         p.finetune.lr = 1.0  # type: ignore[misc]
+
+
+def test_no_target_labels_refuses_strategies_that_need_them(params_path):
+    with pytest.raises(P.ParamsError, match=r"finetune.strategies.*need labeled target images"):
+        P.load(params_path, overrides=["target.k=0"])
+    ok = P.load(params_path, overrides=["target.k=0", "finetune.strategies=[source_only,dann+fixmatch]", "evaluate.baselines=[source_only]"])
+    assert ok.target.k == 0
+
+
+@pytest.mark.parametrize("bad, message", [("dan", "unknown strategy part"), ("fixmatch+finetune", "at most one base"),
+                                          ("linear_probe+dann", "takes no objectives")])
+def test_strategy_names_are_checked_on_load(params_path, bad, message):
+    with pytest.raises(P.ParamsError, match=rf"finetune\.strategies: .*{message}"):
+        P.load(params_path, overrides=[f"finetune.strategies=[scratch,source_only,{bad}]"])

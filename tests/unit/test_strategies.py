@@ -29,11 +29,13 @@ def make_ctx(tmp_path, source_checkpoint, split_factory, params_factory, feature
         params = params_factory(**finetune)
         labeled = split_factory(2, target_classes, seed=0)
         val = split_factory(3, target_classes, seed=1)
-        pool = split_factory(1, target_classes, seed=2)
+        pool = split_factory(4, target_classes, seed=2)
         feats = feature_cache_writer(tmp_path / "features", source_checkpoint,
                                      {"labeled": labeled, "val": val, "pool": pool, "test": pool})
         return Context(params=params, source_dir=source_checkpoint, features_dir=feats, labeled=labeled, val=val,
-                       transform=pipeline(params, "target"), dev=CPU)
+                       transform=pipeline(params, "target"), dev=CPU, pool=pool,
+                       source=split_factory(4, SOURCE, seed=3), source_val=split_factory(2, SOURCE, seed=4),
+                       source_transform=pipeline(params, "source"))
 
     return make
 
@@ -71,7 +73,8 @@ def test_strategy_history_and_selection(name, make_ctx):
     ctx = make_ctx(SOURCE, epochs=2, linear_probe_epochs=3)
     adapted = strategies.get(name)(ctx)
     epochs = [h["epoch"] for h in adapted.history]
-    expected = {"scratch": [1, 2], "finetune": [0, 1, 2], "linear_probe": [0, 1, 2, 3], "source_only": []}[name]
+    # Everything that starts from the source scores the source model as epoch 0; scratch has no such start.
+    expected = {"scratch": [1, 2], "linear_probe": [0, 1, 2, 3], "source_only": []}.get(name, [0, 1, 2])
     assert epochs == expected
     if adapted.history:
         best = next(h for h in adapted.history if h["epoch"] == adapted.best_epoch)
@@ -128,6 +131,7 @@ def test_finetune_starts_from_source_only(make_ctx, target):
 
 def test_finetune_uses_backbone_lr_scale(make_ctx, monkeypatch):
     import adaptflow.strategies.finetune as ft
+    import adaptflow.strategies.transfer as tr
 
     seen = {}
 
@@ -138,15 +142,16 @@ def test_finetune_uses_backbone_lr_scale(make_ctx, monkeypatch):
 
         return FitResult(history=[], best_epoch=0, best_val_acc=0.5)
 
-    monkeypatch.setattr(ft, "fit", fake_fit)
+    monkeypatch.setattr(tr, "fit", fake_fit)
     ctx = make_ctx(SOURCE, lr=0.01, backbone_lr_scale=0.25)
     adapted = ft.adapt(ctx)
-    backbone, head = seen["groups"]
-    assert backbone["lr"] == pytest.approx(0.0025) and head["lr"] == pytest.approx(0.01)
+    *body, head = seen["groups"]
+    assert all(g["lr"] == pytest.approx(0.0025) for g in body) and head["lr"] == pytest.approx(0.01)
     head_ids = {id(p) for p in adapted.model.get_classifier().parameters()}
     assert {id(p) for p in head["params"]} == head_ids
-    assert not head_ids & {id(p) for p in backbone["params"]}
-    assert len(backbone["params"]) + len(head["params"]) == len(list(adapted.model.parameters()))
+    body_ids = {id(p) for g in body for p in g["params"]}
+    assert not head_ids & body_ids
+    assert len(body_ids) + len(head["params"]) == len(list(adapted.model.parameters()))
     assert seen["kw"]["evaluate_start"] is True
 
 
@@ -159,9 +164,11 @@ def test_scratch_ignores_source_weights(make_ctx, source_checkpoint):
     assert cfg.classes == SOURCE and cfg.arch == "test_resnet"
 
 
-@pytest.mark.parametrize("bad", ["nope", "", "Finetune"])
-def test_get_unknown_strategy(bad):
-    with pytest.raises(ValueError, match="unknown strategy"):
+@pytest.mark.parametrize("bad, message", [("nope", "unknown strategy"), ("", "empty strategy"), ("Finetune", "unknown strategy"),
+                                          ("fixmatch+partial", "at most one base"), ("scratch+dann", "takes no objectives"),
+                                          ("dann+dann", "repeated")])
+def test_get_unknown_strategy(bad, message):
+    with pytest.raises(ValueError, match=message):
         strategies.get(bad)
 
 

@@ -1,0 +1,144 @@
+"""The adaptation losses as modules (TLlib-style): each lowers under one step, and the special properties
+each is built on hold — gradient reversal flips the gradient, L2-SP is zero at the source weights,
+frozen groups stay bit-identical, the name grammar composes bases and objectives."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from adaptflow import strategies
+from adaptflow.models import ModelConfig, create, load
+from adaptflow.strategies import needs_labels, parse, uses_pool, uses_source
+from adaptflow.strategies.coral import CorrelationAlignmentLoss
+from adaptflow.strategies.dann import DomainAdversarialLoss, DomainDiscriminator, GradientReversal, schedule
+from adaptflow.strategies.fixmatch import PseudoLabelLoss
+from adaptflow.strategies.l2sp import L2SP
+from adaptflow.strategies.mmd import MultiKernelMMD
+from adaptflow.strategies.transfer import parameter_groups, set_trainable
+from tests.unit.test_strategies import SOURCE, make_ctx  # noqa: F401  (fixture)
+
+
+def _one_step_lowers(loss_fn, *tensors: torch.Tensor, module: nn.Module | None = None, lr: float = 0.05) -> None:
+    params = [t.requires_grad_() for t in tensors] + (list(module.parameters()) if module is not None else [])
+    opt = torch.optim.SGD(params, lr=lr)
+    before = loss_fn()
+    opt.zero_grad()
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = loss_fn()
+    assert after.item() < before.item()
+
+
+def test_coral_step_lowers_and_is_zero_for_equal_batches():
+    torch.manual_seed(0)
+    fs, ft = torch.randn(32, 8), torch.randn(32, 8) * 3 + 1
+    loss = CorrelationAlignmentLoss()
+    _one_step_lowers(lambda: loss(fs, ft), ft)
+    assert loss(fs.detach(), fs.detach()).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_mmd_step_lowers_and_is_zero_for_equal_batches():
+    torch.manual_seed(0)
+    fs, ft = torch.randn(32, 8), torch.randn(32, 8) + 2
+    loss = MultiKernelMMD()
+    _one_step_lowers(lambda: loss(fs, ft), ft, lr=0.5)
+    assert loss(fs.detach(), fs.detach()).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_domain_adversarial_discriminator_step_lowers():
+    torch.manual_seed(0)
+    fs, ft = torch.randn(32, 8) + 1, torch.randn(32, 8) - 1
+    loss = DomainAdversarialLoss(DomainDiscriminator(8, hidden=16)).eval()  # no dropout noise in the comparison
+    _one_step_lowers(lambda: loss(fs, ft, 1.0), module=loss.discriminator, lr=0.1)
+
+
+def test_gradient_reversal_flips_the_gradient_sign():
+    x = torch.randn(5, 3, requires_grad=True)
+    (GradientReversal()(x, 0.5) * torch.arange(3.0)).sum().backward()
+    assert torch.allclose(x.grad, -0.5 * torch.arange(3.0).expand(5, 3))
+    y = torch.randn(4, requires_grad=True)
+    out = GradientReversal()(y, 1.0)
+    assert torch.equal(out, y)  # identity forward
+
+
+def test_dann_schedule_ramps_from_zero_to_the_weight():
+    assert schedule(0.0, 2.0) == 0.0
+    assert 0 < schedule(0.1, 2.0) < schedule(0.5, 2.0) < schedule(1.0, 2.0) <= 2.0
+    assert schedule(1.0, 2.0) == pytest.approx(2.0, rel=1e-3)
+
+
+def test_pseudo_label_loss_masks_unconfident_and_lowers():
+    weak = torch.tensor([[5.0, 0.0, 0.0], [0.1, 0.0, 0.0]])  # confident / not
+    strong = torch.zeros(2, 3)
+    loss = PseudoLabelLoss(threshold=0.9)
+    value, rate = loss(weak, strong)
+    assert rate.item() == pytest.approx(0.5)
+    assert value.item() == pytest.approx(torch.nn.functional.cross_entropy(strong[:1], torch.tensor([0])).item() / 2)
+    _one_step_lowers(lambda: loss(weak, strong)[0], strong, lr=1.0)
+    nothing, zero_rate = PseudoLabelLoss(0.99)(torch.zeros(3, 3), torch.randn(3, 3))
+    assert nothing.item() == 0.0 and zero_rate.item() == 0.0
+
+
+def test_l2sp_is_zero_at_the_source_and_grows_away_from_it():
+    torch.manual_seed(0)
+    model = create(ModelConfig("test_resnet", 1, 16, ["a", "b"]))
+    ref = {n: p.detach().clone() for n, p in model.named_parameters() if "fc" not in n}  # the head is "new"
+    penalty = L2SP(ref, alpha=1.0, beta=0.0)
+    assert penalty(model)[0].item() == 0.0
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "fc" not in n).add_(0.1)
+    assert penalty(model)[0].item() > 0
+    only_new = L2SP({}, alpha=0.0, beta=1.0)(model)[0].item()
+    assert only_new == pytest.approx(0.5 * sum(p.pow(2).sum().item() for p in model.parameters()), rel=1e-5)
+
+
+def test_partial_keeps_frozen_groups_bit_identical(make_ctx, source_checkpoint):  # noqa: F811
+    ctx = make_ctx(SOURCE, epochs=2, lr=0.05, partial={"freeze_groups": 2})
+    adapted = strategies.get("partial")(ctx)
+    src, _ = load(source_checkpoint)
+    frozen = {n for g in parameter_groups(src)[:2] for n in g}
+    after, before = adapted.model.state_dict(), src.state_dict()
+    # Parameters *and* BatchNorm statistics of the frozen groups are untouched; later groups moved.
+    prefixes = {n.rsplit(".", 1)[0] for n in frozen}
+    for name, tensor in before.items():
+        if name.rsplit(".", 1)[0] in prefixes:
+            assert torch.equal(after[name], tensor), name
+    moved = [n for n in parameter_groups(src)[-2] if not torch.equal(after[n], before[n])]
+    assert moved
+
+
+def test_set_trainable_never_freezes_the_head():
+    model = create(ModelConfig("test_resnet", 1, 16, ["a", "b"]))
+    set_trainable(model, 99)
+    head = {id(p) for p in model.get_classifier().parameters()}
+    assert all(p.requires_grad == (id(p) in head) for p in model.parameters())
+
+
+@pytest.mark.parametrize("name, base, objectives", [
+    ("finetune", "finetune", []), ("dann", "finetune", ["dann"]), ("dann+fixmatch", "finetune", ["dann", "fixmatch"]),
+    ("partial+coral", "partial", ["coral"]), ("gradual_unfreeze+l2sp", "gradual_unfreeze", ["l2sp"]),
+])
+def test_names_compose(name, base, objectives):
+    assert parse(name) == (base, objectives)
+
+
+def test_label_needs():
+    assert needs_labels("finetune") and needs_labels("scratch") and needs_labels("l2sp")
+    assert not needs_labels("dann") and not needs_labels("fixmatch") and not needs_labels("source_only")
+    assert uses_source("dann+fixmatch") and not uses_source("fixmatch") and uses_pool("fixmatch")
+
+
+@pytest.mark.parametrize("name", ["dann", "coral", "mmd", "fixmatch", "dann+fixmatch"])
+def test_label_free_strategies_run_without_target_labels(name, make_ctx):  # noqa: F811
+    ctx = make_ctx(SOURCE, epochs=1, steps_per_epoch=2)
+    ctx = copy.copy(ctx)
+    ctx.labeled = ctx.labeled.__class__(ctx.labeled.images[:0], ctx.labeled.labels[:0], ctx.labeled.classes)
+    adapted = strategies.get(name)(ctx)
+    assert adapted.selection.startswith("label-free")
+    assert [h["epoch"] for h in adapted.history] == [0, 1]
+    assert all("sel_im" in h for h in adapted.history)
