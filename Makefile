@@ -9,7 +9,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run test test-fast repro clean
+.PHONY: install run test test-fast repro deploy worker bench-orchestration clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,5 +35,17 @@ test-fast: install
 repro: install
 	$(BIN)/dvc repro
 
+## register the nightly deployment with the Prefect server at PREFECT_API_URL (then: make worker)
+deploy: install
+	$(BIN)/adaptflow deploy
+
+## a process worker for the adaptflow work pool (Ctrl-C stops it)
+worker: install
+	$(BIN)/prefect worker start --pool adaptflow
+
+## cold run, warm re-run, finetune-only change → benchmarks/results/orchestration.{json,md}
+bench-orchestration: install
+	$(BIN)/python benchmarks/orchestration.py
+
 clean:
-	rm -rf data/ingested data/augmented data/features models reports mlflow.db mlartifacts
+	rm -rf data/ingested data/augmented data/features models reports mlflow.db mlartifacts .adaptflow

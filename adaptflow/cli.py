@@ -31,19 +31,55 @@ def _load(path: Path, overrides: Optional[list[str]]) -> params_mod.Params:
         raise typer.Exit(2) from None
 
 
-@app.command()
-def run(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
-    """Run the whole pipeline as a Prefect flow and print the comparison table."""
-    _setup_logging(verbose)
-    p = _load(params, set_)  # fail on a bad params value before Prefect starts
-    from flows.transfer_pipeline import transfer_pipeline  # the orchestrator lives outside the core
+def _orchestrate_overrides(task_runner: Optional[str], max_workers: Optional[int], dask_address: Optional[str]) -> list[str]:
+    """The run-shape flags as ``orchestrate.*`` overrides (they change how the flow runs, never what it computes)."""
+    given = {"task_runner": task_runner, "max_workers": max_workers, "dask_address": dask_address}
+    return [f"orchestrate.{k}={v}" for k, v in given.items() if v is not None]
 
-    result = transfer_pipeline(params_path=str(params), overrides=list(set_ or []), root=str(Path.cwd()))
+
+@app.command()
+def run(
+    params: Path = ParamsOpt,
+    set_: Optional[list[str]] = SetOpt,
+    task_runner: Optional[str] = typer.Option(None, "--task-runner", "-r", help="sequential (default, deterministic) | threads | processes | dask "
+                                              "(overrides orchestrate.task_runner)"),
+    max_workers: Optional[int] = typer.Option(None, "--max-workers", help="parallel finetune runs (orchestrate.max_workers)"),
+    dask_address: Optional[str] = typer.Option(None, "--dask-address", help="a running Dask scheduler, e.g. tcp://host:8786 (implies --task-runner dask)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run the whole pipeline as a Prefect flow and print the comparison table."""
+    from flows.api import start_in_background  # the orchestrator lives outside the core
+
+    api_ready = start_in_background()  # Prefect's local API server starts while torch and the params load
+    _setup_logging(verbose)
+    overrides = list(set_ or []) + _orchestrate_overrides(task_runner or ("dask" if dask_address else None), max_workers, dask_address)
+    p = _load(params, overrides)  # fail on a bad params value before Prefect starts
+    from flows.transfer_pipeline import run_pipeline
+
+    api_ready()
+    result = run_pipeline(params_path=str(params), overrides=overrides, root=str(Path.cwd()))
     typer.echo("")
     typer.echo((Path(p.paths.reports) / "evaluate" / "comparison.md").read_text())
     reg = result["register"]
     verdict = "promoted to champion" if reg.get("promoted") else "not promoted"
     typer.echo(f"registry: {reg.get('model_name')} version {reg.get('version')} {verdict}: {'; '.join(reg.get('reasons', []))}")
+    from flows.api import stop_without_waiting
+
+    stop_without_waiting()
+    _exit_now(0)
+
+
+def _exit_now(code: int) -> None:
+    """Exit after the exit hooks, skipping the interpreter's teardown of torch & co. (2–4 s of a 15 s warm
+    re-run). Every ``atexit`` hook still runs: Prefect's log and event workers drain, handlers flush."""
+    import atexit
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    os._exit(code)
 
 
 @app.command()
@@ -56,8 +92,8 @@ def stage(
     seed: Optional[int] = typer.Option(None, help="finetune only: one seed of finetune.seeds (default: all)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Run one stage in this process (what `dvc repro` calls)."""
-    from adaptflow import stages
+    """Run one stage in this process (what `dvc repro` calls); waits while a pipeline run holds the project."""
+    from adaptflow import orchestrate, stages
 
     _setup_logging(verbose)
     p = _load(params, set_)
@@ -66,28 +102,79 @@ def stage(
     except ValueError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
-    if name == "ingest":
-        for r in [role] if role else list(params_mod.ROLES):
-            fn(p, Path.cwd(), role=r)
-    elif name == "finetune":
-        fn(p, Path.cwd(), strategy=strategy, seed=seed)
-    else:
-        fn(p, Path.cwd())
+    with orchestrate.project_lock(Path.cwd(), what=f"adaptflow stage {name}", timeout=p.orchestrate.lock_timeout):
+        if name == "ingest":
+            for r in [role] if role else list(params_mod.ROLES):
+                fn(p, Path.cwd(), role=r)
+        elif name == "finetune":
+            fn(p, Path.cwd(), strategy=strategy, seed=seed)
+        else:
+            fn(p, Path.cwd())
+
+
+@app.command()
+def deploy(
+    name: str = typer.Option("nightly", "--name", "-n", help="deployment name"),
+    cron: Optional[str] = typer.Option(None, "--cron", help="schedule, e.g. '0 2 * * *' (default orchestrate.cron, in orchestrate.timezone)"),
+    pool: Optional[str] = typer.Option(None, "--pool", help="process work pool (default orchestrate.work_pool; created if missing)"),
+    serve: bool = typer.Option(False, "--serve", help="serve the schedule from this process instead (blocks; Ctrl-C stops it)"),
+    params: Path = ParamsOpt,
+    set_: Optional[list[str]] = SetOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Schedule the pipeline: each run ingests new target data from orchestrate.incoming, versions it with DVC,
+    runs every stage that changed and the registry gate. Needs a Prefect server (PREFECT_API_URL) unless --serve."""
+    _setup_logging(verbose)
+    p = _load(params, set_)
+    from flows import scheduled  # the orchestrator lives outside the core
+
+    parameters = {"params_path": str(params), "overrides": list(set_ or []), "root": str(Path.cwd()) if serve else "."}
+    if serve:
+        typer.echo(f"serving scheduled_pipeline/{name} ({cron or p.orchestrate.cron}, {p.orchestrate.timezone}); Ctrl-C stops it")
+        scheduled.serve(p, parameters, name=name, cron=cron)
+        return
+    try:
+        dep_id = scheduled.deploy(p, Path.cwd(), parameters, name=name, cron=cron, pool=pool)
+    except RuntimeError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"deployment scheduled_pipeline/{name} ({dep_id}): {cron or p.orchestrate.cron} {p.orchestrate.timezone}, work pool {pool or p.orchestrate.work_pool}\n"
+               f"  run it now:   prefect deployment run 'scheduled_pipeline/{name}'\n"
+               f"  start worker: prefect worker start --pool {pool or p.orchestrate.work_pool}")
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+
+
+def _expand(paths: list[Path]) -> list[Path]:
+    """Files as given; a folder becomes its image files (recursively, sorted)."""
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            out.append(p)
+    return out
 
 
 @app.command()
 def predict(
-    paths: list[Path] = typer.Argument(..., help="image files"),
+    paths: list[Path] = typer.Argument(..., help="image files and/or folders of images"),
     model: str = typer.Option(..., "--model", "-m", help="model URI, e.g. models:/adaptflow-uci_digits@champion"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write a CSV: path, label, confidence, proba_<class>..."),
 ) -> None:
     """Print one predicted label per image (path<TAB>label<TAB>confidence)."""
     import pandas as pd
 
     from adaptflow import tracking
 
-    missing = [str(p) for p in paths if not p.is_file()]
+    missing = [str(p) for p in paths if not p.exists()]
     if missing:
         typer.secho(f"error: no such file: {', '.join(missing)}", fg="red", err=True)
+        raise typer.Exit(2)
+    files = _expand(paths)
+    if not files:
+        typer.secho(f"error: no image files ({', '.join(IMAGE_SUFFIXES)}) under {', '.join(map(str, paths))}", fg="red", err=True)
         raise typer.Exit(2)
     tracking.configure(Path.cwd())
     try:
@@ -95,9 +182,74 @@ def predict(
     except Exception as exc:  # MLflow raises several types for a bad URI
         typer.secho(f"error: cannot load {model}: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
-    out = m.predict(pd.DataFrame({"image": [str(p.resolve()) for p in paths]}))
-    for p, label, conf in zip(paths, out["label"], out["confidence"]):
+    out = m.predict(pd.DataFrame({"image": [str(p.resolve()) for p in files]}))
+    for p, label, conf in zip(files, out["label"], out["confidence"]):
         typer.echo(f"{p}\t{label}\t{conf:.4f}")
+    if output is not None:
+        out.insert(0, "path", [str(p) for p in files])
+        output.parent.mkdir(parents=True, exist_ok=True)
+        out.to_csv(output, index=False)
+        typer.echo(f"wrote {len(out)} predictions to {output}", err=True)
+
+
+registry_app = typer.Typer(no_args_is_help=True, help="The model registry: aliases and their history (who was champion when, and why).")
+app.add_typer(registry_app, name="registry")
+
+
+@registry_app.command("history")
+def registry_history(
+    name: str = typer.Argument(..., help="registered model name, e.g. adaptflow-uci_digits"),
+    alias: Optional[str] = typer.Option(None, "--alias", "-a", help="only this alias (champion, challenger)"),
+    at: Optional[str] = typer.Option(None, "--at", help="which version held --alias (default champion) at this date/time (ISO; UTC unless a zone is given)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Every recorded alias move of NAME, oldest first; with --at, the version that held the alias then."""
+    import json
+    from dataclasses import asdict
+
+    from adaptflow import aliases, tracking
+
+    tracking.configure(Path.cwd())
+    moves = tracking.alias_history(name, alias)
+    if at is not None:
+        try:
+            when = aliases.parse_time(at)
+        except ValueError:
+            typer.secho(f"error: --at {at!r}: expected an ISO date or time, e.g. 2026-11-22 or 2026-11-22T15:00", fg="red", err=True)
+            raise typer.Exit(2) from None
+        held = aliases.holder_at(moves, alias or "champion", when)
+        if as_json:
+            typer.echo(json.dumps(None if held is None else {**asdict(held), "iso_time": held.iso_time}, indent=2))
+        elif held is None:
+            typer.echo(f"{name}@{alias or 'champion'}: no version at {at} (no recorded move before then)")
+        else:
+            typer.echo(f"{name}@{held.alias} at {at}: version {held.to_version} (since {held.iso_time}, from {held.from_version or 'none'}, by {held.actor})\n  why: {held.reason}")
+        return
+    if as_json:
+        typer.echo(json.dumps([{**asdict(m), "iso_time": m.iso_time} for m in moves], indent=2))
+        return
+    if not moves:
+        typer.echo(f"{name}: no recorded alias moves")
+        return
+    for m in moves:
+        runs = ", ".join(f"{k}={v}" for k, v in m.context.items() if k in ("parent_run_id", "prefect_flow_run_id", "git_commit"))
+        typer.echo(f"{m.seq:>4}  {m.iso_time}  {m.alias:<11} {m.from_version or '-':>4} → {m.to_version:<4} {m.actor}\n      {m.reason}" + (f"\n      {runs}" if runs else ""))
+
+
+@registry_app.command("show")
+def registry_show(name: str = typer.Argument(..., help="registered model name")) -> None:
+    """Where each alias of NAME points now, with the gate's verdict on that version."""
+    from adaptflow import tracking
+
+    tracking.configure(Path.cwd())
+    current = tracking.model_aliases(name)
+    if not current:
+        typer.secho(f"error: {name}: no such registered model, or it has no aliases", fg="red", err=True)
+        raise typer.Exit(2)
+    for alias, version in sorted(current.items()):
+        t = tracking.version_tags(name, version)
+        typer.echo(f"{alias:<11} version {version}  {t.get('strategy', '?')} seed {t.get('seed', '?')}  test_acc {t.get('test_acc', '?')}  "
+                   f"gate {t.get('gate', '?')}: {t.get('gate_reasons', '')}")
 
 
 def main() -> None:  # pragma: no cover

@@ -5,6 +5,10 @@ A stage writes into a temporary sibling directory, then promotes it with a renam
 so a directory at the final path with a manifest is always whole, and a stage killed midway leaves only
 a temporary directory that nothing reads. The input key — the stage's params sections, the digests of
 its upstream outputs and the code version — lets a re-run with nothing changed skip the work.
+
+Temporary names carry the writer's PID (``.NAME.tmp-PID``, ``.NAME.old-PID``): a run killed with SIGKILL
+leaves them behind, and the next writer of the same output (or :func:`remove_stale` over a whole tree)
+deletes those whose process is gone — never a live writer's.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import logging
 import os
 import shutil
 import time
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -23,12 +28,20 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"
 _PKG = Path(__file__).resolve().parent
+# ``.NAME.tmp-PID`` (being written) and ``.NAME.old-PID`` (the previous output, during the swap).
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
+
+
+# Modules that decide how stages are run, never what they compute: editing them re-runs nothing.
+_ORCHESTRATION_ONLY = ("cli.py", "orchestrate.py")
 
 
 def code_version() -> str:
     """Hash of the core's source: a code change invalidates every stage's key."""
     h = hashlib.sha256()
     for p in sorted(_PKG.rglob("*.py")):
+        if str(p.relative_to(_PKG)) in _ORCHESTRATION_ONLY:
+            continue
         h.update(str(p.relative_to(_PKG)).encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
@@ -70,11 +83,69 @@ def is_current(directory: Path, key: str) -> bool:
     return m is not None and m.get("key") == key
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists on this machine (a zombie counts as gone)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    try:  # a killed child its parent has not reaped yet still answers kill(0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def remove_stale(parent: Path, name: str | None = None) -> list[Path]:
+    """Delete the temporary siblings in ``parent`` (of ``name`` only, if given) left by dead writers.
+
+    A ``.NAME.old-PID`` whose ``NAME`` is missing is the last complete output of a writer killed between the
+    two renames of the swap: it is put back rather than deleted. Returns the paths removed or restored.
+    """
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    done = []
+    for p in sorted(parent.iterdir()):
+        m = _TEMP.match(p.name)
+        if not m or (name is not None and m["name"] != name) or pid_alive(int(m["pid"])):
+            continue
+        final = parent / m["name"]
+        if m["kind"] == "old" and not final.exists() and read_manifest(p) is not None:
+            p.rename(final)
+            log.warning("restored %s from %s (its writer, pid %s, died mid-swap)", final, p.name, m["pid"])
+        elif p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            log.info("removed %s: left by pid %s, which is no longer running", p, m["pid"])
+        else:
+            p.unlink(missing_ok=True)
+            log.info("removed %s: left by pid %s, which is no longer running", p, m["pid"])
+        done.append(p)
+    return done
+
+
+def remove_stale_tree(top: Path) -> list[Path]:
+    """:func:`remove_stale` in ``top`` and every directory below it (stage output trees are small)."""
+    top = Path(top)
+    if not top.is_dir():
+        return []
+    done = []
+    for d in [top] + sorted(p for p in top.rglob("*") if p.is_dir() and not _TEMP.match(p.name)):
+        if d.is_dir():  # an earlier removal may have taken it
+            done += remove_stale(d)
+    return done
+
+
 @contextmanager
 def atomic_dir(directory: Path, stage: str, key: str) -> Iterator[Path]:
     """Yield a temporary directory; on success write its manifest and promote it to ``directory``."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(directory.parent, directory.name)
     tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -99,6 +170,7 @@ def atomic_dir(directory: Path, stage: str, key: str) -> Iterator[Path]:
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path.parent, path.name)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -17,8 +17,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from adaptflow.data.domains import BUILTIN_DOMAINS  # noqa: F401  (re-exported: the domain registry's one list)
+
 ROLES = ("source", "target")
-BUILTIN_DOMAINS = ("mnist", "uci_digits")
 # Single-word strategies (bases, and objectives which start from finetune); combine with "+": dann+fixmatch.
 STRATEGIES = (
     "scratch", "source_only", "linear_probe", "finetune", "partial", "gradual_unfreeze", "oracle",
@@ -50,27 +51,43 @@ class Preprocess(_Section):
 
 
 def _check_domain(value: str) -> str:
-    if value in BUILTIN_DOMAINS:
-        return value
-    raise ValueError(f"unknown domain {value!r}; choose one of {', '.join(BUILTIN_DOMAINS)}")
+    # Grammar only (built-in name, imagefolder:PATH, csv:PATH): whether PATH exists depends on the project
+    # root, which ingest knows; it checks before any work.
+    from adaptflow.data.domains import parse_spec
+
+    parse_spec(value)
+    return value
 
 
-class Source(_Section):
-    domain: str = "mnist"
+class SynthDigits(_Section):
+    """The synth_digits domain's knobs, read when the role's domain is synth_digits."""
+
+    n: int = Field(10_000, ge=10, le=10_000_000, description="images to render, balanced over the ten digits")
+    size: int = Field(32, ge=8, le=256, description="rendered side in pixels (ingest then resizes to preprocess.image_size)")
+    seed: int = Field(0, description="rendering seed: the same seed gives the same bytes")
+
+
+class _Role(_Section):
+    """A role's data: where its images come from, how much of them to keep, how to split them."""
+
+    domain: str
+    raw: str = Field("adaptflow/data", description="the path `dvc repro` watches for this role's raw data (dvc.yaml ingest deps): "
+                     "set it to your imagefolder/csv data so a change to the files re-runs ingest")
+    synth: SynthDigits = Field(default_factory=SynthDigits)
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     limit: int | None = Field(None, ge=10, description="keep at most this many images (stratified); for quick runs")
 
     _domain = field_validator("domain")(classmethod(lambda cls, v: _check_domain(v)))
 
 
-class Target(_Section):
+class Source(_Role):
+    domain: str = "mnist"
+
+
+class Target(_Role):
     domain: str = "uci_digits"
-    val_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.3, gt=0, lt=0.8)
     k: int = Field(10, ge=0, description="labeled target train images per class (0: no target labels at all)")
-    limit: int | None = Field(None, ge=10, description="keep at most this many images (stratified); for quick runs")
-
-    _domain = field_validator("domain")(classmethod(lambda cls, v: _check_domain(v)))
 
     @model_validator(mode="after")
     def _fractions(self) -> "Target":
@@ -86,22 +103,59 @@ class TransformSpec(_Section):
     name: str
 
 
-class Augment(_Section):
-    source: list[TransformSpec] = Field(default_factory=list)
-    target: list[TransformSpec] = Field(default_factory=list)
-    preview_n: int = Field(64, ge=1, le=1024)
+class RoleAugment(_Section):
+    """One role's on-the-fly augmentation: a named preset, then Downsample, then explicit v2 transforms."""
 
-    @field_validator("source", "target")
+    preset: str = Field("none", description="none | light | digits | digits_strong | photo (adaptflow.data.transforms.PRESETS)")
+    downsample: list[int] = Field(default_factory=list, description="sides to pass each image through and back "
+                                  "(one drawn per image): the target's native resolution brings the source closer to it")
+    transforms: list[TransformSpec] = Field(default_factory=list)
+
+    @model_validator(mode="before")
     @classmethod
-    def _buildable(cls, specs: list[TransformSpec]) -> list[TransformSpec]:
-        # Building the pipeline here turns a typo in a transform name or argument into a load-time error.
+    def _plain_list(cls, data: Any) -> Any:
+        # A bare list of specs (the original form) means: no preset, no downsampling, these transforms.
+        return {"transforms": data} if isinstance(data, list) else data
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        from adaptflow.data.transforms import PRESETS
+
+        if v not in PRESETS:
+            raise ValueError(f"unknown preset {v!r}; choose one of {', '.join(PRESETS)}")
+        return v
+
+    @field_validator("downsample")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(s < 1 for s in v):
+            raise ValueError(f"sides must be positive, got {v}")
+        return v
+
+    def specs(self) -> list[dict[str, Any]]:
+        from adaptflow.data.transforms import role_specs
+
+        return role_specs(self.preset, self.downsample, [t.model_dump() for t in self.transforms])
+
+    @model_validator(mode="after")
+    def _buildable(self) -> "RoleAugment":
+        # Building the pipeline here turns a typo in a preset, a transform name or an argument into a
+        # load-time error naming augment.<role>.
         from adaptflow.data.transforms import build_pipeline
 
         try:
-            build_pipeline([t.model_dump() for t in specs])
+            build_pipeline(self.specs())
         except (TypeError, AttributeError) as exc:
             raise ValueError(str(exc)) from None
-        return specs
+        return self
+
+
+class Augment(_Section):
+    source: RoleAugment = Field(default_factory=RoleAugment)
+    target: RoleAugment = Field(default_factory=RoleAugment)
+    n_views: int = Field(0, ge=0, le=256, description="augmented copies of the labeled target set that the augment stage materialises")
+    preview_n: int = Field(64, ge=1, le=1024)
 
 
 class Pretrain(_Section):
@@ -206,11 +260,39 @@ class Finetune(_Section):
 
 class Evaluate(_Section):
     baselines: list[str] = Field(default_factory=lambda: list(BASELINES))
+    ece_bins: int = Field(15, ge=1, le=100, description="equal-width confidence bins of the expected calibration error")
 
 
 class Register(_Section):
     model_name: str = "adaptflow-{target}"
     margin: float = Field(0.0, ge=0, le=1, description="accuracy the candidate must beat each baseline by")
+
+
+TASK_RUNNERS = ("sequential", "threads", "processes", "dask")
+
+
+class Orchestrate(_Section):
+    """How the Prefect flow runs the stages — never what they compute: no stage reads this section, so
+    changing it re-runs nothing (and DVC, whose dvc.yaml lists no orchestrate key, agrees)."""
+
+    task_runner: Literal["sequential", "threads", "processes", "dask"] = Field(
+        "sequential", description="how finetune runs (strategy × seed) fan out: sequential (deterministic), threads (parallel, but torch's "
+        "global RNG is shared, so results vary run to run), processes (parallel and deterministic), dask (a cluster)")
+    max_workers: int = Field(2, ge=1, description="parallel runs for threads / processes / a local Dask cluster")
+    dask_address: str | None = Field(None, description="a running Dask scheduler, e.g. tcp://10.0.0.5:8786; null: a LocalCluster of max_workers processes")
+    lock_timeout: float | None = Field(None, ge=0, description="seconds a run waits for another run in the same project (null: as long as it takes)")
+    incoming: str = Field("data/incoming/{domain}", description="the scheduled run's watched folder of new target images ({domain}: the target folder's name)")
+    cron: str = Field("0 2 * * *", description="the deployment's schedule (cron, in `timezone`)")
+    timezone: str = "UTC"
+    work_pool: str = Field("adaptflow", description="the Prefect work pool `adaptflow deploy` registers the deployment with")
+    dvc_commit: bool = Field(True, description="after a Prefect run in a DVC repo, `dvc commit` its outputs so dvc.lock agrees")
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, v: str) -> str:
+        if len(v.split()) != 5:
+            raise ValueError(f"{v!r} is not a cron expression (five fields: minute hour day month weekday, e.g. '0 2 * * *')")
+        return v
 
 
 with warnings.catch_warnings():
@@ -232,6 +314,7 @@ class Params(_ParamsBase):
     cache_features: CacheFeatures = Field(default_factory=CacheFeatures)
     finetune: Finetune = Field(default_factory=Finetune)
     evaluate: Evaluate = Field(default_factory=Evaluate)
+    orchestrate: Orchestrate = Field(default_factory=Orchestrate)
 
     @model_validator(mode="after")
     def _baselines_run(self) -> "Params":

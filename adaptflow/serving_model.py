@@ -34,7 +34,9 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         model.load_state_dict(load_file(context.artifacts["weights"], device="cpu"))
         self.model = model.eval()
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    # The hint is documentation for MLflow too: a DataFrame hint turns off its type-hint schema inference
+    # (the logged signature is the contract) without changing what predict accepts.
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         if isinstance(model_input, pd.DataFrame):
             images = list(model_input["image"] if "image" in model_input.columns else model_input.iloc[:, 0])
         elif isinstance(model_input, np.ndarray) and model_input.ndim >= 3:

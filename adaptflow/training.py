@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
+from adaptflow.accel import Prefetcher, Runtime, runtime, slices
 from adaptflow.data.store import Split
 from adaptflow.data.transforms import apply_per_sample
 from adaptflow.imaging import normalize
@@ -26,11 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def device() -> torch.device:
-    """CUDA when present, else CPU with one thread per core."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-    return torch.device("cpu")
+    """CUDA when present, else CPU with one thread per core (see :func:`adaptflow.accel.runtime`)."""
+    return runtime().device
 
 
 def seed_everything(seed: int) -> None:
@@ -39,14 +36,15 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 512, dev: torch.device | None = None) -> torch.Tensor:
-    """Logits for uint8 images N×C×H×W, in eval mode, on CPU float32."""
-    dev = dev or next(model.parameters()).device
+def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 512, dev: torch.device | None = None,
+                   rt: Runtime | None = None) -> torch.Tensor:
+    """Logits for uint8 images N×C×H×W, in eval mode, on CPU float32 (batches prefetched to the device)."""
+    rt = rt or runtime(device=str(dev or next(model.parameters()).device))
     model.eval()
     out = []
-    for i in range(0, len(images), batch_size):
-        x = normalize(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(dev))
-        out.append(model(x).float().cpu())
+    for x, _ in Prefetcher(slices(images, batch_size), rt):
+        with rt.autocast():
+            out.append(model(rt.to_input(x)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -124,6 +122,7 @@ def fit(
     before_score: Callable[[nn.Module], None] | None = None,
     train_mode: Callable[[nn.Module], None] | None = None,
     epoch_hook: Callable[[int], None] | None = None,
+    rt: Runtime | None = None,
 ) -> FitResult:
     """Cross-entropy on ``train`` (if any) plus each objective's loss, AdamW + cosine LR; the returned model
     holds the weights of the epoch the scorer liked best (default: labeled ``val`` accuracy).
@@ -133,9 +132,11 @@ def fit(
     scoring (e.g. re-estimating BatchNorm statistics on target images); ``train_mode`` runs after
     ``model.train()`` (e.g. to keep BatchNorm frozen); ``epoch_hook(epoch)`` runs before each epoch.
     """
-    dev = dev or device()
+    rt = rt or runtime(device=str(dev) if dev is not None else "auto")
+    dev = rt.device
     seed_everything(seed)
-    model.to(dev)
+    rt.place(model)
+    forward = rt.forward_fn(model)
     objectives = [o.to(dev) for o in objectives or []]
     groups = list(param_groups)
     extra = [p for o in objectives for p in o.parameters() if p.requires_grad]
@@ -150,7 +151,8 @@ def fit(
     total_steps = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
     rng = np.random.default_rng(seed)
-    batches = stream(train, batch_size, transform, rng) if has_labels else None
+    prefetcher = Prefetcher(stream(train, batch_size, transform, rng), rt) if has_labels else None
+    batches = iter(prefetcher) if prefetcher is not None else None
     if scorer is None:
         if val is None:
             raise ValueError("fit needs a val split or a scorer to choose a checkpoint")
@@ -183,28 +185,31 @@ def fit(
         for _ in range(steps_per_epoch):
             loss = torch.zeros((), device=dev)
             logs: dict[str, float] = {}
-            if batches is not None:
-                x, y = next(batches)
-                ce = F.cross_entropy(model(normalize(x.to(dev))), y.to(dev))
-                loss = loss + ce
-                logs["ce"] = ce.item()
-            for o in objectives:
-                extra_loss, extra_logs = o(model, step / max(1, total_steps))
-                loss = loss + extra_loss
-                logs.update(extra_logs)
+            with rt.autocast():
+                if batches is not None:
+                    x, y = next(batches)
+                    ce = F.cross_entropy(forward(rt.to_input(x)), y)
+                    loss = loss + ce
+                    logs["ce"] = ce.detach()
+                for o in objectives:
+                    extra_loss, extra_logs = o(model, step / max(1, total_steps))
+                    loss = loss + extra_loss
+                    logs.update(extra_logs)
             opt.zero_grad(set_to_none=True)
             if loss.requires_grad:
                 loss.backward()
                 opt.step()
             sched.step()
             step += 1
-            logs["train_loss"] = loss.item()
-            for k, v in logs.items():
+            logs["train_loss"] = loss.detach()
+            for k, v in logs.items():  # device tensors summed without a sync per step
                 sums[k] = sums.get(k, 0.0) + v
-        consider(epoch, {k: v / steps_per_epoch for k, v in sums.items()})
+        consider(epoch, {k: float(v) / steps_per_epoch for k, v in sums.items()})
         row = result.history[-1]
         log.info("%s epoch %d/%d train_loss %.4f score %s", desc, epoch, epochs, row["train_loss"],
                  {k: round(v, 4) for k, v in row.items() if k.startswith("val") or k.startswith("sel")})
+    if prefetcher is not None:
+        prefetcher.close()
     model.load_state_dict(best_state)
     model.eval()
     return result

@@ -1,34 +1,128 @@
-"""The ``transfer_pipeline`` flow: the seven stages in order, as plain sequential Python.
+"""The ``transfer_pipeline`` flow: the seven stages as a graph of Prefect tasks.
+
+ingest (per role) → augment, pretrain → cache_features → finetune (strategy × seed, mapped) → evaluate →
+register, then ``dvc commit`` when the project is a DVC pipeline. Each task is cached on its stage's input
+key (``tasks/caching.py``), so a re-run with nothing changed does no work and a changed param re-runs only
+the stages that read it. The whole run holds the project lock: a second run in the same project waits.
 
 Prefect's ephemeral API is used unless ``PREFECT_API_URL`` points at a server.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import time
+from pathlib import Path
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "adaptflow")
-os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+from prefect import Flow, flow, get_run_logger, unmapped
+from prefect.artifacts import create_markdown_artifact
+from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
 
-from prefect import flow, get_run_logger  # noqa: E402
+from adaptflow import orchestrate, outputs
+from adaptflow.params import ROLES, Orchestrate, Params, load
+from adaptflow.stages.finetune import runs
+from flows.runners import task_runner
+from tasks import stages as t
+from tasks.caching import for_project
 
-from adaptflow.params import ROLES, load  # noqa: E402
-from tasks import stages as t  # noqa: E402
+LAST_RUN = "last_run.json"
 
 
-@flow(name="transfer_pipeline", flow_run_name="transfer_pipeline[{params_path}]")
+def params_file(params_path: str, root: str) -> str:
+    return params_path if os.path.isabs(params_path) else os.path.join(root, params_path)
+
+
+def run_name() -> str:
+    """``transfer_pipeline[mnist→uci_digits,k=10,finetune.lr=0.01]``: what this run adapts, and what it overrode."""
+    args = flow_run.parameters
+    overrides = [o for o in args.get("overrides") or [] if not o.startswith("orchestrate.")]
+    try:
+        p = load(params_file(args.get("params_path", "params.yaml"), args.get("root", ".")), args.get("overrides"))
+        what = [f"{p.source.domain}→{p.target.domain}", f"k={p.target.k}"]
+    except Exception:  # noqa: BLE001 — a bad params file fails in the flow body, with its message
+        what = [args.get("params_path", "params.yaml")]
+    return f"transfer_pipeline[{','.join(what + overrides)}]"
+
+
+def _done(fut: PrefectFuture) -> dict:
+    """A task's result, marked cached when Prefect returned a stored result (the task did not run)."""
+    fut.wait()
+    res = fut.result()
+    return {**res, "cached": True} if fut.state.name == "Cached" else res
+
+
+def _publish(params: Params, root: Path, evaluated: dict) -> None:
+    """The comparison table as a Prefect markdown artifact (one per target, so the UI keeps its history)."""
+    table = (root / params.paths.reports / "evaluate" / "comparison.md").read_text()
+    name = params.registered_model_name()
+    create_markdown_artifact(markdown=f"# {name}\n\n{table}", key=re.sub(r"[^a-z0-9-]+", "-", f"comparison-{name}".lower()).strip("-"),
+                             description=f"strategies side by side on {params.target.domain} (evaluate stage, digest {evaluated['digest']})")
+
+
+@flow(name="transfer_pipeline", flow_run_name=run_name, task_runner=task_runner(Orchestrate()))
 def transfer_pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None, root: str = ".") -> dict:
-    """ingest → augment → pretrain → cache_features → finetune (each strategy) → evaluate → register."""
+    """ingest → augment, pretrain → cache_features → finetune (each strategy × seed) → evaluate → register."""
     logger = get_run_logger()
-    params = load(os.path.join(root, params_path) if not os.path.isabs(params_path) else params_path, overrides)
-    results: dict = {"ingest": {role: t.ingest(params, root, role) for role in ROLES}}
-    results["augment"] = t.augment(params, root)
-    results["pretrain"] = t.pretrain(params, root)
-    results["cache_features"] = t.cache_features(params, root)
-    results["finetune"] = {f"{s}[seed={k}]": t.finetune(params, root, s, k) for s in params.finetune.strategies for k in params.finetune.seeds}
-    results["evaluate"] = t.evaluate(params, root)
-    results["register"] = t.register(params, root)
-    cached = [name for name, r in results.items() if isinstance(r, dict) and r.get("cached")]
-    logger.info("transfer_pipeline done; stages reused unchanged: %s", cached or "none")
+    started = time.time()
+    params = load(params_file(params_path, root), overrides)
+    project = Path(root).resolve()
+    with orchestrate.project_lock(project, what=f"flow run {flow_run.name or flow_run.id}", timeout=params.orchestrate.lock_timeout):
+        for p in orchestrate.remove_stale_outputs(params, project):
+            logger.warning("removed %s, left by a run that was killed mid-stage", p)
+        task = {name: for_project(getattr(t, name), project) for name in ("ingest", "augment", "pretrain", "cache_features", "finetune", "evaluate", "register")}
+        r = str(project)
+        ingested = {role: task["ingest"].submit(params, r, role) for role in ROLES}
+        augmented = task["augment"].submit(params, r, wait_for=list(ingested.values()))
+        pretrained = task["pretrain"].submit(params, r, wait_for=[ingested["source"]])
+        features = task["cache_features"].submit(params, r, wait_for=[pretrained, ingested["target"]])
+        pairs = runs(params)
+        tuned = task["finetune"].map(unmapped(params), unmapped(r), [s for s, _ in pairs], [k for _, k in pairs],
+                                     wait_for=[ingested["source"], ingested["target"], pretrained, features])
+        evaluated = task["evaluate"].submit(params, r, wait_for=list(tuned))
+        registered = task["register"].submit(params, r, wait_for=[evaluated, augmented])
+
+        results: dict = {"ingest": {role: _done(f) for role, f in ingested.items()}}
+        results.update({"augment": _done(augmented), "pretrain": _done(pretrained), "cache_features": _done(features)})
+        results["finetune"] = {f"{s}[seed={k}]": _done(f) for (s, k), f in zip(pairs, tuned)}
+        results["evaluate"] = _done(evaluated)
+        _publish(params, project, results["evaluate"])
+        results["register"] = _done(registered)
+
+        blocker = orchestrate.dvc_commit_blocker(project, params_file(params_path, root), overrides) if params.orchestrate.dvc_commit else "orchestrate.dvc_commit is off"
+        if blocker is None:
+            t.dvc_commit(r)
+            logger.info("dvc.lock now records this run's outputs: `dvc status` is clean")
+        elif orchestrate.is_dvc_repo(project):
+            logger.info("dvc.lock left as it is: %s", blocker)
+
+        summary = _summary(results)
+        reused = [k for k, v in summary.items() if v == "cached"]
+        logger.info("transfer_pipeline done in %.1f s; %d of %d steps reused unchanged%s", time.time() - started, len(reused), len(summary),
+                    f" (ran: {', '.join(k for k, v in summary.items() if v == 'ran')})" if len(reused) < len(summary) else "")
+        outputs.atomic_write_text(orchestrate.state_dir(project) / LAST_RUN, json.dumps(
+            {"flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name, "started": started, "seconds": time.time() - started,
+             "steps": summary, "register": {k: results["register"].get(k) for k in ("model_name", "version", "promoted", "alias")}}, indent=2))
     return results
+
+
+def _summary(results: dict) -> dict[str, str]:
+    """``{"ingest[source]": "cached", "finetune[dann,seed=0]": "ran", ...}``: what this run did per step."""
+    steps = {f"ingest[{role}]": r for role, r in results["ingest"].items()}
+    steps.update({s: results[s] for s in ("augment", "pretrain", "cache_features")})
+    steps.update({f"finetune[{k.replace('[', ',').rstrip(']')}]": r for k, r in results["finetune"].items()})
+    steps.update({s: results[s] for s in ("evaluate", "register")})
+    return {k: "cached" if r.get("cached") else "ran" for k, r in steps.items()}
+
+
+def pipeline(params: Params) -> Flow:
+    """The flow with the task runner ``params.orchestrate`` asks for."""
+    return transfer_pipeline.with_options(task_runner=task_runner(params.orchestrate))
+
+
+def run_pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None, root: str = ".") -> dict:
+    """Run the flow as ``params.orchestrate`` says (what ``adaptflow run`` calls)."""
+    params = load(params_file(params_path, root), overrides)
+    return pipeline(params)(params_path=params_path, overrides=list(overrides or []), root=root)

@@ -1,46 +1,86 @@
-"""One Prefect task per stage. Each is a call to the core; the stage itself skips work whose inputs are
-unchanged (its output manifest holds the input key), so a re-run with nothing changed does no work."""
+"""One Prefect task per stage, each a call to the core.
+
+Caching is keyed on content (:class:`tasks.caching.StageInputs`); the flow binds each task to its
+project with :func:`tasks.caching.for_project`. Retries with backoff only where the outside world can fail
+transiently — reading raw files (ingest, incoming data), MLflow (register), DVC — not on training, where a
+failure would only repeat.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
+from prefect.tasks import exponential_backoff
 
-from adaptflow import stages
+from adaptflow import orchestrate, stages
 from adaptflow.params import Params
+from tasks.caching import StageInputs
+
+# 2 s, 4 s, 8 s … with ±50% jitter, so runs that failed together do not retry together.
+FS_RETRY = {"retries": 2, "retry_delay_seconds": exponential_backoff(backoff_factor=2), "retry_jitter_factor": 0.5}
+REMOTE_RETRY = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=5), "retry_jitter_factor": 0.5}
 
 
-@task(name="ingest", task_run_name="ingest[{role}]", retries=1, retry_delay_seconds=5)
+def _run(name: str, params: Params, root: str, **kw: object) -> dict:
+    result = stages.get(name)(params, Path(root), **kw)
+    get_run_logger().info("%s%s: %s", name, "".join(f" {v}" for v in kw.values()), "up to date, reused" if result.get("cached") else "done")
+    return result
+
+
+@task(name="ingest", task_run_name="ingest[{role}]", cache_policy=StageInputs(stage="ingest"), **FS_RETRY)
 def ingest(params: Params, root: str, role: str) -> dict:
-    return stages.get("ingest")(params, Path(root), role=role)
+    return _run("ingest", params, root, role=role)
 
 
-@task(name="augment")
+@task(name="augment", task_run_name="augment[{params.target.domain}]", cache_policy=StageInputs(stage="augment"))
 def augment(params: Params, root: str) -> dict:
-    return stages.get("augment")(params, Path(root))
+    return _run("augment", params, root)
 
 
-@task(name="pretrain")
+@task(name="pretrain", task_run_name="pretrain[{params.pretrain.model},{params.source.domain}]", cache_policy=StageInputs(stage="pretrain"))
 def pretrain(params: Params, root: str) -> dict:
-    return stages.get("pretrain")(params, Path(root))
+    return _run("pretrain", params, root)
 
 
-@task(name="cache_features")
+@task(name="cache_features", task_run_name="cache_features[{params.target.domain}]", cache_policy=StageInputs(stage="cache_features"))
 def cache_features(params: Params, root: str) -> dict:
-    return stages.get("cache_features")(params, Path(root))
+    return _run("cache_features", params, root)
 
 
-@task(name="finetune", task_run_name="finetune[{strategy},seed={seed}]")
+@task(name="finetune", task_run_name="finetune[{strategy},k={params.target.k},seed={seed}]", cache_policy=StageInputs(stage="finetune"))
 def finetune(params: Params, root: str, strategy: str, seed: int) -> dict:
-    return stages.get("finetune")(params, Path(root), strategy=strategy, seed=seed)["runs"][0]
+    return _run("finetune", params, root, strategy=strategy, seed=seed)["runs"][0]
 
 
-@task(name="evaluate")
+@task(name="evaluate", task_run_name="evaluate[{params.target.domain},k={params.target.k}]", cache_policy=StageInputs(stage="evaluate"))
 def evaluate(params: Params, root: str) -> dict:
-    return stages.get("evaluate")(params, Path(root))
+    return _run("evaluate", params, root)
 
 
-@task(name="register", retries=2, retry_delay_seconds=[5, 20])  # talks to MLflow: retry transient failures
+@task(name="register", task_run_name="register[{params.target.domain}]", cache_policy=StageInputs(stage="register"), **REMOTE_RETRY)
 def register(params: Params, root: str) -> dict:
-    return stages.get("register")(params, Path(root))
+    from prefect.runtime import flow_run  # the flow run id goes into the lineage record; the core never imports Prefect
+
+    return stages.get("register")(params, Path(root), flow_run_id=flow_run.id)
+
+
+@task(name="incoming", task_run_name="incoming[{params.target.domain}]", **FS_RETRY)
+def absorb_incoming(params: Params, root: str) -> dict:
+    """New target images from the watched folder into the target's image folder."""
+    return orchestrate.absorb_incoming(params, Path(root))
+
+
+@task(name="dvc_add", task_run_name="dvc_add[{path}]", **FS_RETRY)
+def dvc_add(root: str, path: str) -> str:
+    """Version a data folder: ``dvc add`` writes ``PATH.dvc`` (commit it) and puts the files in the DVC cache."""
+    orchestrate.dvc(Path(root), "add", path)
+    dvc_file = Path(root) / f"{path}.dvc"
+    get_run_logger().info("dvc add %s → %s", path, dvc_file.name)
+    return str(dvc_file)
+
+
+@task(name="dvc_commit", **FS_RETRY)
+def dvc_commit(root: str) -> None:
+    """Record this run's outputs in dvc.lock, so `dvc status` is clean and `dvc repro` has nothing to do."""
+    orchestrate.dvc(Path(root), "commit", "--force", "--quiet")

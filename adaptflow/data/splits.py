@@ -15,11 +15,28 @@ def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int,
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
         start = 0
-        for name, frac in fractions.items():
-            n = int(round(frac * len(idx)))
+        for name, n in split_counts(len(idx), fractions).items():
             out[idx[start : start + n]] = name
             start += n
     return out
+
+
+def split_counts(n: int, fractions: dict[str, float]) -> dict[str, int]:
+    """How many of a class's ``n`` items each named split receives (the rest stays in train)."""
+    return {name: int(round(frac * n)) for name, frac in fractions.items()}
+
+
+def min_class_size(fractions: dict[str, float], train_min: int = 1, limit: int = 100_000) -> int:
+    """The fewest items a class needs so every named split gets at least one and train keeps ``train_min``.
+
+    Checked at ingest, before any training: a class below it would be missing from val or test (its
+    accuracy silently unmeasured) or could not give ``target.k`` labeled train images.
+    """
+    for n in range(1, limit + 1):
+        counts = split_counts(n, fractions)
+        if min(counts.values(), default=1) >= 1 and n - sum(counts.values()) >= train_min:
+            return n
+    raise ValueError(f"no class size up to {limit} satisfies fractions {fractions} with {train_min} train items")
 
 
 def k_shot(labels: np.ndarray, candidates: np.ndarray, k: int, seed: int) -> np.ndarray:

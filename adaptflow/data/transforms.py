@@ -3,16 +3,85 @@
 A spec is ``{"name": "RandomAffine", "degrees": 10}``; wrappers that take other transforms
 (``RandomChoice``, ``RandomApply``, ``RandomOrder``, ``Compose``) take a nested ``transforms`` list.
 Pipelines run on uint8 image tensors ``(C, H, W)`` or batches ``(N, C, H, W)``, on CPU or on a device.
+
+A role's augmentation in params is a named preset, then :class:`Downsample` (the source brought down to
+the target's native resolution and back), then an explicit list of specs: :func:`role_specs` resolves
+the three into one list, so what runs is always a plain spec list that can be printed and hashed.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 _WRAPPERS = {"RandomChoice", "RandomApply", "RandomOrder", "Compose"}
+
+
+class Downsample(v2.Transform):
+    """Resize to one of ``sizes`` (drawn per call) and back to the input's own size.
+
+    The shape is kept, the detail above the chosen resolution is lost: a 32-px source digit passed through
+    8 px looks like a UCI digit upsampled by ingest. Use the target's native resolution (its dataset card
+    records it) to bring the source closer to the target; ``p`` is the chance of applying it at all.
+    """
+
+    def __init__(self, sizes: Sequence[int], p: float = 1.0) -> None:
+        super().__init__()
+        if isinstance(sizes, int):
+            sizes = [sizes]
+        if not sizes or any(int(s) < 1 for s in sizes):
+            raise ValueError(f"Downsample: sizes must be a non-empty list of positive sides, got {sizes!r}")
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"Downsample: p must be in [0, 1], got {p}")
+        self.sizes = [int(s) for s in sizes]
+        self.p = float(p)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        if torch.rand(1).item() >= self.p:
+            return {"size": None}
+        return {"size": self.sizes[int(torch.randint(len(self.sizes), ()).item())]}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if params["size"] is None:
+            return inpt
+        h, w = F.get_size(inpt)
+        small = F.resize(inpt, [params["size"], params["size"]], antialias=True)
+        return F.resize(small, [h, w], antialias=True)
+
+
+_CUSTOM: dict[str, type[v2.Transform]] = {"Downsample": Downsample}
+
+# Named presets: geometric jitter scaled for the kind of image. Digits are never flipped (a flipped 2 is
+# not a 2); photos are. Each is a plain spec list, shown resolved in data/augmented/pipelines.json.
+PRESETS: dict[str, list[dict[str, Any]]] = {
+    "none": [],
+    "light": [{"name": "RandomAffine", "degrees": 5, "translate": [0.05, 0.05], "scale": [0.95, 1.05]}],
+    "digits": [{"name": "RandomAffine", "degrees": 12, "translate": [0.1, 0.1], "scale": [0.85, 1.1], "shear": 8}],
+    "digits_strong": [
+        {"name": "RandomAffine", "degrees": 15, "translate": [0.12, 0.12], "scale": [0.8, 1.15], "shear": 10},
+        {"name": "RandomApply", "p": 0.3, "transforms": [{"name": "GaussianBlur", "kernel_size": 3, "sigma": [0.1, 1.0]}]},
+        {"name": "ColorJitter", "brightness": 0.4, "contrast": 0.4},
+        {"name": "RandomInvert", "p": 0.2},
+    ],
+    "photo": [
+        {"name": "RandomHorizontalFlip"},
+        {"name": "RandomAffine", "degrees": 10, "translate": [0.1, 0.1], "scale": [0.9, 1.1]},
+        {"name": "ColorJitter", "brightness": 0.3, "contrast": 0.3, "saturation": 0.3, "hue": 0.02},
+    ],
+}
+
+
+def role_specs(preset: str, downsample: Sequence[int], transforms: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One role's augmentation as a flat spec list: preset, then Downsample, then the explicit specs."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    specs = [dict(s) for s in PRESETS[preset]]
+    if downsample:
+        specs.append({"name": "Downsample", "sizes": [int(s) for s in downsample]})
+    return specs + [dict(t) for t in transforms]
 
 
 def build_transform(spec: dict[str, Any]) -> v2.Transform:
@@ -20,9 +89,9 @@ def build_transform(spec: dict[str, Any]) -> v2.Transform:
     name = spec.pop("name", None)
     if not isinstance(name, str):
         raise ValueError(f"transform spec {spec} has no 'name'")
-    cls = getattr(v2, name, None)
+    cls = _CUSTOM.get(name) or getattr(v2, name, None)
     if not (isinstance(cls, type) and issubclass(cls, v2.Transform)):
-        raise ValueError(f"{name!r} is not a torchvision.transforms.v2 transform")
+        raise ValueError(f"{name!r} is not a torchvision.transforms.v2 transform (nor one of adaptflow's: {', '.join(_CUSTOM)})")
     if name in _WRAPPERS:
         spec["transforms"] = [build_transform(t) for t in spec.get("transforms", [])]
     try:

@@ -61,18 +61,19 @@ def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def set_head(model: nn.Module, source_classes: list[str], target_classes: list[str]) -> bool:
     """Point the classifier at the target classes.
 
-    Classes are matched by name: when every target class is known to the source, the source head's rows
-    are kept (re-ordered to the target's order), so the model starts as the source-only classifier.
-    Otherwise the head is re-initialised. Returns whether the source head was kept.
+    Classes are matched by name: the source head's row of every target class the source knows is kept
+    (in the target's order), so for those the model starts as the source classifier; rows of classes the
+    source never saw are freshly initialised. Returns whether *every* target class was known.
     """
     head = model.get_classifier()
-    if all(c in source_classes for c in target_classes) and isinstance(head, nn.Linear):
-        rows = torch.tensor([source_classes.index(c) for c in target_classes])
-        weight, bias = head.weight.data[rows].clone(), head.bias.data[rows].clone()
+    known = [i for i, c in enumerate(target_classes) if c in source_classes]
+    if not isinstance(head, nn.Linear) or not known:
         model.reset_classifier(len(target_classes))
-        new = model.get_classifier()
-        new.weight.data.copy_(weight)
-        new.bias.data.copy_(bias)
-        return True
+        return False
+    rows = torch.tensor([source_classes.index(target_classes[i]) for i in known])
+    weight, bias = head.weight.data[rows].clone(), head.bias.data[rows].clone()
     model.reset_classifier(len(target_classes))
-    return False
+    new = model.get_classifier()
+    new.weight.data[known] = weight
+    new.bias.data[known] = bias
+    return len(known) == len(target_classes)

@@ -15,12 +15,11 @@ import torch
 
 from adaptflow import outputs
 from adaptflow.data import store
-from adaptflow.imaging import normalize
-from adaptflow.models import features, load
+from adaptflow.models import load
 from adaptflow.params import Params
 from adaptflow.stages.ingest import output_dir as ingested_dir
 from adaptflow.stages.pretrain import output_dir as source_model_dir
-from adaptflow.training import device
+from adaptflow.accel import Prefetcher, Runtime, runtime, slices
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +38,40 @@ def load_features(d: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def extract(model: torch.nn.Module, images: np.ndarray, batch_size: int, dev: torch.device) -> np.ndarray:
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = normalize(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(dev))
-        out.append(features(model, x).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.num_features), np.float32)
+def extract(model: torch.nn.Module, images: np.ndarray, batch_size: int, dev: torch.device | None = None,
+            rt: Runtime | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """Pooled features of uint8 images, streamed: batches are read from the (memory-mapped) store and
+    copied to the device on a background stream while the previous batch runs; results are written into
+    ``out`` (e.g. a memory-mapped .npy) as they come, so host memory stays flat in N."""
+    rt = rt or runtime(device=str(dev) if dev is not None else "auto")
+    rt.place(model).eval()
+    fn = rt.features_fn(model)
+    if out is None:
+        out = np.zeros((len(images), model.num_features), np.float32)
+    pending: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
+    i = 0
+    for x, _ in Prefetcher(slices(images, batch_size), rt):
+        with rt.autocast():
+            f = fn(rt.to_input(x))
+        done = None
+        f = f.float().to("cpu", non_blocking=rt.cuda)
+        if rt.cuda:
+            done = torch.cuda.Event()
+            done.record()
+        pending.append((i, f, done))
+        i += len(x)
+        while len(pending) > 2:  # the device stays two batches ahead of the host writes
+            _write(pending.pop(0), out)
+    while pending:
+        _write(pending.pop(0), out)
+    return out
+
+
+def _write(item: tuple[int, torch.Tensor, "torch.cuda.Event | None"], out: np.ndarray) -> None:
+    start, f, done = item
+    if done is not None:
+        done.synchronize()
+    out[start : start + len(f)] = f.numpy()
 
 
 def run(params: Params, root: Path = Path(".")) -> dict:
@@ -55,13 +82,16 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     if outputs.is_current(out, key):
         log.info("cache_features: up to date (%s)", out)
         return {"path": str(out), "digest": outputs.digest(out), "cached": True}
-    dev = device()
-    model, _ = load(src_model, dev)
+    rt = runtime()
+    model, _ = load(src_model, rt.device)
     counts = {}
     with outputs.atomic_dir(out, "cache_features", key) as tmp:
         for name, (split, labeled) in SPLITS.items():
             s = store.load_split(tgt, split, labeled)
-            np.save(tmp / f"{name}.npy", extract(model, s.images, params.cache_features.batch_size, dev))
+            feats = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.float32, shape=(len(s), model.num_features))
+            extract(model, s.images, params.cache_features.batch_size, rt=rt, out=feats)
+            feats.flush()
+            del feats
             np.save(tmp / f"{name}_labels.npy", s.labels)
             counts[name] = len(s)
     log.info("cache_features: %s → %s", counts, out)

@@ -1,77 +1,90 @@
 """evaluate: every strategy and seed on target test, side by side with the baselines.
 
-The champion candidate is chosen here on target **val**: the non-baseline strategy with the best mean val
-accuracy over seeds, and within it the seed with the best val accuracy. Test numbers are reported for every
-run, and as mean ± std over seeds, but choose nothing. Writes ``metrics.json`` (DVC metrics),
-``comparison.csv`` (one row per strategy and seed), ``comparison.md`` and confusion-matrix PNGs.
+The champion candidate is chosen here without the test split: the non-baseline strategy with the best mean
+target **val** accuracy over seeds, and within it the seed with the best val accuracy. When the target has
+no labels (``target.k`` = 0) the val labels are not the user's to use, so the candidate is chosen by a
+label-free score on the unlabeled target pool instead. Test numbers are reported for every run, and as
+mean ± std over seeds, but choose nothing; the strategies in ``NOT_CANDIDATES`` (``oracle``) are reported and
+never chosen.
+
+Writes, into ``reports/evaluate/``:
+- ``metrics.json``: the numbers, for ``dvc metrics show/diff`` (per strategy, per run, transfer gains);
+- ``evaluation.json``: the same plus the selection rule of every number and reliability bins (what the
+  report, register and a reviewer read);
+- ``comparison.csv`` (one row per run), ``comparison.md`` (the side-by-side table);
+- ``report.html`` (one self-contained page) and ``report.md``;
+- ``plots/*.png`` (confusion, reliability, learning curves, summary) and ``dvc_plots/`` (DVC plot data).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from sklearn.metrics import confusion_matrix, f1_score
 
-from adaptflow import outputs
+from adaptflow import calibration, outputs, report
 from adaptflow.data import store
+from adaptflow.data.store import Split
 from adaptflow.models import load
 from adaptflow.params import Params
 from adaptflow.stages.finetune import output_dir as adapted_dir
 from adaptflow.stages.finetune import runs
 from adaptflow.stages.ingest import output_dir as ingested_dir
-from adaptflow.training import accuracy, predict_logits
+from adaptflow.training import predict_logits
 
 log = logging.getLogger(__name__)
 
 SELECTION = "max mean target val accuracy over seeds among non-baseline strategies (ties: list order); then the seed with max val accuracy"
+SELECTION_LABEL_FREE = ("target.k = 0, so no target labels may choose: max mean information-maximisation score on the unlabeled "
+                        "target pool over seeds among non-baseline strategies (ties: list order); then the seed with the max score")
 NOT_CANDIDATES = ("oracle",)  # reported, never promoted
+REFERENCES = ("scratch", "source_only")  # transfer gain is reported over each of these that ran
+# Per-run numbers that are aggregated over seeds (mean and std).
+METRICS = ("val_acc", "test_acc", "test_macro_f1", "test_ece", "test_nll", "val_ece", "pool_im")
 
 
 def output_dir(params: Params, root: Path) -> Path:
     return Path(root) / params.paths.reports / "evaluate"
 
 
-def _confusion_png(cm: np.ndarray, classes: list[str], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.2, 4))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, fontsize=7)
-    ax.set_yticks(range(len(classes)), classes, fontsize=7)
-    for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=6, color="white" if v > cm.max() / 2 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+def run_key(strategy: str, seed: int) -> str:
+    return f"{strategy}/seed{seed}"
 
 
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over seeds per strategy (std is 0 for one seed), in the strategies' order."""
     order = list(dict.fromkeys(runs["strategy"]))
-    g = runs.groupby("strategy", sort=False)[["val_acc", "test_acc", "test_macro_f1"]]
+    cols = [c for c in METRICS if c in runs.columns]
+    g = runs.groupby("strategy", sort=False)[cols]
     out = g.mean().join(g.std(ddof=1).fillna(0.0), rsuffix="_std").join(g.size().rename("n_seeds"))
     return out.loc[order]
 
 
-def choose_candidate(summary: pd.DataFrame, baselines: list[str]) -> str | None:
-    """The strategy with the best mean target val accuracy, baselines (and oracle) excluded.
-
-    ``summary`` is indexed by strategy with a ``val_acc`` column (the mean over seeds).
-    """
+def choose_candidate(summary: pd.DataFrame, baselines: list[str], by: str = "val_acc") -> str | None:
+    """The strategy with the best mean ``by`` score (target val accuracy unless the target has no labels),
+    baselines (and oracle) excluded. ``summary`` is indexed by strategy with a ``by`` column."""
     pool = summary[~summary.index.isin(list(baselines) + list(NOT_CANDIDATES))]
-    if pool.empty:
+    if pool.empty or pool[by].isna().all():
         return None
-    return str(pool["val_acc"].idxmax())
+    return str(pool[by].idxmax())
+
+
+def paired_gains(runs: pd.DataFrame, reference: str, metric: str = "test_acc") -> pd.DataFrame:
+    """Per strategy: the mean and std over seeds of (strategy − ``reference``) in ``metric``, paired by seed,
+    and on how many seeds the difference was negative. Pairing by seed takes out what the seed does to both
+    (data order, initial head), so the std is the spread of the gain, not of either model."""
+    ref = runs[runs.strategy == reference].set_index("seed")[metric]
+    diff = runs.assign(gain=runs[metric] - runs["seed"].map(ref)).dropna(subset=["gain"])
+    g = diff.groupby("strategy", sort=False)["gain"]
+    out = pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1).fillna(0.0), "negative_seeds": g.apply(lambda x: int((x.round(9) < 0).sum()))})
+    return out.reindex(list(dict.fromkeys(runs["strategy"])))
 
 
 def compare(summary: pd.DataFrame, candidate: str | None, baselines: list[str]) -> dict:
@@ -83,72 +96,236 @@ def compare(summary: pd.DataFrame, candidate: str | None, baselines: list[str]) 
             gain[f"over_{b}"] = float(summary.loc[candidate, "test_acc"] - summary.loc[b, "test_acc"])
     negative = []
     if "scratch" in summary.index:
-        negative = [s for s in summary.index if s != "scratch" and summary.loc[s, "test_acc"] < summary.loc["scratch", "test_acc"]]
+        negative = [s for s in summary.index if s != "scratch" and round(summary.loc[s, "test_acc"] - summary.loc["scratch", "test_acc"], 9) < 0]
     return {"transfer_gain": gain, "negative_transfer": negative}
 
 
-def to_markdown(summary: pd.DataFrame, candidate: str | None, selections: dict[str, str]) -> str:
-    pm = lambda r, k: f"{r[k]:.4f} ± {r[k + '_std']:.4f}" if r["n_seeds"] > 1 else f"{r[k]:.4f}"  # noqa: E731
-    lines = ["| strategy | seeds | val acc | test acc | test macro-F1 | gain vs scratch | checkpoint chosen by |",
-             "|---|---|---|---|---|---|---|"]
+def to_markdown(summary: pd.DataFrame, candidate: str | None, selections: dict[str, str], rule: str = SELECTION) -> str:
+    """The side-by-side table ``adaptflow run`` prints (mean ± std over seeds)."""
+    pm = lambda r, k: report.pm(r[k], r.get(k + "_std"), int(r["n_seeds"]))  # noqa: E731
+    has_ece = "test_ece" in summary.columns
+    lines = ["| strategy | seeds | val acc | test acc | test macro-F1 |" + (" test ECE |" if has_ece else "") + " gain vs scratch | checkpoint chosen by |",
+             "|---|---|---|---|---|" + ("---|" if has_ece else "") + "---|---|"]
     scratch = summary.loc["scratch", "test_acc"] if "scratch" in summary.index else np.nan
     for s, r in summary.iterrows():
-        mark = " **(candidate)**" if s == candidate else ""
+        mark = " **(candidate)**" if s == candidate else (" (oracle: reported only)" if s in NOT_CANDIDATES else "")
         gain = f"{r.test_acc - scratch:+.4f}" if not np.isnan(scratch) else "n/a"
-        lines.append(f"| {s}{mark} | {int(r.n_seeds)} | {pm(r, 'val_acc')} | {pm(r, 'test_acc')} | {pm(r, 'test_macro_f1')} | {gain} | {selections[s]} |")
+        ece = f" {pm(r, 'test_ece')} |" if has_ece else ""
+        lines.append(f"| {s}{mark} | {int(r.n_seeds)} | {pm(r, 'val_acc')} | {pm(r, 'test_acc')} | {pm(r, 'test_macro_f1')} |{ece} {gain} | {selections.get(s, '')} |")
     lines.append("")
-    lines.append(f"Candidate chosen by: {SELECTION}. Test accuracy chooses nothing. Values are mean ± std over seeds.")
+    lines.append(f"Candidate chosen by: {rule}. Test accuracy chooses nothing. Values are mean ± std over seeds.")
     return "\n".join(lines) + "\n"
+
+
+@dataclass
+class RunScores:
+    """One adapted model scored on target test, val and the unlabeled pool."""
+
+    metrics: dict
+    confusion: np.ndarray
+    reliability: calibration.Reliability
+    history: list[dict]
+
+
+def _probs(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
+    if not len(images):
+        return np.zeros((0, 0))
+    return torch.softmax(predict_logits(model, images), dim=1).numpy().astype(np.float64)
+
+
+def score_run(model: torch.nn.Module, test: Split, val: Split, pool: Split | None,
+              n_bins: int = calibration.DEFAULT_BINS) -> tuple[dict, np.ndarray, calibration.Reliability]:
+    """Every per-run number: accuracy, macro-F1, per-class recall, ECE, NLL on test; accuracy and ECE on val;
+    the label-free IM score on the pool."""
+    n_classes = len(test.classes)
+    pt, pv = _probs(model, test.images), _probs(model, val.images)
+    pred = pt.argmax(1)
+    rel = calibration.reliability(pt, test.labels, n_bins)
+    recall = calibration.per_class_recall(pred, test.labels, n_classes)
+    m = {
+        "val_acc": float((pv.argmax(1) == val.labels).mean()) if len(val) else float("nan"),
+        "val_ece": calibration.expected_calibration_error(pv, val.labels, n_bins) if len(val) else float("nan"),
+        "test_acc": float((pred == test.labels).mean()),
+        "test_macro_f1": float(f1_score(test.labels, pred, average="macro", labels=range(n_classes), zero_division=0)),
+        "test_ece": rel.ece,
+        "test_nll": calibration.nll(pt, test.labels),
+        "pool_im": calibration.information_maximisation(_probs(model, pool.images)) if pool is not None and len(pool) else None,
+        "recall": {c: _clean(r) for c, r in zip(test.classes, recall)},
+    }
+    return m, confusion_matrix(test.labels, pred, labels=range(n_classes)), rel
+
+
+def _clean(v: float | None) -> float | None:
+    """JSON has no NaN: a missing number is null."""
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def _role(s: str, candidate: str | None, baselines: list[str]) -> str:
+    if s == candidate:
+        return "candidate"
+    if s in NOT_CANDIDATES:
+        return "oracle (reported only)"
+    return "baseline" if s in baselines else "strategy"
+
+
+def selection_rules(candidate_rule: str, label_free: bool, references: list[str], n_bins: int = calibration.DEFAULT_BINS) -> dict[str, str]:
+    """The selection rule of every number the report shows, in words."""
+    rules = {
+        "checkpoint (per run)": "chosen inside finetune by the strategy's own rule (column 'checkpoint chosen by'); the target test split is never loaded there",
+        "candidate": candidate_rule,
+        "val acc": "accuracy of the chosen checkpoint on target val, the split that chose it: optimistic by construction"
+                   + ("; target.k = 0, so it is shown for reference and chooses nothing" if label_free else ""),
+        "test acc, macro-F1, per-class recall, ECE, NLL": "target test, scored once per run after every choice was made; they choose nothing here (register's gate reads them once)",
+        "test ECE": f"top-label expected calibration error: {n_bins} equal-width confidence bins on [0, 1], count-weighted mean |accuracy − confidence|",
+        "test NLL": "mean negative log-likelihood of the true class on target test",
+        "pool IM": "information maximisation (H(mean p) − mean H(p)) / log C on the unlabeled target pool: label-free"
+                   + ("; it chooses the candidate here" if label_free else "; shown for reference"),
+        "mean ± std": "over finetune.seeds; std is the sample standard deviation (ddof = 1); a single seed shows its value alone",
+        "oracle": f"strategies {list(NOT_CANDIDATES)} are reported but never the candidate: they are allowed labels the pipeline does not grant",
+    }
+    for b in references:
+        rules[f"gain vs {b}"] = f"mean over seeds of the paired per-seed difference in test accuracy (strategy at seed s minus {b} at seed s), ± its std"
+    rules["negative transfer"] = "mean test accuracy below scratch's (mean paired gain vs scratch < 0); 'k/N seeds' counts the seeds where it was below"
+    return rules
+
+
+def _history(directory: Path) -> list[dict]:
+    path = directory / "history.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def input_key(params: Params, root: Path) -> str:
+    """This stage's identity: its params, which runs it scores, whether the target has labels, and the
+    digests of the target data and every adapted model (raises if one is not complete yet)."""
+    upstream = [ingested_dir(params, root, "target")] + [adapted_dir(params, root, s, k) for s, k in runs(params)]
+    return outputs.input_key("evaluate", params.section_hash("evaluate", "finetune.strategies", "finetune.seeds", "target.k"), upstream)
 
 
 def run(params: Params, root: Path = Path(".")) -> dict:
     out = output_dir(params, root)
     tgt = ingested_dir(params, root, "target")
     pairs = runs(params)
-    upstream = [tgt] + [adapted_dir(params, root, s, k) for s, k in pairs]
-    key = outputs.input_key("evaluate", params.section_hash("evaluate", "finetune.strategies", "finetune.seeds"), upstream)
+    key = input_key(params, root)
     if outputs.is_current(out, key):
         log.info("evaluate: up to date (%s)", out)
         return {"path": str(out), "digest": outputs.digest(out), "cached": True, "metrics": json.loads((out / "metrics.json").read_text())}
     test, val = store.load_split(tgt, "test"), store.load_split(tgt, "val")
-    rows, cms, selections = [], {}, {}
+    pool = store.load_split(tgt, "train", labeled=False)
+    label_free = params.target.k == 0
+    rows, scored, selections = [], {}, {}
     for s, seed in pairs:
-        model, cfg = load(adapted_dir(params, root, s, seed))
-        pred = predict_logits(model, test.images).argmax(1).numpy()
-        rows.append({
-            "strategy": s,
-            "seed": seed,
-            "val_acc": accuracy(predict_logits(model, val.images), val.labels),
-            "test_acc": float((pred == test.labels).mean()),
-            "test_macro_f1": float(f1_score(test.labels, pred, average="macro")),
-        })
-        selections[s] = cfg.extra.get("selection", "")
-        cms[(s, seed)] = confusion_matrix(test.labels, pred, labels=range(len(test.classes)))
-    table = pd.DataFrame(rows)
+        d = adapted_dir(params, root, s, seed)
+        model, cfg = load(d)
+        m, cm, rel = score_run(model, test, val, pool, params.evaluate.ece_bins)
+        m["best_epoch"] = cfg.extra.get("best_epoch")
+        history = _history(d)
+        rows.append({"strategy": s, "seed": seed, **{k: v for k, v in m.items() if k != "recall"}})
+        scored[(s, seed)] = RunScores(m, cm, rel, history)
+        selections.setdefault(s, cfg.extra.get("selection", ""))
+    table = pd.DataFrame(rows).astype({c: float for c in METRICS})  # a missing number (None) is NaN
     summary = summarise(table)
-    candidate = choose_candidate(summary, params.evaluate.baselines)
+    by = "pool_im" if label_free else "val_acc"
+    candidate = choose_candidate(summary, params.evaluate.baselines, by=by)
     candidate_seed = None
     if candidate is not None:
         mine = table[table.strategy == candidate]
-        candidate_seed = int(mine.loc[mine["val_acc"].idxmax(), "seed"])
+        candidate_seed = int(mine.loc[mine[by].idxmax(), "seed"])
+    references = [b for b in REFERENCES if b in summary.index]
+    gains = {b: paired_gains(table, b) for b in references}
+
+    strategies = {}
+    for s, r in summary.iterrows():
+        m = {k: _clean(r[k]) for k in r.index if k != "n_seeds"}
+        m.update({"n_seeds": int(r["n_seeds"]), "role": _role(s, candidate, params.evaluate.baselines)})
+        for b, g in gains.items():
+            m[f"gain_over_{b}"], m[f"gain_over_{b}_std"] = _clean(g.loc[s, "mean"]), _clean(g.loc[s, "std"])
+        if "scratch" in gains and s != "scratch":
+            m["negative_transfer"] = bool(round(gains["scratch"].loc[s, "mean"], 9) < 0)
+            m["negative_transfer_seeds"] = int(gains["scratch"].loc[s, "negative_seeds"])
+        else:
+            m["negative_transfer"], m["negative_transfer_seeds"] = None, None
+        per_seed = [scored[(s, k)].metrics["recall"] for k in params.finetune.seeds]
+        m["recall"] = {c: _mean([rc[c] for rc in per_seed]) for c in test.classes}
+        strategies[s] = m
+    run_metrics = {run_key(s, k): {"strategy": s, "seed": k, **{m: _clean(v) for m, v in sc.metrics.items() if m not in ("recall", "best_epoch")},
+                                   "best_epoch": sc.metrics["best_epoch"], "recall": sc.metrics["recall"]} for (s, k), sc in scored.items()}
+    cand_gain = {f"over_{b}": strategies[candidate][f"gain_over_{b}"] for b in references} if candidate else {}
+    cand_gain_std = {f"over_{b}": strategies[candidate][f"gain_over_{b}_std"] for b in references} if candidate else {}
     metrics = {
-        "strategies": {s: {**{k: float(r[k]) for k in ("val_acc", "test_acc", "test_macro_f1", "val_acc_std", "test_acc_std", "test_macro_f1_std")},
-                           "n_seeds": int(r["n_seeds"]), "selection": selections[s]} for s, r in summary.iterrows()},
-        "runs": rows,
         "candidate": candidate,
         "candidate_seed": candidate_seed,
-        "candidate_selection": SELECTION,
         "n_test": len(test),
         "n_val": len(val),
+        "n_pool": len(pool),
         "test_data_hash": store.read_card(tgt)["data_hash"],
-        **compare(summary, candidate, params.evaluate.baselines),
+        "strategies": strategies,
+        "runs": run_metrics,
+        "transfer_gain": cand_gain,
+        "transfer_gain_std": cand_gain_std,
+        "negative_transfer": [s for s, m in strategies.items() if m["negative_transfer"]],
+    }
+    rule = SELECTION_LABEL_FREE if label_free else SELECTION
+    plots = {"summary": f"{report.PLOTS}/summary.png",
+             "learning": {s: f"{report.PLOTS}/learning_{s}.png" for s in strategies},
+             "reliability": {run_key(s, k): f"{report.PLOTS}/reliability_{s}_seed{k}.png" for s, k in pairs},
+             "confusion": {run_key(s, k): f"{report.PLOTS}/confusion_{s}_seed{k}.png" for s, k in pairs}}
+    evaluation = {
+        **metrics,
+        "candidate_selection": rule,
+        "candidate_rule": "the unlabeled target pool (label-free IM score)" if label_free else "target val accuracy",
+        "target_domain": params.target.domain,
+        "source_domain": params.source.domain,
+        "classes": list(test.classes),
+        "seeds": list(params.finetune.seeds),
+        "baselines": list(params.evaluate.baselines),
+        "reference_baselines": references,
+        "checkpoint_selection": selections,
+        "selection_rules": selection_rules(rule, label_free, references, params.evaluate.ece_bins),
+        "ece_bins": params.evaluate.ece_bins,
+        "reliability": {run_key(s, k): sc.reliability.rows() for (s, k), sc in scored.items()},
+        "plots": plots,
     }
     with outputs.atomic_dir(out, "evaluate", key) as tmp:
+        _write_plots(tmp, evaluation, scored, test.classes, params.evaluate.baselines)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (tmp / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
         table.to_csv(tmp / "comparison.csv", index=False)
-        (tmp / "comparison.md").write_text(to_markdown(summary, candidate, selections))
-        for (s, seed), cm in cms.items():
-            acc = table[(table.strategy == s) & (table.seed == seed)].test_acc.iloc[0]
-            _confusion_png(cm, test.classes, f"{s} seed {seed}: test acc {acc:.3f}", tmp / f"confusion_{s}_seed{seed}.png")
-    log.info("evaluate: candidate %s seed %s (%s)", candidate, candidate_seed, SELECTION)
+        (tmp / "comparison.md").write_text(to_markdown(summary, candidate, selections, rule))
+        (tmp / "report.md").write_text(report.render_markdown(evaluation))
+        (tmp / "report.html").write_text(report.render_html(evaluation, tmp))
+    log.info("evaluate: candidate %s seed %s (%s); report %s", candidate, candidate_seed, rule, out / "report.html")
     return {"path": str(out), "digest": outputs.digest(out), "cached": False, "metrics": metrics}
+
+
+def _write_plots(directory: Path, ev: dict, scored: dict[tuple[str, int], RunScores], classes: list[str], baselines: list[str]) -> None:
+    """PNGs for people and the report; CSVs for `dvc plots`."""
+    (directory / report.PLOTS).mkdir()
+    p = ev["plots"]
+    report.summary_png(ev["strategies"], baselines, ev["candidate"], directory / p["summary"])
+    learning, reliability = [], []
+    for s in ev["strategies"]:
+        histories = {k: sc.history for (s2, k), sc in scored.items() if s2 == s}
+        report.learning_png(histories, f"{s}: learning curves (chosen by {ev['checkpoint_selection'].get(s, '?')})", directory / p["learning"][s])
+        for k, hist in histories.items():
+            metric = report.selection_metric(hist)
+            for r in hist:
+                learning.append({"run": run_key(s, k), "strategy": s, "seed": k, "epoch": r["epoch"],
+                                 "train_loss": _clean(report.as_float(r.get("train_loss"))),
+                                 "val_metric": _clean(report.as_float(r.get(metric))) if metric else None})
+    for (s, k), sc in scored.items():
+        rk = run_key(s, k)
+        acc = sc.metrics["test_acc"]
+        report.confusion_png(sc.confusion, classes, f"{rk}: test acc {acc:.3f}", directory / p["confusion"][rk])
+        report.reliability_png(sc.reliability, f"{rk}: test reliability", directory / p["reliability"][rk])
+        reliability += [{"run": rk, **row} for row in sc.reliability.rows() if row["count"]]
+    confusion_rows = []
+    if ev["candidate"] is not None:
+        cm = scored[(ev["candidate"], ev["candidate_seed"])].confusion
+        confusion_rows = [{"actual": classes[i], "predicted": classes[j]} for (i, j), n in np.ndenumerate(cm) for _ in range(int(n))]
+    summary_rows = [{"strategy": s, "test_acc": m["test_acc"], "test_acc_std": m["test_acc_std"]} for s, m in ev["strategies"].items()]
+    report.write_dvc_plots(directory / report.DVC_PLOTS, learning, reliability, confusion_rows, summary_rows)

@@ -1,14 +1,28 @@
-"""ingest: decode a domain once, dedupe, split, and store it as uint8 for training to stream from.
+"""ingest: decode a domain once, quarantine what cannot be read, dedupe, split, store as uint8.
 
 Source gets train/val; target gets train/val/test plus the k-shot labeled subset of train (the rest of
-train is the unlabeled pool). Splits are stratified and seeded; exact duplicates (same preprocessed bytes)
-are dropped before splitting, so no image can sit on both sides of a split.
+train is the unlabeled pool). Splits are stratified and seeded, or taken from a CSV manifest's ``split``
+column. The domain is streamed: one image is decoded, preprocessed (``imaging.prepare``, the same function
+the registered model runs), hashed and appended to the store at a time, so memory is flat in N.
+
+What can go wrong is answered, never hidden:
+
+- a bad *file* (unreadable, truncated, empty, not an image, a decompression bomb) is quarantined: listed
+  with its reason in the dataset card and in ``reports/ingest_<role>.json``, logged, and the run goes on;
+- an exact duplicate (same preprocessed bytes) is dropped before splitting, so no image sits on both sides
+  of a split; the report counts them, and duplicates whose labels or given splits disagree;
+- a problem with the *domain* (missing path, empty folder, malformed manifest, a class too small for the
+  requested splits and ``target.k``) raises :class:`DataError` before any training, naming the fix.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,67 +30,269 @@ import pandas as pd
 
 from adaptflow import outputs
 from adaptflow.data import store
-from adaptflow.data.domains import load_domain
-from adaptflow.data.splits import k_shot, stratified_split, stratified_subset
+from adaptflow.data.domains import DataError, Domain, check_exists, open_domain, parse_spec, resolve
+from adaptflow.data.files import BadItem, describe, reason
+from adaptflow.data.splits import k_shot, min_class_size, stratified_split, stratified_subset
 from adaptflow.imaging import prepare
 from adaptflow.params import ROLES, Params
 
 log = logging.getLogger(__name__)
+
+REPORT_KEYS = ("role", "domain", "n_found", "n_images", "classes", "counts", "quarantined", "ignored", "duplicates", "data_hash")
+_LOG_ITEMS = 20  # per-file log lines before "... and N more": the report has them all
 
 
 def output_dir(params: Params, root: Path, role: str) -> Path:
     return Path(root) / params.paths.ingested / role
 
 
+def report_path(params: Params, root: Path, role: str) -> Path:
+    return Path(root) / params.paths.reports / f"ingest_{role}.json"
+
+
+def check_domains(params: Params, root: Path) -> None:
+    """Fail fast on a missing path in *either* role, before spending minutes ingesting the other one."""
+    for r in ROLES:
+        check_exists(getattr(params, r).domain, root, f"{r}.domain")
+
+
+@dataclass
+class Decoded:
+    """What the streaming pass kept (domain indices, in store order) and what it turned away."""
+
+    index: list[int] = field(default_factory=list)
+    sha1: list[str] = field(default_factory=list)
+    quarantined: list[dict] = field(default_factory=list)
+    duplicates: list[dict] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    modes: Counter = field(default_factory=Counter)
+    formats: Counter = field(default_factory=Counter)
+
+
+def _native(raw: object) -> dict:
+    if hasattr(raw, "mode") and hasattr(raw, "size"):
+        return describe(raw)  # type: ignore[arg-type]
+    arr = np.asarray(raw)
+    mode = "L" if arr.ndim == 2 or arr.shape[-1] == 1 else {3: "RGB", 4: "RGBA"}.get(arr.shape[-1], f"{arr.shape[-1]}ch")
+    return {"h": int(arr.shape[0]), "w": int(arr.shape[1]), "mode": mode, "format": "array"}
+
+
+def decode(domain: Domain, indices: np.ndarray, size: int, channels: int, writer: store.ImageWriter, label: str = "ingest") -> Decoded:
+    """Stream ``indices`` of ``domain`` into ``writer``: prepare, hash, drop bad files and exact duplicates."""
+    out = Decoded()
+    first: dict[str, int] = {}  # sha1 → domain index of the copy kept
+    start, every = time.perf_counter(), max(len(indices) // 10, 5000)
+    for n, i in enumerate(indices.tolist(), 1):
+        try:
+            raw = domain.load(i)
+            native = _native(raw)
+            arr = prepare(raw, size, channels)
+        except BadItem as exc:
+            out.quarantined.append({"item": domain.refs[i], "class": domain.classes[domain.labels[i]], "reason": str(exc)})
+            continue
+        except Exception as exc:  # a decoder failure in prepare is still this item's problem, not the run's
+            out.quarantined.append({"item": domain.refs[i], "class": domain.classes[domain.labels[i]], "reason": reason(exc)})
+            continue
+        digest = hashlib.sha1(arr.tobytes()).hexdigest()
+        if digest in first:
+            j = first[digest]
+            dup = {"item": domain.refs[i], "duplicate_of": domain.refs[j], "class": domain.classes[domain.labels[i]]}
+            if domain.labels[i] != domain.labels[j]:
+                dup["conflicting_class"] = domain.classes[domain.labels[j]]
+            if domain.splits is not None and domain.splits[i] != domain.splits[j]:
+                dup["given_splits"] = [str(domain.splits[j]), str(domain.splits[i])]
+            out.duplicates.append(dup)
+            continue
+        first[digest] = i
+        out.index.append(i)
+        out.sha1.append(digest)
+        out.sizes.append((native["h"], native["w"]))
+        out.modes[native["mode"]] += 1
+        out.formats[native["format"]] += 1
+        writer.append(arr)
+        if n % every == 0:
+            log.info("%s: %d/%d items (%.0f images/s)", label, n, len(indices), n / (time.perf_counter() - start))
+    return out
+
+
+def _native_card(d: Decoded) -> dict:
+    if not d.sizes:
+        return {}
+    hw = np.array(d.sizes)
+    common = Counter(f"{h}x{w}" for h, w in d.sizes).most_common(3)
+    return {
+        "size_min": hw.min(0).tolist(),
+        "size_max": hw.max(0).tolist(),
+        "size_median": np.median(hw, 0).astype(int).tolist(),
+        "sizes_most_common": dict(common),
+        "native_size": int(np.median(hw.min(1))),  # median shorter side: the resolution to Downsample to
+        "modes": dict(d.modes),
+        "formats": dict(d.formats),
+    }
+
+
+def _fractions(params: Params, role: str) -> dict[str, float]:
+    spec = getattr(params, role)
+    return {"val": spec.val_fraction, **({"test": params.target.test_fraction} if role == "target" else {})}
+
+
+def check_class_sizes(counts: dict[str, int], params: Params, role: str, lost: dict[str, Counter] | None = None) -> None:
+    """Every class must fill every split (train keeping ``target.k`` for the labeled subset)."""
+    fractions = _fractions(params, role)
+    k = params.target.k if role == "target" else 0
+    need = min_class_size(fractions, train_min=max(k, 1))
+    short = {c: n for c, n in counts.items() if n < need}
+    if not short:
+        return
+    lost = lost or {}
+    detail = []
+    for c, n in short.items():
+        why = ", ".join(f"{m} {what}" for what, m in lost.get(c, Counter()).items() if m)
+        detail.append(f"{c!r}: {n}" + (f" ({why})" if why else ""))
+    asks = ", ".join(f"{name}_fraction={f}" for name, f in fractions.items())
+    k_txt = f"target.k={k} labeled train images, " if role == "target" else ""
+    raise DataError(
+        f"{role}.domain: class(es) with too few usable images — {'; '.join(detail)}. Each class needs at least {need} "
+        f"({k_txt}at least one image in every split at {asks}). Add images to those classes"
+        + (", lower target.k" if role == "target" and k > 1 else "") + ", or remove the classes."
+    )
+
+
+def _given_splits(split: np.ndarray, labels: np.ndarray, classes: list[str], params: Params, role: str) -> None:
+    """A manifest's own splits: every class needs train images (k of them for the target), and val/test exist."""
+    k = max(params.target.k if role == "target" else 0, 1)
+    train = {c: int(((labels == i) & (split == "train")).sum()) for i, c in enumerate(classes)}
+    short = [f"{c!r}: {n}" for c, n in train.items() if n < k]
+    if short:
+        raise DataError(f"{role}.domain: the manifest's split column leaves class(es) with fewer than {k} train images ({'; '.join(short)}); "
+                        "move rows to train" + (", lower target.k" if role == "target" else "") + ", or drop the split column to split by fractions.")
+    for name in ["val"] + (["test"] if role == "target" else []):
+        if not (split == name).any():
+            raise DataError(f"{role}.domain: the manifest's split column has no {name!r} rows; add some, or drop the split column to split by fractions.")
+
+
+def _log_items(role: str, what: str, items: list[dict], path: Path) -> None:
+    for it in items[:_LOG_ITEMS]:
+        log.warning("ingest %s: %s %s: %s", role, what, it["item"], it["reason"])
+    if len(items) > _LOG_ITEMS:
+        log.warning("ingest %s: … and %d more %s (all listed in %s)", role, len(items) - _LOG_ITEMS, what, path)
+
+
+def _warn_unwatched(params: Params, root: Path, role: str) -> None:
+    """DVC re-runs ingest when ``<role>.raw`` changes; a data path outside it would go unnoticed."""
+    spec = getattr(params, role)
+    parsed = parse_spec(spec.domain)
+    if not parsed.is_path:
+        return
+    data, watched = resolve(parsed, root).resolve(), (Path(root) / spec.raw).resolve()
+    if data != watched and watched not in data.parents:
+        log.warning("ingest %s: %s is outside %s.raw (%s): `dvc repro` will not notice changes to those files; set %s.raw: %s",
+                    role, data, role, spec.raw, role, parsed.path)
+
+
+def write_report(params: Params, root: Path, role: str, card: dict) -> Path:
+    path = report_path(params, root, role)
+    report = {k: card.get(k) for k in REPORT_KEYS}
+    report["store"] = str(output_dir(params, root, role))
+    outputs.atomic_write_text(path, json.dumps(report, indent=2))
+    return path
+
+
 def run(params: Params, root: Path = Path("."), role: str = "target") -> dict:
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    check_domains(params, root)
+    spec = getattr(params, role)
+    allowed = ("train", "val", "test") if role == "target" else ("train", "val")
+    domain = open_domain(spec.domain, spec, root, f"{role}.domain", allowed)
     out = output_dir(params, root, role)
-    key = outputs.input_key(f"ingest:{role}", params.section_hash(role, "preprocess", "seed"))
+    key = outputs.input_key(f"ingest:{role}", params.section_hash(role, "preprocess", "seed") + domain.fingerprint)
     if outputs.is_current(out, key):
         log.info("ingest %s: up to date (%s)", role, out)
+        if not report_path(params, root, role).is_file():
+            write_report(params, root, role, store.read_card(out))
         return {"role": role, "path": str(out), "digest": outputs.digest(out), "cached": True}
+    _warn_unwatched(params, root, role)
+    if len(domain.classes) < 2:
+        raise DataError(f"{role}.domain: {spec.domain} has {len(domain.classes)} class(es) {domain.classes}; a classifier needs at least two")
 
-    spec = getattr(params, role)
-    raw = load_domain(spec.domain)
+    keep_idx = stratified_subset(domain.labels, spec.limit, seed=params.seed)
+    if domain.splits is None:  # the obvious case fails before decoding anything
+        check_class_sizes({c: int((domain.labels[keep_idx] == i).sum()) for i, c in enumerate(domain.classes)}, params, role)
     size, channels = params.preprocess.image_size, params.preprocess.channels
-    keep_idx = stratified_subset(raw.labels, spec.limit, seed=params.seed)
-    images = np.empty((len(keep_idx), channels, size, size), dtype=np.uint8)
-    for i, j in enumerate(keep_idx):
-        images[i] = prepare(raw.images[j], size, channels)
-    labels = raw.labels[keep_idx]
-    hashes = np.array([hashlib.sha1(im.tobytes()).hexdigest() for im in images])
-    keep = ~pd.Series(hashes).duplicated().to_numpy()
-    images, labels, hashes, source_index = images[keep], labels[keep], hashes[keep], keep_idx[keep]
-
-    fractions = {"val": spec.val_fraction}
-    if role == "target":
-        fractions["test"] = params.target.test_fraction
-    split = stratified_split(labels, fractions, seed=params.seed)
-    labeled = np.zeros(len(labels), dtype=bool)
-    if role == "target":
-        labeled = k_shot(labels, split == "train", params.target.k, seed=params.seed)
-    meta = pd.DataFrame(
-        {"source_index": source_index, "label": labels, "class_name": [raw.classes[i] for i in labels], "split": split.astype(str), "labeled": labeled, "sha1": hashes}
-    )
-    card = {
-        "role": role,
-        "domain": spec.domain,
-        "classes": raw.classes,
-        "image_size": size,
-        "channels": channels,
-        "n_images": int(len(labels)),
-        "duplicates_removed": int((~keep).sum()),
-        "quarantined": raw.quarantined,
-        "counts": {
-            s: {c: int(n) for c, n in meta[meta.split == s].class_name.value_counts().sort_index().items()}
-            for s in sorted(meta.split.unique())
-        },
-        "labeled_per_class": params.target.k if role == "target" else None,
-        "unlabeled_pool": int(((meta.split == "train") & ~meta.labeled).sum()) if role == "target" else None,
-        "data_hash": hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()[:16],
-    }
     with outputs.atomic_dir(out, "ingest", key) as tmp:
-        store.write(tmp, images, meta, card)
-    log.info("ingest %s: %d images of %s → %s (%d duplicates removed)", role, len(labels), spec.domain, out, card["duplicates_removed"])
-    return {"role": role, "path": str(out), "digest": outputs.digest(out), "cached": False, "n_images": card["n_images"]}
+        writer = store.ImageWriter(tmp, (channels, size, size))
+        try:
+            dec = decode(domain, keep_idx, size, channels, writer, f"ingest {role}")
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        index = np.array(dec.index, dtype=np.int64)
+        labels = domain.labels[index]
+        lost: dict[str, Counter] = {}
+        for it in dec.quarantined:
+            lost.setdefault(it["class"], Counter())["quarantined"] += 1
+        for it in dec.duplicates:
+            lost.setdefault(it["class"], Counter())["duplicates removed"] += 1
+        if not len(index):
+            reasons = Counter(q["reason"].split(":")[0] for q in dec.quarantined).most_common(3)
+            raise DataError(f"{role}.domain: no usable images in {spec.domain} ({len(dec.quarantined)} quarantined: {dict(reasons)}); check the files are images Pillow can read")
+
+        if domain.splits is not None:
+            split = domain.splits[index].astype(object)
+            _given_splits(split, labels, domain.classes, params, role)
+        else:
+            check_class_sizes({c: int((labels == i).sum()) for i, c in enumerate(domain.classes)}, params, role, lost)
+            split = stratified_split(labels, _fractions(params, role), seed=params.seed)
+        labeled = np.zeros(len(labels), dtype=bool)
+        if role == "target" and params.target.k > 0:
+            labeled = k_shot(labels, split == "train", params.target.k, seed=params.seed)
+        meta = pd.DataFrame({
+            "source_index": index,
+            "item": [domain.refs[i] for i in dec.index],
+            "label": labels,
+            "class_name": [domain.classes[c] for c in labels],
+            "split": split.astype(str),
+            "labeled": labeled,
+            "sha1": dec.sha1,
+        })
+        counts = {s: {c: int(((split == s) & (labels == i)).sum()) for i, c in enumerate(domain.classes)} for s in sorted(set(split.tolist()))}
+        writer.sha256.update(labels.astype(np.int64).tobytes())
+        card = {
+            "role": role,
+            "domain": spec.domain,
+            "classes": domain.classes,
+            "class_order": "natural sort of the class names (folder names / manifest labels); built-ins 0–9",
+            "image_size": size,
+            "channels": channels,
+            "n_found": len(domain),
+            "n_selected": int(len(keep_idx)),
+            "n_images": int(len(labels)),
+            "splits_given": domain.splits is not None,
+            "counts": counts,
+            "counts_per_class": {c: int((labels == i).sum()) for i, c in enumerate(domain.classes)},
+            "native": _native_card(dec),
+            "quarantined": dec.quarantined,
+            "ignored": domain.ignored,
+            "duplicates": {
+                "removed": len(dec.duplicates),
+                "conflicting_class": sum("conflicting_class" in d for d in dec.duplicates),
+                "across_given_splits": sum("given_splits" in d for d in dec.duplicates),
+                "items": dec.duplicates,
+            },
+            "duplicates_removed": len(dec.duplicates),
+            "labeled_per_class": params.target.k if role == "target" else None,
+            "unlabeled_pool": int(((meta.split == "train") & ~meta.labeled).sum()) if role == "target" else None,
+            "data_hash": writer.sha256.hexdigest()[:16],
+            "raw_fingerprint": domain.fingerprint,
+            "domain_info": domain.info,
+        }
+        store.write_tables(tmp, meta, card)
+    report = write_report(params, root, role, card)
+    _log_items(role, "quarantined", dec.quarantined, report)
+    _log_items(role, "ignored", domain.ignored, report)
+    log.info("ingest %s: %d images of %s → %s (%d quarantined, %d duplicates removed, %d ignored; report %s)", role, len(labels), spec.domain, out,
+             len(dec.quarantined), len(dec.duplicates), len(domain.ignored), report)
+    return {"role": role, "path": str(out), "digest": outputs.digest(out), "cached": False, "n_images": card["n_images"],
+            "quarantined": len(dec.quarantined), "duplicates_removed": len(dec.duplicates), "report": str(report)}

@@ -1,30 +1,44 @@
 """register: record the run in MLflow, register the candidate, and move ``champion`` only through the gate.
 
-The candidate was chosen by evaluate on target val (strategy by mean val accuracy over seeds, then its
-best-val seed). The gate then reads target test once: the candidate strategy's mean test accuracy over
-seeds must beat ``scratch`` and ``source_only`` (means too) by ``register.margin``, and the candidate model
-must beat the current champion re-scored on the same test images (so a champion registered on other data is
-compared fairly). A candidate that fails
-gets the ``challenger`` alias. The decision goes to the version's tags and to ``reports/registry.json``.
+The candidate was chosen by evaluate without the test split (target val, or a label-free score when the
+target has no labels). The gate then reads target test once: the candidate strategy's mean test accuracy
+over seeds must beat ``scratch`` and ``source_only`` (means too) by ``register.margin``, and the candidate
+model must beat the current champion re-scored on the same test images (so a champion registered on other
+data is compared fairly). A candidate that fails gets the ``challenger`` alias and the reasons.
+
+Both aliases move by compare-and-set (``tracking.move_alias``): ``champion`` moves only if it still points
+where the gate read it, and every move lands in the registered model's alias history.
+
+What MLflow receives, per pipeline run: one parent run (the whole resolved params, per-strategy metrics,
+the evaluate report and plots, dataset cards, dataset inputs, lineage) and one nested run per strategy and
+seed (its metrics, learning curve, plots, checkpoint config); the source model has a run of its own, shared
+by every pipeline run that starts from the same source weights. The lineage record (``reports/lineage.json``
+and the parent run's ``lineage.json``) ties the orchestrator's run id, the git commit, the ``dvc.lock``
+hashes, the dataset digests, the MLflow run ids and the model version together.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import logging
+import os
 import subprocess
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from adaptflow import outputs
 from adaptflow.data import store
 from adaptflow.params import Params
 from adaptflow.stages.evaluate import output_dir as evaluate_dir
+from adaptflow.stages.evaluate import run_key
 from adaptflow.stages.finetune import output_dir as adapted_dir
 from adaptflow.stages.finetune import runs
 from adaptflow.stages.ingest import output_dir as ingested_dir
@@ -32,9 +46,15 @@ from adaptflow.stages.pretrain import output_dir as source_model_dir
 
 log = logging.getLogger(__name__)
 
+LINEAGE_SCHEMA = 1
+
 
 def output_path(params: Params, root: Path) -> Path:
     return Path(root) / params.paths.reports / "registry.json"
+
+
+def lineage_path(params: Params, root: Path) -> Path:
+    return Path(root) / params.paths.reports / "lineage.json"
 
 
 def gate(
@@ -77,6 +97,38 @@ def git_info(root: Path) -> dict[str, str]:
     return {"git_commit": commit or "unknown", "git_dirty": "unknown" if dirty is None else str(bool(dirty)).lower()}
 
 
+def dvc_lock_hashes(root: Path, exclude: tuple[str, ...] = ("register",)) -> dict | None:
+    """The output hashes ``dvc.lock`` records per stage (``{stage: {path: md5}}``), and the lock file's own
+    sha256; None outside a DVC pipeline. Under ``dvc repro`` the upstream stages' entries are written before
+    register runs, so they describe exactly the data this registration used; register's own entry (the
+    previous registration's records) is left out."""
+    path = Path(root) / "dvc.lock"
+    if not path.is_file():
+        return None
+    raw = path.read_bytes()
+    try:
+        lock = yaml.safe_load(raw) or {}
+    except yaml.YAMLError:
+        return {"sha256": hashlib.sha256(raw).hexdigest(), "stages": {}, "error": "dvc.lock is not valid YAML"}
+    stages = {}
+    for stage, entry in (lock.get("stages") or {}).items():
+        if stage in exclude:
+            continue
+        outs = {o["path"]: o.get("md5") or o.get("hash") or o.get("etag") for o in entry.get("outs") or [] if "path" in o}
+        stages[stage] = outs
+    return {"sha256": hashlib.sha256(raw).hexdigest(), "stages": stages}
+
+
+def orchestrator(flow_run_id: str | None) -> dict[str, str | None]:
+    """Who ran this registration: a Prefect flow run (its id, passed in by the Prefect task — the core
+    never imports Prefect), a DVC stage (DVC exports ``DVC_STAGE``), or a direct call."""
+    if flow_run_id:
+        return {"kind": "prefect", "prefect_flow_run_id": str(flow_run_id)}
+    if os.environ.get("DVC_STAGE"):
+        return {"kind": "dvc", "dvc_stage": os.environ["DVC_STAGE"], "dvc_exp": os.environ.get("DVC_EXP_NAME")}
+    return {"kind": "direct"}
+
+
 def _png_b64(image_chw: np.ndarray) -> str:
     from PIL import Image
 
@@ -86,14 +138,32 @@ def _png_b64(image_chw: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def run(params: Params, root: Path = Path(".")) -> dict:
+def _read_evaluation(ev_dir: Path) -> dict:
+    """evaluate's full record (``evaluation.json``)."""
+    path = ev_dir / "evaluation.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (run the evaluate stage first)")
+    return json.loads(path.read_text())
+
+
+def input_key(params: Params, root: Path) -> str:
+    """This stage's identity (with the MLflow store it wrote to, what decides whether it may skip): its
+    params and the digests of the evaluation, both datasets, the source model and every adapted model."""
+    upstream = [evaluate_dir(params, root), ingested_dir(params, root, "target"), ingested_dir(params, root, "source"),
+                source_model_dir(params, root)] + [adapted_dir(params, root, s, k) for s, k in runs(params)]
+    return outputs.input_key("register", params.section_hash("register", "evaluate", "finetune.strategies", "finetune.seeds"), upstream)
+
+
+def run(params: Params, root: Path = Path("."), flow_run_id: str | None = None) -> dict:
+    """Register the candidate behind the gate. ``flow_run_id``: the Prefect flow run that called this, for
+    the lineage record (not part of the stage's identity: a re-run with nothing changed does no work)."""
     from adaptflow import tracking  # MLflow is imported only by the stage that needs it
 
+    root = Path(root)
     out = output_path(params, root)
     ev_dir, tgt, src = evaluate_dir(params, root), ingested_dir(params, root, "target"), ingested_dir(params, root, "source")
     pairs = runs(params)
-    upstream = [ev_dir, tgt, src, source_model_dir(params, root)] + [adapted_dir(params, root, s, k) for s, k in pairs]
-    key = outputs.input_key("register", params.section_hash("register", "evaluate", "finetune.strategies", "finetune.seeds"), upstream)
+    key = input_key(params, root)
     name = params.registered_model_name()
     tracking_uri = tracking.configure(root)
     if out.is_file():
@@ -102,67 +172,202 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             log.info("register: up to date (version %s of %s)", previous["version"], name)
             return {**previous, "cached": True}
 
-    metrics = json.loads((ev_dir / "metrics.json").read_text())
-    candidate, candidate_seed = metrics["candidate"], metrics["candidate_seed"]
-    per = metrics["strategies"]  # mean over seeds per strategy
-    per_run = {(r["strategy"], r["seed"]): r for r in metrics["runs"]}
-    best_seed = {s: max((r for r in metrics["runs"] if r["strategy"] == s), key=lambda r: r["val_acc"])["seed"] for s in per}
+    ev = _read_evaluation(ev_dir)
+    candidate, candidate_seed = ev["candidate"], ev["candidate_seed"]
+    tgt_card, src_card = store.read_card(tgt), store.read_card(src)
+    lock = dvc_lock_hashes(root)
+    orch = orchestrator(flow_run_id)
+    tags = provenance_tags(params, root, lock, orch)
+    tags["source_model_run_id"] = _source_model_run(params, root, tags)
+    test = store.load_split(tgt, "test")
+    datasets = [(f"source:{src_card['domain']}", src_card["data_hash"], src, "training"),
+                (f"target:{tgt_card['domain']}", tgt_card["data_hash"], tgt, "training, validation (val) and evaluation (test)")]
+
+    decision: dict = {"key": key, "tracking_uri": tracking_uri, "model_name": name, "candidate": candidate,
+                      "candidate_selection": ev["candidate_selection"], "time": time.time()}
+    with tracking.start_run(f"pipeline[{tgt_card['domain']}]", tags={**tags, "adaptflow.kind": "pipeline"}) as parent_id:
+        decision["parent_run_id"] = parent_id
+        tracking.log_params(params.to_dict())
+        tracking.log_dict(params.to_dict(), "params.json")
+        for ds_name, digest, path, context in datasets:
+            tracking.log_dataset(ds_name, digest, path, context)
+        tracking.log_artifacts(ev_dir, "evaluate")  # report.html, report.md, metrics, plots
+        tracking.log_artifacts(tgt / store.CARD, "dataset_cards/target")
+        tracking.log_artifacts(src / store.CARD, "dataset_cards/source")
+        per = ev["strategies"]
+        tracking.log_metrics({**{f"{s}.{k}": v for s, m in per.items() for k, v in m.items() if _is_number(v)},
+                              **{f"{s}.recall.{c}": v for s, m in per.items() for c, v in m["recall"].items()},
+                              **{f"transfer_gain.{k}": v for k, v in ev["transfer_gain"].items()}})
+        run_ids, model_uri = {}, None
+        for s, seed in pairs:
+            run_ids[run_key(s, seed)], uri = _log_strategy_run(params, root, ev, s, seed, tags, datasets[1], test)
+            model_uri = uri or model_uri
+
+        if candidate is None:
+            decision.update({"version": None, "promoted": False, "reasons": ["no non-baseline strategy ran"], "alias": None})
+        else:
+            decision.update(_gate_and_register(params, ev, test, model_uri, tags, name,
+                                               {"parent_run_id": parent_id, "candidate_run_id": run_ids[run_key(candidate, candidate_seed)],
+                                                "orchestrator": orch["kind"], **{k: v for k, v in orch.items() if v and k != "kind"}}))
+            tracking.set_tags({"model_name": name, "model_version": decision["version"], "gate": decision["alias"]})
+        decision["run_ids"] = run_ids
+        decision["source_model_run_id"] = tags["source_model_run_id"]
+        lineage = _lineage(params, root, ev, decision, orch, tags, lock, tgt_card, src_card, model_uri, tracking_uri, pairs)
+        tracking.log_dict(lineage, "lineage.json")
+        tracking.log_dict(decision, "registry.json")
+    outputs.atomic_write_text(lineage_path(params, root), json.dumps(lineage, indent=2))
+    outputs.atomic_write_text(out, json.dumps(decision, indent=2))
+    log.info("register: %s version %s %s — %s", name, decision.get("version"), "→ champion" if decision["promoted"] else "not promoted", "; ".join(decision["reasons"]))
+    return {**decision, "cached": False}
+
+
+def provenance_tags(params: Params, root: Path, lock: dict | None, orch: dict) -> dict[str, str]:
+    """What every run and registered version carries so its exact code and data can be found again: git
+    commit and dirty flag, data hashes and stage-output digests, the source model's digest, the code version,
+    the params hash, the ``dvc.lock`` output hashes per stage, and who ran it."""
+    tgt, src = ingested_dir(params, root, "target"), ingested_dir(params, root, "source")
     tgt_card, src_card = store.read_card(tgt), store.read_card(src)
     tags = {
-        **git_info(Path(root)),
+        **git_info(root),
         "target_domain": tgt_card["domain"],
         "source_domain": src_card["domain"],
         "target_data_hash": tgt_card["data_hash"],
         "source_data_hash": src_card["data_hash"],
+        "target_output_digest": outputs.digest(tgt),
+        "source_output_digest": outputs.digest(src),
         "source_model_digest": outputs.digest(source_model_dir(params, root)),
+        "code_version": outputs.code_version(),
+        "params_hash": params.section_hash(*params.to_dict().keys()),
     }
-    test = store.load_split(tgt, "test")
-    example = _png_b64(test.images[0])
+    if lock is not None:
+        tags["dvc_lock_sha256"] = lock["sha256"]
+        tags.update({f"dvc.{stage}": ",".join(f"{p}={h}" for p, h in outs.items()) for stage, outs in lock["stages"].items()})
+    tags.update({f"orchestrator.{k}": v for k, v in orch.items() if v})
+    return tags
 
-    with tracking.start_run(f"pipeline[{tgt_card['domain']}]", tags=tags) as parent_id:
+
+def _source_model_run(params: Params, root: Path, tags: dict) -> str:
+    """The MLflow run of the source model: found by its digest (shared by every pipeline run that starts
+    from the same weights), else recorded now with its pretrain params, learning curve and config."""
+    from adaptflow import tracking
+
+    src_model, src = source_model_dir(params, root), ingested_dir(params, root, "source")
+    digest = tags["source_model_digest"]
+    found = tracking.find_run({"adaptflow.kind": "source_model", "source_model_digest": digest})
+    if found:
+        return found
+    p = params.to_dict()
+    return tracking.record_run(
+        f"source_model[{tags['source_domain']}]",
+        tags={"adaptflow.kind": "source_model", "source_model_digest": digest, "source_domain": tags["source_domain"],
+              "source_data_hash": tags["source_data_hash"], "git_commit": tags["git_commit"], "git_dirty": tags["git_dirty"]},
+        params={"pretrain": p["pretrain"], "preprocess": p["preprocess"], "source": p["source"]},
+        history=_history(src_model), artifacts=[src_model / "config.json", src_model / "history.json", src / store.CARD],
+    )
+
+
+def _log_strategy_run(params: Params, root: Path, ev: dict, s: str, seed: int, tags: dict, dataset: tuple,
+                      test: store.Split) -> tuple[str, str | None]:
+    """One nested run for one strategy and seed; logs the model too when it is the candidate run (the one
+    model this pipeline run may register: logged once, in MLflow only). Returns (run id, model URI)."""
+    from adaptflow import tracking
+
+    rk, d = run_key(s, seed), adapted_dir(params, root, s, seed)
+    r = ev["runs"][rk]
+    model_uri = None
+    with tracking.start_run(f"{s}[seed={seed}]", nested=True, tags={**tags, "adaptflow.kind": "strategy_run", "strategy": s, "seed": seed}) as rid:
         tracking.log_params(params.to_dict())
-        tracking.log_artifacts(ev_dir, "evaluate")
-        tracking.log_artifacts(tgt / store.CARD, "dataset_cards/target")
-        tracking.log_artifacts(src / store.CARD, "dataset_cards/source")
-        tracking.log_metrics({f"{s}.{k}": v for s, m in per.items() for k, v in m.items() if isinstance(v, (int, float))})
-        run_ids, model_uris = {}, {}
-        for s, seed in pairs:
-            name_run = f"{s}[seed={seed}]"
-            with tracking.start_run(name_run, nested=True, tags={**tags, "strategy": s, "seed": seed}) as rid:
-                run_ids[name_run] = rid
-                r = per_run[(s, seed)]
-                tracking.log_metrics({k: r[k] for k in ("val_acc", "test_acc", "test_macro_f1")})
-                history = json.loads((adapted_dir(params, root, s, seed) / "history.json").read_text())
-                for row in history:
-                    tracking.log_metrics({k: v for k, v in row.items() if k != "epoch" and v == v}, step=row["epoch"])
-                # A loadable model for each non-baseline strategy's best-val seed (the registered one among them).
-                if s not in params.evaluate.baselines and seed == best_seed[s]:
-                    model_uris[s] = tracking.log_image_model(adapted_dir(params, root, s, seed), test.classes, example)
+        tracking.log_params({"run": {"strategy": s, "seed": seed, "checkpoint_selection": ev["checkpoint_selection"].get(s, ""),
+                                     "best_epoch": r.get("best_epoch")}})
+        tracking.log_dataset(*dataset)
+        tracking.log_metrics({**{k: v for k, v in r.items() if _is_number(v) and k not in ("seed", "best_epoch")},
+                              **{f"recall.{c}": v for c, v in r["recall"].items()}})
+        tracking.log_history(_history(d))
+        for f in ("config.json", "history.json"):
+            if (d / f).is_file():
+                tracking.log_artifacts(d / f, "checkpoint")
+        # this run's plots are the parent's evaluate/plots/<these names>: stored once, pointed at
+        tracking.set_tags({f"plot.{kind}": f"evaluate/{ev['plots'][kind][rk]}" for kind in ("confusion", "reliability")})
+        if s == ev["candidate"] and seed == ev["candidate_seed"]:
+            model_uri = tracking.log_image_model(d, test.classes, _png_b64(test.images[0]))
+    return rid, model_uri
 
-    decision: dict = {"key": key, "tracking_uri": tracking_uri, "model_name": name, "parent_run_id": parent_id, "run_ids": run_ids,
-                      "candidate": candidate, "candidate_selection": metrics["candidate_selection"], "time": time.time()}
-    if candidate is None:
-        decision.update({"version": None, "promoted": False, "reasons": ["no non-baseline strategy ran"]})
-    else:
-        cand_mean = per[candidate]["test_acc"]
-        cand_acc = per_run[(candidate, candidate_seed)]["test_acc"]
-        champion = tracking.alias_version(name, "champion")
-        champion_acc = None
-        if champion is not None:
-            pred = tracking.load_model(f"models:/{name}/{champion}").predict(pd.DataFrame({"image": [_png_b64(im) for im in test.images]}))
-            champion_acc = float((pred["label"].to_numpy() == np.array(test.classes)[test.labels]).mean())
-        promoted, reasons = gate(cand_mean, {b: per[b]["test_acc"] for b in params.evaluate.baselines}, champion_acc,
-                                 params.register.margin, candidate_model_acc=cand_acc)
-        version = tracking.register(model_uris[candidate], name, {**tags, "strategy": candidate, "seed": candidate_seed,
-                                                                   "val_acc": per_run[(candidate, candidate_seed)]["val_acc"],
-                                                                   "test_acc": cand_acc, "strategy_mean_test_acc": cand_mean,
-                                                                   "selection": metrics["candidate_selection"]})
-        tracking.set_version_tags(name, version, {"gate": "promoted" if promoted else "rejected", "gate_reasons": "; ".join(reasons)})
-        tracking.set_alias(name, "champion" if promoted else "challenger", version)
-        decision.update({"version": version, "promoted": promoted, "reasons": reasons, "previous_champion": champion,
-                         "previous_champion_test_acc": champion_acc, "candidate_seed": candidate_seed,
-                         "candidate_test_acc": cand_acc, "candidate_mean_test_acc": cand_mean,
-                         "champion": version if promoted else champion})
-    outputs.atomic_write_text(out, json.dumps(decision, indent=2))
-    log.info("register: %s version %s %s — %s", name, decision.get("version"), "→ champion" if decision["promoted"] else "not promoted", "; ".join(decision["reasons"]))
-    return {**decision, "cached": False}
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _history(directory: Path) -> list[dict]:
+    path = Path(directory) / "history.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def _gate_and_register(params: Params, ev: dict, test: store.Split, model_uri: str, tags: dict, name: str, context: dict) -> dict:
+    """Read the champion, score it on this test set, gate, register, and move an alias by compare-and-set."""
+    from adaptflow import aliases, tracking
+
+    candidate, candidate_seed = ev["candidate"], ev["candidate_seed"]
+    per, cand_run = ev["strategies"], ev["runs"][run_key(candidate, candidate_seed)]
+    cand_mean, cand_acc = per[candidate]["test_acc"], cand_run["test_acc"]
+    champion = tracking.alias_version(name, "champion")  # what the gate reads; the move checks it is unchanged
+    champion_acc = None
+    if champion is not None:
+        pred = tracking.load_model(f"models:/{name}/{champion}").predict(pd.DataFrame({"image": [_png_b64(im) for im in test.images]}))
+        champion_acc = float((pred["label"].to_numpy() == np.array(test.classes)[test.labels]).mean())
+    baselines = {b: per[b]["test_acc"] for b in params.evaluate.baselines}
+    promoted, reasons = gate(cand_mean, baselines, champion_acc, params.register.margin, candidate_model_acc=cand_acc)
+    version = tracking.register(model_uri, name, {
+        **tags, "strategy": candidate, "seed": candidate_seed, "val_acc": cand_run["val_acc"], "test_acc": cand_acc,
+        "test_ece": cand_run["test_ece"], "strategy_mean_test_acc": cand_mean, "selection": ev["candidate_selection"],
+        "parent_run_id": context["parent_run_id"], "test_data_hash": ev["test_data_hash"]})
+    context = {**context, "test_data_hash": ev["test_data_hash"], "git_commit": tags["git_commit"]}
+    alias = "champion" if promoted else "challenger"
+    if promoted:
+        try:
+            tracking.move_alias(name, "champion", version, expected=champion, reason="gate passed: " + "; ".join(reasons), context=context)
+        except aliases.AliasConflict as exc:
+            promoted, alias = False, "challenger"
+            reasons.append(f"champion moved to version {exc.found or 'none'} while the gate compared against version {exc.expected or 'none'}: "
+                           f"not promoted (re-run register to gate against the new champion)")
+    if not promoted:
+        tracking.move_alias(name, "challenger", version, expected=aliases.ANY, reason="gate rejected: " + "; ".join(reasons), context=context)
+    tracking.set_version_tags(name, version, {"gate": "promoted" if promoted else "rejected", "gate_reasons": "; ".join(reasons)})
+    return {"version": version, "promoted": promoted, "alias": alias, "reasons": reasons, "previous_champion": champion,
+            "previous_champion_test_acc": champion_acc, "candidate_seed": candidate_seed, "candidate_test_acc": cand_acc,
+            "candidate_mean_test_acc": cand_mean, "champion": version if promoted else champion, "model_uri": model_uri}
+
+
+def _lineage(params: Params, root: Path, ev: dict, decision: dict, orch: dict, tags: dict, lock: dict | None, tgt_card: dict,
+             src_card: dict, model_uri: str | None, tracking_uri: str, pairs: list[tuple[str, int]]) -> dict:
+    """The one record that links what no single tool links: orchestrator run, code, data, MLflow, registry."""
+    reports = Path(root) / params.paths.reports
+    return {
+        "schema": LINEAGE_SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "orchestrator": orch,
+        "git": {"commit": tags["git_commit"], "dirty": tags["git_dirty"]},
+        "code_version": tags["code_version"],
+        "params_hash": tags["params_hash"],
+        "dvc_lock": lock,
+        "datasets": {
+            "source": {"domain": src_card["domain"], "data_hash": src_card["data_hash"], "output_digest": tags["source_output_digest"], "n_images": src_card.get("n_images")},
+            "target": {"domain": tgt_card["domain"], "data_hash": tgt_card["data_hash"], "output_digest": tags["target_output_digest"], "n_images": tgt_card.get("n_images"),
+                       "n_test": ev["n_test"], "n_val": ev["n_val"]},
+        },
+        "stage_outputs": {
+            "source_model": tags["source_model_digest"],
+            "evaluate": outputs.digest(reports / "evaluate"),
+            **{f"finetune/{run_key(s, k)}": outputs.digest(adapted_dir(params, root, s, k)) for s, k in pairs},
+        },
+        "mlflow": {
+            "tracking_uri": tracking_uri,
+            "experiment": "adaptflow",
+            "parent_run_id": decision.get("parent_run_id"),
+            "run_ids": decision.get("run_ids", {}),
+            "source_model_run_id": decision.get("source_model_run_id"),
+            "model_uri": model_uri,
+            "model_name": decision["model_name"],
+            "model_version": decision.get("version"),
+        },
+        "decision": {k: decision.get(k) for k in ("candidate", "candidate_seed", "promoted", "alias", "reasons", "previous_champion", "champion")},
+    }

@@ -46,8 +46,8 @@ def env_with_venv() -> dict:
     return env
 
 
-def run(cmd: list[str], cwd: Path, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env_with_venv(), capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], cwd: Path, timeout: int = 600, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env or env_with_venv(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
     return proc
@@ -92,3 +92,70 @@ def dvc_project(tmp_path) -> Path:
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "init"], root)
     return root
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 90.0) -> None:
+    """Poll ``url`` until it answers 200; fail with the process's log if it exits or never answers."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args[0]} exited {proc.returncode} before answering {url}\n{log_path.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{url} did not answer within {timeout:.0f} s\n{log_path.read_text()[-4000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a server we started, by its PID (SIGTERM, then SIGKILL of its process group)."""
+    import os
+    import signal
+
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the group is the server and its workers
+            proc.wait(timeout=15)
+
+
+def start_server(cmd: list[str], cwd: Path, health_url: str, env: dict | None = None) -> subprocess.Popen:
+    log_path = cwd / f"{Path(cmd[0]).name}-{health_url.rsplit(':', 1)[-1].split('/')[0]}.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env or env_with_venv(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(health_url, proc, log_path)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a SQLite backend and proxied artifacts; stopped by PID."""
+    d = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    env = env_with_venv()
+    env.update({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"})
+    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}", "--artifacts-destination", str(d / "artifacts"),
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    proc = start_server(cmd, d, f"http://127.0.0.1:{port}/health", env)
+    yield {"uri": f"http://127.0.0.1:{port}", "dir": d, "pid": proc.pid}
+    stop(proc)

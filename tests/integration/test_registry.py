@@ -1,4 +1,5 @@
-"""Registry round trip: register → alias → load in another process → predict raw images.
+"""Registry round trip on the local SQLite store: register → alias → load in another process → predict raw
+images; the predict CLI. (The same against a real tracking server: test_registry_server.py.)
 
 The consumer process cannot import adaptflow: the model must carry its own code.
 """
@@ -65,8 +66,10 @@ def test_champion_loads_without_adaptflow_and_matches_evaluate(flow_project, tmp
     proc = run([sys.executable, "-c", CONSUMER, uri, f"models:/{name}@champion", *paths], tmp_path)
     labels = json.loads(proc.stdout.strip().splitlines()[-1])
     acc = float(np.mean(np.array(labels) == np.array(truth)))
-    # Same images, preprocessed inside the model from their raw 8×8 form: the accuracy evaluate reported.
-    assert acc == pytest.approx(metrics["strategies"][registry["candidate"]]["test_acc"], abs=1e-9)
+    # Same images, preprocessed inside the model from their raw 8×8 form: the accuracy evaluate reported
+    # for the registered run (the candidate strategy at its chosen seed).
+    run_acc = metrics["runs"][f"{registry['candidate']}/seed{registry['candidate_seed']}"]["test_acc"]
+    assert acc == pytest.approx(run_acc, abs=1e-9)
 
 
 def test_predict_cli_prints_one_label_per_image(flow_project, tmp_path):
@@ -82,6 +85,27 @@ def test_predict_cli_prints_one_label_per_image(flow_project, tmp_path):
 
     bad = run([str(BIN / "adaptflow"), "predict", "--model", f"models:/{name}@champion", str(tmp_path / "missing.png")], root, check=False)
     assert bad.returncode == 2 and "no such file" in bad.stderr
+
+
+def test_predict_cli_takes_a_folder_and_writes_csv(flow_project, tmp_path):
+    root = flow_project["root"]
+    paths, _ = _raw_test_pngs(root, tmp_path / "pngs")
+    (tmp_path / "pngs" / "nested").mkdir()
+    Path(paths[0]).rename(tmp_path / "pngs" / "nested" / "first.png")
+    (tmp_path / "pngs" / "notes.txt").write_text("not an image")
+    name = json.loads((root / "reports" / "registry.json").read_text())["model_name"]
+    csv = tmp_path / "out" / "pred.csv"
+    out = run([str(BIN / "adaptflow"), "predict", "-m", f"models:/{name}@champion", str(tmp_path / "pngs"), "-o", str(csv)], root).stdout
+    table = pd.read_csv(csv)
+    assert len(table) == len(paths) == len([line for line in out.splitlines() if line.strip()])
+    assert list(table.columns[:3]) == ["path", "label", "confidence"] and "proba_0" in table.columns
+    assert str(tmp_path / "pngs" / "nested" / "first.png") in set(table.path)
+    assert np.allclose(table.filter(like="proba_").sum(axis=1), 1.0, atol=1e-4)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = run([str(BIN / "adaptflow"), "predict", "-m", f"models:/{name}@champion", str(empty)], root, check=False)
+    assert bad.returncode == 2 and "no image files" in bad.stderr
 
 
 def test_gate_keeps_champion_when_candidate_does_not_beat_it(flow_project):

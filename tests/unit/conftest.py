@@ -19,7 +19,8 @@ from adaptflow.models import ModelConfig, create, save
 ROOT = Path(__file__).resolve().parents[2]
 PARAMS_YAML = ROOT / "params.yaml"
 
-settings.register_profile("unit", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("unit", max_examples=60, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 settings.load_profile("unit")
 
 CPU = torch.device("cpu")

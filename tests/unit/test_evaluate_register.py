@@ -1,4 +1,5 @@
-"""Pure helpers of the evaluate and register stages: candidate choice, transfer gains, the promotion gate."""
+"""Pure helpers of the evaluate and register stages: candidate choice, transfer gains over seeds, selection
+rules, the promotion gate, lineage inputs."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pandas as pd
 import pytest
 
 from adaptflow.params import BASELINES, STRATEGIES
-from adaptflow.stages.evaluate import choose_candidate, compare, summarise, to_markdown
+from adaptflow.stages.evaluate import choose_candidate, compare, paired_gains, selection_rules, summarise, to_markdown
 from adaptflow.stages.register import gate
 
 
@@ -150,3 +151,88 @@ def test_gate_reasons_name_every_failure():
     joined = "\n".join(r for r in reasons if r.startswith("does not beat"))
     assert "scratch" in joined and "source_only" in joined and "champion" in joined
     assert "0.4000" in joined and "0.6000" in joined
+
+
+# --- transfer gains over seeds, label-free choice, selection rules --------------------------------------
+
+
+def seeded(**by_strategy) -> pd.DataFrame:
+    """seeded(scratch=[test_acc at seed 0, seed 1, ...], ...) → per-run rows as evaluate builds them."""
+    return pd.DataFrame([{"strategy": s, "seed": k, "val_acc": 0.5, "test_acc": t, "test_macro_f1": t}
+                         for s, accs in by_strategy.items() for k, t in enumerate(accs)])
+
+
+def test_paired_gains_mean_std_and_negative_seeds():
+    runs = seeded(scratch=[0.50, 0.60, 0.70], finetune=[0.60, 0.55, 0.90])
+    g = paired_gains(runs, "scratch")
+    assert g.loc["finetune", "mean"] == pytest.approx((0.10 - 0.05 + 0.20) / 3)
+    assert g.loc["finetune", "std"] == pytest.approx(pd.Series([0.10, -0.05, 0.20]).std())
+    assert g.loc["finetune", "negative_seeds"] == 1
+    assert g.loc["scratch", "mean"] == 0.0 and g.loc["scratch", "negative_seeds"] == 0
+    assert list(g.index) == ["scratch", "finetune"]
+
+
+def test_paired_gain_equals_difference_of_means():
+    runs = seeded(scratch=[0.5, 0.7], source_only=[0.4, 0.3], finetune=[0.9, 0.6])
+    s = summarise(runs)
+    for ref in ("scratch", "source_only"):
+        g = paired_gains(runs, ref)
+        assert g.loc["finetune", "mean"] == pytest.approx(s.loc["finetune", "test_acc"] - s.loc[ref, "test_acc"])
+
+
+def test_choose_candidate_label_free_uses_pool_score():
+    r = summarise(pd.DataFrame([
+        {"strategy": "scratch", "seed": 0, "val_acc": 0.9, "test_acc": 0.9, "pool_im": 0.9},
+        {"strategy": "linear_probe", "seed": 0, "val_acc": 0.9, "test_acc": 0.1, "pool_im": 0.2},
+        {"strategy": "finetune", "seed": 0, "val_acc": 0.1, "test_acc": 0.5, "pool_im": 0.6},
+    ]))
+    assert choose_candidate(r, BASE) == "linear_probe"  # by val
+    assert choose_candidate(r, BASE, by="pool_im") == "finetune"  # no target labels: val may not choose
+
+
+def test_selection_rules_name_every_reported_number():
+    rules = selection_rules("the rule", label_free=False, references=["scratch", "source_only"])
+    for key in ("candidate", "val acc", "test ECE", "mean ± std", "gain vs scratch", "gain vs source_only", "negative transfer", "oracle"):
+        assert key in rules, key
+    assert rules["candidate"] == "the rule"
+    assert "chooses nothing" in selection_rules("r", label_free=True, references=[])["val acc"]
+
+
+def test_markdown_labels_oracle_as_reported_only():
+    r = rows(scratch=(0.5, 0.6), oracle=(1.0, 1.0), finetune=(0.8, 0.75))
+    md = to_markdown(r, "finetune", {})
+    assert "| oracle (oracle: reported only) |" in md
+
+
+# --- register helpers -----------------------------------------------------------------------------------
+
+
+def test_dvc_lock_hashes(tmp_path):
+    from adaptflow.stages.register import dvc_lock_hashes
+
+    assert dvc_lock_hashes(tmp_path) is None
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  ingest@target:\n    cmd: adaptflow stage ingest --role target\n"
+        "    outs:\n    - path: data/ingested/target\n      hash: md5\n      md5: abc.dir\n"
+        "  evaluate:\n    cmd: adaptflow stage evaluate\n    outs:\n    - path: reports/evaluate\n      md5: def.dir\n")
+    lock = dvc_lock_hashes(tmp_path)
+    assert lock["stages"] == {"ingest@target": {"data/ingested/target": "abc.dir"}, "evaluate": {"reports/evaluate": "def.dir"}}
+    assert len(lock["sha256"]) == 64
+
+
+def test_orchestrator_prefect_dvc_or_direct(monkeypatch):
+    from adaptflow.stages.register import orchestrator
+
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    assert orchestrator(None) == {"kind": "direct"}
+    assert orchestrator("f-123") == {"kind": "prefect", "prefect_flow_run_id": "f-123"}
+    monkeypatch.setenv("DVC_STAGE", "register")
+    assert orchestrator(None)["kind"] == "dvc" and orchestrator(None)["dvc_stage"] == "register"
+
+
+def test_register_does_not_import_mlflow_at_module_level():
+    import subprocess
+    import sys
+
+    code = "import sys, adaptflow.stages.register, adaptflow.stages.evaluate, adaptflow.report; print('mlflow' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

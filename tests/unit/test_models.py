@@ -122,3 +122,12 @@ def test_features_shape(arch, n):
         # the classifier's input: the head applied to features gives the logits
         x = torch.randn(2, 1, 16, 16)
         assert torch.allclose(model.get_classifier()(features(model, x)), model(x), atol=1e-5)
+
+
+def test_set_head_keeps_the_known_rows_of_a_partly_known_target(arch):
+    model, _ = _model(arch)
+    w = model.get_classifier().weight.detach().clone()
+    assert set_head(model, CLASSES, ["zebra", CLASSES[1]]) is False
+    head = model.get_classifier()
+    assert torch.equal(head.weight[1], w[1])  # the known class keeps its source row
+    assert not torch.equal(head.weight[0], w[0])

@@ -15,7 +15,8 @@ def test_real_params_yaml_loads(params_path):
     assert p.pretrain.model == raw["pretrain"]["model"]
     assert p.finetune.lr == pytest.approx(raw["finetune"]["lr"])
     assert p.finetune.strategies == raw["finetune"]["strategies"]
-    assert [t.name for t in p.augment.source] == [t["name"] for t in raw["augment"]["source"]]
+    assert p.augment.source.preset == raw["augment"]["source"]["preset"]
+    assert [t.name for t in p.augment.target.transforms] == [t["name"] for t in raw["augment"]["target"]["transforms"]]
     assert set(p.evaluate.baselines) <= set(p.finetune.strategies)
 
 
@@ -154,7 +155,7 @@ def test_baselines_must_run(params_path):
         ("finetune.strategies=[scratch, source_only]", lambda p: p.finetune.strategies, ["scratch", "source_only"]),
         ("register.model_name=digits-{target}=x", lambda p: p.register.model_name, "digits-{target}=x"),
         (" finetune.epochs = 4", lambda p: p.finetune.epochs, 4),
-        ("augment.target=[]", lambda p: p.augment.target, []),
+        ("augment.target=[]", lambda p: p.augment.target.specs(), []),
     ],
 )
 def test_override_applies_yaml_typed_value(params_path, override, getter, expected):

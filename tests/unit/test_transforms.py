@@ -44,9 +44,12 @@ def test_nested_random_choice_builds():
 
 
 def test_real_params_pipelines_build(params_path):
-    raw = yaml.safe_load(params_path.read_text())
+    from adaptflow.params import load
+    from adaptflow.stages.augment import pipeline
+
+    p = load(params_path)
     for role in ("source", "target"):
-        pipe = build_pipeline(raw["augment"][role])
+        pipe = pipeline(p, role)
         out = apply_per_sample(pipe, torch.zeros(2, 1, 32, 32, dtype=torch.uint8))
         assert out.shape == (2, 1, 32, 32) and out.dtype == torch.uint8
 

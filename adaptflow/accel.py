@@ -1,0 +1,164 @@
+"""Where and how tensors run: device choice, mixed precision, memory format, compilation, and a
+prefetcher that keeps the accelerator fed.
+
+On CUDA: bf16 autocast, channels_last, cudnn.benchmark, pinned host batches copied on a side stream
+while the previous batch computes. On CPU: fp32, one thread per core, no pointless worker threads beyond
+one prefetcher. ``torch.compile`` is an option (``runtime.compile``): it pays on GPUs for long runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from adaptflow.imaging import normalize
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    compile: bool = False
+    prefetch: int = 3
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def place(self, model: nn.Module) -> nn.Module:
+        """Move the model to the device in the runtime's memory format (in place; returns it)."""
+        model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    def forward_fn(self, model: nn.Module) -> Any:
+        """The callable to run ``model`` with: compiled when asked (weights stay shared with ``model``)."""
+        return torch.compile(model) if self.compile else model
+
+    def features_fn(self, model: nn.Module) -> Any:
+        def pooled(x: torch.Tensor) -> torch.Tensor:
+            return model.forward_head(model.forward_features(x), pre_logits=True)
+
+        return torch.compile(pooled) if self.compile else pooled
+
+    def to_input(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 batch already on the device → normalised float input in the runtime's memory format."""
+        x = normalize(x_uint8)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
+
+
+def runtime(device: str = "auto", amp: str = "auto", channels_last: str | bool = "auto", compile: bool = False,
+            prefetch: int = 3, num_threads: int | None = None) -> Runtime:
+    """Resolve ``auto`` choices for this machine."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"runtime.device is {device!r} but no CUDA device is available")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(num_threads or cores)
+    if amp == "auto":
+        amp_dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    else:
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    cl = dev.type == "cuda" if channels_last == "auto" else bool(channels_last)
+    return Runtime(dev, amp_dtype, cl, compile, prefetch)
+
+
+def default_runtime() -> Runtime:
+    return runtime()
+
+
+class Prefetcher:
+    """Iterate ``(uint8 images, labels)`` CPU batches from ``source`` on a background thread and hand them
+    over already on the device: pinned, copied on a side CUDA stream, so loading overlaps compute.
+
+    On CPU it iterates inline: there is no transfer to overlap, and a second thread drawing augmentation
+    parameters from torch's global generator would make seeded runs irreproducible.
+    """
+
+    _END = object()
+
+    def __init__(self, source: Iterable[tuple[torch.Tensor, torch.Tensor | None]], rt: Runtime):
+        self.rt = rt
+        self._source = source
+        self._stop = threading.Event()
+        if not rt.cuda:
+            return
+        self._q: queue.Queue = queue.Queue(maxsize=max(1, rt.prefetch))
+        self._stream = torch.cuda.Stream(device=rt.device)
+        self._thread = threading.Thread(target=self._work, args=(iter(source),), daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work(self, it: Iterator) -> None:
+        try:
+            for x, y in it:
+                x = x.pin_memory()
+                y = y.pin_memory() if y is not None else None
+                with torch.cuda.stream(self._stream):
+                    x = x.to(self.rt.device, non_blocking=True)
+                    y = y.to(self.rt.device, non_blocking=True) if y is not None else None
+                    event = torch.cuda.Event()
+                    event.record(self._stream)
+                if not self._put((x, y, event)):
+                    return
+            self._put(self._END)
+        except BaseException as exc:  # surface loader errors in the consumer
+            self._put(exc)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        if not self.rt.cuda:
+            yield from self._source
+            return
+        while True:
+            item = self._q.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            x, y, event = item
+            if event is not None:
+                current = torch.cuda.current_stream(self.rt.device)
+                current.wait_event(event)
+                x.record_stream(current)
+                if y is not None:
+                    y.record_stream(current)
+            yield x, y
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def slices(images: np.ndarray, batch_size: int) -> Iterator[tuple[torch.Tensor, None]]:
+    """Consecutive uint8 batches of a (memory-mapped) array: one read per batch, nothing held."""
+    for i in range(0, len(images), batch_size):
+        yield torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])), None

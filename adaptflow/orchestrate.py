@@ -1,0 +1,332 @@
+"""What an orchestrator needs from the core, without importing one.
+
+The core never imports Prefect; Prefect's tasks (``tasks/``) and flows (``flows/``) call these:
+
+- **Stage identity** (:func:`identity`): the input key a stage would compute — its params sections, the
+  digests of its upstream outputs, the code version — and where its output lives, *without running it*.
+  Prefect's cache key is this key, so a re-run with nothing changed is a cache hit, and a change to one
+  params section or one upstream output invalidates exactly the stages that read it (the same answer
+  ``dvc.yaml``'s deps/params give DVC, and the same key the stage's own manifest holds).
+- **The project lock** (:func:`project_lock`): one pipeline run at a time per project directory. A second
+  run waits (saying who holds the lock) instead of interleaving writes with the first. The lock is an OS
+  file lock, so a run killed with SIGKILL releases it with its process.
+- **Incoming data** (:func:`absorb_incoming`): the scheduled run's new target images, moved from a watched
+  folder into the target's image folder.
+- **DVC in step** (:func:`dvc`, :func:`dvc_commit_blocker`): after a Prefect run, ``dvc commit`` records what
+  was produced, so ``dvc status`` is clean and ``dvc repro`` has nothing to do.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from filelock import FileLock, Timeout
+
+from adaptflow import outputs
+from adaptflow.params import ROLES, Params
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = ".adaptflow"  # per project: the lock, Prefect's result and cache-key storage, the last run's summary
+LOCK_NAME = "project.lock"
+
+
+# --------------------------------------------------------------------------------------------- identity
+@dataclass(frozen=True)
+class Identity:
+    """A stage's input key and its output (a directory with a manifest, or register's ``registry.json``)."""
+
+    stage: str
+    key: str
+    output: Path
+
+
+def _ingest(params: Params, root: Path, role: str) -> Identity:
+    from adaptflow.data.domains import open_domain
+    from adaptflow.stages.ingest import check_domains, output_dir
+
+    check_domains(params, root)
+    spec = getattr(params, role)
+    allowed = ("train", "val", "test") if role == "target" else ("train", "val")
+    domain = open_domain(spec.domain, spec, root, f"{role}.domain", allowed)
+    key = outputs.input_key(f"ingest:{role}", params.section_hash(role, "preprocess", "seed") + domain.fingerprint)
+    return Identity("ingest", key, output_dir(params, root, role))
+
+
+def _augment(params: Params, root: Path) -> Identity:
+    from adaptflow.stages.augment import output_dir
+    from adaptflow.stages.ingest import output_dir as ingested
+
+    upstream = [ingested(params, root, r) for r in ROLES]
+    return Identity("augment", outputs.input_key("augment", params.section_hash("augment", "seed"), upstream), output_dir(params, root))
+
+
+def _pretrain(params: Params, root: Path) -> Identity:
+    from adaptflow.stages.ingest import output_dir as ingested
+    from adaptflow.stages.pretrain import output_dir
+
+    key = outputs.input_key("pretrain", params.section_hash("pretrain", "seed", "augment.source"), [ingested(params, root, "source")])
+    return Identity("pretrain", key, output_dir(params, root))
+
+
+def _cache_features(params: Params, root: Path) -> Identity:
+    from adaptflow.stages.cache_features import output_dir
+    from adaptflow.stages.ingest import output_dir as ingested
+    from adaptflow.stages.pretrain import output_dir as source_model
+
+    upstream = [source_model(params, root), ingested(params, root, "target")]
+    return Identity("cache_features", outputs.input_key("cache_features", params.section_hash("preprocess"), upstream), output_dir(params, root))
+
+
+def _finetune(params: Params, root: Path, strategy: str, seed: int) -> Identity:
+    from adaptflow import strategies
+    from adaptflow.stages.cache_features import output_dir as features
+    from adaptflow.stages.finetune import output_dir
+    from adaptflow.stages.ingest import output_dir as ingested
+    from adaptflow.stages.pretrain import output_dir as source_model
+
+    upstream = [ingested(params, root, "target"), source_model(params, root)]
+    upstream += [features(params, root)] if strategy == "linear_probe" else []
+    upstream += [ingested(params, root, "source")] if strategies.uses_source(strategy) else []
+    section = params.section_hash("finetune", "augment.target", "augment.source", exclude=("finetune.strategies", "finetune.seeds"))
+    return Identity("finetune", outputs.input_key(f"finetune:{strategy}:{seed}", section, upstream), output_dir(params, root, strategy, seed))
+
+
+def _adapted(params: Params, root: Path) -> list[Path]:
+    from adaptflow.stages.finetune import output_dir, runs
+
+    return [output_dir(params, root, s, k) for s, k in runs(params)]
+
+
+def _evaluate(params: Params, root: Path) -> Identity:
+    from adaptflow.stages.evaluate import output_dir
+    from adaptflow.stages.ingest import output_dir as ingested
+
+    section = params.section_hash("evaluate", "finetune.strategies", "finetune.seeds", "target.k")
+    return Identity("evaluate", outputs.input_key("evaluate", section, [ingested(params, root, "target")] + _adapted(params, root)), output_dir(params, root))
+
+
+def _register(params: Params, root: Path) -> Identity:
+    from adaptflow.stages.evaluate import output_dir as evaluated
+    from adaptflow.stages.ingest import output_dir as ingested
+    from adaptflow.stages.pretrain import output_dir as source_model
+    from adaptflow.stages.register import output_path
+
+    upstream = [evaluated(params, root), ingested(params, root, "target"), ingested(params, root, "source"), source_model(params, root)]
+    section = params.section_hash("register", "evaluate", "finetune.strategies", "finetune.seeds")
+    return Identity("register", outputs.input_key("register", section, upstream + _adapted(params, root)), output_path(params, root))
+
+
+_IDENTITY: dict[str, Callable[..., Identity]] = {
+    "ingest": _ingest, "augment": _augment, "pretrain": _pretrain, "cache_features": _cache_features,
+    "finetune": _finetune, "evaluate": _evaluate, "register": _register,
+}
+
+
+def identity(stage: str, params: Params, root: Path, **which: object) -> Identity:
+    """The key ``stage`` would compute now (``which``: ``role`` for ingest, ``strategy``/``seed`` for one
+    finetune run), read from the params and the upstream manifests only — nothing is trained or decoded.
+
+    Raises FileNotFoundError when an upstream output is not complete yet (its stage must run first).
+    """
+    if stage not in _IDENTITY:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(_IDENTITY)}")
+    return _IDENTITY[stage](params, Path(root), **which)
+
+
+def tracking_uri(root: Path) -> str:
+    """The MLflow store register writes to (what ``tracking.configure`` picks), known without importing MLflow."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+def is_current(ident: Identity, root: Path) -> bool:
+    """Whether the output on disk was produced from exactly these inputs (so the stage would skip).
+
+    For register: ``registry.json`` holds this key, for this MLflow store, and a local store still exists
+    (register itself also asks MLflow whether the version is still there).
+    """
+    if ident.stage != "register":
+        return outputs.is_current(ident.output, ident.key)
+    try:
+        record = json.loads(ident.output.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    uri = tracking_uri(root)
+    store_gone = uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file()
+    return record.get("key") == ident.key and record.get("tracking_uri") == uri and bool(record.get("version")) and not store_gone
+
+
+def state_dir(root: Path) -> Path:
+    """Per-project orchestration state (git- and DVC-ignored): never shared between projects, so a cached
+    result of one project can never stand in for a stage of another."""
+    d = Path(root).resolve() / STATE_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def remove_stale_outputs(params: Params, root: Path) -> list[Path]:
+    """Delete what writers killed mid-stage left under the stages' output roots (their PIDs are gone)."""
+    tops = {Path(root) / Path(p).parts[0] for p in params.paths.model_dump().values()}
+    return [p for top in sorted(tops) for p in outputs.remove_stale_tree(top)]
+
+
+# ------------------------------------------------------------------------------------------------- lock
+class ProjectLocked(RuntimeError):
+    """Another run holds this project's lock for longer than the caller would wait."""
+
+
+def _holder(info: Path) -> str:
+    try:
+        h = json.loads(info.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "another process (no holder record)"
+    since = time.strftime("%H:%M:%S", time.localtime(h.get("since", 0)))
+    return f"pid {h.get('pid')} on {h.get('host')} ({h.get('what')}, by {h.get('user')}, since {since})"
+
+
+@contextmanager
+def project_lock(root: Path, what: str = "adaptflow", timeout: float | None = None, remind_every: float = 30.0) -> Iterator[None]:
+    """Hold ``root``'s project lock for the block: one pipeline run (or DVC stage) writes a project at a time.
+
+    Re-entrant within a process (a scheduled flow holds it around the pipeline flow it calls). A second
+    process waits, logging who holds the lock and reminding every ``remind_every`` seconds; with a
+    ``timeout`` (seconds) it gives up with :class:`ProjectLocked`. The OS releases the lock of a killed
+    process, so a crashed run never blocks the next one.
+    """
+    d = state_dir(root)
+    lock = FileLock(str(d / LOCK_NAME), thread_local=False, is_singleton=True)
+    info = d / (LOCK_NAME + ".json")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        started = time.monotonic()
+        log.warning("project %s is locked by %s: waiting for that run to finish (lock file %s)", Path(root).resolve(), _holder(info), lock.lock_file)
+        while True:
+            left = None if timeout is None else timeout - (time.monotonic() - started)
+            if left is not None and left <= 0:
+                raise ProjectLocked(f"project {Path(root).resolve()} is still locked by {_holder(info)} after {timeout:.0f} s; "
+                                    f"wait for that run, or raise orchestrate.lock_timeout (the lock frees itself when its process exits)") from None
+            try:
+                lock.acquire(timeout=remind_every if left is None else min(remind_every, left))
+                break
+            except Timeout:
+                log.warning("still waiting for the project lock (held by %s, %.0f s so far)", _holder(info), time.monotonic() - started)
+        log.info("project lock acquired after %.1f s", time.monotonic() - started)
+    if lock.lock_counter == 1:
+        outputs.atomic_write_text(info, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "user": getpass.getuser(),
+                                                    "what": what, "since": time.time()}))
+    try:
+        yield
+    finally:
+        if lock.lock_counter == 1:
+            info.unlink(missing_ok=True)  # before the release: afterwards it may already be the next holder's
+        lock.release()
+
+
+# --------------------------------------------------------------------------------------------- incoming
+def target_folder_name(params: Params) -> str:
+    """The target data's short name: the folder of an imagefolder/csv target, else the built-in's name."""
+    from adaptflow.data.domains import parse_spec
+
+    spec = parse_spec(params.target.domain)
+    return Path(spec.path).stem if spec.is_path else spec.kind
+
+
+def incoming_dir(params: Params, root: Path) -> Path:
+    return Path(root) / params.orchestrate.incoming.format(domain=target_folder_name(params))
+
+
+def absorb_incoming(params: Params, root: Path) -> dict:
+    """Move new target images from the watched folder (``orchestrate.incoming``, one subfolder per class)
+    into the target's image folder, so ingest sees them; the watched folder is left empty.
+
+    A file whose name is taken in the dataset is dropped when the bytes are the same and renamed when they
+    differ. Hidden files (uploads in progress) and files outside a class folder stay where they are. Moving
+    is idempotent: a run killed midway moves the rest next time.
+    """
+    from adaptflow.data.domains import DataError, parse_spec, resolve
+
+    src = incoming_dir(params, root)
+    report = {"incoming": str(src), "added": 0, "duplicates": 0, "classes": [], "dataset": None}
+    files = sorted(p for p in src.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(src).parts)) if src.is_dir() else []
+    loose = [p for p in files if len(p.relative_to(src).parts) < 2]
+    if loose:
+        log.warning("incoming: %d file(s) directly in %s are not in a class folder and stay there (e.g. %s)", len(loose), src, loose[0].name)
+    files = [p for p in files if p not in loose]
+    if not files:
+        log.info("incoming: nothing new in %s", src)
+        return report
+    spec = parse_spec(params.target.domain)
+    if spec.kind != "imagefolder":
+        raise DataError(f"incoming: {len(files)} new file(s) in {src}, but target.domain is {params.target.domain!r}; new data can only "
+                        f"be added to an imagefolder target (set target.domain: imagefolder:data/raw/NAME and target.raw: data/raw/NAME)")
+    dest = resolve(spec, root)
+    classes = set()
+    for f in files:
+        rel = f.relative_to(src)
+        to = dest / rel
+        to.parent.mkdir(parents=True, exist_ok=True)
+        if to.exists():
+            if outputs.file_digest(to) == outputs.file_digest(f):
+                f.unlink()
+                report["duplicates"] += 1
+                continue
+            to = to.with_name(f"{to.stem}-{outputs.file_digest(f)[:8]}{to.suffix}")
+        shutil.move(str(f), str(to))
+        report["added"] += 1
+        classes.add(rel.parts[0])
+    for d in sorted((p for p in src.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(d.iterdir()):
+            d.rmdir()
+    report.update(classes=sorted(classes), dataset=str(dest))
+    log.info("incoming: %d new image(s) in %d class(es) → %s (%d already there)", report["added"], len(classes), dest, report["duplicates"])
+    return report
+
+
+# -------------------------------------------------------------------------------------------------- DVC
+class DvcError(RuntimeError):
+    """A dvc command failed; the message carries its output."""
+
+
+def is_dvc_repo(root: Path) -> bool:
+    return (Path(root) / ".dvc").is_dir()
+
+
+def dvc(root: Path, *args: str, timeout: float = 900) -> str:
+    """Run ``dvc ARGS`` in ``root`` (the dvc beside this Python first) and return its stdout."""
+    exe = Path(sys.executable).parent / "dvc"
+    cmd = [str(exe) if exe.is_file() else (shutil.which("dvc") or "dvc"), *args]
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise DvcError(f"`dvc {' '.join(args)}` in {root} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return proc.stdout
+
+
+def dvc_commit_blocker(root: Path, params_path: str, overrides: list[str] | None) -> str | None:
+    """Why a Prefect run's outputs must not be committed to ``dvc.lock`` (None: they may).
+
+    ``dvc.lock`` records ``params.yaml`` as DVC reads it: outputs made from other values (``--set``
+    overrides of anything but ``orchestrate``, another params file) would make the lock lie.
+    """
+    root = Path(root)
+    if not is_dvc_repo(root) or not (root / "dvc.yaml").is_file():
+        return "not a DVC pipeline (no .dvc/ and dvc.yaml here)"
+    if Path(params_path).resolve() != (root / "params.yaml").resolve():
+        return f"params came from {params_path}, while dvc.yaml reads params.yaml"
+    changed = [o for o in overrides or [] if not o.strip().startswith("orchestrate.")]
+    if changed:
+        return f"--set {' '.join(changed)} differs from params.yaml (dvc exp run -S records such runs)"
+    return None

@@ -1,0 +1,91 @@
+"""The scheduled run and its deployment: new target data in, versioned, adapted, gated.
+
+``scheduled_pipeline`` moves new target images from the watched folder (``orchestrate.incoming``, default
+``data/incoming/<target>/``) into the target's image folder, versions the folder with ``dvc add`` (in a
+DVC repo), then runs ``transfer_pipeline`` — whose register stage moves ``champion`` only through the gate.
+With nothing new and nothing changed every stage is a cache hit and the run is cheap.
+
+Two ways to schedule it, both defined here and in ``prefect.yaml`` (nightly at 02:00 UTC by default):
+
+- ``adaptflow deploy`` registers the deployment with a Prefect server (``PREFECT_API_URL``) for a process
+  work pool; ``prefect worker start --pool adaptflow`` runs it. ``prefect deploy --all`` reads ``prefect.yaml``.
+- ``adaptflow deploy --serve`` serves it from this process (no work pool or worker needed).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from prefect.schedules import Cron
+
+from adaptflow import orchestrate
+from adaptflow.params import Params, load
+from flows.transfer_pipeline import params_file, pipeline
+from tasks import stages as t
+
+DEPLOYMENT = "nightly"
+ENTRYPOINT = "flows.scheduled.scheduled_pipeline"  # a module path: works from any project folder adaptflow is installed for
+
+
+@flow(name="scheduled_pipeline", flow_run_name="scheduled_pipeline[{params_path}]")
+def scheduled_pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None, root: str = ".") -> dict:
+    """Absorb new target data, version it with DVC, run the pipeline and the registry gate."""
+    logger = get_run_logger()
+    params = load(params_file(params_path, root), overrides)
+    project = Path(root).resolve()
+    with orchestrate.project_lock(project, what=f"flow run {flow_run.name or flow_run.id}", timeout=params.orchestrate.lock_timeout):
+        new = t.absorb_incoming(params, str(project))
+        if new["added"] and orchestrate.is_dvc_repo(project):
+            new["dvc_file"] = t.dvc_add(str(project), os.path.relpath(new["dataset"], project))
+        elif new["added"]:
+            logger.warning("%s is not a DVC repo: the %d new image(s) in %s are not versioned (run `dvc init` to version data)", project, new["added"], new["dataset"])
+        result = pipeline(params)(params_path=params_path, overrides=list(overrides or []), root=str(project))
+    reg = result["register"]
+    logger.info("registry: %s version %s %s — %s", reg.get("model_name"), reg.get("version"), "promoted to champion" if reg.get("promoted") else "not promoted",
+                "; ".join(reg.get("reasons") or []))
+    return {"incoming": new, "register": reg}
+
+
+def _schedule(params: Params, cron: str | None) -> Cron:
+    return Cron(cron or params.orchestrate.cron, timezone=params.orchestrate.timezone)
+
+
+def _require_server() -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise RuntimeError("a deployment lives on a Prefect server, and PREFECT_API_URL is not set: start one "
+                           "(`prefect server start --host 127.0.0.1`), `export PREFECT_API_URL=http://127.0.0.1:4200/api`, "
+                           "or serve the schedule from this process with `adaptflow deploy --serve`")
+
+
+def ensure_work_pool(name: str) -> None:
+    """Create the process work pool ``name`` if the server has none by that name."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template()))
+
+
+def deploy(params: Params, root: Path, parameters: dict, name: str = DEPLOYMENT, cron: str | None = None, pool: str | None = None) -> str:
+    """Register the scheduled deployment (code read from ``root`` by a process worker); returns its id."""
+    _require_server()
+    pool = pool or params.orchestrate.work_pool
+    ensure_work_pool(pool)
+    source = scheduled_pipeline.from_source(source=str(Path(root).resolve()), entrypoint=ENTRYPOINT)
+    return str(source.deploy(name=name, work_pool_name=pool, schedules=[_schedule(params, cron)], parameters=parameters,
+                             description=scheduled_pipeline.__doc__, tags=["adaptflow"], print_next_steps=False))
+
+
+def serve(params: Params, parameters: dict, name: str = DEPLOYMENT, cron: str | None = None) -> None:
+    """Serve the schedule from this process until interrupted (runs start as subprocesses)."""
+    scheduled_pipeline.serve(name=name, schedules=[_schedule(params, cron)], parameters=parameters, tags=["adaptflow"])

@@ -1,0 +1,103 @@
+"""The scheduled deployment end to end: a real Prefect server on 127.0.0.1, a process worker, a triggered run
+that absorbs new target images, versions them with DVC, runs the pipeline and registers a model version."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.datafiles import digits, make_imagefolder, save_image
+from tests.integration.conftest import BIN, REPO, env_with_venv, free_port, run, shrunk_params, start_server, stop, write_params
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME (SQLite); stopped by PID."""
+    home = tmp_path / "prefect_home"
+    home.mkdir()
+    port = free_port()
+    env = env_with_venv()
+    env.update({"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+                "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2"})
+    proc = start_server([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], home, f"http://127.0.0.1:{port}/api/health", env)
+    yield env
+    stop(proc)
+
+
+def _project(root: Path) -> Path:
+    """A git + DVC project whose target is an image folder, with new images waiting in the watched folder."""
+    root.mkdir()
+    make_imagefolder(root / "data/raw/digits", per_class=40, mixed=False)
+    images, labels = digits(45)
+    for i, (im, y) in enumerate(zip(images, labels)):
+        if i % 45 >= 40:  # the five per class not yet in the dataset
+            save_image(im, root / "data/incoming/digits" / str(y) / f"new{i:04d}", i, mixed=False)
+    p = shrunk_params()
+    p["target"].update({"domain": "imagefolder:data/raw/digits", "raw": "data/raw/digits", "limit": None})
+    p["finetune"]["strategies"] = ["scratch", "source_only", "finetune"]
+    write_params(root, p)
+    shutil.copy(REPO / "prefect.yaml", root / "prefect.yaml")
+    (root / ".gitignore").write_text("/.adaptflow/\n/mlflow.db\n/mlartifacts/\n")
+    run(["git", "init", "-q"], root)
+    run([str(BIN / "dvc"), "init", "-q"], root)
+    return root
+
+
+def _wait_flow_run(env: dict, flow_run_id: str, worker: subprocess.Popen, log: Path, timeout: float = 600) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = json.loads(run([str(BIN / "prefect"), "flow-run", "inspect", flow_run_id, "--output", "json"], log.parent, check=True, env=env).stdout)["state"]
+        if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return state["name"]
+        if worker.poll() is not None:
+            raise AssertionError(f"worker exited {worker.returncode}\n{log.read_text()[-4000:]}")
+        time.sleep(3)
+    raise AssertionError(f"flow run {flow_run_id} not finished after {timeout:.0f} s\n{log.read_text()[-4000:]}")
+
+
+def test_deployment_runs_on_a_worker_and_registers_a_version(prefect_server, tmp_path):
+    env = prefect_server
+    root = _project(tmp_path / "project")
+
+    # prefect.yaml describes the same nightly deployment: `prefect deploy` registers it with its schedule.
+    run([str(BIN / "prefect"), "work-pool", "create", "adaptflow", "--type", "process"], root, env=env)
+    run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], root, env=env)
+    nightly = json.loads(run([str(BIN / "prefect"), "deployment", "inspect", "scheduled_pipeline/nightly", "--output", "json"], root, env=env).stdout)
+    assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
+    assert nightly["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(root.resolve())}}]
+
+    # `adaptflow deploy` registers it from params.yaml; a worker runs it when triggered.
+    out = run([str(BIN / "adaptflow"), "deploy", "--name", "test-now", "--cron", "30 3 * * *"], root, env=env).stdout
+    assert "scheduled_pipeline/test-now" in out
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "adaptflow", "--type", "process"], cwd=tmp_path, env=env,
+                              stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        triggered = run([str(BIN / "prefect"), "deployment", "run", "scheduled_pipeline/test-now"], root, env=env).stdout
+        flow_run_id = next(line.split()[-1] for line in triggered.splitlines() if "UUID" in line)
+        assert _wait_flow_run(env, flow_run_id, worker, log) == "Completed", log.read_text()[-6000:]
+    finally:
+        worker.send_signal(signal.SIGINT)  # a worker stops on SIGINT; SIGTERM it ignores for a while
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(timeout=10)
+
+    assert not any(p.is_file() for p in (root / "data/incoming/digits").rglob("*"))  # absorbed
+    assert len(list((root / "data/raw/digits/3").iterdir())) == 45
+    assert (root / "data/raw/digits.dvc").is_file()  # versioned by DVC
+    assert json.loads((root / "data/ingested/target/card.json").read_text())["n_found"] == 450  # the new images were ingested
+    registry = json.loads((root / "reports/registry.json").read_text())
+    assert registry["version"] == "1" and registry["model_name"] == "adaptflow-imagefolder-data-raw-digits"
+    lineage = json.loads((root / "reports/lineage.json").read_text())
+    assert lineage["orchestrator"] == {"kind": "prefect", "prefect_flow_run_id": lineage["orchestrator"]["prefect_flow_run_id"]}

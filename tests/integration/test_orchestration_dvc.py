@@ -1,0 +1,49 @@
+"""Prefect and DVC over the same project agree: each finds the other's work done."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tests.integration.conftest import BIN, run
+
+pytestmark = pytest.mark.integration
+
+
+def test_prefect_run_commits_to_dvc_and_dvc_experiments_warm_prefect(dvc_project, prefect_harness):
+    from flows.transfer_pipeline import run_pipeline
+
+    def dvc(*args: str) -> str:
+        return run([str(BIN / "dvc"), *args], dvc_project).stdout
+
+    params = yaml.safe_load((dvc_project / "params.yaml").read_text())
+    params["finetune"]["strategies"] = ["scratch", "source_only", "finetune"]
+    (dvc_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (dvc_project / ".gitignore").write_text("/.adaptflow/\n/mlflow.db\n/mlartifacts/\n")
+    run(["git", "add", "-A"], dvc_project)
+    run(["git", "commit", "-qm", "three strategies"], dvc_project)
+
+    # A Prefect run records what it produced in dvc.lock: DVC then has nothing to do.
+    cold = run_pipeline("params.yaml", [], str(dvc_project))
+    assert not cold["register"]["cached"]
+    assert (dvc_project / "dvc.lock").is_file()
+    assert "up to date" in dvc("status").lower()
+    assert "Running stage" not in dvc("repro")
+
+    # An experiment through DVC changes a metric and is listed.
+    before = json.loads((dvc_project / "reports/evaluate/metrics.json").read_text())
+    out = dvc("exp", "run", "-n", "lr-high", "-S", "finetune.lr=0.05")
+    assert "Running stage 'finetune'" in out and "Running stage 'pretrain'" not in out
+    after = json.loads((dvc_project / "reports/evaluate/metrics.json").read_text())
+    assert after["strategies"]["finetune"]["test_acc"] != before["strategies"]["finetune"]["test_acc"]
+    shown = dvc("exp", "show", "--md")
+    assert "lr-high" in shown and "0.05" in shown
+
+    # A Prefect run after DVC's: every stage finds its output current (the workspace holds the experiment).
+    warm = run_pipeline("params.yaml", [], str(dvc_project))
+    assert all(r["cached"] for r in warm["ingest"].values()) and all(r["cached"] for r in warm["finetune"].values())
+    assert all(warm[s]["cached"] for s in ("augment", "pretrain", "cache_features", "evaluate", "register"))
+    assert warm["register"]["version"] == json.loads((dvc_project / "reports/registry.json").read_text())["version"] == "2"
+    assert "up to date" in dvc("status").lower()

@@ -1,0 +1,231 @@
+"""The ingest stage: bad files quarantined and reported, duplicates dropped before splitting, problems with a
+domain failing before any work with the fix in the message, a streamed store that equals the in-memory one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from adaptflow import outputs
+from adaptflow import params as P
+from adaptflow.data import store
+from adaptflow.data.domains import DataError, Domain
+from adaptflow.data.splits import min_class_size
+from adaptflow.stages import ingest
+from tests.datafiles import make_imagefolder, make_manifest, plant_broken
+
+
+def params(target: str = "uci_digits", source: str = "uci_digits", **over) -> P.Params:
+    data = {"preprocess": {"image_size": 8, "channels": 1},
+            "source": {"domain": source, "synth": {"n": 60, "size": 12}},
+            "target": {"domain": target, "k": 2}}
+    for dotted, value in over.items():
+        section, key = dotted.split("__")
+        data.setdefault(section, {})[key] = value
+    return P.from_dict(data)
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    return make_imagefolder(tmp_path / "digits", per_class=10, classes=4)
+
+
+def _meta_card(root: Path, role: str = "target"):
+    d = root / "data" / "ingested" / role
+    return store.read_meta(d), store.read_card(d), d
+
+
+# --- bad files: quarantined, reported, logged; the run goes on ---------------------------------------------
+
+
+def test_broken_files_are_quarantined_listed_and_logged(tmp_path, folder, monkeypatch, caplog):
+    expected = plant_broken(folder)
+    (folder / "2" / "dangling.png").symlink_to(folder / "2" / "never-there.png")
+    Image.new("L", (64, 64), 9).save(folder / "1" / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # the real digits (≤ 16×16) pass; 64×64 is refused
+    expected |= {"2/dangling.png": "unreadable: No such file or directory", "1/bomb.png": "decompression bomb refused"}
+
+    with caplog.at_level(logging.WARNING, logger="adaptflow.stages.ingest"):
+        result = ingest.run(params(f"imagefolder:{folder}"), tmp_path, "target")
+    assert result["quarantined"] == 5 and result["n_images"] == 40
+    report = json.loads((tmp_path / "reports" / "ingest_target.json").read_text())
+    got = {q["item"]: q["reason"] for q in report["quarantined"]}
+    assert set(got) == set(expected)
+    for item, why in expected.items():
+        assert got[item].startswith(why), (item, got[item])
+        assert any(item in r.getMessage() and "quarantined" in r.getMessage() for r in caplog.records), item
+    meta, card, _ = _meta_card(tmp_path)
+    assert card["quarantined"] == report["quarantined"] and card["n_found"] == 45 and card["n_images"] == 40
+    assert not set(expected) & set(meta["item"])
+    assert card["native"]["formats"].keys() >= {"PNG", "JPEG", "BMP", "GIF", "TIFF"}
+    assert {"L", "RGB"} <= set(card["native"]["modes"])
+
+
+def test_all_files_broken_fails_naming_the_reasons(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / "f" / c).mkdir(parents=True)
+        for i in range(8):
+            (tmp_path / "f" / c / f"{i}.txt").write_text("x")
+    with pytest.raises(DataError, match=r"^target\.domain: no usable images .*16 quarantined.*not an image Pillow can read"):
+        ingest.run(params("imagefolder:f"), tmp_path, "target")
+
+
+def test_cache_follows_the_files_and_restores_the_report(tmp_path, folder):
+    p = params(f"imagefolder:{folder}")
+    assert not ingest.run(p, tmp_path, "target")["cached"]
+    report = tmp_path / "reports" / "ingest_target.json"
+    report.unlink()
+    assert ingest.run(p, tmp_path, "target")["cached"] and report.is_file()
+    (folder / "0" / "notes.txt").write_text("new junk")  # a changed folder is a changed input
+    again = ingest.run(p, tmp_path, "target")
+    assert not again["cached"] and again["quarantined"] == 1
+
+
+# --- duplicates: removed before splitting, counted, never straddling a split --------------------------------
+
+
+def test_duplicates_removed_counted_and_never_straddle(tmp_path, folder):
+    pngs = sorted((folder / "0").glob("*.png"))
+    shutil.copy(pngs[0], folder / "0" / "z_copy_same_class.png")
+    shutil.copy(pngs[0], folder / "1" / "z_copy_other_class.png")
+    ingest.run(params(f"imagefolder:{folder}"), tmp_path, "target")
+    meta, card, _ = _meta_card(tmp_path)
+    assert card["duplicates"]["removed"] == card["duplicates_removed"] == 2
+    assert card["duplicates"]["conflicting_class"] == 1
+    conflict = next(d for d in card["duplicates"]["items"] if "conflicting_class" in d)
+    assert conflict == {"item": "1/z_copy_other_class.png", "duplicate_of": "0/" + pngs[0].name, "class": "1", "conflicting_class": "0"}
+    assert meta.sha1.is_unique
+    by_split = meta.groupby("split").sha1.apply(set)
+    assert all(not (by_split[a] & by_split[b]) for a in by_split.index for b in by_split.index if a < b)
+
+
+def _array_domain(images: np.ndarray, labels: np.ndarray) -> Domain:
+    return Domain("test", ["a", "b", "c"], labels, [str(i) for i in range(len(labels))], images.__getitem__, "fp")
+
+
+@given(data=st.data(), n=st.integers(1, 40))
+@settings(max_examples=25)
+def test_decode_accounts_for_every_item_and_keeps_unique_bytes(data, n):
+    pool = np.random.default_rng(0).integers(0, 256, (6, 4, 4), dtype=np.uint8)  # few distinct images: many duplicates
+    images = pool[data.draw(st.lists(st.integers(0, 5), min_size=n, max_size=n))]
+    labels = np.array(data.draw(st.lists(st.integers(0, 2), min_size=n, max_size=n)), dtype=np.int64)
+    with tempfile.TemporaryDirectory() as d:
+        writer = store.ImageWriter(Path(d), (1, 4, 4))
+        dec = ingest.decode(_array_domain(images, labels), np.arange(n), 4, 1, writer)
+        writer.finish()
+        stored = np.load(Path(d) / store.IMAGES)
+    assert len(dec.index) + len(dec.duplicates) + len(dec.quarantined) == n
+    assert len(set(dec.sha1)) == len(dec.sha1) == len(stored)
+    assert [im.tobytes() for im in stored] == [images[i][None].tobytes() for i in dec.index]
+    kept = {str(i) for i in dec.index}
+    for dup in dec.duplicates:  # every dropped copy points at a kept image with the same bytes
+        assert dup["duplicate_of"] in kept and images[int(dup["item"])].tobytes() == images[int(dup["duplicate_of"])].tobytes()
+
+
+# --- problems with the domain: one clear message, before any work ------------------------------------------
+
+
+def test_class_too_small_for_the_splits(tmp_path, folder):
+    for p in sorted((folder / "2").iterdir())[3:]:
+        p.unlink()
+    with pytest.raises(DataError) as exc:
+        ingest.run(params(f"imagefolder:{folder}"), tmp_path, "target")
+    msg = str(exc.value)
+    need = min_class_size({"val": 0.1, "test": 0.3}, train_min=2)
+    assert msg.startswith("target.domain: class(es) with too few usable images — '2': 3.")
+    assert f"at least {need} (target.k=2 labeled train images, at least one image in every split at val_fraction=0.1, test_fraction=0.3)" in msg
+    assert "Add images to those classes, lower target.k, or remove the classes." in msg
+    assert not (tmp_path / "data" / "ingested" / "target").exists()
+
+
+def test_class_emptied_by_quarantine_counts_what_was_lost(tmp_path, folder):
+    for p in sorted((folder / "2").iterdir())[4:]:
+        p.write_bytes(b"")
+    with pytest.raises(DataError, match=r"'2': 4 \(6 quarantined\)"):
+        ingest.run(params(f"imagefolder:{folder}"), tmp_path, "target")
+
+
+def test_k_larger_than_a_class_allows(tmp_path, folder):
+    with pytest.raises(DataError, match=r"target\.k=9 labeled train images"):
+        ingest.run(params(f"imagefolder:{folder}", target__k=9), tmp_path, "target")
+
+
+def test_source_needs_train_and_val_per_class(tmp_path):
+    make_imagefolder(tmp_path / "s", per_class=1, classes=3, mixed=False)
+    with pytest.raises(DataError, match=r"^source\.domain: class\(es\) with too few usable images .* at least 6 \(at least one image in every split at val_fraction=0\.1\)"):
+        ingest.run(params(source="imagefolder:s"), tmp_path, "source")
+
+
+def test_single_class_is_refused(tmp_path):
+    make_imagefolder(tmp_path / "one", per_class=10, classes=1, mixed=False)
+    with pytest.raises(DataError, match=r"has 1 class\(es\) \['0'\]; a classifier needs at least two"):
+        ingest.run(params("imagefolder:one"), tmp_path, "target")
+
+
+def test_missing_path_in_the_other_role_fails_fast(tmp_path):
+    with pytest.raises(DataError, match=r"^target\.domain: imagefolder path .*nowhere does not exist"):
+        ingest.run(params("imagefolder:nowhere"), tmp_path, "source")
+
+
+# --- manifests ----------------------------------------------------------------------------------------------
+
+
+def test_csv_given_splits_are_kept(tmp_path):
+    m = make_manifest(tmp_path / "m", per_class=12, classes=3, splits=True)
+    ingest.run(params(f"csv:{m}"), tmp_path, "target")
+    meta, card, _ = _meta_card(tmp_path)
+    assert card["splits_given"] and card["classes"] == ["digit_0", "digit_1", "digit_2"]
+    expected = {f"img/{i:04d}.png": ["train", "train", "train", "train", "val", "test"][i % 6] for i in range(36)}
+    assert dict(zip(meta["item"], meta["split"])) == expected
+    assert meta[meta.labeled].groupby("class_name").size().to_dict() == {"digit_0": 2, "digit_1": 2, "digit_2": 2}
+    assert not meta[meta.labeled].split.ne("train").any()
+
+
+def test_csv_given_splits_too_few_train(tmp_path):
+    m = make_manifest(tmp_path / "m", per_class=12, classes=3, splits=True)
+    with pytest.raises(DataError, match=r"split column leaves class\(es\) with fewer than 9 train images"):
+        ingest.run(params(f"csv:{m}", target__k=9), tmp_path, "target")
+
+
+# --- the store --------------------------------------------------------------------------------------------
+
+
+def test_streamed_store_matches_the_in_memory_definition(tmp_path):
+    ingest.run(params(target="uci_digits", target__limit=200), tmp_path, "target")
+    meta, card, d = _meta_card(tmp_path)
+    images = np.load(d / store.IMAGES)
+    assert images.shape == (card["n_images"], 1, 8, 8) and images.dtype == np.uint8
+    labels = meta.label.to_numpy().astype(np.int64)
+    assert card["data_hash"] == hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()[:16]
+    assert [hashlib.sha1(im.tobytes()).hexdigest() for im in images] == list(meta.sha1)
+    assert card["counts_per_class"] == {str(c): int((labels == c).sum()) for c in range(10)}
+    assert sum(sum(v.values()) for v in card["counts"].values()) == card["n_images"]
+    assert outputs.read_manifest(d) is not None and not list(d.glob("*.staging"))
+
+
+def test_synth_ingest_is_deterministic(tmp_path):
+    a = ingest.run(params(source="synth_digits"), tmp_path / "a", "source")
+    b = ingest.run(params(source="synth_digits"), tmp_path / "b", "source")
+    c = ingest.run(params(source="synth_digits", source__synth={"n": 60, "size": 12, "seed": 1}), tmp_path / "c", "source")
+    card = lambda r: store.read_card(Path(r["path"]))  # noqa: E731
+    assert card(a)["data_hash"] == card(b)["data_hash"] != card(c)["data_hash"]
+    assert card(a)["counts_per_class"] == {str(d): 6 for d in range(10)}
+    assert card(a)["domain_info"]["synth"]["fonts"]
+
+
+def test_image_writer_rejects_wrong_shape(tmp_path):
+    w = store.ImageWriter(tmp_path, (1, 4, 4))
+    with pytest.raises(ValueError, match="expected uint8"):
+        w.append(np.zeros((1, 5, 5), np.uint8))
+    w.abort()
+    assert not list(tmp_path.iterdir())

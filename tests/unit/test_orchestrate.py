@@ -1,0 +1,130 @@
+"""adaptflow.orchestrate: the project lock, incoming data, when dvc.lock may be committed; the cache policy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adaptflow import orchestrate
+from adaptflow.data.domains import DataError
+from adaptflow.params import Params, ParamsError, from_dict
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _params(**sections) -> Params:
+    return from_dict(sections)
+
+
+def test_lock_is_reentrant_and_leaves_no_holder_record(tmp_path):
+    info = tmp_path / orchestrate.STATE_DIR / (orchestrate.LOCK_NAME + ".json")
+    with orchestrate.project_lock(tmp_path, what="outer"):
+        assert '"what": "outer"' in info.read_text()
+        with orchestrate.project_lock(tmp_path, what="inner"):  # a scheduled flow around the pipeline flow
+            assert '"what": "outer"' in info.read_text()
+        assert info.is_file()
+    assert not info.exists()
+
+
+def test_second_process_waits_then_gives_up_naming_the_holder(tmp_path):
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO)\n"
+            "from adaptflow import orchestrate\n"
+            f"with orchestrate.project_lock({str(tmp_path)!r}, timeout=1.0, remind_every=0.3): print('GOT')\n")
+    with orchestrate.project_lock(tmp_path, what="test holder"):
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "GOT" not in proc.stdout
+    assert "is locked by pid" in proc.stderr and "test holder" in proc.stderr and "waiting for that run to finish" in proc.stderr
+    assert "ProjectLocked" in proc.stderr and "still locked" in proc.stderr
+    free = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert free.returncode == 0 and "GOT" in free.stdout
+
+
+def _imagefolder(root: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+
+
+def test_absorb_incoming_moves_new_files_into_the_target_folder(tmp_path):
+    p = _params(target={"domain": "imagefolder:data/raw/digits"})
+    _imagefolder(tmp_path / "data/raw/digits", {"0/a.png": b"a", "1/b.png": b"b"})
+    incoming = orchestrate.incoming_dir(p, tmp_path)
+    assert incoming == tmp_path / "data/incoming/digits"
+    _imagefolder(incoming, {"0/a.png": b"a", "1/b.png": b"B", "2/c.png": b"c", "loose.png": b"l", "2/.partial.png": b"p"})
+    report = orchestrate.absorb_incoming(p, tmp_path)
+    assert report["added"] == 2 and report["duplicates"] == 1 and report["classes"] == ["1", "2"]
+    dest = tmp_path / "data/raw/digits"
+    assert (dest / "2/c.png").read_bytes() == b"c" and (dest / "1/b.png").read_bytes() == b"b"
+    renamed = [f for f in (dest / "1").iterdir() if f.name != "b.png"]
+    assert len(renamed) == 1 and renamed[0].read_bytes() == b"B"  # a different file under a taken name is kept, renamed
+    assert sorted(str(f.relative_to(incoming)) for f in incoming.rglob("*") if f.is_file()) == ["2/.partial.png", "loose.png"]
+    assert orchestrate.absorb_incoming(p, tmp_path)["added"] == 0
+
+
+def test_absorb_incoming_needs_an_imagefolder_target(tmp_path):
+    p = _params()  # uci_digits: a built-in, nothing to add files to
+    assert orchestrate.absorb_incoming(p, tmp_path)["added"] == 0
+    _imagefolder(orchestrate.incoming_dir(p, tmp_path), {"3/x.png": b"x"})
+    with pytest.raises(DataError, match="imagefolder target"):
+        orchestrate.absorb_incoming(p, tmp_path)
+
+
+def test_dvc_commit_blocker(tmp_path):
+    assert "not a DVC pipeline" in orchestrate.dvc_commit_blocker(tmp_path, str(tmp_path / "params.yaml"), None)
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    assert orchestrate.dvc_commit_blocker(tmp_path, str(tmp_path / "params.yaml"), ["orchestrate.task_runner=threads"]) is None
+    assert "finetune.lr=0.1" in orchestrate.dvc_commit_blocker(tmp_path, str(tmp_path / "params.yaml"), ["finetune.lr=0.1"])
+    assert "other.yaml" in orchestrate.dvc_commit_blocker(tmp_path, str(tmp_path / "other.yaml"), None)
+
+
+def test_orchestrate_params_validate():
+    assert Params().orchestrate.task_runner == "sequential"  # deterministic by default
+    with pytest.raises(ParamsError, match="orchestrate.task_runner"):
+        _params(orchestrate={"task_runner": "ray"})
+    with pytest.raises(ParamsError, match="orchestrate.cron"):
+        _params(orchestrate={"cron": "nightly"})
+
+
+def test_identity_unknown_stage_and_missing_upstream(tmp_path):
+    with pytest.raises(ValueError, match="unknown stage"):
+        orchestrate.identity("train", Params(), tmp_path)
+    with pytest.raises(FileNotFoundError):
+        orchestrate.identity("pretrain", Params(), tmp_path)
+
+
+def test_tracking_uri(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert orchestrate.tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert orchestrate.tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+
+
+def test_stage_cache_key_is_the_stage_key_and_forgets_stale_records(tmp_path, monkeypatch):
+    from tasks.caching import StageInputs
+
+    current = {"value": True}
+    monkeypatch.setattr(orchestrate, "identity", lambda stage, params, root, **w: orchestrate.Identity(stage, f"k-{w.get('seed')}", tmp_path / "out"))
+    monkeypatch.setattr(orchestrate, "is_current", lambda ident, root: current["value"])
+    policy = StageInputs(stage="finetune").configure(key_storage=tmp_path / "keys")
+    inputs = {"params": Params(), "root": str(tmp_path), "strategy": "dann", "seed": 1}
+    key = policy.compute_key(None, inputs, {})
+    assert key == policy.compute_key(None, dict(inputs), {}) and key != policy.compute_key(None, {**inputs, "seed": 2}, {})
+    other_root = tmp_path / "copy"
+    assert key != policy.compute_key(None, {**inputs, "root": str(other_root)}, {})  # a copied project never reuses records
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / key).write_text("{}")
+    policy.compute_key(None, inputs, {})
+    assert (tmp_path / "keys" / key).is_file()  # output current: the record stands
+    current["value"] = False
+    assert policy.compute_key(None, inputs, {}) == key
+    assert not (tmp_path / "keys" / key).exists()  # output gone or replaced: the record is dropped, the task runs
+
+
+def test_stage_cache_key_none_when_upstream_missing(tmp_path):
+    from tasks.caching import StageInputs
+
+    assert StageInputs(stage="evaluate").compute_key(None, {"params": Params(), "root": str(tmp_path)}, {}) is None
