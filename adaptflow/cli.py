@@ -71,10 +71,13 @@ def run(
 
 def _exit_now(code: int) -> None:
     """Exit after the exit hooks, skipping the interpreter's teardown of torch & co. (2–4 s of a 15 s warm
-    re-run). Every ``atexit`` hook still runs: Prefect's log and event workers drain, handlers flush."""
+    re-run). Every ``atexit`` hook still runs: Prefect's log and event workers drain, handlers flush. Only
+    as the ``adaptflow`` command: an in-process caller (a test, a notebook) keeps its interpreter."""
     import atexit
     import os
 
+    if Path(sys.argv[0]).name != "adaptflow":
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     atexit._run_exitfuncs()
@@ -123,17 +126,19 @@ def deploy(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Schedule the pipeline: each run ingests new target data from orchestrate.incoming, versions it with DVC,
-    runs every stage that changed and the registry gate. Needs a Prefect server (PREFECT_API_URL) unless --serve."""
+    runs every stage that changed and the registry gate. Needs a Prefect server (PREFECT_API_URL): its scheduler
+    creates the runs, a worker (or, with --serve, this process) executes them."""
     _setup_logging(verbose)
     p = _load(params, set_)
     from flows import scheduled  # the orchestrator lives outside the core
 
     parameters = {"params_path": str(params), "overrides": list(set_ or []), "root": str(Path.cwd()) if serve else "."}
-    if serve:
-        typer.echo(f"serving scheduled_pipeline/{name} ({cron or p.orchestrate.cron}, {p.orchestrate.timezone}); Ctrl-C stops it")
-        scheduled.serve(p, parameters, name=name, cron=cron)
-        return
     try:
+        scheduled.require_server()
+        if serve:
+            typer.echo(f"serving scheduled_pipeline/{name} ({cron or p.orchestrate.cron}, {p.orchestrate.timezone}); Ctrl-C stops it")
+            scheduled.serve(p, parameters, name=name, cron=cron)
+            return
         dep_id = scheduled.deploy(p, Path.cwd(), parameters, name=name, cron=cron, pool=pool)
     except RuntimeError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)

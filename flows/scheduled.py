@@ -9,7 +9,8 @@ Two ways to schedule it, both defined here and in ``prefect.yaml`` (nightly at 0
 
 - ``adaptflow deploy`` registers the deployment with a Prefect server (``PREFECT_API_URL``) for a process
   work pool; ``prefect worker start --pool adaptflow`` runs it. ``prefect deploy --all`` reads ``prefect.yaml``.
-- ``adaptflow deploy --serve`` serves it from this process (no work pool or worker needed).
+- ``adaptflow deploy --serve`` serves it from this process (no work pool or worker needed; still a server,
+  whose scheduler creates the runs).
 """
 
 from __future__ import annotations
@@ -53,13 +54,13 @@ def _schedule(params: Params, cron: str | None) -> Cron:
     return Cron(cron or params.orchestrate.cron, timezone=params.orchestrate.timezone)
 
 
-def _require_server() -> None:
+def require_server() -> None:
+    """Schedules live on a Prefect server: the ephemeral API has no scheduler, so nothing would ever run."""
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
-        raise RuntimeError("a deployment lives on a Prefect server, and PREFECT_API_URL is not set: start one "
-                           "(`prefect server start --host 127.0.0.1`), `export PREFECT_API_URL=http://127.0.0.1:4200/api`, "
-                           "or serve the schedule from this process with `adaptflow deploy --serve`")
+        raise RuntimeError("a schedule lives on a Prefect server, and PREFECT_API_URL is not set: start one "
+                           "(`prefect server start --host 127.0.0.1`) and `export PREFECT_API_URL=http://127.0.0.1:4200/api`")
 
 
 def ensure_work_pool(name: str) -> None:
@@ -78,7 +79,7 @@ def ensure_work_pool(name: str) -> None:
 
 def deploy(params: Params, root: Path, parameters: dict, name: str = DEPLOYMENT, cron: str | None = None, pool: str | None = None) -> str:
     """Register the scheduled deployment (code read from ``root`` by a process worker); returns its id."""
-    _require_server()
+    require_server()
     pool = pool or params.orchestrate.work_pool
     ensure_work_pool(pool)
     source = scheduled_pipeline.from_source(source=str(Path(root).resolve()), entrypoint=ENTRYPOINT)
@@ -88,4 +89,5 @@ def deploy(params: Params, root: Path, parameters: dict, name: str = DEPLOYMENT,
 
 def serve(params: Params, parameters: dict, name: str = DEPLOYMENT, cron: str | None = None) -> None:
     """Serve the schedule from this process until interrupted (runs start as subprocesses)."""
+    require_server()
     scheduled_pipeline.serve(name=name, schedules=[_schedule(params, cron)], parameters=parameters, tags=["adaptflow"])

@@ -75,6 +75,17 @@ def test_deployment_runs_on_a_worker_and_registers_a_version(prefect_server, tmp
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
     assert nightly["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(root.resolve())}}]
 
+    # `adaptflow deploy --serve` serves it from one process (registered while it runs).
+    served = subprocess.Popen([str(BIN / "adaptflow"), "deploy", "--serve", "--name", "served"], cwd=root, env=env,
+                              stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while run([str(BIN / "prefect"), "deployment", "inspect", "scheduled_pipeline/served"], root, check=False, env=env).returncode != 0:
+            assert time.time() < deadline and served.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+    finally:
+        stop(served)
+
     # `adaptflow deploy` registers it from params.yaml; a worker runs it when triggered.
     out = run([str(BIN / "adaptflow"), "deploy", "--name", "test-now", "--cron", "30 3 * * *"], root, env=env).stdout
     assert "scheduled_pipeline/test-now" in out
