@@ -63,25 +63,24 @@ def run(
     reg = result["register"]
     verdict = "promoted to champion" if reg.get("promoted") else "not promoted"
     typer.echo(f"registry: {reg.get('model_name')} version {reg.get('version')} {verdict}: {'; '.join(reg.get('reasons', []))}")
-    from flows.api import stop_without_waiting
-
-    stop_without_waiting()
     _exit_now(0)
 
 
 def _exit_now(code: int) -> None:
-    """Exit after the exit hooks, skipping the interpreter's teardown of torch & co. (2–4 s of a 15 s warm
-    re-run). Every ``atexit`` hook still runs: Prefect's log and event workers drain, handlers flush. Only
-    as the ``adaptflow`` command: an in-process caller (a test, a notebook) keeps its interpreter."""
+    """Exit after the exit hooks, skipping the interpreter's teardown of torch & co. Every ``atexit`` hook
+    still runs (Prefect's log and event workers drain, its temporary API server stops). Only as the
+    ``adaptflow`` command: an in-process caller (a test, a notebook) keeps its interpreter."""
     import atexit
     import os
 
     if Path(sys.argv[0]).name != "adaptflow":
         return
+    # Logging first, while Prefect's API and event loop still run: its API log handler's flush otherwise waits
+    # out a 5 s timeout once its own exit hooks have stopped them.
+    logging.shutdown()
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
-    atexit._run_exitfuncs()
-    logging.shutdown()
     os._exit(code)
 
 

@@ -36,19 +36,3 @@ def start_in_background() -> Callable[[], None]:
     thread.start()
     return thread.join
 
-
-def stop_without_waiting() -> None:
-    """Ask the ephemeral API server to shut down, and let this process exit without waiting for it.
-
-    Prefect's own exit hook waits for the server's graceful shutdown (about 3 s, a fifth of a warm re-run);
-    the server finishes it on its own. Nothing to do when the API is a real server.
-    """
-    try:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        server = SubprocessASGIServer()
-        if server.server_process is not None:
-            server.server_process.terminate()
-            server.server_process = None  # the exit hook then has nothing to wait for
-    except Exception as exc:  # noqa: BLE001 — the exit hook stops it the slow way
-        log.debug("quick stop of the Prefect API server skipped: %s", exc)
