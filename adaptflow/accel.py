@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from adaptflow.imaging import normalize
+from adaptflow.imaging import model_input
 
 
 @dataclass(frozen=True)
@@ -46,19 +46,29 @@ class Runtime:
             model.to(memory_format=torch.channels_last)
         return model
 
-    def forward_fn(self, model: nn.Module) -> Any:
-        """The callable to run ``model`` with: compiled when asked (weights stay shared with ``model``)."""
-        return torch.compile(model) if self.compile else model
+    def forward_fn(self, model: nn.Module, size: int | None = None) -> Any:
+        """uint8 batch on the device → ``model``'s output, input conversion included (see
+        :meth:`features_fn`); compiled when asked (weights stay shared with ``model``)."""
 
-    def features_fn(self, model: nn.Module) -> Any:
-        def pooled(x: torch.Tensor) -> torch.Tensor:
+        def run(x_uint8: torch.Tensor) -> torch.Tensor:
+            return model(self.to_input(x_uint8, size))
+
+        return torch.compile(run) if self.compile else run
+
+    def features_fn(self, model: nn.Module, size: int | None = None) -> Any:
+        """uint8 batch on the device → pooled features; input conversion (normalise, resize to ``size``,
+        memory format) included, so that a compiled function fuses it with the first layers."""
+
+        def pooled(x_uint8: torch.Tensor) -> torch.Tensor:
+            x = self.to_input(x_uint8, size)
             return model.forward_head(model.forward_features(x), pre_logits=True)
 
         return torch.compile(pooled) if self.compile else pooled
 
-    def to_input(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        """uint8 batch already on the device → normalised float input in the runtime's memory format."""
-        x = normalize(x_uint8)
+    def to_input(self, x_uint8: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """uint8 batch already on the device → normalised float input (resized to ``size`` there when the
+        stored side differs) in the runtime's memory format."""
+        x = model_input(x_uint8, size)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 
@@ -57,13 +58,28 @@ def run(
     from flows.transfer_pipeline import run_pipeline
 
     api_ready()
-    result = run_pipeline(params_path=str(params), overrides=overrides, root=str(Path.cwd()))
+    with _bad_input_exits():
+        result = run_pipeline(params_path=str(params), overrides=overrides, root=str(Path.cwd()))
     typer.echo("")
     typer.echo((Path(p.paths.reports) / "evaluate" / "comparison.md").read_text())
     reg = result["register"]
     verdict = "promoted to champion" if reg.get("promoted") else "not promoted"
     typer.echo(f"registry: {reg.get('model_name')} version {reg.get('version')} {verdict}: {'; '.join(reg.get('reasons', []))}")
     _exit_now(0)
+
+
+@contextlib.contextmanager
+def _bad_input_exits() -> Iterator[None]:
+    """Bad input (corrupt or missing data, too few images: a ``DataError``) ends the command with its
+    message and exit status 2, not a traceback; nothing partial was kept (stages write atomically)."""
+    from adaptflow.data.files import DataError
+
+    try:
+        yield
+    except DataError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        _exit_now(2)
+        raise typer.Exit(2) from None
 
 
 def _exit_now(code: int) -> None:
@@ -104,7 +120,7 @@ def stage(
     except ValueError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
-    with orchestrate.project_lock(Path.cwd(), what=f"adaptflow stage {name}", timeout=p.orchestrate.lock_timeout):
+    with _bad_input_exits(), orchestrate.project_lock(Path.cwd(), what=f"adaptflow stage {name}", timeout=p.orchestrate.lock_timeout):
         if name == "ingest":
             for r in [role] if role else list(params_mod.ROLES):
                 fn(p, Path.cwd(), role=r)

@@ -89,3 +89,17 @@ def normalize(batch: Any) -> Any:
     if hasattr(batch, "float"):
         return batch.float() / 127.5 - 1.0
     return batch.astype(np.float32) / 127.5 - 1.0
+
+
+def model_input(batch: Any, size: int | None = None) -> Any:
+    """A uint8 torch batch N×C×H×W → the network's input: normalised, and resized to ``size``×``size`` on
+    the batch's own device when the stored side differs (images are decoded once at ingest at
+    ``preprocess.image_size``; a model may see them larger, e.g. a resnet at 224 px). Bilinear, with
+    antialiasing when shrinking. The one definition used in training, feature caching and serving."""
+    x = normalize(batch)
+    if size is None or tuple(x.shape[-2:]) == (size, size):
+        return x
+    import torch.nn.functional as F  # only torch batches get here; this module stays numpy + Pillow
+
+    shrink = size < max(x.shape[-2:])
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)

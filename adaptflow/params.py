@@ -160,6 +160,9 @@ class Augment(_Section):
 
 class Pretrain(_Section):
     model: str = "resnet10t"
+    # The side the network sees. null: the stored side (preprocess.image_size). Larger (e.g. 224 for a
+    # resnet on a GPU) resizes each uint8 batch on the device: images stay decoded once, small, at ingest.
+    input_size: int | None = Field(None, ge=8, le=1024)
     epochs: int = Field(6, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0)

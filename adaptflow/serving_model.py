@@ -48,7 +48,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         probs = []
         with torch.no_grad():
             for i in range(0, len(batch), 256):
-                x = imaging.normalize(torch.from_numpy(batch[i : i + 256]))
+                x = imaging.model_input(torch.from_numpy(batch[i : i + 256]), self.cfg.get("input_size"))
                 probs.append(torch.softmax(self.model(x).float(), dim=1).numpy())
         p = np.concatenate(probs) if probs else np.zeros((0, len(classes)), np.float32)
         out = pd.DataFrame({"label": [classes[i] for i in p.argmax(1)], "confidence": p.max(1) if len(p) else []})

@@ -19,8 +19,8 @@ from torchvision.transforms import v2
 
 from adaptflow.accel import Prefetcher, Runtime, runtime, slices
 from adaptflow.data.store import Split
-from adaptflow.data.transforms import apply_per_sample
-from adaptflow.imaging import normalize
+from adaptflow.data.batch_augment import BatchAugment
+from adaptflow.models import input_size
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 512, 
     out = []
     for x, _ in Prefetcher(slices(images, batch_size), rt):
         with rt.autocast():
-            out.append(model(rt.to_input(x)).float().cpu())
+            out.append(model(model_input(model, x, rt)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -76,8 +76,9 @@ def val_scorer(val: Split, dev: torch.device) -> Scorer:
     return score
 
 
-def stream(split: Split, batch_size: int, transform: v2.Transform, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless shuffled batches (uint8 images after ``transform``, labels), reshuffled every pass."""
+def stream(split: Split, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless shuffled host batches (raw uint8 images as stored, labels), reshuffled every pass: one
+    sorted fancy-index read of the (memory-mapped) store per batch, nothing decoded."""
     n = len(split)
     labels = torch.from_numpy(split.labels)
     while True:
@@ -86,8 +87,25 @@ def stream(split: Split, batch_size: int, transform: v2.Transform, rng: np.rando
             idx = np.sort(order[i : i + batch_size])
             if len(idx) < 2 and n >= 2:
                 break  # BatchNorm cannot train on a batch of one
-            x = apply_per_sample(transform, torch.from_numpy(np.ascontiguousarray(split.images[idx])))
-            yield x, labels[idx]
+            yield torch.from_numpy(np.ascontiguousarray(split.images[idx])), labels[idx]
+
+
+def batches(split: Split, batch_size: int, transform: v2.Transform, seed: int, rt: Runtime) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless shuffled training batches on the device: raw uint8 batches read on the host, copied ahead
+    by the :class:`Prefetcher`, then augmented there by :class:`BatchAugment` (parameters per image,
+    from a generator seeded with ``seed``; the data order is seeded with ``seed`` too)."""
+    augment = BatchAugment(transform, seed)
+    prefetcher = Prefetcher(stream(split, batch_size, np.random.default_rng(seed)), rt)
+    try:
+        for x, y in prefetcher:
+            yield augment(x), y
+    finally:
+        prefetcher.close()
+
+
+def model_input(model: nn.Module, x: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """A uint8 batch on the device → what ``model`` takes (normalised, resized to its input side)."""
+    return rt.to_input(x, input_size(model))
 
 
 class Objective(nn.Module):
@@ -136,7 +154,7 @@ def fit(
     dev = rt.device
     seed_everything(seed)
     rt.place(model)
-    forward = rt.forward_fn(model)
+    forward = rt.forward_fn(model, input_size(model))
     objectives = [o.to(dev) for o in objectives or []]
     groups = list(param_groups)
     extra = [p for o in objectives for p in o.parameters() if p.requires_grad]
@@ -150,9 +168,7 @@ def fit(
         steps_per_epoch = max(1, -(-len(train) // batch_size))
     total_steps = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
-    rng = np.random.default_rng(seed)
-    prefetcher = Prefetcher(stream(train, batch_size, transform, rng), rt) if has_labels else None
-    batches = iter(prefetcher) if prefetcher is not None else None
+    feed = batches(train, batch_size, transform, seed, rt) if has_labels else None
     if scorer is None:
         if val is None:
             raise ValueError("fit needs a val split or a scorer to choose a checkpoint")
@@ -186,9 +202,9 @@ def fit(
             loss = torch.zeros((), device=dev)
             logs: dict[str, float] = {}
             with rt.autocast():
-                if batches is not None:
-                    x, y = next(batches)
-                    ce = F.cross_entropy(forward(rt.to_input(x)), y)
+                if feed is not None:
+                    x, y = next(feed)
+                    ce = F.cross_entropy(forward(x), y)
                     loss = loss + ce
                     logs["ce"] = ce.detach()
                 for o in objectives:
@@ -208,8 +224,8 @@ def fit(
         row = result.history[-1]
         log.info("%s epoch %d/%d train_loss %.4f score %s", desc, epoch, epochs, row["train_loss"],
                  {k: round(v, 4) for k, v in row.items() if k.startswith("val") or k.startswith("sel")})
-    if prefetcher is not None:
-        prefetcher.close()
+    if feed is not None:
+        feed.close()
     model.load_state_dict(best_state)
     model.eval()
     return result
@@ -221,7 +237,7 @@ def recalibrate_bn(model: nn.Module, images: np.ndarray, batch_size: int = 256) 
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns or len(images) < 2:
         return
-    dev = next(model.parameters()).device
+    rt = runtime(device=str(next(model.parameters()).device))
     saved = [(m.momentum, m.training) for m in bns]
     for m in bns:
         m.reset_running_stats()
@@ -231,7 +247,8 @@ def recalibrate_bn(model: nn.Module, images: np.ndarray, batch_size: int = 256) 
         chunk = images[i : i + batch_size]
         if len(chunk) < 2:
             break
-        model(normalize(torch.from_numpy(np.ascontiguousarray(chunk)).to(dev)))
+        with rt.autocast():
+            model(model_input(model, torch.from_numpy(np.ascontiguousarray(chunk)).to(rt.device), rt))
     for m, (momentum, _) in zip(bns, saved):
         m.momentum = momentum
     model.eval()

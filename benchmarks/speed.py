@@ -9,8 +9,12 @@ For each model, on images written to an ingested-style uint8 store (memory-mappe
 and the ratios b/a and d/c — eager and compiled. Results go to ``<out>.json`` and ``<out>.md`` with the
 device named. Without a GPU it runs on the CPU and says so.
 
-    python benchmarks/speed.py --quick                               # CPU, a few minutes
-    python benchmarks/speed.py --models resnet18 resnet50 --size 224 --n 50000 --compile   # a GPU
+    python benchmarks/speed.py --quick                    # CPU, a few minutes
+    python benchmarks/speed.py --compile --out benchmarks/results/speed_h100   # a GPU: resnet18/50 at 224, resnet10t at 32
+    python benchmarks/speed.py --cpu-part --out benchmarks/results/speed_cpu   # make run cold/warm, ingest + cache_features at N
+
+Images are stored as ingest writes them (``--store-size``, default 64 px; uint8) and resized to the model's
+side on the device, inside the compiled function when compiling.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +42,7 @@ from adaptflow.data.store import Split  # noqa: E402
 from adaptflow.models import ModelConfig, create  # noqa: E402
 from adaptflow.stages.cache_features import extract  # noqa: E402
 from adaptflow.training import fit  # noqa: E402
+from adaptflow.data.transforms import build_pipeline, role_specs  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
 
@@ -64,20 +71,28 @@ def timed(fn, dev: torch.device) -> float:
     return time.perf_counter() - t
 
 
-def bench_model(name: str, images: np.ndarray, batch: int, steps: int, compile_too: bool, warmup: int) -> dict:
-    n, channels, size = images.shape[0], images.shape[1], images.shape[2]
+def parse_model(spec: str, default_size: int) -> tuple[str, int]:
+    """``resnet18`` or ``resnet10t@32`` → (timm name, input side)."""
+    name, _, size = spec.partition("@")
+    return name, int(size) if size else default_size
+
+
+def bench_model(spec: str, input_size: int, images: np.ndarray, batch: int, steps: int, compile_too: bool, warmup: int) -> dict:
+    n, channels, stored = images.shape[0], images.shape[1], images.shape[2]
     rt = runtime()
     dev = rt.device
-    cfg = ModelConfig(name, channels, size, [str(i) for i in range(10)])
+    # The store holds images as ingest wrote them (``stored`` px); the network sees ``input_size`` px:
+    # adaptflow resizes on the device, inside the (compiled) function.
+    cfg = ModelConfig(spec, channels, stored, [str(i) for i in range(10)], input_size=None if input_size == stored else input_size)
     model = rt.place(create(cfg))
-    x = torch.randn(batch, channels, size, size, device=dev)
+    x = torch.randn(batch, channels, input_size, input_size, device=dev)
     if rt.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=dev)
     n_fwd = (n // batch) * batch
-    res: dict = {"model": name, "size": size, "batch": batch, "n_images": n, "train_images": steps * batch}
+    res: dict = {"model": spec, "size": input_size, "stored_size": stored, "batch": batch, "n_images": n, "train_images": steps * batch}
 
-    # (a) timm eager forward-only, inputs already on the device.
+    # (a) timm eager forward-only, inputs already on the device at the model's side.
     model.eval()
 
     @torch.no_grad()
@@ -107,19 +122,23 @@ def bench_model(name: str, images: np.ndarray, batch: int, steps: int, compile_t
     train_loop(model, warmup)
     res["c_timm_train_step"] = steps * batch / timed(lambda: train_loop(model, steps), dev)
 
-    # (d) adaptflow fit streaming from the store (identity augmentation: the data path itself is measured).
+    # (d) adaptflow fit streaming from the store: identity augmentation (the data path itself), then the
+    # `digits` preset augmentation batched on the device (what pretraining runs).
     labels = np.random.default_rng(0).integers(0, 10, n).astype(np.int64)
     train = Split(images, labels, cfg.classes)
     val = Split(np.asarray(images[:batch]), labels[:batch], cfg.classes)
+    digits = build_pipeline(role_specs("digits", [], []))
 
-    def adaptflow_fit(r, iters: int) -> None:
+    def adaptflow_fit(r, iters: int, transform=v2.Identity()) -> None:
         fit(model, [{"params": model.parameters(), "lr": 1e-4}], train, val, epochs=1, batch_size=batch,
-            transform=v2.Identity(), seed=0, steps_per_epoch=iters, rt=r, desc="speed")
+            transform=transform, seed=0, steps_per_epoch=iters, rt=r, desc="speed")
 
     adaptflow_fit(rt, warmup)
     res["d_adaptflow_finetune"] = steps * batch / timed(lambda: adaptflow_fit(rt, steps), dev)
+    res["d_adaptflow_finetune_augmented"] = steps * batch / timed(lambda: adaptflow_fit(rt, steps, digits), dev)
     res["b_over_a"] = res["b_adaptflow_cache_features"] / res["a_timm_forward"]
     res["d_over_c"] = res["d_adaptflow_finetune"] / res["c_timm_train_step"]
+    res["d_augmented_over_c"] = res["d_adaptflow_finetune_augmented"] / res["c_timm_train_step"]
 
     if compile_too:
         rtc = runtime(compile=True)
@@ -141,48 +160,158 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
              f"torch {meta['torch']}, AMP {meta['amp']}, channels_last {meta['channels_last']}; images/s (higher is better).",
              "(a) timm eager forward on device tensors, (b) adaptflow cache_features from the uint8 store, "
              "(c) bare timm eager train step on device tensors, (d) adaptflow fit steps from the store.", "",
-             "| model | px | batch | a | b | b/a | c | d | d/c | b compiled | b/a compiled | d compiled | d/c compiled |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(d aug) is (d) with the `digits` preset augmentation (per-image random affine) batched on the device.",
+             "The store holds uint8 images at the stored side; adaptflow resizes them to the model's side on the device.", "",
+             "| model | px (stored) | batch | a | b | b/a | c | d | d/c | d aug | d aug/c | b compiled | b/a compiled | d compiled | d/c compiled |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda r, k, p=0: (f"{r[k]:.{p}f}" if k in r else "—")  # noqa: E731
     for r in rows:
-        lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {f(r,'a_timm_forward')} | {f(r,'b_adaptflow_cache_features')} | "
-                     f"{f(r,'b_over_a',2)} | {f(r,'c_timm_train_step')} | {f(r,'d_adaptflow_finetune')} | {f(r,'d_over_c',2)} | "
+        lines.append(f"| {r['model']} | {r['size']} ({r.get('stored_size', r['size'])}) | {r['batch']} | {f(r,'a_timm_forward')} | "
+                     f"{f(r,'b_adaptflow_cache_features')} | {f(r,'b_over_a',2)} | {f(r,'c_timm_train_step')} | {f(r,'d_adaptflow_finetune')} | "
+                     f"{f(r,'d_over_c',2)} | {f(r,'d_adaptflow_finetune_augmented')} | {f(r,'d_augmented_over_c',2)} | "
                      f"{f(r,'b_adaptflow_cache_features_compiled')} | {f(r,'b_over_a_compiled',2)} | "
                      f"{f(r,'d_adaptflow_finetune_compiled')} | {f(r,'d_over_c_compiled',2)} |")
     lines += ["", "Targets (issue): on a GPU b/a ≥ 1.4 and d/c > 1.0 with compilation; b/a ≥ 0.95 and d/c ≥ 0.95 without."]
     return "\n".join(lines) + "\n"
 
 
+def _child(argv: list[str], cwd: Path | None = None, env: dict | None = None) -> dict:
+    """Run a command; its wall seconds and the peak RSS of its largest process (GNU time)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *argv], cwd=cwd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    rss_kb = int(proc.stderr.strip().splitlines()[-1])
+    return {"wall_seconds": round(wall, 2), "peak_rss_mb": round(rss_kb / 1024, 1), "stdout": proc.stdout}
+
+
+def cpu_part(ns: list[int], out: Path) -> dict:
+    """The CPU figures: ``adaptflow run`` (the default ``make run`` job) cold and warm in a fresh copy of the
+    project, then ingest and cache_features at each N (synth_digits), each in its own process."""
+    root = HERE.parent
+    exe = Path(sys.executable).parent / "adaptflow"
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    res: dict = {"run": {}, "scaling": []}
+    with tempfile.TemporaryDirectory(prefix="adaptflow-cpu-") as tmp:
+        proj = Path(tmp) / "project"
+        files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+        for f in files:
+            (proj / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / f, proj / f)
+        for phase in ("cold", "warm"):
+            r = _child([str(exe), "run"], cwd=proj, env=env)
+            res["run"][phase] = {k: v for k, v in r.items() if k != "stdout"}
+            print(f"adaptflow run ({phase}): {r['wall_seconds']} s, peak RSS {r['peak_rss_mb']} MB", flush=True)
+        for n in ns:
+            work = Path(tmp) / f"n{n}"
+            ing = _child([sys.executable, __file__, "--_ingest", str(n), str(work)], env=env)
+            cache = _child([sys.executable, __file__, "--_cache", str(work)], env=env)
+            row = {"n": n, "ingest": {k: v for k, v in ing.items() if k != "stdout"}, "cache_features": {k: v for k, v in cache.items() if k != "stdout"}}
+            row["ingest"]["images_per_s"] = round(n / ing["wall_seconds"], 1)
+            row["cache_features"].update(json.loads(cache["stdout"].strip().splitlines()[-1]))
+            res["scaling"].append(row)
+            print(json.dumps(row), flush=True)
+    return res
+
+
+def _ingest_one(n: int, work: Path) -> None:
+    """Child: ingest N synth_digits images (the ingest stage itself, source role)."""
+    from adaptflow import params as params_mod
+    from adaptflow.stages import ingest
+
+    p = params_mod.load(HERE.parent / "params.yaml", ["source.domain=synth_digits", f"source.synth.n={n}"])
+    ingest.run(p, work, role="source")
+
+
+def _cache_one(work: Path) -> None:
+    """Child: cache_features' extractor over the ingested train split, into a memory-mapped .npy."""
+    from adaptflow import params as params_mod
+    from adaptflow.data import store
+
+    p = params_mod.load(HERE.parent / "params.yaml", ["source.domain=synth_digits"])
+    s = store.load_split(work / p.paths.ingested / "source", "train")
+    rt = runtime()
+    cfg = ModelConfig(p.pretrain.model, s.images.shape[1], s.images.shape[2], list(s.classes))
+    model = create(cfg)
+    feats = np.lib.format.open_memmap(work / "features.npy", mode="w+", dtype=np.float32, shape=(len(s), model.num_features))
+    t0 = time.perf_counter()
+    extract(model, s.images, p.cache_features.batch_size, rt=rt, out=feats)
+    feats.flush()
+    dt = time.perf_counter() - t0
+    print(json.dumps({"images": len(s), "extract_seconds": round(dt, 2), "images_per_s": round(len(s) / dt, 1)}))
+
+
+def cpu_markdown(res: dict, device: str) -> str:
+    lines = [f"# Speed on the CPU ({device})", "",
+             "`adaptflow run` is the default `make run` job (params.yaml as committed) in a fresh copy of the project:",
+             "cold = nothing computed yet, warm = the same command again (every stage up to date). Peak RSS is the",
+             "largest single process (GNU time). Ingest and cache_features: synth_digits at N images, each in its",
+             "own process; cache_features times the extractor over the ingested train split.", "",
+             "| job | wall s | peak RSS MB |", "|---|---|---|"]
+    for phase, r in res["run"].items():
+        lines.append(f"| adaptflow run ({phase}) | {r['wall_seconds']} | {r['peak_rss_mb']} |")
+    lines += ["", "| N | ingest s | ingest img/s | ingest peak RSS MB | cache_features images | extract s | extract img/s | process wall s | peak RSS MB |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["scaling"]:
+        i, c = r["ingest"], r["cache_features"]
+        lines.append(f"| {r['n']} | {i['wall_seconds']} | {i['images_per_s']} | {i['peak_rss_mb']} | {c['images']} | {c['extract_seconds']} | "
+                     f"{c['images_per_s']} | {c['wall_seconds']} | {c['peak_rss_mb']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--_ingest":
+        return _ingest_one(int(sys.argv[2]), Path(sys.argv[3]))
+    if len(sys.argv) > 1 and sys.argv[1] == "--_cache":
+        return _cache_one(Path(sys.argv[2]))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CPU-sized: resnet10t at 32 px, N=2048")
-    ap.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
-    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "resnet10t@32"],
+                    help="timm names, optionally @side (default side: --size)")
+    ap.add_argument("--size", type=int, default=224, help="the side the models see")
+    ap.add_argument("--store-size", type=int, default=64,
+                    help="the side images are stored at (as ingest writes them); a smaller model side is stored at its own")
     ap.add_argument("--channels", type=int, default=3)
     ap.add_argument("--n", type=int, default=50_000)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=100, help="train steps timed for (c) and (d)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    ap.add_argument("--cpu-part", nargs="*", type=int, metavar="N", default=None,
+                    help="instead: the CPU figures (adaptflow run cold/warm, ingest + cache_features at these N; default 10000 50000 200000)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "speed")
     args = ap.parse_args()
-    if args.quick:
-        args.models, args.size, args.channels, args.n, args.batch, args.steps, args.warmup = ["resnet10t"], 32, 1, 2048, 128, 8, 2
     rt = runtime()
     device = torch.cuda.get_device_name(0) if rt.cuda else f"CPU ({os.cpu_count()} cores, no GPU)"
     print(f"device: {device}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.cpu_part is not None:
+        res = cpu_part(args.cpu_part or [10_000, 50_000, 200_000], args.out)
+        res["meta"] = {"device": device, "torch": torch.__version__, "machine": platform.platform()}
+        args.out.with_suffix(".json").write_text(json.dumps(res, indent=2))
+        md = cpu_markdown(res, device)
+        args.out.with_suffix(".md").write_text(md)
+        print(md)
+        return
+    if args.quick:
+        args.models, args.size, args.store_size, args.channels, args.n, args.batch, args.steps, args.warmup = \
+            ["resnet10t"], 32, 32, 1, 2048, 128, 8, 2
     rows = []
     with tempfile.TemporaryDirectory(prefix="adaptflow-speed-") as tmp:
-        t0 = time.perf_counter()
-        images = write_store(Path(tmp) / "images.npy", args.n, args.size, args.channels)
-        print(f"store: {args.n} × {args.channels}×{args.size}² uint8 written in {time.perf_counter() - t0:.1f} s", flush=True)
-        for name in args.models:
-            r = bench_model(name, images, args.batch, args.steps, args.compile, args.warmup)
+        stores: dict[int, np.ndarray] = {}
+        for spec in args.models:
+            name, side = parse_model(spec, args.size)
+            stored = min(args.store_size, side)
+            if stored not in stores:
+                t0 = time.perf_counter()
+                stores[stored] = write_store(Path(tmp) / f"images{stored}.npy", args.n, stored, args.channels)
+                print(f"store: {args.n} × {args.channels}×{stored}² uint8 written in {time.perf_counter() - t0:.1f} s", flush=True)
+            r = bench_model(name, side, stores[stored], args.batch, args.steps, args.compile, args.warmup)
             rows.append(r)
             print(json.dumps(r), flush=True)
     meta = {"device": device, "torch": torch.__version__, "amp": str(rt.amp_dtype), "channels_last": rt.channels_last,
             "machine": platform.platform(), "args": {k: str(v) for k, v in vars(args).items()}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     md = to_markdown(rows, meta)
     args.out.with_suffix(".md").write_text(md)

@@ -11,15 +11,31 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.states import State
 from prefect.tasks import exponential_backoff
 
 from adaptflow import orchestrate, stages
 from adaptflow.params import Params
 from tasks.caching import StageInputs
 
+
+
+def transient(task: object, task_run: object, state: State) -> bool:
+    """Retry only what a second try can fix (a flaky disk, network or server). Bad input — a
+    ``DataError`` (corrupt data, a missing folder, too few images) or any other ``ValueError`` — fails
+    at once: retrying it would only repeat the same message later."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # the result itself could not be read: let the retry policy decide
+        return True
+    return not isinstance(exc, ValueError)
+
+
 # 2 s, 4 s, 8 s … with ±50% jitter, so runs that failed together do not retry together.
-FS_RETRY = {"retries": 2, "retry_delay_seconds": exponential_backoff(backoff_factor=2), "retry_jitter_factor": 0.5}
-REMOTE_RETRY = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=5), "retry_jitter_factor": 0.5}
+FS_RETRY = {"retries": 2, "retry_delay_seconds": exponential_backoff(backoff_factor=2), "retry_jitter_factor": 0.5,
+            "retry_condition_fn": transient}
+REMOTE_RETRY = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=5), "retry_jitter_factor": 0.5,
+                "retry_condition_fn": transient}
 
 
 def _run(name: str, params: Params, root: str, **kw: object) -> dict:

@@ -2,7 +2,8 @@
 
 A spec is ``{"name": "RandomAffine", "degrees": 10}``; wrappers that take other transforms
 (``RandomChoice``, ``RandomApply``, ``RandomOrder``, ``Compose``) take a nested ``transforms`` list.
-Pipelines run on uint8 image tensors ``(C, H, W)`` or batches ``(N, C, H, W)``, on CPU or on a device.
+Pipelines run on uint8 image tensors ``(C, H, W)``; :class:`adaptflow.data.batch_augment.BatchAugment`
+runs them on whole batches on the device with parameters drawn per image.
 
 A role's augmentation in params is a named preset, then :class:`Downsample` (the source brought down to
 the target's native resolution and back), then an explicit list of specs: :func:`role_specs` resolves
@@ -105,10 +106,3 @@ def build_pipeline(specs: list[dict[str, Any]]) -> v2.Transform:
     if not specs:
         return v2.Identity()
     return v2.Compose([build_transform(s) for s in specs])
-
-
-def apply_per_sample(pipeline: v2.Transform, batch: torch.Tensor) -> torch.Tensor:
-    """Random transforms draw one set of parameters per call: apply per sample for per-image variety."""
-    if isinstance(pipeline, v2.Identity):
-        return batch
-    return torch.stack([pipeline(img) for img in batch])

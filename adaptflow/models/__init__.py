@@ -4,9 +4,10 @@ from adaptflow.models.factory import (
     ModelConfig,
     create,
     features,
+    input_size,
     load,
     save,
     set_head,
 )
 
-__all__ = ["ModelConfig", "create", "features", "load", "save", "set_head"]
+__all__ = ["ModelConfig", "create", "features", "input_size", "load", "save", "set_head"]

@@ -26,6 +26,11 @@ class ModelConfig:
     image_size: int
     classes: list[str]
     extra: dict = field(default_factory=dict)  # strategy, selection rule, source checkpoint, ...
+    input_size: int | None = None  # the side the network sees (None: image_size); resized on the device
+
+    @property
+    def side(self) -> int:
+        return self.input_size or self.image_size
 
     @property
     def num_classes(self) -> int:
@@ -34,7 +39,14 @@ class ModelConfig:
 
 def create(cfg: ModelConfig) -> nn.Module:
     """A randomly initialised timm model for ``cfg`` (weights come from a checkpoint, never a hub)."""
-    return timm.create_model(cfg.arch, pretrained=False, in_chans=cfg.in_chans, num_classes=cfg.num_classes)
+    model = timm.create_model(cfg.arch, pretrained=False, in_chans=cfg.in_chans, num_classes=cfg.num_classes)
+    model.adaptflow_input_size = cfg.input_size  # read by input_size(); not a parameter, not saved in weights
+    return model
+
+
+def input_size(model: nn.Module) -> int | None:
+    """The side ``model`` takes its input at, when it differs from the stored images' (None: as stored)."""
+    return getattr(model, "adaptflow_input_size", None)
 
 
 def save(model: nn.Module, cfg: ModelConfig, directory: Path) -> None:

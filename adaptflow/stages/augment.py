@@ -26,7 +26,8 @@ from torchvision.transforms import v2
 
 from adaptflow import outputs
 from adaptflow.data import store
-from adaptflow.data.transforms import apply_per_sample, build_pipeline
+from adaptflow.data.batch_augment import BatchAugment
+from adaptflow.data.transforms import build_pipeline
 from adaptflow.params import ROLES, Params
 from adaptflow.stages.ingest import output_dir as ingested_dir
 
@@ -59,12 +60,14 @@ def class_match(source: list[str], target: list[str]) -> dict:
 def views(pipe: v2.Transform, images: np.ndarray, n_views: int, seed: int) -> list[np.ndarray]:
     """``n_views`` augmented copies of ``images`` (uint8 N×C×H×W): the same seed gives the same bytes.
 
-    Draws come from a forked torch generator, so materialising views leaves the caller's RNG untouched.
+    The same batched augmentation training runs (:class:`BatchAugment`, parameters per image); transforms
+    without a batched form draw from a forked torch generator, so the caller's RNG is left untouched.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        augment = BatchAugment(pipe, seed)
         batch = torch.from_numpy(np.ascontiguousarray(images))
-        return [apply_per_sample(pipe, batch).numpy() for _ in range(n_views)]
+        return [augment(batch).numpy() for _ in range(n_views)]
 
 
 def _grid(rows: list[np.ndarray], path: Path, title: str) -> None:

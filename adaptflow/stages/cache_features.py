@@ -15,7 +15,7 @@ import torch
 
 from adaptflow import outputs
 from adaptflow.data import store
-from adaptflow.models import load
+from adaptflow.models import input_size, load
 from adaptflow.params import Params
 from adaptflow.stages.ingest import output_dir as ingested_dir
 from adaptflow.stages.pretrain import output_dir as source_model_dir
@@ -45,14 +45,14 @@ def extract(model: torch.nn.Module, images: np.ndarray, batch_size: int, dev: to
     ``out`` (e.g. a memory-mapped .npy) as they come, so host memory stays flat in N."""
     rt = rt or runtime(device=str(dev) if dev is not None else "auto")
     rt.place(model).eval()
-    fn = rt.features_fn(model)
+    fn = rt.features_fn(model, input_size(model))
     if out is None:
         out = np.zeros((len(images), model.num_features), np.float32)
     pending: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
     i = 0
     for x, _ in Prefetcher(slices(images, batch_size), rt):
         with rt.autocast():
-            f = fn(rt.to_input(x))
+            f = fn(x)
         done = None
         f = f.float().to("cpu", non_blocking=rt.cuda)
         if rt.cuda:

@@ -1,7 +1,8 @@
 """evaluate: every strategy and seed on target test, side by side with the baselines.
 
 The champion candidate is chosen here without the test split: the non-baseline strategy with the best mean
-target **val** accuracy over seeds, and within it the seed with the best val accuracy. When the target has
+target **val** accuracy over seeds (ties: the lowest mean val NLL — a small val split saturates near 100 %),
+and within it the seed with the best val accuracy. When the target has
 no labels (``target.k`` = 0) the val labels are not the user's to use, so the candidate is chosen by a
 label-free score on the unlabeled target pool instead. Test numbers are reported for every run, and as
 mean ± std over seeds, but choose nothing; the strategies in ``NOT_CANDIDATES`` (``oracle``) are reported and
@@ -41,13 +42,17 @@ from adaptflow.training import predict_logits
 
 log = logging.getLogger(__name__)
 
-SELECTION = "max mean target val accuracy over seeds among non-baseline strategies (ties: list order); then the seed with max val accuracy"
+SELECTION = ("max mean target val accuracy over seeds among non-baseline strategies (ties: lowest mean val NLL, then list order); "
+             "then the seed with max val accuracy (ties: lowest val NLL)")
 SELECTION_LABEL_FREE = ("target.k = 0, so no target labels may choose: max mean information-maximisation score on the unlabeled "
                         "target pool over seeds among non-baseline strategies (ties: list order); then the seed with the max score")
 NOT_CANDIDATES = ("oracle",)  # reported, never promoted
 REFERENCES = ("scratch", "source_only")  # transfer gain is reported over each of these that ran
 # Per-run numbers that are aggregated over seeds (mean and std).
-METRICS = ("val_acc", "test_acc", "test_macro_f1", "test_ece", "test_nll", "val_ece", "pool_im")
+METRICS = ("val_acc", "val_nll", "test_acc", "test_macro_f1", "test_ece", "test_nll", "val_ece", "pool_im")
+# Candidate ties on a score are broken by this lower-is-better number when it was measured (a small val
+# split saturates near 100 % accuracy; its NLL still tells the runs apart).
+TIEBREAK = {"val_acc": "val_nll"}
 
 
 def output_dir(params: Params, root: Path) -> Path:
@@ -73,7 +78,17 @@ def choose_candidate(summary: pd.DataFrame, baselines: list[str], by: str = "val
     pool = summary[~summary.index.isin(list(baselines) + list(NOT_CANDIDATES))]
     if pool.empty or pool[by].isna().all():
         return None
-    return str(pool[by].idxmax())
+    return str(best_row(pool, by))
+
+
+def best_row(table: pd.DataFrame, by: str):
+    """Index of the row with the highest ``by``; ties go to the lowest ``TIEBREAK[by]`` (when that column
+    exists), then to the first row."""
+    top = table[table[by] == table[by].max()]
+    tb = TIEBREAK.get(by)
+    if len(top) > 1 and tb in top.columns and top[tb].notna().any():
+        return top[tb].idxmin()
+    return top.index[0]
 
 
 def paired_gains(runs: pd.DataFrame, reference: str, metric: str = "test_acc") -> pd.DataFrame:
@@ -145,6 +160,7 @@ def score_run(model: torch.nn.Module, test: Split, val: Split, pool: Split | Non
     m = {
         "val_acc": float((pv.argmax(1) == val.labels).mean()) if len(val) else float("nan"),
         "val_ece": calibration.expected_calibration_error(pv, val.labels, n_bins) if len(val) else float("nan"),
+        "val_nll": calibration.nll(pv, val.labels) if len(val) else float("nan"),
         "test_acc": float((pred == test.labels).mean()),
         "test_macro_f1": float(f1_score(test.labels, pred, average="macro", labels=range(n_classes), zero_division=0)),
         "test_ece": rel.ece,
@@ -234,7 +250,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     candidate_seed = None
     if candidate is not None:
         mine = table[table.strategy == candidate]
-        candidate_seed = int(mine.loc[mine[by].idxmax(), "seed"])
+        candidate_seed = int(mine.loc[best_row(mine, by), "seed"])
     references = [b for b in REFERENCES if b in summary.index]
     gains = {b: paired_gains(table, b) for b in references}
 

@@ -35,7 +35,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     card = store.read_card(src)
     train, val = store.load_split(src, "train"), store.load_split(src, "val")
     p = params.pretrain
-    cfg = ModelConfig(p.model, card["channels"], card["image_size"], card["classes"], {"domain": card["domain"], "role": "source"})
+    cfg = ModelConfig(p.model, card["channels"], card["image_size"], card["classes"], {"domain": card["domain"], "role": "source"},
+                      input_size=p.input_size)
     seed_everything(params.seed)  # the initial weights are part of what the seed fixes
     model = create(cfg)
     res = fit(

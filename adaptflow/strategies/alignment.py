@@ -7,15 +7,14 @@ statistics), and returns ``source_weight * CE(source) + alignment(features_s, fe
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptflow.imaging import normalize
+from adaptflow.accel import runtime
 from adaptflow.models import features
 from adaptflow.strategies.base import Context
-from adaptflow.training import Objective, stream
+from adaptflow.training import Objective, batches, model_input
 
 
 class AlignmentObjective(Objective):
@@ -27,11 +26,10 @@ class AlignmentObjective(Objective):
         if ctx.source is None or ctx.pool is None or len(ctx.pool) == 0:
             raise ValueError(f"{self.name} needs the source train split and the unlabeled target pool")
         source = ctx.source_in_target_labels(ctx.source)
-        rng = np.random.default_rng(ctx.seed + 1)
-        self._source = stream(source, batch_size, ctx.source_transform or ctx.transform, rng)
-        self._target = stream(ctx.pool, batch_size, ctx.transform, np.random.default_rng(ctx.seed + 2))
+        self.rt = runtime(device=str(ctx.dev))
+        self._source = batches(source, batch_size, ctx.source_transform or ctx.transform, ctx.seed + 1, self.rt)
+        self._target = batches(ctx.pool, batch_size, ctx.transform, ctx.seed + 2, self.rt)
         self.source_weight = ctx.params.finetune.source_weight
-        self.dev = ctx.dev
 
     def align(self, f_s: torch.Tensor, f_t: torch.Tensor, progress: float) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -39,9 +37,9 @@ class AlignmentObjective(Objective):
     def forward(self, model: nn.Module, progress: float) -> tuple[torch.Tensor, dict]:
         xs, ys = next(self._source)
         xt, _ = next(self._target)  # the pool's labels are never read
-        x = normalize(torch.cat([xs, xt]).to(self.dev))
-        f = features(model, x)
+        f = features(model, model_input(model, torch.cat([xs, xt]), self.rt))
         f_s, f_t = f[: len(xs)], f[len(xs) :]
-        ce = F.cross_entropy(model.get_classifier()(f_s), ys.to(self.dev))
+        ce = F.cross_entropy(model.get_classifier()(f_s), ys)
         a = self.align(f_s, f_t, progress)
-        return self.source_weight * ce + a, {"source_ce": ce.item(), f"{self.name}_loss": a.item()}
+        # logged as device tensors: fit sums them without a host sync per step
+        return self.source_weight * ce + a, {"source_ce": ce.detach(), f"{self.name}_loss": a.detach()}

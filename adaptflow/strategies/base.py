@@ -41,12 +41,13 @@ class Context:
         seed_everything(self.seed)  # a re-initialised head draws from the seeded generator
         model, cfg = load(self.source_dir, self.dev)
         kept = set_head(model, cfg.classes, self.labeled.classes)
-        cfg = ModelConfig(cfg.arch, cfg.in_chans, cfg.image_size, list(self.labeled.classes), {"source_head_kept": kept})
+        cfg = ModelConfig(cfg.arch, cfg.in_chans, cfg.image_size, list(self.labeled.classes), {"source_head_kept": kept},
+                          input_size=cfg.input_size)
         return model.to(self.dev), cfg, kept
 
     def fresh_model(self) -> tuple[nn.Module, ModelConfig]:
         _, src_cfg = load(self.source_dir, "cpu")
-        cfg = ModelConfig(src_cfg.arch, src_cfg.in_chans, src_cfg.image_size, list(self.labeled.classes))
+        cfg = ModelConfig(src_cfg.arch, src_cfg.in_chans, src_cfg.image_size, list(self.labeled.classes), input_size=src_cfg.input_size)
         seed_everything(self.seed)  # the initial weights are part of what the seed fixes
         return create(cfg).to(self.dev), cfg
 

@@ -13,15 +13,16 @@ aligned model.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms import v2
 
-from adaptflow.data.transforms import apply_per_sample, build_pipeline
-from adaptflow.imaging import normalize
+from adaptflow.accel import runtime
+from adaptflow.data.batch_augment import BatchAugment
+from adaptflow.data.transforms import build_pipeline
 from adaptflow.strategies.base import Context
-from adaptflow.training import Objective, stream
+from adaptflow.training import Objective, batches, model_input
 
 __all__ = ["PseudoLabelLoss", "FixMatch", "make"]
 
@@ -49,23 +50,20 @@ class FixMatch(Objective):
         if ctx.pool is None or len(ctx.pool) == 0:
             raise ValueError("fixmatch needs the unlabeled target pool")
         cfg = ctx.params.finetune.fixmatch
-        self.weak = ctx.transform
-        self.strong = build_pipeline([t.model_dump() for t in cfg.strong])
+        # Both views are drawn on the device from the same raw pool batch (each with its own generator).
+        self.weak = BatchAugment(ctx.transform, ctx.seed + 4)
+        self.strong = BatchAugment(build_pipeline([t.model_dump() for t in cfg.strong]), ctx.seed + 5)
         self.loss = PseudoLabelLoss(cfg.threshold)
         self.weight = cfg.weight
-        self._pool = stream(ctx.pool, ctx.params.finetune.unlabeled_batch_size, _identity, np.random.default_rng(ctx.seed + 3))
-        self.dev = ctx.dev
+        self.rt = runtime(device=str(ctx.dev))
+        self._pool = batches(ctx.pool, ctx.params.finetune.unlabeled_batch_size, v2.Identity(), ctx.seed + 3, self.rt)
 
     def forward(self, model: nn.Module, progress: float) -> tuple[torch.Tensor, dict]:
         x, _ = next(self._pool)  # the pool's labels are never read
-        weak, strong = apply_per_sample(self.weak, x), apply_per_sample(self.strong, x)
-        logits = model(normalize(torch.cat([weak, strong]).to(self.dev)))
+        logits = model(model_input(model, torch.cat([self.weak(x), self.strong(x)]), self.rt))
         loss, rate = self.loss(logits[: len(x)], logits[len(x) :])
-        return self.weight * loss, {"fixmatch_loss": loss.item(), "pseudo_label_rate": rate.item()}
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
+        # logged as device tensors: fit sums them without a host sync per step
+        return self.weight * loss, {"fixmatch_loss": loss.detach(), "pseudo_label_rate": rate.detach()}
 
 
 def make(ctx: Context, model: nn.Module) -> FixMatch:

@@ -39,7 +39,7 @@ class L2SP(Objective):
         penalty = 0.5 * self.alpha * sp + 0.5 * self.beta * new
         if not torch.is_tensor(penalty):
             penalty = torch.zeros((), device=next(model.parameters()).device)
-        return penalty, {"l2sp": penalty.item()}
+        return penalty, {"l2sp": penalty.detach()}
 
 
 def make(ctx: Context, model: nn.Module) -> L2SP:

@@ -13,7 +13,8 @@ import torch
 
 from adaptflow import params as P
 from adaptflow.data import store
-from adaptflow.data.transforms import PRESETS, Downsample, apply_per_sample, build_pipeline, role_specs
+from adaptflow.data.batch_augment import BatchAugment
+from adaptflow.data.transforms import PRESETS, Downsample, build_pipeline, role_specs
 from adaptflow.stages import augment, ingest
 from tests.datafiles import make_imagefolder
 
@@ -25,7 +26,7 @@ BATCH = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 1, 16, 16
 def test_every_preset_builds_and_keeps_shape(preset, channels):
     batch = BATCH.repeat(1, channels, 1, 1)
     torch.manual_seed(0)
-    out = apply_per_sample(build_pipeline(role_specs(preset, [8], [])), batch)
+    out = BatchAugment(build_pipeline(role_specs(preset, [8], [])), 0)(batch)
     assert out.shape == batch.shape and out.dtype == torch.uint8
 
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from adaptflow.params import BASELINES, STRATEGIES
-from adaptflow.stages.evaluate import choose_candidate, compare, paired_gains, selection_rules, summarise, to_markdown
+from adaptflow.stages.evaluate import best_row, choose_candidate, compare, paired_gains, selection_rules, summarise, to_markdown
 from adaptflow.stages.register import gate
 
 
@@ -31,6 +31,18 @@ def test_choose_candidate_ties_take_list_order():
     assert choose_candidate(r, BASE) == "linear_probe"
     r2 = rows(scratch=(0.1, 0.1), finetune=(0.8, 0.1), linear_probe=(0.8, 0.9))
     assert choose_candidate(r2, BASE) == "finetune"
+
+
+def test_choose_candidate_ties_broken_by_val_nll():
+    runs = pd.DataFrame([
+        {"strategy": "scratch", "seed": 0, "val_acc": 1.0, "val_nll": 0.01, "test_acc": 0.9},
+        {"strategy": "fixmatch", "seed": 0, "val_acc": 1.0, "val_nll": 0.20, "test_acc": 0.9},
+        {"strategy": "dann", "seed": 0, "val_acc": 0.99, "val_nll": 0.001, "test_acc": 0.9},
+        {"strategy": "dann+fixmatch", "seed": 0, "val_acc": 1.0, "val_nll": 0.05, "test_acc": 0.1},
+    ])
+    # saturated val accuracy: the lower val NLL wins, never the test numbers, never a baseline
+    assert choose_candidate(summarise(runs), BASE) == "dann+fixmatch"
+    assert best_row(runs[runs.strategy != "scratch"].set_index("strategy"), "val_acc") == "dann+fixmatch"
 
 
 def test_choose_candidate_none_without_non_baselines():

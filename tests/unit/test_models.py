@@ -131,3 +131,32 @@ def test_set_head_keeps_the_known_rows_of_a_partly_known_target(arch):
     head = model.get_classifier()
     assert torch.equal(head.weight[1], w[1])  # the known class keeps its source row
     assert not torch.equal(head.weight[0], w[0])
+
+
+def test_input_size_resizes_on_the_device_everywhere(tmp_path):
+    """A model whose side differs from the stored images': predict_logits, cache_features' extractor and
+    the served model's code all feed it the same resized input, and the side survives a checkpoint."""
+    import numpy as np
+
+    from adaptflow import imaging
+    from adaptflow.accel import runtime
+    from adaptflow.models import input_size
+    from adaptflow.stages.cache_features import extract
+    from adaptflow.training import predict_logits
+
+    torch.manual_seed(0)
+    cfg = ModelConfig("test_resnet", 1, 8, list(CLASSES), input_size=24)
+    model = create(cfg).eval()
+    assert input_size(model) == 24 and cfg.side == 24
+    images = np.random.default_rng(0).integers(0, 256, (5, 1, 8, 8), dtype=np.uint8)
+    x = imaging.model_input(torch.from_numpy(images), 24)
+    assert x.shape == (5, 1, 24, 24)
+    with torch.no_grad():
+        want = model(x)
+        want_f = features(model, x)
+    assert torch.allclose(predict_logits(model, images, rt=runtime(device="cpu")), want, atol=1e-5)
+    assert np.allclose(extract(model, images, 2, rt=runtime(device="cpu")), want_f.numpy(), atol=1e-5)
+    save(model, cfg, tmp_path)
+    again, cfg2 = load(tmp_path)
+    assert cfg2.input_size == 24 and input_size(again) == 24
+    assert imaging.model_input(torch.from_numpy(images), None).shape == (5, 1, 8, 8)  # no side: as stored

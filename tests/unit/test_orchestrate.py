@@ -128,3 +128,26 @@ def test_stage_cache_key_none_when_upstream_missing(tmp_path):
     from tasks.caching import StageInputs
 
     assert StageInputs(stage="evaluate").compute_key(None, {"params": Params(), "root": str(tmp_path)}, {}) is None
+
+
+def test_retries_skip_bad_input():
+    """Ingest and register retry a flaky disk or server, never bad data: a DataError fails at once."""
+    from prefect.states import Failed
+
+    from tasks import stages as task_stages
+
+    assert task_stages.transient(None, None, Failed(data=OSError("stale NFS handle"))) is True
+    assert task_stages.transient(None, None, Failed(data=DataError("target.domain: folder is empty"))) is False
+    assert task_stages.ingest.retry_condition_fn is task_stages.transient
+    assert task_stages.register.retry_condition_fn is task_stages.transient
+
+
+def test_stage_command_reports_bad_data_without_a_traceback(tmp_path):
+    """`adaptflow stage ingest` on a missing image folder: one clear line, exit status 2, nothing written."""
+    proc = subprocess.run([sys.executable, "-m", "adaptflow.cli", "stage", "ingest", "--role", "target",
+                           "--params", str(Path(__file__).parents[2] / "params.yaml"), "--set", f"target.domain=imagefolder:{tmp_path / 'nope'}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "nope" in proc.stderr
+    assert not (tmp_path / "data" / "ingested" / "target").exists()

@@ -8,7 +8,8 @@ import torch
 import yaml
 from torchvision.transforms import v2
 
-from adaptflow.data.transforms import apply_per_sample, build_pipeline, build_transform
+from adaptflow.data.batch_augment import BatchAugment
+from adaptflow.data.transforms import build_pipeline, build_transform
 
 BATCH = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (5, 1, 12, 12), dtype=np.uint8))
 
@@ -16,7 +17,7 @@ BATCH = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (5, 1, 12, 12
 def test_empty_pipeline_is_identity():
     pipe = build_pipeline([])
     assert isinstance(pipe, v2.Identity)
-    out = apply_per_sample(pipe, BATCH)
+    out = BatchAugment(pipe, 0)(BATCH)
     assert torch.equal(out, BATCH)
 
 
@@ -50,7 +51,7 @@ def test_real_params_pipelines_build(params_path):
     p = load(params_path)
     for role in ("source", "target"):
         pipe = pipeline(p, role)
-        out = apply_per_sample(pipe, torch.zeros(2, 1, 32, 32, dtype=torch.uint8))
+        out = BatchAugment(pipe, 0)(torch.zeros(2, 1, 32, 32, dtype=torch.uint8))
         assert out.shape == (2, 1, 32, 32) and out.dtype == torch.uint8
 
 
@@ -91,22 +92,22 @@ SHAPE_KEEPING = [
 
 
 @pytest.mark.parametrize("specs", SHAPE_KEEPING)
-def test_apply_per_sample_keeps_shape_and_dtype(specs):
+def test_batch_augment_keeps_shape_and_dtype(specs):
     torch.manual_seed(0)
-    out = apply_per_sample(build_pipeline(specs), BATCH)
+    out = BatchAugment(build_pipeline(specs), 0)(BATCH)
     assert out.shape == BATCH.shape
     assert out.dtype == torch.uint8
 
 
-def test_apply_per_sample_draws_per_image():
+def test_batch_augment_draws_per_image():
     # one RandomAffine per image: identical inputs come out different
     batch = torch.zeros(8, 1, 12, 12, dtype=torch.uint8)
     batch[:, :, 3:9, 5:7] = 255
     torch.manual_seed(0)
-    out = apply_per_sample(build_pipeline([{"name": "RandomAffine", "degrees": 40, "translate": [0.2, 0.2]}]), batch)
+    out = BatchAugment(build_pipeline([{"name": "RandomAffine", "degrees": 40, "translate": [0.2, 0.2]}]), 0)(batch)
     assert len({o.numpy().tobytes() for o in out}) > 1
 
 
 def test_invert_is_applied():
-    out = apply_per_sample(build_pipeline([{"name": "RandomInvert", "p": 1.0}]), BATCH)
+    out = BatchAugment(build_pipeline([{"name": "RandomInvert", "p": 1.0}]), 0)(BATCH)
     assert torch.equal(out, 255 - BATCH)

@@ -1,0 +1,119 @@
+"""Batched, per-image augmentation on the batch's device: each batched transform equals torchvision's
+for the same parameters, draws differ per image, the same seed repeats, and transforms without a
+batched form still run (image by image)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as TF
+
+from adaptflow.data.batch_augment import BatchAugment, affine_theta, compile_ops
+from adaptflow.data.transforms import Downsample, build_pipeline
+
+torch.manual_seed(0)
+BATCH = torch.randint(0, 256, (16, 1, 20, 20), dtype=torch.uint8)
+
+
+def _t(v: float) -> torch.Tensor:
+    return torch.tensor([float(v)])
+
+
+@pytest.mark.parametrize("angle,tx,ty,scale,shx,shy", [(0, 0, 0, 1, 0, 0), (30, 0, 0, 1, 0, 0), (0, 3, -2, 1, 0, 0),
+                                                        (15, 2, 1, 0.9, 8, 0), (-20, -3, 4, 1.1, 5, -7)])
+def test_affine_matrix_equals_torchvision(angle, tx, ty, scale, shx, shy):
+    x = torch.rand(1, 3, 24, 20) * 255
+    ref = TF.affine(x, angle=angle, translate=[tx, ty], scale=scale, shear=[shx, shy], interpolation=InterpolationMode.BILINEAR)
+    theta = affine_theta(_t(angle), _t(tx), _t(ty), _t(scale), _t(shx), _t(shy), 24, 20)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    assert (out - ref).abs().max() < 1e-2
+
+
+def test_affine_without_range_is_identity():
+    aug = BatchAugment(build_pipeline([{"name": "RandomAffine", "degrees": 0}]), 0)
+    assert aug.batched
+    assert torch.equal(aug(BATCH), BATCH)
+
+
+def test_draws_per_image_and_seeded():
+    batch = torch.zeros(8, 1, 12, 12, dtype=torch.uint8)
+    batch[:, :, 3:9, 5:7] = 255
+    pipe = build_pipeline([{"name": "RandomAffine", "degrees": 40, "translate": [0.2, 0.2]}])
+    a, b, c = BatchAugment(pipe, 1)(batch), BatchAugment(pipe, 1)(batch), BatchAugment(pipe, 2)(batch)
+    assert len({o.numpy().tobytes() for o in a}) > 1  # identical inputs, different draws
+    assert torch.equal(a, b)  # same seed, same bytes
+    assert not torch.equal(a, c)
+
+
+def test_downsample_equals_the_v2_transform_for_one_side():
+    x = BATCH[:4]
+    out = BatchAugment(v2.Compose([Downsample([8])]), 0)(x)
+    ref = torch.stack([Downsample([8])(img) for img in x])
+    assert (out.int() - ref.int()).abs().max() <= 1  # rounding of the float path
+
+
+def test_flip_invert_apply():
+    assert torch.equal(BatchAugment(build_pipeline([{"name": "RandomHorizontalFlip", "p": 1.0}]), 0)(BATCH), BATCH.flip(-1))
+    assert torch.equal(BatchAugment(build_pipeline([{"name": "RandomInvert", "p": 1.0}]), 0)(BATCH), 255 - BATCH)
+    never = build_pipeline([{"name": "RandomApply", "p": 0.0, "transforms": [{"name": "RandomInvert", "p": 1.0}]}])
+    assert torch.equal(BatchAugment(never, 0)(BATCH), BATCH)
+    half = BatchAugment(build_pipeline([{"name": "RandomInvert", "p": 0.5}]), 0)(BATCH)
+    inverted = [torch.equal(o, 255 - i) for o, i in zip(half, BATCH)]
+    assert 0 < sum(inverted) < len(BATCH)  # a coin per image
+
+
+def test_brightness_factor_within_range():
+    x = torch.full((32, 1, 4, 4), 100, dtype=torch.uint8)
+    out = BatchAugment(build_pipeline([{"name": "ColorJitter", "brightness": 0.4}]), 0)(x).float()
+    ratio = out[:, 0, 0, 0] / 100
+    assert ratio.min() >= 0.59 and ratio.max() <= 1.41 and ratio.std() > 0.05
+
+
+def test_contrast_matches_v2_formula_at_a_fixed_factor():
+    x = BATCH[:2]
+    out = BatchAugment(build_pipeline([{"name": "ColorJitter", "contrast": [1.5, 1.5]}]), 0)(x)
+    ref = torch.stack([TF.adjust_contrast(img, 1.5) for img in x])
+    assert (out.int() - ref.int()).abs().max() <= 1
+
+
+def test_gaussian_blur_matches_v2_at_a_fixed_sigma():
+    x = BATCH[:3]
+    out = BatchAugment(build_pipeline([{"name": "GaussianBlur", "kernel_size": 3, "sigma": [0.8, 0.8]}]), 0)(x)
+    ref = torch.stack([TF.gaussian_blur(img, [3, 3], [0.8, 0.8]) for img in x])
+    assert (out.int() - ref.int()).abs().max() <= 1
+
+
+def test_presets_are_batched():
+    from adaptflow.data.transforms import PRESETS, role_specs
+
+    for name in PRESETS:
+        _, batched = compile_ops(build_pipeline(role_specs(name, [8], [])))
+        assert batched, name
+
+
+def test_transforms_without_a_batched_form_run_per_image():
+    pipe = build_pipeline([{"name": "RandomAffine", "degrees": 10}, {"name": "RandAugment", "num_ops": 2, "magnitude": 9},
+                           {"name": "RandomErasing", "p": 1.0, "scale": [0.1, 0.2], "value": 0}])
+    aug = BatchAugment(pipe, 0)
+    assert not aug.batched
+    torch.manual_seed(0)
+    out = aug(BATCH)
+    assert out.shape == BATCH.shape and out.dtype == torch.uint8
+    assert len({o.numpy().tobytes() for o in out}) == len(BATCH)
+
+
+def test_rejects_float_images():
+    with pytest.raises(TypeError, match="uint8"):
+        BatchAugment(build_pipeline([{"name": "RandomInvert"}]), 0)(BATCH.float())
+
+
+def test_saturation_and_hue_match_v2_at_fixed_factors():
+    x = torch.randint(0, 256, (3, 3, 10, 10), dtype=torch.uint8)
+    out = BatchAugment(build_pipeline([{"name": "ColorJitter", "saturation": [0.5, 0.5]}]), 0)(x)
+    ref = torch.stack([TF.adjust_saturation(img, 0.5) for img in x])
+    assert (out.int() - ref.int()).abs().max() <= 1
+    out = BatchAugment(build_pipeline([{"name": "ColorJitter", "hue": [0.1, 0.1]}]), 0)(x)
+    ref = torch.stack([TF.adjust_hue(img, 0.1) for img in x])
+    assert (out.int() - ref.int()).abs().max() <= 1
