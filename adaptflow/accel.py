@@ -47,13 +47,16 @@ class Runtime:
         return model
 
     def forward_fn(self, model: nn.Module, size: int | None = None) -> Any:
-        """uint8 batch on the device → ``model``'s output, input conversion included (see
-        :meth:`features_fn`); compiled when asked (weights stay shared with ``model``)."""
+        """uint8 batch on the device → ``model``'s output; the model compiled when asked (weights stay
+        shared with ``model``). The input conversion stays outside the compiled graph here: fused into a
+        graph that is also differentiated, inductor (torch 2.11, CUDA, channels_last) miscompiles the
+        convolution weight gradients' strides."""
+        net = torch.compile(model) if self.compile else model
 
         def run(x_uint8: torch.Tensor) -> torch.Tensor:
-            return model(self.to_input(x_uint8, size))
+            return net(self.to_input(x_uint8, size))
 
-        return torch.compile(run) if self.compile else run
+        return run
 
     def features_fn(self, model: nn.Module, size: int | None = None) -> Any:
         """uint8 batch on the device → pooled features; input conversion (normalise, resize to ``size``,

@@ -297,7 +297,9 @@ def main() -> None:
     if args.quick:
         args.models, args.size, args.store_size, args.channels, args.n, args.batch, args.steps, args.warmup = \
             ["resnet10t"], 32, 32, 1, 2048, 128, 8, 2
-    rows = []
+    rows: list[dict] = []
+    meta = {"device": device, "torch": torch.__version__, "amp": str(rt.amp_dtype), "channels_last": rt.channels_last,
+            "machine": platform.platform(), "args": {k: str(v) for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory(prefix="adaptflow-speed-") as tmp:
         stores: dict[int, np.ndarray] = {}
         for spec in args.models:
@@ -310,12 +312,13 @@ def main() -> None:
             r = bench_model(name, side, stores[stored], args.batch, args.steps, args.compile, args.warmup)
             rows.append(r)
             print(json.dumps(r), flush=True)
-    meta = {"device": device, "torch": torch.__version__, "amp": str(rt.amp_dtype), "channels_last": rt.channels_last,
-            "machine": platform.platform(), "args": {k: str(v) for k, v in vars(args).items()}}
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    md = to_markdown(rows, meta)
-    args.out.with_suffix(".md").write_text(md)
-    print(md)
+            write_results(args.out, rows, meta)  # after every model: a cut-short run keeps what it measured
+    print(to_markdown(rows, meta))
+
+
+def write_results(out: Path, rows: list[dict], meta: dict) -> None:
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    out.with_suffix(".md").write_text(to_markdown(rows, meta))
 
 
 if __name__ == "__main__":
