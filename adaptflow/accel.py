@@ -103,8 +103,9 @@ def default_runtime() -> Runtime:
 
 
 class Prefetcher:
-    """Iterate ``(uint8 images, labels)`` CPU batches from ``source`` on a background thread and hand them
-    over already on the device: pinned, copied on a side CUDA stream, so loading overlaps compute.
+    """Iterate tuples of CPU tensors (or None) from ``source`` — e.g. ``(uint8 images, labels)`` — on a
+    background thread and hand them over already on the device: pinned, copied on a side CUDA stream, so
+    loading overlaps compute.
 
     On CPU it iterates inline: there is no transfer to overlap, and a second thread drawing augmentation
     parameters from torch's global generator would make seeded runs irreproducible.
@@ -112,7 +113,7 @@ class Prefetcher:
 
     _END = object()
 
-    def __init__(self, source: Iterable[tuple[torch.Tensor, torch.Tensor | None]], rt: Runtime):
+    def __init__(self, source: Iterable[tuple[torch.Tensor | None, ...]], rt: Runtime):
         self.rt = rt
         self._source = source
         self._stop = threading.Event()
@@ -134,21 +135,19 @@ class Prefetcher:
 
     def _work(self, it: Iterator) -> None:
         try:
-            for x, y in it:
-                x = x.pin_memory()
-                y = y.pin_memory() if y is not None else None
+            for item in it:
+                host = tuple(t.pin_memory() if t is not None else None for t in item)
                 with torch.cuda.stream(self._stream):
-                    x = x.to(self.rt.device, non_blocking=True)
-                    y = y.to(self.rt.device, non_blocking=True) if y is not None else None
+                    dev = tuple(t.to(self.rt.device, non_blocking=True) if t is not None else None for t in host)
                     event = torch.cuda.Event()
                     event.record(self._stream)
-                if not self._put((x, y, event)):
+                if not self._put((dev, event)):
                     return
             self._put(self._END)
         except BaseException as exc:  # surface loader errors in the consumer
             self._put(exc)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    def __iter__(self) -> Iterator[tuple]:
         if not self.rt.cuda:
             yield from self._source
             return
@@ -158,14 +157,13 @@ class Prefetcher:
                 return
             if isinstance(item, BaseException):
                 raise item
-            x, y, event = item
-            if event is not None:
-                current = torch.cuda.current_stream(self.rt.device)
-                current.wait_event(event)
-                x.record_stream(current)
-                if y is not None:
-                    y.record_stream(current)
-            yield x, y
+            tensors, event = item
+            current = torch.cuda.current_stream(self.rt.device)
+            current.wait_event(event)
+            for t in tensors:
+                if t is not None:
+                    t.record_stream(current)
+            yield tensors
 
     def close(self) -> None:
         self._stop.set()

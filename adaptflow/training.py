@@ -90,17 +90,32 @@ def stream(split: Split, batch_size: int, rng: np.random.Generator) -> Iterator[
             yield torch.from_numpy(np.ascontiguousarray(split.images[idx])), labels[idx]
 
 
-def batches(split: Split, batch_size: int, transform: v2.Transform, seed: int, rt: Runtime) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless shuffled training batches on the device: raw uint8 batches read on the host, copied ahead
-    by the :class:`Prefetcher`, then augmented there by :class:`BatchAugment` (parameters per image,
-    from a generator seeded with ``seed``; the data order is seeded with ``seed`` too)."""
-    augment = BatchAugment(transform, seed)
-    prefetcher = Prefetcher(stream(split, batch_size, np.random.default_rng(seed)), rt)
+def views(split: Split, batch_size: int, pipelines: list[v2.Transform], seed: int, rt: Runtime) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    """Endless shuffled training batches on the device, one augmented view per pipeline: raw uint8
+    batches are read on the host and copied ahead by the :class:`Prefetcher`. A pipeline that
+    :class:`BatchAugment` runs batched is applied on the device after the copy (parameters per image); one
+    with a per-image transform (RandAugment, RandomErasing, …) runs on the host, in the loader thread, so
+    the device never waits on thousands of tiny per-image kernels. Pipeline ``i`` draws from a generator
+    seeded with ``seed + i``; the data order is seeded with ``seed``."""
+    augs = [BatchAugment(p, seed + i) for i, p in enumerate(pipelines)]
+    need_raw = any(a.batched for a in augs)
+
+    def host(source: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple]:
+        for x, y in source:
+            yield (*[None if a.batched else a(x) for a in augs], x if need_raw else None, y)
+
+    prefetcher = Prefetcher(host(stream(split, batch_size, np.random.default_rng(seed))), rt)
     try:
-        for x, y in prefetcher:
-            yield augment(x), y
+        for *done, raw, y in prefetcher:
+            yield [a(raw) if a.batched else v for a, v in zip(augs, done)], y
     finally:
         prefetcher.close()
+
+
+def batches(split: Split, batch_size: int, transform: v2.Transform, seed: int, rt: Runtime) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`views` with one pipeline: ``(augmented uint8 batch, labels)`` on the device."""
+    for (x,), y in views(split, batch_size, [transform], seed, rt):
+        yield x, y
 
 
 def model_input(model: nn.Module, x: torch.Tensor, rt: Runtime) -> torch.Tensor:

@@ -92,15 +92,15 @@ def _affine(t: v2.RandomAffine) -> Op | None:
 
 def _downsample(t: Downsample) -> Op:
     def op(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        # Every side is computed for the whole batch and selected per image: no host sync (the sides are few).
         n, _, h, w = x.shape
         apply = _chance(n, t.p, g, x.device)
         which = torch.randint(len(t.sizes), (n,), generator=g, device=x.device)
-        out = x.clone()
+        out = x
         for j, side in enumerate(t.sizes):
-            idx = torch.nonzero(apply & (which == j)).flatten()
-            if len(idx):
-                small = F.interpolate(x[idx], size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-                out[idx] = F.interpolate(small, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+            small = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+            back = F.interpolate(small, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+            out = _where(apply & (which == j), back, out)
         return out
 
     return op
@@ -177,12 +177,8 @@ def _blur(t: v2.GaussianBlur) -> Op:
 
 def _apply(p: float, inner: Op) -> Op:
     def op(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        idx = torch.nonzero(_chance(len(x), p, g, x.device)).flatten()
-        if not len(idx):
-            return x
-        out = x.clone()
-        out[idx] = inner(x[idx], g)
-        return out
+        mask = _chance(len(x), p, g, x.device)
+        return _where(mask, inner(x, g), x)  # computed for all, kept where drawn: no host sync
 
     return op
 

@@ -16,13 +16,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms import v2
 
 from adaptflow.accel import runtime
-from adaptflow.data.batch_augment import BatchAugment
 from adaptflow.data.transforms import build_pipeline
 from adaptflow.strategies.base import Context
-from adaptflow.training import Objective, batches, model_input
+from adaptflow.training import Objective, model_input, views
 
 __all__ = ["PseudoLabelLoss", "FixMatch", "make"]
 
@@ -50,18 +48,18 @@ class FixMatch(Objective):
         if ctx.pool is None or len(ctx.pool) == 0:
             raise ValueError("fixmatch needs the unlabeled target pool")
         cfg = ctx.params.finetune.fixmatch
-        # Both views are drawn on the device from the same raw pool batch (each with its own generator).
-        self.weak = BatchAugment(ctx.transform, ctx.seed + 4)
-        self.strong = BatchAugment(build_pipeline([t.model_dump() for t in cfg.strong]), ctx.seed + 5)
+        # Both views of the same pool batch, each with its own draws: the weak one (batched) on the device,
+        # the strong one (RandAugment: per image) on the host while the device trains.
+        strong = build_pipeline([t.model_dump() for t in cfg.strong])
         self.loss = PseudoLabelLoss(cfg.threshold)
         self.weight = cfg.weight
         self.rt = runtime(device=str(ctx.dev))
-        self._pool = batches(ctx.pool, ctx.params.finetune.unlabeled_batch_size, v2.Identity(), ctx.seed + 3, self.rt)
+        self._pool = views(ctx.pool, ctx.params.finetune.unlabeled_batch_size, [ctx.transform, strong], ctx.seed + 3, self.rt)
 
     def forward(self, model: nn.Module, progress: float) -> tuple[torch.Tensor, dict]:
-        x, _ = next(self._pool)  # the pool's labels are never read
-        logits = model(model_input(model, torch.cat([self.weak(x), self.strong(x)]), self.rt))
-        loss, rate = self.loss(logits[: len(x)], logits[len(x) :])
+        (weak, strong), _ = next(self._pool)  # the pool's labels are never read
+        logits = model(model_input(model, torch.cat([weak, strong]), self.rt))
+        loss, rate = self.loss(logits[: len(weak)], logits[len(weak) :])
         # logged as device tensors: fit sums them without a host sync per step
         return self.weight * loss, {"fixmatch_loss": loss.detach(), "pseudo_label_rate": rate.detach()}
 
