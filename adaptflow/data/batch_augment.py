@@ -55,11 +55,12 @@ def affine_theta(angle: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor, scale:
     b = -(a * torch.tan(sx) + torch.sin(rot))
     c = torch.sin(rot - sy) / torch.cos(sy)
     d = torch.cos(rot) - c * torch.tan(sx)
-    inv = torch.stack([torch.stack([d, -b], -1), torch.stack([-c, a], -1)], -2) / scale.view(-1, 1, 1)  # pixels
-    half = torch.tensor([w / 2.0, h / 2.0], device=angle.device, dtype=inv.dtype)
-    lin = inv * half.view(1, 1, 2) / half.view(1, 2, 1)  # the same map in [-1, 1] units
-    shift = -(inv @ torch.stack([tx, ty], -1).unsqueeze(-1)) / half.view(1, 2, 1)
-    return torch.cat([lin, shift], -1)
+    # The inverse in pixels is [[d, -b], [-c, a]] / scale; in [-1, 1] units (x by w/2, y by h/2) the
+    # off-diagonal terms pick up the aspect ratio. Python scalars only: no host → device copy, no sync.
+    d, b, c, a = d / scale, b / scale, c / scale, a / scale
+    row_x = torch.stack([d, -b * (h / w), -(d * tx - b * ty) / (w / 2.0)], -1)
+    row_y = torch.stack([-c * (w / h), a, -(-c * tx + a * ty) / (h / 2.0)], -1)
+    return torch.stack([row_x, row_y], -2)
 
 
 def _affine(t: v2.RandomAffine) -> Op | None:
