@@ -324,9 +324,25 @@ def dvc_commit_blocker(root: Path, params_path: str, overrides: list[str] | None
     root = Path(root)
     if not is_dvc_repo(root) or not (root / "dvc.yaml").is_file():
         return "not a DVC pipeline (no .dvc/ and dvc.yaml here)"
+    if not _in_git(root) and "no_scm = true" not in _read(root / ".dvc" / "config").replace("True", "true"):
+        return "not inside a git repository (a copy without .git/): dvc needs git, or core.no_scm"
     if Path(params_path).resolve() != (root / "params.yaml").resolve():
         return f"params came from {params_path}, while dvc.yaml reads params.yaml"
     changed = [o for o in overrides or [] if not o.strip().startswith("orchestrate.")]
     if changed:
         return f"--set {' '.join(changed)} differs from params.yaml (dvc exp run -S records such runs)"
     return None
+
+
+def _in_git(root: Path) -> bool:
+    try:
+        return subprocess.run(["git", "rev-parse", "--git-dir"], cwd=root, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -187,18 +186,15 @@ def _child(argv: list[str], cwd: Path | None = None, env: dict | None = None) ->
 
 
 def cpu_part(ns: list[int], out: Path) -> dict:
-    """The CPU figures: ``adaptflow run`` (the default ``make run`` job) cold and warm in a fresh copy of the
+    """The CPU figures: ``adaptflow run`` (the default ``make run`` job) cold and warm in a fresh clone of the
     project, then ingest and cache_features at each N (synth_digits), each in its own process."""
     root = HERE.parent
     exe = Path(sys.executable).parent / "adaptflow"
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     res: dict = {"run": {}, "scaling": []}
     with tempfile.TemporaryDirectory(prefix="adaptflow-cpu-") as tmp:
-        proj = Path(tmp) / "project"
-        files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
-        for f in files:
-            (proj / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(root / f, proj / f)
+        proj = Path(tmp) / "project"  # a clone of the committed tree, as a user gets it (the venv is this one)
+        subprocess.run(["git", "clone", "-q", str(root), str(proj)], check=True)
         for phase in ("cold", "warm"):
             r = _child([str(exe), "run"], cwd=proj, env=env)
             res["run"][phase] = {k: v for k, v in r.items() if k != "stdout"}
@@ -244,7 +240,7 @@ def _cache_one(work: Path) -> None:
 
 def cpu_markdown(res: dict, device: str) -> str:
     lines = [f"# Speed on the CPU ({device})", "",
-             "`adaptflow run` is the default `make run` job (params.yaml as committed) in a fresh copy of the project:",
+             "`adaptflow run` is the default `make run` job (params.yaml as committed) in a fresh clone of the project:",
              "cold = nothing computed yet, warm = the same command again (every stage up to date). Peak RSS is the",
              "largest single process (GNU time). Ingest and cache_features: synth_digits at N images, each in its",
              "own process; cache_features times the extractor over the ingested train split.", "",

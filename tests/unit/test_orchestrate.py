@@ -76,6 +76,12 @@ def test_dvc_commit_blocker(tmp_path):
     assert "not a DVC pipeline" in orchestrate.dvc_commit_blocker(tmp_path, str(tmp_path / "params.yaml"), None)
     (tmp_path / ".dvc").mkdir()
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    # a copy of the project without .git/: dvc commit would fail after all the work, so it is skipped
+    assert "git" in orchestrate.dvc_commit_blocker(tmp_path, str(tmp_path / "params.yaml"), None)
+    (tmp_path / ".dvc" / "config").write_text("[core]\n    no_scm = true\n")
+    assert orchestrate.dvc_commit_blocker(tmp_path, str(tmp_path / "params.yaml"), None) is None
+    (tmp_path / ".dvc" / "config").unlink()
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     assert orchestrate.dvc_commit_blocker(tmp_path, str(tmp_path / "params.yaml"), ["orchestrate.task_runner=threads"]) is None
     assert "finetune.lr=0.1" in orchestrate.dvc_commit_blocker(tmp_path, str(tmp_path / "params.yaml"), ["finetune.lr=0.1"])
     assert "other.yaml" in orchestrate.dvc_commit_blocker(tmp_path, str(tmp_path / "other.yaml"), None)
