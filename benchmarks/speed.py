@@ -226,7 +226,7 @@ def _cache_one(work: Path) -> None:
     from adaptflow.data import store
 
     p = params_mod.load(HERE.parent / "params.yaml", ["source.domain=synth_digits"])
-    s = store.load_split(work / p.paths.ingested / "source", "train")
+    s = store.load_split(work / p.paths.ingested / "source", "train", lazy=True)
     rt = runtime()
     cfg = ModelConfig(p.pretrain.model, s.images.shape[1], s.images.shape[2], list(s.classes))
     model = create(cfg)

@@ -14,8 +14,9 @@ batch at once, drawing parameters per image from its own seeded generator:
 - ``GaussianBlur``: a per-image separable kernel in one grouped convolution;
 - ``RandomApply`` / ``Compose`` around any of these.
 
-Any other v2 transform (``RandAugment``, ``RandomErasing``, …) runs image by image on the batch's device —
-correct, only slower. :attr:`BatchAugment.batched` says whether the whole pipeline is batched.
+Any other v2 transform (``RandAugment``, ``RandomErasing``, …) runs image by image — correct, only slower.
+:attr:`BatchAugment.batched` says whether the whole pipeline is batched; training runs a pipeline that is
+not on the host, in the loader thread, instead of on the device (:func:`adaptflow.training.views`).
 """
 
 from __future__ import annotations
@@ -262,10 +263,6 @@ class BatchAugment:
         self.ops, self.batched = compile_ops(pipeline)
         self.seed = int(seed)
         self._gens: dict[torch.device, torch.Generator] = {}
-
-    @property
-    def identity(self) -> bool:
-        return not self.ops
 
     def _gen(self, dev: torch.device) -> torch.Generator:
         if dev not in self._gens:

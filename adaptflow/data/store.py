@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +22,54 @@ META = "meta.parquet"
 CARD = "card.json"
 
 
+class Rows:
+    """Rows ``idx`` of a memory-mapped uint8 store, read on demand a batch at a time: nothing is held, so a
+    pass over a split larger than memory stays flat (with :func:`drop_pages` now and then). Indexable by
+    slices, integer arrays and boolean masks like the array it stands for."""
+
+    def __init__(self, mm: np.ndarray, idx: np.ndarray):
+        self.mm, self.idx = mm, np.asarray(idx, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.idx),) + tuple(self.mm.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.mm.dtype
+
+    def __getitem__(self, key: object) -> np.ndarray:
+        sel = self.idx[key]
+        if isinstance(key, np.ndarray) and key.dtype == bool or (isinstance(key, slice) and key.step not in (None, 1)):
+            return Rows(self.mm, sel)  # a subset stays lazy
+        return np.asarray(self.mm[sel]) if np.ndim(sel) else np.asarray(self.mm[int(sel)])
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        out = np.asarray(self.mm[self.idx])
+        return out.astype(dtype) if dtype is not None else out
+
+
+def drop_pages(arr: object) -> None:
+    """Let go of the pages a memory-mapped array (or :class:`Rows`) has touched so far: file-backed pages
+    otherwise count in the process's RSS until the kernel needs them. Data is safe: a written map is
+    flushed first; the page cache keeps what was read."""
+    mm = arr.mm if isinstance(arr, Rows) else arr
+    handle = getattr(mm, "_mmap", None)
+    if handle is None or not hasattr(handle, "madvise"):
+        return
+    if getattr(mm, "mode", "r") != "r":
+        mm.flush()
+    handle.madvise(mmap.MADV_DONTNEED)
+
+
 @dataclass
 class Split:
-    """Images and labels of one split (a view on the memory-mapped store)."""
+    """Images and labels of one split (in memory, or :class:`Rows` read from the store on demand)."""
 
-    images: np.ndarray  # uint8 N×C×H×W
+    images: np.ndarray | Rows  # uint8 N×C×H×W
     labels: np.ndarray  # int64
     classes: list[str]
 
@@ -108,8 +152,10 @@ def read_meta(directory: Path) -> pd.DataFrame:
     return pd.read_parquet(Path(directory) / META)
 
 
-def load_split(directory: Path, split: str, labeled: bool | None = None) -> Split:
-    """Rows of ``split`` (train/val/test); ``labeled`` filters target train into the k-shot set or the pool."""
+def load_split(directory: Path, split: str, labeled: bool | None = None, lazy: bool = False) -> Split:
+    """Rows of ``split`` (train/val/test); ``labeled`` filters target train into the k-shot set or the pool.
+    In memory by default (training revisits every image each epoch); ``lazy`` reads them from the store
+    on demand (:class:`Rows`: one pass over a split of any size, e.g. cache_features)."""
     directory = Path(directory)
     meta = read_meta(directory)
     rows = meta["split"] == split
@@ -117,4 +163,5 @@ def load_split(directory: Path, split: str, labeled: bool | None = None) -> Spli
         rows &= meta["labeled"] == labeled
     idx = np.flatnonzero(rows.to_numpy())
     images = np.load(directory / IMAGES, mmap_mode="r")
-    return Split(np.asarray(images[idx]), meta["label"].to_numpy()[idx].astype(np.int64), read_card(directory)["classes"])
+    rows_ = Rows(images, idx) if lazy else np.asarray(images[idx])
+    return Split(rows_, meta["label"].to_numpy()[idx].astype(np.int64), read_card(directory)["classes"])

@@ -50,7 +50,11 @@ def extract(model: torch.nn.Module, images: np.ndarray, batch_size: int, dev: to
         out = np.zeros((len(images), model.num_features), np.float32)
     pending: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
     i = 0
-    for x, _ in Prefetcher(slices(images, batch_size), rt):
+    release_every = max(1, (64 << 20) // max(1, batch_size * int(np.prod(images.shape[1:]))))  # ~64 MB read
+    for b, (x, _) in enumerate(Prefetcher(slices(images, batch_size), rt)):
+        if b and b % release_every == 0:  # pages already read and written: out of RSS (flat in N)
+            store.drop_pages(images)
+            store.drop_pages(out)
         with rt.autocast():
             f = fn(x)
         done = None
@@ -87,7 +91,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     counts = {}
     with outputs.atomic_dir(out, "cache_features", key) as tmp:
         for name, (split, labeled) in SPLITS.items():
-            s = store.load_split(tgt, split, labeled)
+            s = store.load_split(tgt, split, labeled, lazy=True)
             feats = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.float32, shape=(len(s), model.num_features))
             extract(model, s.images, params.cache_features.batch_size, rt=rt, out=feats)
             feats.flush()
