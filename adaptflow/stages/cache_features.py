@@ -50,7 +50,8 @@ def extract(model: torch.nn.Module, images: np.ndarray, batch_size: int, dev: to
         out = np.zeros((len(images), model.num_features), np.float32)
     pending: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
     i = 0
-    release_every = max(1, (64 << 20) // max(1, batch_size * int(np.prod(images.shape[1:]))))  # ~64 MB read
+    row_bytes = int(np.prod(images.shape[1:])) * images.dtype.itemsize + out.shape[1] * out.dtype.itemsize
+    release_every = max(1, (32 << 20) // max(1, batch_size * row_bytes))  # every ~32 MB read + written
     for b, (x, _) in enumerate(Prefetcher(slices(images, batch_size), rt)):
         if b and b % release_every == 0:  # pages already read and written: out of RSS (flat in N)
             store.drop_pages(images)
