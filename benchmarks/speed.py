@@ -185,7 +185,7 @@ def _child(argv: list[str], cwd: Path | None = None, env: dict | None = None) ->
     return {"wall_seconds": round(wall, 2), "peak_rss_mb": round(rss_kb / 1024, 1), "stdout": proc.stdout}
 
 
-def cpu_part(ns: list[int], out: Path) -> dict:
+def cpu_part(ns: list[int]) -> dict:
     """The CPU figures: ``adaptflow run`` (the default ``make run`` job) cold and warm in a fresh clone of the
     project, then ingest and cache_features at each N (synth_digits), each in its own process."""
     root = HERE.parent
@@ -283,7 +283,7 @@ def main() -> None:
     print(f"device: {device}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.cpu_part is not None:
-        res = cpu_part(args.cpu_part or [10_000, 50_000, 200_000], args.out)
+        res = cpu_part(args.cpu_part or [10_000, 50_000, 200_000])
         res["meta"] = {"device": device, "torch": torch.__version__, "machine": platform.platform()}
         args.out.with_suffix(".json").write_text(json.dumps(res, indent=2))
         md = cpu_markdown(res, device)
