@@ -48,9 +48,9 @@ class Runtime:
 
     def forward_fn(self, model: nn.Module, size: int | None = None) -> Any:
         """uint8 batch on the device → ``model``'s output; the model compiled when asked (weights stay
-        shared with ``model``). The input conversion stays outside the compiled graph here: fused into a
-        graph that is also differentiated, inductor (torch 2.11, CUDA, channels_last) miscompiles the
-        convolution weight gradients' strides."""
+        shared with ``model``). Only the model is compiled here, the input conversion runs eagerly: the
+        training graph is differentiated, and keeping it to the model is the conservative choice (on the
+        lent H100, torch 2.11, compiled resnet10t training at 32 px failed in inductor either way)."""
         net = torch.compile(model) if self.compile else model
 
         def run(x_uint8: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 512, 
     out = []
     for x, _ in Prefetcher(slices(images, batch_size), rt):
         with rt.autocast():
-            out.append(model(model_input(model, x, rt)).float().cpu())
+            out.append(model(net_input(model, x, rt)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -118,7 +118,7 @@ def batches(split: Split, batch_size: int, transform: v2.Transform, seed: int, r
         yield x, y
 
 
-def model_input(model: nn.Module, x: torch.Tensor, rt: Runtime) -> torch.Tensor:
+def net_input(model: nn.Module, x: torch.Tensor, rt: Runtime) -> torch.Tensor:
     """A uint8 batch on the device → what ``model`` takes (normalised, resized to its input side)."""
     return rt.to_input(x, input_size(model))
 
@@ -263,7 +263,7 @@ def recalibrate_bn(model: nn.Module, images: np.ndarray, batch_size: int = 256) 
         if len(chunk) < 2:
             break
         with rt.autocast():
-            model(model_input(model, torch.from_numpy(np.ascontiguousarray(chunk)).to(rt.device), rt))
+            model(net_input(model, torch.from_numpy(np.ascontiguousarray(chunk)).to(rt.device), rt))
     for m, (momentum, _) in zip(bns, saved):
         m.momentum = momentum
     model.eval()

@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptflow.accel import runtime
 from adaptflow.models import features
 from adaptflow.strategies.base import Context
-from adaptflow.training import Objective, batches, model_input
+from adaptflow.training import Objective, batches, net_input
 
 
 class AlignmentObjective(Objective):
@@ -26,7 +25,7 @@ class AlignmentObjective(Objective):
         if ctx.source is None or ctx.pool is None or len(ctx.pool) == 0:
             raise ValueError(f"{self.name} needs the source train split and the unlabeled target pool")
         source = ctx.source_in_target_labels(ctx.source)
-        self.rt = runtime(device=str(ctx.dev))
+        self.rt = ctx.rt
         self._source = batches(source, batch_size, ctx.source_transform or ctx.transform, ctx.seed + 1, self.rt)
         self._target = batches(ctx.pool, batch_size, ctx.transform, ctx.seed + 2, self.rt)
         self.source_weight = ctx.params.finetune.source_weight
@@ -37,7 +36,7 @@ class AlignmentObjective(Objective):
     def forward(self, model: nn.Module, progress: float) -> tuple[torch.Tensor, dict]:
         xs, ys = next(self._source)
         xt, _ = next(self._target)  # the pool's labels are never read
-        f = features(model, model_input(model, torch.cat([xs, xt]), self.rt))
+        f = features(model, net_input(model, torch.cat([xs, xt]), self.rt))
         f_s, f_t = f[: len(xs)], f[len(xs) :]
         ce = F.cross_entropy(model.get_classifier()(f_s), ys)
         a = self.align(f_s, f_t, progress)

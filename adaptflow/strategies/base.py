@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
+from adaptflow.accel import Runtime, runtime
 from adaptflow.data.store import Split
 from adaptflow.models import ModelConfig, create, load, set_head
 from adaptflow.params import Params
@@ -32,6 +33,11 @@ class Context:
     source: Split | None = None  # source train, for objectives that align source and target
     source_val: Split | None = None  # source val, for the label-free source-val selection rule
     source_transform: v2.Transform | None = None  # augment.source
+
+    @property
+    def rt(self) -> Runtime:
+        """The runtime (device, AMP, memory format) of ``dev``, for objectives that feed batches themselves."""
+        return runtime(device=str(self.dev))
 
     def source_classes(self) -> list[str]:
         return ModelConfig(**json.loads((self.source_dir / "config.json").read_text())).classes

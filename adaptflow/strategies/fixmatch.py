@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptflow.accel import runtime
 from adaptflow.data.transforms import build_pipeline
 from adaptflow.strategies.base import Context
-from adaptflow.training import Objective, model_input, views
+from adaptflow.training import Objective, net_input, views
 
 __all__ = ["PseudoLabelLoss", "FixMatch", "make"]
 
@@ -53,12 +52,12 @@ class FixMatch(Objective):
         strong = build_pipeline([t.model_dump() for t in cfg.strong])
         self.loss = PseudoLabelLoss(cfg.threshold)
         self.weight = cfg.weight
-        self.rt = runtime(device=str(ctx.dev))
+        self.rt = ctx.rt
         self._pool = views(ctx.pool, ctx.params.finetune.unlabeled_batch_size, [ctx.transform, strong], ctx.seed + 3, self.rt)
 
     def forward(self, model: nn.Module, progress: float) -> tuple[torch.Tensor, dict]:
         (weak, strong), _ = next(self._pool)  # the pool's labels are never read
-        logits = model(model_input(model, torch.cat([weak, strong]), self.rt))
+        logits = model(net_input(model, torch.cat([weak, strong]), self.rt))
         loss, rate = self.loss(logits[: len(weak)], logits[len(weak) :])
         # logged as device tensors: fit sums them without a host sync per step
         return self.weight * loss, {"fixmatch_loss": loss.detach(), "pseudo_label_rate": rate.detach()}
