@@ -103,7 +103,8 @@ def default_runtime() -> Runtime:
 
 
 class Prefetcher:
-    """Iterate tuples of CPU tensors (or None) from ``source`` — e.g. ``(uint8 images, labels)`` — on a
+    """Iterate tuples of CPU tensors (or None, or objects that move like one: ``pin_memory``, ``to``,
+    ``record_stream``, e.g. augmentation draws) from ``source`` — e.g. ``(uint8 images, labels)`` — on a
     background thread and hand them over already on the device: pinned, copied on a side CUDA stream, so
     loading overlaps compute.
 

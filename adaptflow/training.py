@@ -92,22 +92,24 @@ def stream(split: Split, batch_size: int, rng: np.random.Generator) -> Iterator[
 
 def views(split: Split, batch_size: int, pipelines: list[v2.Transform], seed: int, rt: Runtime) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
     """Endless shuffled training batches on the device, one augmented view per pipeline: raw uint8
-    batches are read on the host and copied ahead by the :class:`Prefetcher`. A pipeline that
-    :class:`BatchAugment` runs batched is applied on the device after the copy (parameters per image); one
-    with a per-image transform (RandAugment, RandomErasing, …) runs on the host, in the loader thread, so
-    the device never waits on thousands of tiny per-image kernels. Pipeline ``i`` draws from a generator
-    seeded with ``seed + i``; the data order is seeded with ``seed``."""
+    batches are read on the host and copied ahead by the :class:`Prefetcher`. For a pipeline that
+    :class:`BatchAugment` runs batched, the loader draws each image's parameters on the host and they
+    travel with the batch; the device only applies them. A pipeline with a per-image transform
+    (RandAugment, RandomErasing, …) runs whole on the host, in the loader, so the device never waits on
+    thousands of tiny per-image kernels. Pipeline ``i`` draws from a generator seeded with ``seed + i``;
+    the data order is seeded with ``seed``."""
     augs = [BatchAugment(p, seed + i) for i, p in enumerate(pipelines)]
     need_raw = any(a.batched for a in augs)
 
     def host(source: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple]:
         for x, y in source:
-            yield (*[None if a.batched else a(x) for a in augs], x if need_raw else None, y)
+            n, h, w = len(x), x.shape[-2], x.shape[-1]
+            yield (*[a.draw(n, h, w) if a.batched else a(x) for a in augs], x if need_raw else None, y)
 
     prefetcher = Prefetcher(host(stream(split, batch_size, np.random.default_rng(seed))), rt)
     try:
         for *done, raw, y in prefetcher:
-            yield [a(raw) if a.batched else v for a, v in zip(augs, done)], y
+            yield [a.apply(raw, v) if a.batched else v for a, v in zip(augs, done)], y
     finally:
         prefetcher.close()
 

@@ -4,7 +4,8 @@ A torchvision v2 transform called on a batch draws *one* set of random parameter
 it image by image gives each image its own draw but costs a Python round trip per image — on a GPU that is
 thousands of tiny kernels per step and the accelerator waits. :class:`BatchAugment` takes the pipeline
 built from params (:func:`adaptflow.data.transforms.build_pipeline`) and runs each transform on the whole
-batch at once, drawing parameters per image from its own seeded generator:
+batch at once, with parameters drawn per image on the host from its own seeded CPU generator (so the
+device makes no host sync and the same seed draws the same on every device):
 
 - ``RandomAffine`` (degrees, translate, scale, shear; nearest or bilinear, fill 0): one ``grid_sample``
   with a matrix per image, parameters drawn as v2 draws them;
@@ -21,7 +22,8 @@ not on the host, in the loader thread, instead of on the device (:func:`adaptflo
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,19 +32,53 @@ from torchvision.transforms import v2
 
 from adaptflow.data.transforms import Downsample
 
-Op = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # float batch in [0, 255] → same
+# Every random parameter of a batch is drawn on the host, from a CPU generator, before the batch reaches
+# the device: the device only applies them (a handful of kernels per transform, no host sync), the same
+# seed gives the same draws on every device, and training draws them in its loader thread.
+Rows = Iterator[torch.Tensor]  # per-image float parameters, each of length N, in draw order
+Meta = Iterator[Any]  # per-batch host values (e.g. ColorJitter's order), in draw order
 
 
-def _uniform(n: int, lo: float, hi: float, g: torch.Generator, dev: torch.device) -> torch.Tensor:
-    return torch.rand(n, generator=g, device=dev) * (hi - lo) + lo
+class Op:
+    """One batched transform: ``draw`` appends its parameters for N images of H×W (rows of length N, and
+    host values) in a fixed order; ``apply`` consumes them in that order on a float batch in [0, 255]."""
+
+    def draw(self, n: int, h: int, w: int, g: torch.Generator, rows: list, meta: list) -> None:
+        pass
+
+    def apply(self, x: torch.Tensor, rows: Rows, meta: Meta) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
 
 
-def _chance(n: int, p: float, g: torch.Generator, dev: torch.device) -> torch.Tensor:
-    return torch.rand(n, generator=g, device=dev) < p
+@dataclass
+class Draws:
+    """The parameters of one batch: ``rows`` (M×N float32) and host values. Moves like a tensor — the
+    :class:`adaptflow.accel.Prefetcher` pins it and copies it to the device with the images."""
+
+    rows: torch.Tensor
+    meta: list
+
+    def pin_memory(self) -> "Draws":
+        return Draws(self.rows.pin_memory(), self.meta)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Draws":
+        return Draws(self.rows.to(device, non_blocking=non_blocking), self.meta)
+
+    def record_stream(self, stream: torch.cuda.Stream) -> None:
+        self.rows.record_stream(stream)
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=g) * (hi - lo) + lo
+
+
+def _chance(n: int, p: float, g: torch.Generator) -> torch.Tensor:
+    return (torch.rand(n, generator=g) < p).float()
 
 
 def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask.view(-1, 1, 1, 1), a, b)
+    """Per image: ``a`` where the row ``mask`` is 1, else ``b``."""
+    return torch.where(mask.view(-1, 1, 1, 1) > 0.5, a, b)
 
 
 def affine_theta(angle: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor, scale: torch.Tensor, shear_x: torch.Tensor,
@@ -64,56 +100,74 @@ def affine_theta(angle: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor, scale:
     return torch.stack([row_x, row_y], -2)
 
 
+class _Affine(Op):
+    def __init__(self, t: v2.RandomAffine, mode: str):
+        self.t, self.mode = t, mode
+
+    def draw(self, n, h, w, g, rows, meta):
+        t = self.t
+        angle = _uniform(n, t.degrees[0], t.degrees[1], g)
+        if t.translate is not None:  # v2 rounds the shift to whole pixels
+            tx = torch.round(_uniform(n, -t.translate[0] * w, t.translate[0] * w, g))
+            ty = torch.round(_uniform(n, -t.translate[1] * h, t.translate[1] * h, g))
+        else:
+            tx = ty = torch.zeros(n)
+        s = _uniform(n, t.scale[0], t.scale[1], g) if t.scale is not None else torch.ones(n)
+        shear = t.shear
+        sx = _uniform(n, shear[0], shear[1], g) if shear is not None else torch.zeros(n)
+        sy = _uniform(n, shear[2], shear[3], g) if shear is not None and len(shear) == 4 else torch.zeros(n)
+        rows.extend(affine_theta(angle, tx, ty, s, sx, sy, h, w).reshape(n, 6).T)
+
+    def apply(self, x, rows, meta):
+        theta = torch.stack([next(rows) for _ in range(6)], 1).view(-1, 2, 3)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode=self.mode, padding_mode="zeros", align_corners=False)
+
+
 def _affine(t: v2.RandomAffine) -> Op | None:
     fill = t.fill if not isinstance(t.fill, dict) else t.fill.get(torch.Tensor, t.fill.get(next(iter(t.fill)), 0))
     if fill not in (0, None, 0.0, [0], (0,)) or t.center is not None:
         return None
     mode = {"nearest": "nearest", "bilinear": "bilinear"}.get(InterpolationMode(t.interpolation).value)
-    if mode is None:
-        return None
-    degrees, translate, scale, shear = list(t.degrees), t.translate, t.scale, t.shear
-
-    def op(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        n, _, h, w = x.shape
-        dev = x.device
-        angle = _uniform(n, degrees[0], degrees[1], g, dev)
-        if translate is not None:  # v2 rounds the shift to whole pixels
-            tx = torch.round(_uniform(n, -translate[0] * w, translate[0] * w, g, dev))
-            ty = torch.round(_uniform(n, -translate[1] * h, translate[1] * h, g, dev))
-        else:
-            tx = ty = torch.zeros(n, device=dev)
-        s = _uniform(n, scale[0], scale[1], g, dev) if scale is not None else torch.ones(n, device=dev)
-        sx = _uniform(n, shear[0], shear[1], g, dev) if shear is not None else torch.zeros(n, device=dev)
-        sy = _uniform(n, shear[2], shear[3], g, dev) if shear is not None and len(shear) == 4 else torch.zeros(n, device=dev)
-        theta = affine_theta(angle, tx, ty, s, sx, sy, h, w)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
-
-    return op
+    return None if mode is None else _Affine(t, mode)
 
 
-def _downsample(t: Downsample) -> Op:
-    def op(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        # Every side is computed for the whole batch and selected per image: no host sync (the sides are few).
-        n, _, h, w = x.shape
-        apply = _chance(n, t.p, g, x.device)
-        which = torch.randint(len(t.sizes), (n,), generator=g, device=x.device)
+class _Downsample(Op):
+    """Each image through its drawn side and back; only the sides drawn in this batch are computed."""
+
+    def __init__(self, t: Downsample):
+        self.t = t
+
+    def draw(self, n, h, w, g, rows, meta):
+        apply = torch.rand(n, generator=g) < self.t.p
+        which = torch.randint(len(self.t.sizes), (n,), generator=g)
+        code = torch.where(apply, which, -1)
+        rows.append(code.float())
+        meta.append(sorted(set(code[apply].tolist())))
+
+    def apply(self, x, rows, meta):
+        code, present = next(rows), next(meta)
+        h, w = x.shape[-2:]
         out = x
-        for j, side in enumerate(t.sizes):
+        for j in present:
+            side = self.t.sizes[j]
             small = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
             back = F.interpolate(small, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
-            out = _where(apply & (which == j), back, out)
+            out = torch.where((code == j).view(-1, 1, 1, 1), back, out)
         return out
 
-    return op
 
+class _Masked(Op):
+    """A per-image yes/no with chance ``p``: ``fn(x)`` where yes (flips, invert)."""
 
-def _flip(p: float, dim: int) -> Op:
-    return lambda x, g: _where(_chance(len(x), p, g, x.device), x.flip(dim), x)
+    def __init__(self, p: float, fn: Callable[[torch.Tensor], torch.Tensor]):
+        self.p, self.fn = p, fn
 
+    def draw(self, n, h, w, g, rows, meta):
+        rows.append(_chance(n, self.p, g))
 
-def _invert(p: float) -> Op:
-    return lambda x, g: _where(_chance(len(x), p, g, x.device), 255.0 - x, x)
+    def apply(self, x, rows, meta):
+        return _where(next(rows), self.fn(x), x)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -132,67 +186,98 @@ def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return _hsv_to_rgb(torch.stack((h, s, v), 1)) * 255.0
 
 
-def _color_jitter(t: v2.ColorJitter) -> Op:
+class _ColorJitter(Op):
     """v2's four adjustments with per-image factors, in an order drawn per batch (v2 draws it per call)."""
 
-    def op(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        n, dev = len(x), x.device
-        steps = []
-        if t.brightness is not None:
-            fb = _uniform(n, *t.brightness, g, dev).view(-1, 1, 1, 1)
-            steps.append(lambda y: (y * fb).clamp(0, 255))
-        if t.contrast is not None:
-            fc = _uniform(n, *t.contrast, g, dev).view(-1, 1, 1, 1)
-            steps.append(lambda y: (fc * y + (1 - fc) * _gray(y).mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 255))
-        if t.saturation is not None:
-            fs = _uniform(n, *t.saturation, g, dev).view(-1, 1, 1, 1)
-            steps.append(lambda y: (fs * y + (1 - fs) * _gray(y)).clamp(0, 255))
-        if t.hue is not None:
-            fh = _uniform(n, *t.hue, g, dev)
-            steps.append(lambda y: _hue(y, fh))
-        for i in torch.randperm(len(steps), generator=g, device=dev).tolist():
-            x = steps[i](x)
+    def __init__(self, t: v2.ColorJitter):
+        col = lambda f: f.view(-1, 1, 1, 1)  # noqa: E731
+        steps = {
+            "brightness": lambda y, f: (y * col(f)).clamp(0, 255),
+            "contrast": lambda y, f: (col(f) * y + (1 - col(f)) * _gray(y).mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 255),
+            "saturation": lambda y, f: (col(f) * y + (1 - col(f)) * _gray(y)).clamp(0, 255),
+            "hue": _hue,
+        }
+        self.steps = [(getattr(t, k), fn) for k, fn in steps.items() if getattr(t, k) is not None]
+
+    def draw(self, n, h, w, g, rows, meta):
+        rows.extend(_uniform(n, *bounds, g) for bounds, _ in self.steps)
+        meta.append(torch.randperm(len(self.steps), generator=g).tolist())
+
+    def apply(self, x, rows, meta):
+        factors, order = [next(rows) for _ in self.steps], next(meta)
+        for i in order:
+            x = self.steps[i][1](x, factors[i])
         return x
 
-    return op
 
+class _Blur(Op):
+    """A per-image separable Gaussian kernel (weights drawn on the host) in one grouped convolution."""
 
-def _blur(t: v2.GaussianBlur) -> Op:
-    kx, ky = t.kernel_size
+    def __init__(self, t: v2.GaussianBlur):
+        self.t = t
 
-    def kernel(size: int, sigma: torch.Tensor) -> torch.Tensor:
-        r = torch.arange(size, device=sigma.device, dtype=torch.float32) - (size - 1) / 2
+    @staticmethod
+    def _kernel(size: int, sigma: torch.Tensor) -> torch.Tensor:
+        r = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
         k = torch.exp(-0.5 * (r.view(1, -1) / sigma.view(-1, 1)) ** 2)
         return k / k.sum(1, keepdim=True)
 
-    def op(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def draw(self, n, h, w, g, rows, meta):
+        kx, ky = self.t.kernel_size
+        sigma = _uniform(n, float(self.t.sigma[0]), float(self.t.sigma[1]), g)
+        rows.extend(self._kernel(kx, sigma).T)
+        rows.extend(self._kernel(ky, sigma).T)
+
+    def apply(self, x, rows, meta):
+        kx, ky = self.t.kernel_size
         n, c, h, w = x.shape
-        sigma = _uniform(n, float(t.sigma[0]), float(t.sigma[1]), g, x.device)
-        wx = kernel(kx, sigma).repeat_interleave(c, 0).view(n * c, 1, 1, kx)
-        wy = kernel(ky, sigma).repeat_interleave(c, 0).view(n * c, 1, ky, 1)
+        wx = torch.stack([next(rows) for _ in range(kx)], 1).repeat_interleave(c, 0).view(n * c, 1, 1, kx)
+        wy = torch.stack([next(rows) for _ in range(ky)], 1).repeat_interleave(c, 0).view(n * c, 1, ky, 1)
         y = F.pad(x.reshape(1, n * c, h, w), (kx // 2, kx // 2, ky // 2, ky // 2), mode="reflect")
         y = F.conv2d(F.conv2d(y, wx, groups=n * c), wy, groups=n * c)
         return y.view(n, c, h, w)
 
-    return op
+
+class _Seq(Op):
+    def __init__(self, ops: list[Op]):
+        self.ops = ops
+
+    def draw(self, n, h, w, g, rows, meta):
+        for o in self.ops:
+            o.draw(n, h, w, g, rows, meta)
+
+    def apply(self, x, rows, meta):
+        for o in self.ops:
+            x = o.apply(x, rows, meta)
+        return x
 
 
-def _apply(p: float, inner: Op) -> Op:
-    def op(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        mask = _chance(len(x), p, g, x.device)
-        return _where(mask, inner(x, g), x)  # computed for all, kept where drawn: no host sync
+class _Apply(Op):
+    """RandomApply: the inner ops are drawn and computed for every image and kept where the coin said so
+    (no host sync, and the draw order does not depend on the coins)."""
 
-    return op
+    def __init__(self, p: float, inner: Op):
+        self.p, self.inner = p, inner
+
+    def draw(self, n, h, w, g, rows, meta):
+        rows.append(_chance(n, self.p, g))
+        self.inner.draw(n, h, w, g, rows, meta)
+
+    def apply(self, x, rows, meta):
+        mask = next(rows)
+        return _where(mask, self.inner.apply(x, rows, meta), x)
 
 
-def _per_image(t: v2.Transform) -> Op:
-    """Fallback: the v2 transform itself, image by image, on uint8 (what v2 expects), on x's device."""
+class _PerImage(Op):
+    """Fallback: the v2 transform itself, image by image, on uint8 (what v2 expects), on x's device. It
+    draws from torch's global generator, as v2 does."""
 
-    def op(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def __init__(self, t: v2.Transform):
+        self.t = t
+
+    def apply(self, x, rows, meta):
         u8 = x.round().clamp(0, 255).to(torch.uint8)
-        return torch.stack([t(img) for img in u8]).float()
-
-    return op
+        return torch.stack([self.t(img) for img in u8]).float()
 
 
 def compile_ops(t: v2.Transform) -> tuple[list[Op], bool]:
@@ -208,72 +293,95 @@ def compile_ops(t: v2.Transform) -> tuple[list[Op], bool]:
             batched = False
             continue
         if pending:
-            ops.append(_per_image(v2.Compose(pending)))
+            ops.append(_PerImage(v2.Compose(pending)))
             pending = []
-        if op is not _IDENTITY:
+        if not isinstance(op, _Identity):
             ops.append(op)
     if pending:
-        ops.append(_per_image(v2.Compose(pending)))
+        ops.append(_PerImage(v2.Compose(pending)))
     return ops, batched
 
 
-_IDENTITY: Op = lambda x, g: x  # noqa: E731
+class _Identity(Op):
+    def apply(self, x, rows, meta):
+        return x
 
 
 def _batched(t: v2.Transform) -> Op | None:
     """``t`` as one batched op, or None when it (or anything inside it) has no batched form."""
     if isinstance(t, v2.Identity):
-        return _IDENTITY
+        return _Identity()
     if isinstance(t, (v2.Compose, v2.RandomApply)):
         ops, ok = compile_ops(v2.Compose(list(t.transforms)))
         if not ok:
             return None
-        return _apply(t.p, _seq(ops)) if isinstance(t, v2.RandomApply) else _seq(ops)
+        return _Apply(t.p, _Seq(ops)) if isinstance(t, v2.RandomApply) else _Seq(ops)
     if type(t) is v2.RandomAffine:
         return _affine(t)
     if isinstance(t, Downsample):
-        return _downsample(t)
+        return _Downsample(t)
     if type(t) is v2.RandomHorizontalFlip:
-        return _flip(t.p, -1)
+        return _Masked(t.p, lambda x: x.flip(-1))
     if type(t) is v2.RandomVerticalFlip:
-        return _flip(t.p, -2)
+        return _Masked(t.p, lambda x: x.flip(-2))
     if type(t) is v2.RandomInvert:
-        return _invert(t.p)
+        return _Masked(t.p, lambda x: 255.0 - x)
     if type(t) is v2.ColorJitter:
-        return _color_jitter(t)
+        return _ColorJitter(t)
     if type(t) is v2.GaussianBlur:
-        return _blur(t)
+        return _Blur(t)
     return None
 
 
-def _seq(ops: list[Op]) -> Op:
-    def op(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        for o in ops:
-            x = o(x, g)
-        return x
-
-    return op
-
-
 class BatchAugment:
-    """``pipeline`` applied to uint8 batches N×C×H×W on their device, parameters drawn per image from a
-    generator seeded with ``seed`` (the same seed and batches give the same output on the same device)."""
+    """``pipeline`` applied to uint8 batches N×C×H×W on their device, parameters drawn per image on the
+    host from a CPU generator seeded with ``seed``: the same seed and batches give the same draws on every
+    device. ``draw`` and ``apply`` split a call in two, so training draws in its loader thread and the
+    device only applies (see :func:`adaptflow.training.views`)."""
 
     def __init__(self, pipeline: v2.Transform, seed: int):
         self.ops, self.batched = compile_ops(pipeline)
+        self._seq = _Seq(self.ops)
         self.seed = int(seed)
-        self._gens: dict[torch.device, torch.Generator] = {}
+        self._g = torch.Generator().manual_seed(self.seed)
 
-    def _gen(self, dev: torch.device) -> torch.Generator:
-        if dev not in self._gens:
-            self._gens[dev] = torch.Generator(device=dev).manual_seed(self.seed)
-        return self._gens[dev]
+    def draw(self, n: int, h: int, w: int) -> Draws:
+        """Parameters for the next batch of ``n`` images of ``h``×``w`` (batched pipelines only: their ops
+        keep the size, so everything can be drawn before any is applied)."""
+        if not self.batched:
+            raise ValueError("draw() needs a fully batched pipeline; call the augmentation on the batch instead")
+        rows: list[torch.Tensor] = []
+        meta: list = []
+        self._seq.draw(n, h, w, self._g, rows, meta)
+        return Draws(torch.stack(rows) if rows else torch.zeros(0, n), meta)
+
+    def apply(self, x: torch.Tensor, draws: Draws) -> torch.Tensor:
+        """``x`` (uint8) with ``draws`` (on ``x``'s device) applied."""
+        if not self.ops or not len(x):
+            return x
+        self._check(x)
+        y = self._seq.apply(x.float(), iter(draws.rows), iter(draws.meta))
+        return y.round_().clamp_(0, 255).to(torch.uint8)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.ops or not len(x):
             return x
-        if x.dtype != torch.uint8:
-            raise TypeError(f"BatchAugment expects uint8 images, got {x.dtype}")
-        y = _seq(self.ops)(x.float(), self._gen(x.device))
+        self._check(x)
+        if self.batched:
+            return self.apply(x, self.draw(*_nhw(x)).to(x.device))
+        y = x.float()
+        for op in self.ops:  # drawn op by op: a per-image transform may change the size for the next
+            rows: list[torch.Tensor] = []
+            meta: list = []
+            op.draw(*_nhw(y), self._g, rows, meta)
+            y = op.apply(y, iter(r.to(y.device) for r in rows), iter(meta))
         return y.round_().clamp_(0, 255).to(torch.uint8)
 
+    @staticmethod
+    def _check(x: torch.Tensor) -> None:
+        if x.dtype != torch.uint8:
+            raise TypeError(f"BatchAugment expects uint8 images, got {x.dtype}")
+
+
+def _nhw(x: torch.Tensor) -> tuple[int, int, int]:
+    return len(x), x.shape[-2], x.shape[-1]

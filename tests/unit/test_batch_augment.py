@@ -117,3 +117,47 @@ def test_saturation_and_hue_match_v2_at_fixed_factors():
     out = BatchAugment(build_pipeline([{"name": "ColorJitter", "hue": [0.1, 0.1]}]), 0)(x)
     ref = torch.stack([TF.adjust_hue(img, 0.1) for img in x])
     assert (out.int() - ref.int()).abs().max() <= 1
+
+
+STRONG = [{"name": "RandomAffine", "degrees": 15, "translate": [0.1, 0.1], "scale": [0.8, 1.1], "shear": 10},
+          {"name": "RandomApply", "p": 0.5, "transforms": [{"name": "GaussianBlur", "kernel_size": 3, "sigma": [0.1, 1.0]}]},
+          {"name": "ColorJitter", "brightness": 0.4, "contrast": 0.4}, {"name": "RandomInvert", "p": 0.3},
+          {"name": "Downsample", "sizes": [8, 12]}]
+
+
+def test_draw_then_apply_equals_a_call():
+    # Training draws in its loader and applies on the device; a direct call does both: same bytes.
+    split, whole = BatchAugment(build_pipeline(STRONG), 3), BatchAugment(build_pipeline(STRONG), 3)
+    for _ in range(2):  # the generator advances the same way
+        d = split.draw(len(BATCH), 20, 20)
+        assert d.rows.device.type == "cpu" and d.rows.shape[1] == len(BATCH)
+        assert torch.equal(split.apply(BATCH, d), whole(BATCH))
+
+
+def test_downsample_computes_only_the_sides_drawn():
+    aug = BatchAugment(v2.Compose([Downsample([8, 12, 16], p=1.0)]), 0)
+    d = aug.draw(2, 20, 20)
+    drawn = sorted({int(c) for c in d.rows[0]})
+    assert d.meta == [drawn] and all(c >= 0 for c in drawn)
+    never = BatchAugment(v2.Compose([Downsample([8], p=0.0)]), 0)
+    d = never.draw(4, 20, 20)
+    assert d.meta == [[]] and torch.equal(never.apply(BATCH[:4], d), BATCH[:4])
+
+
+def test_draw_needs_a_batched_pipeline():
+    aug = BatchAugment(build_pipeline([{"name": "RandomErasing", "p": 1.0}]), 0)
+    with pytest.raises(ValueError, match="batched"):
+        aug.draw(2, 20, 20)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_same_draws_on_cuda_as_on_cpu():
+    from adaptflow.accel import Prefetcher, runtime
+
+    pipe = build_pipeline(STRONG)
+    cpu = BatchAugment(pipe, 5)(BATCH)
+    rt = runtime(device="cuda")
+    aug = BatchAugment(pipe, 5)
+    (x, d), = list(Prefetcher([(BATCH, aug.draw(len(BATCH), 20, 20))], rt))
+    out = aug.apply(x, d).cpu()
+    assert (out.int() - cpu.int()).abs().max() <= 1  # same parameters; float rounding may differ by a level
