@@ -3,7 +3,8 @@ prefetcher that keeps the accelerator fed.
 
 On CUDA: bf16 autocast, channels_last, cudnn.benchmark, pinned host batches copied on a side stream
 while the previous batch computes. On CPU: fp32, one thread per core, no pointless worker threads beyond
-one prefetcher. ``torch.compile`` is an option (``runtime.compile``): it pays on GPUs for long runs.
+one prefetcher. ``torch.compile`` is an option (``ADAPTFLOW_COMPILE=1``): it pays on GPUs for long runs. Each choice
+can be set per machine through the ``ADAPTFLOW_*`` environment variables (:data:`ENV`).
 """
 
 from __future__ import annotations
@@ -75,13 +76,51 @@ class Runtime:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
 
 
-def runtime(device: str = "auto", amp: str = "auto", channels_last: str | bool = "auto", compile: bool = False,
+# This machine's choices, from the environment: the same params.yaml runs on a laptop and on a GPU box, and
+# how tensors run never changes what a stage computes (beyond floating-point rounding), so none of this is
+# a stage parameter or part of any stage's key.
+ENV = {
+    "ADAPTFLOW_DEVICE": "auto | cpu | cuda | cuda:N (default auto: CUDA when present)",
+    "ADAPTFLOW_AMP": "auto | bf16 | off (default auto: bf16 on CUDA, off on CPU)",
+    "ADAPTFLOW_COMPILE": "0 | 1 (default 0): torch.compile the model in training and cache_features",
+    "ADAPTFLOW_THREADS": "CPU threads per process (default: one per core this process may use)",
+}
+
+
+def settings(environ: dict | None = None) -> dict:
+    """The ``ADAPTFLOW_*`` runtime settings, validated: a bad value raises ValueError naming the variable."""
+    env = os.environ if environ is None else environ
+    out: dict = {}
+    device = env.get("ADAPTFLOW_DEVICE", "auto").strip() or "auto"
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ValueError(f"ADAPTFLOW_DEVICE={device!r}: expected {ENV['ADAPTFLOW_DEVICE']}")
+    out["device"] = device
+    amp = env.get("ADAPTFLOW_AMP", "auto").strip() or "auto"
+    if amp not in ("auto", "bf16", "off"):
+        raise ValueError(f"ADAPTFLOW_AMP={amp!r}: expected {ENV['ADAPTFLOW_AMP']}")
+    out["amp"] = amp
+    comp = env.get("ADAPTFLOW_COMPILE", "0").strip() or "0"
+    if comp not in ("0", "1"):
+        raise ValueError(f"ADAPTFLOW_COMPILE={comp!r}: expected {ENV['ADAPTFLOW_COMPILE']}")
+    out["compile"] = comp == "1"
+    threads = env.get("ADAPTFLOW_THREADS", "").strip()
+    if threads and not (threads.isdigit() and int(threads) > 0):
+        raise ValueError(f"ADAPTFLOW_THREADS={threads!r}: expected {ENV['ADAPTFLOW_THREADS']}")
+    out["threads"] = int(threads) if threads else None
+    return out
+
+
+def runtime(device: str = "auto", amp: str = "auto", channels_last: str | bool = "auto", compile: bool | None = None,
             prefetch: int = 3, num_threads: int | None = None) -> Runtime:
-    """Resolve ``auto`` choices for this machine."""
+    """Resolve ``auto`` choices for this machine: an argument left at ``auto``/None takes its
+    ``ADAPTFLOW_*`` setting (:data:`ENV`), then the machine's default."""
+    env = settings()
+    if device == "auto":
+        device = env["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"runtime.device is {device!r} but no CUDA device is available")
+        raise ValueError(f"device {device!r} asked for (ADAPTFLOW_DEVICE) but no CUDA device is available")
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -89,13 +128,15 @@ def runtime(device: str = "auto", amp: str = "auto", channels_last: str | bool =
         torch.backends.cudnn.allow_tf32 = True
     else:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(num_threads or cores)
+        torch.set_num_threads(num_threads or env["threads"] or cores)
+    if amp == "auto":
+        amp = env["amp"]
     if amp == "auto":
         amp_dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None
     else:
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
     cl = dev.type == "cuda" if channels_last == "auto" else bool(channels_last)
-    return Runtime(dev, amp_dtype, cl, compile, prefetch)
+    return Runtime(dev, amp_dtype, cl, env["compile"] if compile is None else compile, prefetch)
 
 
 def default_runtime() -> Runtime:

@@ -25,9 +25,19 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _load(path: Path, overrides: Optional[list[str]]) -> params_mod.Params:
+    """Params and this machine's ``ADAPTFLOW_*`` runtime settings, validated before any work."""
+    from adaptflow import accel
+
     try:
-        return params_mod.load(path, overrides)
-    except params_mod.ParamsError as exc:
+        p = params_mod.load(path, overrides)
+        env = accel.settings()
+        if env["device"].startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"ADAPTFLOW_DEVICE={env['device']!r} but no CUDA device is available")
+        return p
+    except (params_mod.ParamsError, ValueError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
 

@@ -15,15 +15,19 @@ Writes ``<out>.json``, ``<out>.md`` and ``<out>.png`` (test accuracy vs k per st
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -40,7 +44,10 @@ def cell(k: int, seed: int, overrides: list[str], work: str, oracle: bool) -> di
     """One (k, seed): the stages in-process; returns evaluate's metrics plus timing."""
     import torch
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    # Every stage sizes its CPU threads from ADAPTFLOW_THREADS (else one per core): parallel cells must
+    # not each take every core.
+    os.environ["ADAPTFLOW_THREADS"] = os.environ.get("BENCH_THREADS", "2")
+    torch.set_num_threads(int(os.environ["ADAPTFLOW_THREADS"]))
     from adaptflow import params as params_mod
     from adaptflow import stages
     from adaptflow.params import ROLES
@@ -51,9 +58,24 @@ def cell(k: int, seed: int, overrides: list[str], work: str, oracle: bool) -> di
     p = params_mod.load(HERE.parent / "params.yaml", base + overrides)
     root = Path(work) / f"k{k}_seed{seed}"
     start = time.time()
+    # The source side (ingest, pretrain) depends on the seed only, not on k: the cells of one seed share it.
+    # The first one computes it; the others get a hard-linked copy, which the pipeline's own stage keys find
+    # current and skip (if a key differed, the stage would simply run again).
+    with _seed_lock(Path(work) / f"source_seed{seed}.lock"):
+        shared = Path(work) / f"source_seed{seed}"
+        outs = [Path(p.paths.ingested) / "source", Path(p.paths.source_model)]
+        for rel in outs:
+            if (shared / rel).is_dir() and not (root / rel).exists():
+                shutil.copytree(shared / rel, root / rel, copy_function=os.link)
+        stages.get("ingest")(p, root, role="source")
+        stages.get("pretrain")(p, root)
+        for rel in outs:
+            if not (shared / rel).exists():
+                shutil.copytree(root / rel, shared / rel, copy_function=os.link)
     for role in ROLES:
-        stages.get("ingest")(p, root, role=role)
-    for name in ("pretrain", "cache_features", "finetune", "evaluate"):
+        if role != "source":
+            stages.get("ingest")(p, root, role=role)
+    for name in ("cache_features", "finetune", "evaluate"):
         stages.get(name)(p, root)
     metrics = json.loads((root / p.paths.reports / "evaluate" / "metrics.json").read_text())
     if k == 0:
@@ -70,6 +92,17 @@ def cell(k: int, seed: int, overrides: list[str], work: str, oracle: bool) -> di
     metrics.update({"k": k, "seed": seed, "seconds": time.time() - start,
                     "label_budget": {"train_labeled": k * len(card["classes"]), "val": metrics["n_val"] if k > 0 else 0}})
     return metrics
+
+
+@contextlib.contextmanager
+def _seed_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def summarise(cells: list[dict]) -> dict:

@@ -1,0 +1,48 @@
+"""This machine's runtime settings (ADAPTFLOW_*): validated with the variable named, applied by runtime(),
+and checked by the CLI before any work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from adaptflow.accel import runtime, settings
+
+
+def test_defaults_when_unset():
+    assert settings({}) == {"device": "auto", "amp": "auto", "compile": False, "threads": None}
+
+
+@pytest.mark.parametrize("var,value", [("ADAPTFLOW_DEVICE", "gpu"), ("ADAPTFLOW_DEVICE", "cuda:x"), ("ADAPTFLOW_AMP", "fp8"),
+                                       ("ADAPTFLOW_COMPILE", "yes"), ("ADAPTFLOW_THREADS", "0"), ("ADAPTFLOW_THREADS", "two")])
+def test_bad_value_names_the_variable(var, value):
+    with pytest.raises(ValueError, match=var):
+        settings({var: value})
+
+
+def test_runtime_takes_the_environment(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("ADAPTFLOW_DEVICE", "cpu")
+        monkeypatch.setenv("ADAPTFLOW_THREADS", "1")
+        monkeypatch.setenv("ADAPTFLOW_AMP", "bf16")
+        monkeypatch.setenv("ADAPTFLOW_COMPILE", "1")
+        rt = runtime()
+        assert rt.device.type == "cpu" and rt.amp_dtype == torch.bfloat16 and rt.compile
+        assert torch.get_num_threads() == 1
+        assert not runtime(amp="off", compile=False).compile  # an explicit argument wins
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cli_fails_before_any_work_on_a_bad_setting(tmp_path, monkeypatch):
+    from adaptflow.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ADAPTFLOW_THREADS", "many")
+    params = __import__("pathlib").Path(__file__).resolve().parents[2] / "params.yaml"
+    res = CliRunner().invoke(app, ["stage", "ingest", "--params", str(params)])
+    assert res.exit_code == 2
+    assert "ADAPTFLOW_THREADS" in res.output
+    assert not any(tmp_path.iterdir())  # nothing written
