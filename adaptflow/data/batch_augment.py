@@ -269,15 +269,21 @@ class _Apply(Op):
 
 
 class _PerImage(Op):
-    """Fallback: the v2 transform itself, image by image, on uint8 (what v2 expects), on x's device. It
-    draws from torch's global generator, as v2 does."""
+    """Fallback: the v2 transform itself, image by image, on uint8 (what v2 expects), on x's device. v2
+    draws from torch's global generator: it runs under a forked one, seeded per batch from this
+    augmentation's own generator, so the draws repeat with the seed whoever else uses torch's generator."""
 
     def __init__(self, t: v2.Transform):
         self.t = t
 
+    def draw(self, n, h, w, g, rows, meta):
+        meta.append(int(torch.randint(2**62, (1,), generator=g)))
+
     def apply(self, x, rows, meta):
         u8 = x.round().clamp(0, 255).to(torch.uint8)
-        return torch.stack([self.t(img) for img in u8]).float()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(next(meta))
+            return torch.stack([self.t(img) for img in u8]).float()
 
 
 def compile_ops(t: v2.Transform) -> tuple[list[Op], bool]:

@@ -60,14 +60,12 @@ def class_match(source: list[str], target: list[str]) -> dict:
 def views(pipe: v2.Transform, images: np.ndarray, n_views: int, seed: int) -> list[np.ndarray]:
     """``n_views`` augmented copies of ``images`` (uint8 N×C×H×W): the same seed gives the same bytes.
 
-    The same batched augmentation training runs (:class:`BatchAugment`, parameters per image); transforms
-    without a batched form draw from a forked torch generator, so the caller's RNG is left untouched.
+    The same batched augmentation training runs (:class:`BatchAugment`, parameters per image, all drawn
+    from its own generator: the caller's RNG is left untouched).
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        augment = BatchAugment(pipe, seed)
-        batch = torch.from_numpy(np.ascontiguousarray(images))
-        return [augment(batch).numpy() for _ in range(n_views)]
+    augment = BatchAugment(pipe, seed)
+    batch = torch.from_numpy(np.ascontiguousarray(images))
+    return [augment(batch).numpy() for _ in range(n_views)]
 
 
 def _grid(rows: list[np.ndarray], path: Path, title: str) -> None:

@@ -102,6 +102,12 @@ def test_transforms_without_a_batched_form_run_per_image():
     out = aug(BATCH)
     assert out.shape == BATCH.shape and out.dtype == torch.uint8
     assert len({o.numpy().tobytes() for o in out}) == len(BATCH)
+    # v2 draws from torch's global generator; here it is seeded from the augmentation's own: the same
+    # seed repeats whatever the global state, and the global state is left as it was.
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    again = BatchAugment(pipe, 0)(BATCH)
+    assert torch.equal(again, out) and torch.equal(torch.get_rng_state(), state)
 
 
 def test_rejects_float_images():
