@@ -35,7 +35,7 @@ from typing import Callable, Iterator
 from filelock import FileLock, Timeout
 
 from adaptflow import outputs
-from adaptflow.params import ROLES, Params
+from adaptflow.params import Params
 
 log = logging.getLogger(__name__)
 
@@ -53,80 +53,48 @@ class Identity:
     output: Path
 
 
+# Each stage module computes its own key (``input_key``): the same function decides whether the stage skips
+# and what Prefect's cache key is, so the two can never disagree.
 def _ingest(params: Params, root: Path, role: str) -> Identity:
-    from adaptflow.data.domains import open_domain
-    from adaptflow.stages.ingest import check_domains, output_dir
+    from adaptflow.stages import ingest
 
-    check_domains(params, root)
-    spec = getattr(params, role)
-    allowed = ("train", "val", "test") if role == "target" else ("train", "val")
-    domain = open_domain(spec.domain, spec, root, f"{role}.domain", allowed)
-    key = outputs.input_key(f"ingest:{role}", params.section_hash(role, "preprocess", "seed") + domain.fingerprint)
-    return Identity("ingest", key, output_dir(params, root, role))
+    return Identity("ingest", ingest.input_key(params, root, role), ingest.output_dir(params, root, role))
 
 
 def _augment(params: Params, root: Path) -> Identity:
-    from adaptflow.stages.augment import output_dir
-    from adaptflow.stages.ingest import output_dir as ingested
+    from adaptflow.stages import augment
 
-    upstream = [ingested(params, root, r) for r in ROLES]
-    return Identity("augment", outputs.input_key("augment", params.section_hash("augment", "seed"), upstream), output_dir(params, root))
+    return Identity("augment", augment.input_key(params, root), augment.output_dir(params, root))
 
 
 def _pretrain(params: Params, root: Path) -> Identity:
-    from adaptflow.stages.ingest import output_dir as ingested
-    from adaptflow.stages.pretrain import output_dir
+    from adaptflow.stages import pretrain
 
-    key = outputs.input_key("pretrain", params.section_hash("pretrain", "seed", "augment.source"), [ingested(params, root, "source")])
-    return Identity("pretrain", key, output_dir(params, root))
+    return Identity("pretrain", pretrain.input_key(params, root), pretrain.output_dir(params, root))
 
 
 def _cache_features(params: Params, root: Path) -> Identity:
-    from adaptflow.stages.cache_features import output_dir
-    from adaptflow.stages.ingest import output_dir as ingested
-    from adaptflow.stages.pretrain import output_dir as source_model
+    from adaptflow.stages import cache_features
 
-    upstream = [source_model(params, root), ingested(params, root, "target")]
-    return Identity("cache_features", outputs.input_key("cache_features", params.section_hash("preprocess"), upstream), output_dir(params, root))
+    return Identity("cache_features", cache_features.input_key(params, root), cache_features.output_dir(params, root))
 
 
 def _finetune(params: Params, root: Path, strategy: str, seed: int) -> Identity:
-    from adaptflow import strategies
-    from adaptflow.stages.cache_features import output_dir as features
-    from adaptflow.stages.finetune import output_dir
-    from adaptflow.stages.ingest import output_dir as ingested
-    from adaptflow.stages.pretrain import output_dir as source_model
+    from adaptflow.stages import finetune
 
-    upstream = [ingested(params, root, "target"), source_model(params, root)]
-    upstream += [features(params, root)] if strategy == "linear_probe" else []
-    upstream += [ingested(params, root, "source")] if strategies.uses_source(strategy) else []
-    section = params.section_hash("finetune", "augment.target", "augment.source", exclude=("finetune.strategies", "finetune.seeds"))
-    return Identity("finetune", outputs.input_key(f"finetune:{strategy}:{seed}", section, upstream), output_dir(params, root, strategy, seed))
-
-
-def _adapted(params: Params, root: Path) -> list[Path]:
-    from adaptflow.stages.finetune import output_dir, runs
-
-    return [output_dir(params, root, s, k) for s, k in runs(params)]
+    return Identity("finetune", finetune.input_key(params, root, strategy, seed), finetune.output_dir(params, root, strategy, seed))
 
 
 def _evaluate(params: Params, root: Path) -> Identity:
-    from adaptflow.stages.evaluate import output_dir
-    from adaptflow.stages.ingest import output_dir as ingested
+    from adaptflow.stages import evaluate
 
-    section = params.section_hash("evaluate", "finetune.strategies", "finetune.seeds", "target.k")
-    return Identity("evaluate", outputs.input_key("evaluate", section, [ingested(params, root, "target")] + _adapted(params, root)), output_dir(params, root))
+    return Identity("evaluate", evaluate.input_key(params, root), evaluate.output_dir(params, root))
 
 
 def _register(params: Params, root: Path) -> Identity:
-    from adaptflow.stages.evaluate import output_dir as evaluated
-    from adaptflow.stages.ingest import output_dir as ingested
-    from adaptflow.stages.pretrain import output_dir as source_model
-    from adaptflow.stages.register import output_path
+    from adaptflow.stages import register
 
-    upstream = [evaluated(params, root), ingested(params, root, "target"), ingested(params, root, "source"), source_model(params, root)]
-    section = params.section_hash("register", "evaluate", "finetune.strategies", "finetune.seeds")
-    return Identity("register", outputs.input_key("register", section, upstream + _adapted(params, root)), output_path(params, root))
+    return Identity("register", register.input_key(params, root), register.output_path(params, root))
 
 
 _IDENTITY: dict[str, Callable[..., Identity]] = {

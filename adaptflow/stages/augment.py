@@ -121,10 +121,15 @@ def _materialise(params: Params, tmp: Path, tgt: Path) -> int:
     return writer.count
 
 
+def input_key(params: Params, root: Path) -> str:
+    """This stage's identity: the augment params and seed, and the digests of both ingested roles."""
+    upstream = [ingested_dir(params, root, r) for r in ROLES]
+    return outputs.input_key("augment", params.section_hash("augment", "seed"), upstream)
+
+
 def run(params: Params, root: Path = Path(".")) -> dict:
     out = output_dir(params, root)
-    upstream = [ingested_dir(params, root, r) for r in ROLES]
-    key = outputs.input_key("augment", params.section_hash("augment", "seed"), upstream)
+    key = input_key(params, root)
     if outputs.is_current(out, key):
         log.info("augment: up to date (%s)", out)
         return {"path": str(out), "digest": outputs.digest(out), "cached": True}

@@ -79,11 +79,17 @@ def _write(item: tuple[int, torch.Tensor, "torch.cuda.Event | None"], out: np.nd
     out[start : start + len(f)] = f.numpy()
 
 
+def input_key(params: Params, root: Path) -> str:
+    """This stage's identity: preprocess, the source model and the ingested target (batch_size changes no
+    feature value, so it is not part of it)."""
+    return outputs.input_key("cache_features", params.section_hash("preprocess"),
+                             [source_model_dir(params, root), ingested_dir(params, root, "target")])
+
+
 def run(params: Params, root: Path = Path(".")) -> dict:
     out = output_dir(params, root)
     tgt, src_model = ingested_dir(params, root, "target"), source_model_dir(params, root)
-    # batch_size changes no feature value, so it is not part of the key.
-    key = outputs.input_key("cache_features", params.section_hash("preprocess"), [src_model, tgt])
+    key = input_key(params, root)
     if outputs.is_current(out, key):
         log.info("cache_features: up to date (%s)", out)
         return {"path": str(out), "digest": outputs.digest(out), "cached": True}

@@ -36,14 +36,22 @@ def runs(params: Params) -> list[tuple[str, int]]:
     return [(s, seed) for s in params.finetune.strategies for seed in params.finetune.seeds]
 
 
+def input_key(params: Params, root: Path, strategy: str, seed: int) -> str:
+    """One run's identity: the finetune and augment params (not which other strategies and seeds run: they
+    do not change this run's result), the ingested target, the source model, the cached features (for
+    linear_probe) and the ingested source (for strategies that train on it)."""
+    upstream = [ingested_dir(params, root, "target"), source_model_dir(params, root)]
+    upstream += [features_dir(params, root)] if strategy == "linear_probe" else []
+    upstream += [ingested_dir(params, root, "source")] if strategies.uses_source(strategy) else []
+    section = params.section_hash("finetune", "augment.target", "augment.source", exclude=("finetune.strategies", "finetune.seeds"))
+    return outputs.input_key(f"finetune:{strategy}:{seed}", section, upstream)
+
+
 def run_one(params: Params, root: Path, strategy: str, seed: int) -> dict:
     out = output_dir(params, root, strategy, seed)
     tgt, src, feats = ingested_dir(params, root, "target"), source_model_dir(params, root), features_dir(params, root)
     src_data = ingested_dir(params, root, "source")
-    upstream = [tgt, src] + ([feats] if strategy == "linear_probe" else []) + ([src_data] if strategies.uses_source(strategy) else [])
-    # Which other strategies and seeds run does not change this run's result.
-    section = params.section_hash("finetune", "augment.target", "augment.source", exclude=("finetune.strategies", "finetune.seeds"))
-    key = outputs.input_key(f"finetune:{strategy}:{seed}", section, upstream)
+    key = input_key(params, root, strategy, seed)
     label = f"finetune[{strategy},seed={seed}]"
     if outputs.is_current(out, key):
         log.info("%s: up to date", label)

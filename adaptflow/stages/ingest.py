@@ -198,15 +198,26 @@ def write_report(params: Params, root: Path, role: str, card: dict) -> Path:
     return path
 
 
-def run(params: Params, root: Path = Path("."), role: str = "target") -> dict:
-    if role not in ROLES:
-        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+def open_role(params: Params, root: Path, role: str):
+    """The role's domain, checked (opening reads no image: listing and fingerprinting only)."""
     check_domains(params, root)
     spec = getattr(params, role)
     allowed = ("train", "val", "test") if role == "target" else ("train", "val")
-    domain = open_domain(spec.domain, spec, root, f"{role}.domain", allowed)
+    return open_domain(spec.domain, spec, root, f"{role}.domain", allowed)
+
+
+def input_key(params: Params, root: Path, role: str, domain=None) -> str:
+    """This stage's identity for ``role``: its params sections and the fingerprint of the raw data."""
+    domain = domain or open_role(params, root, role)
+    return outputs.input_key(f"ingest:{role}", params.section_hash(role, "preprocess", "seed") + domain.fingerprint)
+
+
+def run(params: Params, root: Path = Path("."), role: str = "target") -> dict:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    domain = open_role(params, root, role)
     out = output_dir(params, root, role)
-    key = outputs.input_key(f"ingest:{role}", params.section_hash(role, "preprocess", "seed") + domain.fingerprint)
+    key = input_key(params, root, role, domain)
     if outputs.is_current(out, key):
         log.info("ingest %s: up to date (%s)", role, out)
         if not report_path(params, root, role).is_file():

@@ -25,10 +25,16 @@ def output_dir(params: Params, root: Path) -> Path:
     return Path(root) / params.paths.source_model
 
 
+def input_key(params: Params, root: Path) -> str:
+    """This stage's identity: pretrain params, seed, the source augmentation and the ingested source."""
+    return outputs.input_key("pretrain", params.section_hash("pretrain", "seed", "augment.source"),
+                             [ingested_dir(params, root, "source")])
+
+
 def run(params: Params, root: Path = Path(".")) -> dict:
     out = output_dir(params, root)
     src = ingested_dir(params, root, "source")
-    key = outputs.input_key("pretrain", params.section_hash("pretrain", "seed", "augment.source"), [src])
+    key = input_key(params, root)
     if outputs.is_current(out, key):
         log.info("pretrain: up to date (%s)", out)
         return {"path": str(out), "digest": outputs.digest(out), "cached": True}
