@@ -42,3 +42,18 @@ class AlignmentObjective(Objective):
         a = self.align(f_s, f_t, progress)
         # logged as device tensors: fit sums them without a host sync per step
         return self.source_weight * ce + a, {"source_ce": ce.detach(), f"{self.name}_loss": a.detach()}
+
+
+class DistanceAlignment(AlignmentObjective):
+    """Alignment by a distance between the two feature batches, ``loss_cls()(f_s, f_t)``, weighted by
+    ``finetune.<name>.weight`` (coral, mmd)."""
+
+    loss_cls: type[nn.Module]
+
+    def __init__(self, ctx: Context, model: nn.Module):
+        super().__init__(ctx, ctx.params.finetune.unlabeled_batch_size)
+        self.loss = self.loss_cls()
+        self.weight = getattr(ctx.params.finetune, self.name).weight
+
+    def align(self, f_s: torch.Tensor, f_t: torch.Tensor, progress: float) -> torch.Tensor:
+        return self.weight * self.loss(f_s, f_t)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adaptflow.strategies.alignment import AlignmentObjective
+from adaptflow.strategies.alignment import DistanceAlignment
 from adaptflow.strategies.base import Context
 
 __all__ = ["CorrelationAlignmentLoss", "make"]
@@ -26,16 +26,9 @@ class CorrelationAlignmentLoss(nn.Module):
         return (mean_s - mean_t).pow(2).mean() + (cs - ct).pow(2).sum() / (4 * d * d)
 
 
-class CORAL(AlignmentObjective):
+class CORAL(DistanceAlignment):
     name = "coral"
-
-    def __init__(self, ctx: Context, model: nn.Module):
-        super().__init__(ctx, ctx.params.finetune.unlabeled_batch_size)
-        self.loss = CorrelationAlignmentLoss()
-        self.weight = ctx.params.finetune.coral.weight
-
-    def align(self, f_s: torch.Tensor, f_t: torch.Tensor, progress: float) -> torch.Tensor:
-        return self.weight * self.loss(f_s, f_t)
+    loss_cls = CorrelationAlignmentLoss
 
 
 def make(ctx: Context, model: nn.Module) -> CORAL:

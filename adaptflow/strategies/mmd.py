@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adaptflow.strategies.alignment import AlignmentObjective
+from adaptflow.strategies.alignment import DistanceAlignment
 from adaptflow.strategies.base import Context
 
 __all__ = ["MultiKernelMMD", "make"]
@@ -31,16 +31,9 @@ class MultiKernelMMD(nn.Module):
         return k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean()
 
 
-class MMD(AlignmentObjective):
+class MMD(DistanceAlignment):
     name = "mmd"
-
-    def __init__(self, ctx: Context, model: nn.Module):
-        super().__init__(ctx, ctx.params.finetune.unlabeled_batch_size)
-        self.loss = MultiKernelMMD()
-        self.weight = ctx.params.finetune.mmd.weight
-
-    def align(self, f_s: torch.Tensor, f_t: torch.Tensor, progress: float) -> torch.Tensor:
-        return self.weight * self.loss(f_s, f_t)
+    loss_cls = MultiKernelMMD
 
 
 def make(ctx: Context, model: nn.Module) -> MMD:
