@@ -126,6 +126,8 @@ def runtime(device: str = "auto", amp: str = "auto", channels_last: str | bool =
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        if num_threads or env["threads"]:  # the host side (loading, per-image augmentation) of parallel jobs
+            torch.set_num_threads(num_threads or env["threads"])
     else:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(num_threads or env["threads"] or cores)
