@@ -216,4 +216,5 @@ class Prefetcher:
 def slices(images: np.ndarray, batch_size: int) -> Iterator[tuple[torch.Tensor, None]]:
     """Consecutive uint8 batches of a (memory-mapped) array: one read per batch, nothing held."""
     for i in range(0, len(images), batch_size):
-        yield torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])), None
+        # a copy: a slice of a read-only memory map is a read-only view, which torch warns about
+        yield torch.from_numpy(np.array(images[i : i + batch_size], order="C")), None
