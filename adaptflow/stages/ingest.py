@@ -215,6 +215,7 @@ def input_key(params: Params, root: Path, role: str, domain=None) -> str:
 def run(params: Params, root: Path = Path("."), role: str = "target") -> dict:
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    spec = getattr(params, role)
     domain = open_role(params, root, role)
     out = output_dir(params, root, role)
     key = input_key(params, root, role, domain)
