@@ -154,12 +154,17 @@ def plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ks = [int(k) for k in summary]
+    ks = sorted(int(k) for k in summary)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for s in dict.fromkeys(s for k in summary for s in summary[k]["strategies"]):
-        pts = [(int(k), summary[k]["strategies"][s]) for k in summary if s in summary[k]["strategies"]]
+    colours = plt.get_cmap("tab20").colors
+    for i, s in enumerate(dict.fromkeys(s for k in summary for s in summary[k]["strategies"])):
+        pts = sorted((int(k), summary[k]["strategies"][s]) for k in summary if s in summary[k]["strategies"])
+        if s == "oracle":  # every target train label (k = all): a reference line, not a point at some k
+            r = pts[0][1]
+            ax.axhline(r["test_acc"], color="k", ls="--", lw=1, label=f"oracle (k=all) {r['test_acc']:.3f}")
+            continue
         ax.errorbar([p[0] for p in pts], [p[1]["test_acc"] for p in pts], yerr=[p[1]["test_acc_std"] for p in pts],
-                    marker="o", capsize=3, label=s)
+                    marker="o", capsize=3, label=s, color=colours[i % len(colours)])
     ax.set_xscale("symlog")
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("labeled target images per class (k)")
