@@ -22,6 +22,7 @@ import logging
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -125,7 +126,7 @@ def to_markdown(summary: dict, meta: dict) -> str:
     ks = list(summary)
     strategies = list(dict.fromkeys(s for k in ks for s in summary[k]["strategies"]))
     lines = [f"# Transfer benchmark: {meta['source']} → {meta['target']}", "",
-             f"Seeds {meta['seeds']}; device {meta['device']}; overrides {meta['overrides'] or 'none'}.",
+             f"Seeds {meta['seeds']}; device {meta['device']}; overrides {meta['overrides'] or 'none'}; code {meta.get('commit', 'unknown')}.",
              "Target test accuracy, mean ± std over seeds. Checkpoints chosen on target val (k > 0) or by the",
              "label-free information-maximisation score on the unlabeled pool (k = 0); test chose nothing.", "",
              "| strategy | " + " | ".join(f"k={k}" for k in ks) + " | k=all |", "|---|" + "---|" * (len(ks) + 1)]
@@ -220,7 +221,9 @@ def main() -> None:
 
     p = load(HERE.parent / "params.yaml", args.overrides)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    commit = subprocess.run(["git", "-C", str(HERE), "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
     meta = {"source": p.source.domain, "target": p.target.domain, "seeds": args.seeds, "k": args.k, "overrides": args.overrides,
+            "commit": commit or "unknown",
             "device": device, "machine": platform.platform(), "torch": torch.__version__, "wall_seconds": time.time() - start}
     summary = summarise(cells)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "cells": cells}, indent=2))
