@@ -120,7 +120,7 @@ def runtime(device: str = "auto", amp: str = "auto", channels_last: str | bool =
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for (ADAPTFLOW_DEVICE) but no CUDA device is available")
+        raise ValueError(f"ADAPTFLOW_DEVICE / device {device!r}: no CUDA device is available")
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True

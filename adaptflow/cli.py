@@ -30,12 +30,7 @@ def _load(path: Path, overrides: Optional[list[str]]) -> params_mod.Params:
 
     try:
         p = params_mod.load(path, overrides)
-        env = accel.settings()
-        if env["device"].startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ValueError(f"ADAPTFLOW_DEVICE={env['device']!r} but no CUDA device is available")
+        accel.runtime()  # resolves the ADAPTFLOW_* settings for this machine, as every stage will
         return p
     except (params_mod.ParamsError, ValueError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
