@@ -201,6 +201,7 @@ def main() -> None:
         print(f"resuming: {len(cells)} cells already in {done_path}", flush=True)
     elif done_path.exists():
         done_path.unlink()
+    commit = subprocess.run(["git", "-C", str(HERE), "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
     have = {(c["k"], c["seed"]) for c in cells}
     jobs = [(k, s) for k in args.k for s in args.seeds if (k, s) not in have]
     start = time.time()
@@ -208,7 +209,7 @@ def main() -> None:
         futures = {pool.submit(cell, k, s, args.overrides, work, not args.no_oracle and k == max(args.k)): (k, s) for k, s in jobs}
         for fut in as_completed(futures):
             k, s = futures[fut]
-            c = {**fut.result(), "overrides": args.overrides}
+            c = {**fut.result(), "overrides": args.overrides, "commit": commit or "unknown"}
             cells.append(c)
             with done_path.open("a") as f:
                 f.write(json.dumps(c) + "\n")
@@ -221,9 +222,12 @@ def main() -> None:
 
     p = load(HERE.parent / "params.yaml", args.overrides)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    commit = subprocess.run(["git", "-C", str(HERE), "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+    # A resumed grid can hold cells measured by different commits: name each with the cells it ran.
+    by_commit: dict[str, list[str]] = {}
+    for c in cells:
+        by_commit.setdefault(c.get("commit", "unknown"), []).append(f"k={c['k']}/seed {c['seed']}")
     meta = {"source": p.source.domain, "target": p.target.domain, "seeds": args.seeds, "k": args.k, "overrides": args.overrides,
-            "commit": commit or "unknown",
+            "commit": "; ".join(f"{h} ({', '.join(v)})" if len(by_commit) > 1 else h for h, v in by_commit.items()),
             "device": device, "machine": platform.platform(), "torch": torch.__version__, "wall_seconds": time.time() - start}
     summary = summarise(cells)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "cells": cells}, indent=2))
