@@ -10,6 +10,7 @@ can be set per machine through the ``ADAPTFLOW_*`` environment variables (:data:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import queue
 import threading
@@ -20,7 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from adaptflow.imaging import model_input
+from adaptflow.imaging import normalize, resize
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,19 +64,72 @@ class Runtime:
 
     def features_fn(self, model: nn.Module, size: int | None = None) -> Any:
         """uint8 batch on the device → pooled features; input conversion (normalise, resize to ``size``,
-        memory format) included, so that a compiled function fuses it with the first layers."""
+        memory format) included, so that a compiled function fuses it with the first layers.
+
+        Compiled on CUDA with CUDA graphs (``reduce-overhead``): inference replays the same graph batch
+        after batch, and a small model's forward is otherwise bound by kernel launches on the host (on the
+        lent H100, resnet10t at 32 px on device-resident batches: 2.7× plain compilation's images/s). Its output is overwritten by
+        the next call: copy it out first."""
 
         def pooled(x_uint8: torch.Tensor) -> torch.Tensor:
             x = self.to_input(x_uint8, size)
             return model.forward_head(model.forward_features(x), pre_logits=True)
 
-        return torch.compile(pooled) if self.compile else pooled
+        if not self.compile:
+            return pooled
+        return torch.compile(pooled, mode="reduce-overhead" if self.cuda else None)
 
     def to_input(self, x_uint8: torch.Tensor, size: int | None = None) -> torch.Tensor:
-        """uint8 batch already on the device → normalised float input (resized to ``size`` there when the
-        stored side differs) in the runtime's memory format."""
-        x = model_input(x_uint8, size)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
+        """uint8 batch already on the device → normalised input (resized to ``size`` there when the stored
+        side differs) in the runtime's memory format and, under mixed precision, already in its dtype.
+
+        It is :func:`~adaptflow.imaging.model_input` with the memory format (and dtype) set before the
+        resize, at the stored side, where the batch is small: the resize then writes the model-side batch
+        channels-last at once instead of writing it and copying it into that layout. (Under autocast the
+        resize itself runs in fp32, upsampling being on autocast's fp32 list; the first layer casts its
+        output.) On the lent H100, 256 images 64 → 224 px: 0.29 ms instead of 0.48 ms."""
+        x = normalize(x_uint8)
+        cl = self.channels_last and x.ndim == 4
+        if self.amp_dtype is not None or cl:
+            x = x.to(dtype=self.amp_dtype or x.dtype, memory_format=torch.channels_last if cl else torch.preserve_format)
+        x = resize(x, size)
+        return x.contiguous(memory_format=torch.channels_last) if cl else x  # no copy when the resize kept it
+
+
+def replay_graph(fn: Any, example: torch.Tensor, rt: Runtime) -> Any:
+    """``fn`` (inference, no autograd) as a CUDA graph for batches shaped like ``example``: recorded once,
+    then each call copies its batch into the graph's input and replays every kernel in one launch. Other
+    shapes (a last, shorter batch) run ``fn`` as is. Nothing is compiled: the same kernels run, but the
+    host no longer launches them one by one, which is what bounds a small model's eager forward.
+
+    The output is overwritten by the next call: copy it out first. Where recording fails (a model that
+    synchronises with the host inside its forward, say), ``fn`` is returned unchanged, with a warning."""
+    if not rt.cuda:
+        return fn
+    static_in = example.clone()
+    try:
+        side = torch.cuda.Stream(device=rt.device)
+        side.wait_stream(torch.cuda.current_stream(rt.device))
+        with torch.cuda.stream(side), torch.no_grad():  # warm-up: cudnn picks its algorithms, memory settles
+            for _ in range(3):
+                with rt.autocast():
+                    fn(static_in)
+        torch.cuda.current_stream(rt.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad(), rt.autocast():
+            static_out = fn(static_in)
+    except Exception as exc:  # noqa: BLE001 — the eager function still works
+        log.warning("running without a CUDA graph: recording failed (%s: %s)", type(exc).__name__, exc)
+        return fn
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.shape != static_in.shape or x.dtype != static_in.dtype:
+            return fn(x)
+        static_in.copy_(x)
+        graph.replay()
+        return static_out
+
+    return run
 
 
 # This machine's choices, from the environment: the same params.yaml runs on a laptop and on a GPU box, and

@@ -87,19 +87,26 @@ def normalize(batch: Any) -> Any:
     """uint8 → float32 in [-1, 1], for numpy arrays and torch tensors alike: the one definition used in
     training, feature caching and serving."""
     if hasattr(batch, "float"):
-        return batch.float() / 127.5 - 1.0
+        # true division of uint8 gives float32: the same values as ``float() / 127.5``, one kernel fewer
+        return batch.div(127.5).sub_(1.0)
     return batch.astype(np.float32) / 127.5 - 1.0
 
 
-def model_input(batch: Any, size: int | None = None) -> Any:
-    """A uint8 torch batch N×C×H×W → the network's input: normalised, and resized to ``size``×``size`` on
-    the batch's own device when the stored side differs (images are decoded once at ingest at
-    ``preprocess.image_size``; a model may see them larger, e.g. a resnet at 224 px). Bilinear, with
-    antialiasing when shrinking. The one definition used in training, feature caching and serving."""
-    x = normalize(batch)
+def resize(x: Any, size: int | None = None) -> Any:
+    """A normalised torch batch N×C×H×W → ``size``×``size`` on its own device (as is when it already has
+    that side, or ``size`` is None). Bilinear, with antialiasing when shrinking; keeps the batch's dtype
+    and memory format."""
     if size is None or tuple(x.shape[-2:]) == (size, size):
         return x
     import torch.nn.functional as F  # only torch batches get here; this module stays numpy + Pillow
 
     shrink = size < max(x.shape[-2:])
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def model_input(batch: Any, size: int | None = None) -> Any:
+    """A uint8 torch batch N×C×H×W → the network's input: normalised, and resized to ``size``×``size`` on
+    the batch's own device when the stored side differs (images are decoded once at ingest at
+    ``preprocess.image_size``; a model may see them larger, e.g. a resnet at 224 px). The one definition
+    used in training, feature caching and serving."""
+    return resize(normalize(batch), size)

@@ -76,7 +76,8 @@ def parse_model(spec: str, default_size: int) -> tuple[str, int]:
     return name, int(size) if size else default_size
 
 
-def bench_model(spec: str, input_size: int, images: np.ndarray, batch: int, steps: int, compile_too: bool, warmup: int) -> dict:
+def bench_model(spec: str, input_size: int, images: np.ndarray, batch: int, steps: int, compile_too: bool, warmup: int,
+                cache_batch: int) -> dict:
     n, channels, stored = images.shape[0], images.shape[1], images.shape[2]
     rt = runtime()
     dev = rt.device
@@ -139,18 +140,34 @@ def bench_model(spec: str, input_size: int, images: np.ndarray, batch: int, step
     res["d_over_c"] = res["d_adaptflow_finetune"] / res["c_timm_train_step"]
     res["d_augmented_over_c"] = res["d_adaptflow_finetune_augmented"] / res["c_timm_train_step"]
 
+    # (b) again at cache_features' own default batch (inference holds no activations for backward, so
+    # the stage runs larger batches than training): what the stage runs as configured.
+    if cache_batch != batch:
+        n_cb = (n // cache_batch) * cache_batch
+        extract(model, images[: cache_batch * 2], cache_batch, rt=rt)
+        res["cache_batch"] = cache_batch
+        res["b_adaptflow_cache_features_default_batch"] = n_cb / timed(lambda: extract(model, images[:n_cb], cache_batch, rt=rt), dev)
+        res["b_default_batch_over_a"] = res["b_adaptflow_cache_features_default_batch"] / res["a_timm_forward"]
+
     if compile_too:
+        # Each compiled part on its own: a compiler failure is recorded (with the error) and the rest runs.
         rtc = runtime(compile=True)
-        t0 = time.perf_counter()
-        extract(model, images[: batch * warmup], batch, rt=rtc)  # compiles
-        res["compile_seconds_forward"] = time.perf_counter() - t0
-        res["b_adaptflow_cache_features_compiled"] = n_fwd / timed(lambda: extract(model, images[:n_fwd], batch, rt=rtc), dev)
-        t0 = time.perf_counter()
-        adaptflow_fit(rtc, warmup)
-        res["compile_seconds_train"] = time.perf_counter() - t0
-        res["d_adaptflow_finetune_compiled"] = steps * batch / timed(lambda: adaptflow_fit(rtc, steps), dev)
-        res["b_over_a_compiled"] = res["b_adaptflow_cache_features_compiled"] / res["a_timm_forward"]
-        res["d_over_c_compiled"] = res["d_adaptflow_finetune_compiled"] / res["c_timm_train_step"]
+        try:
+            t0 = time.perf_counter()
+            extract(model, images[: batch * warmup], batch, rt=rtc)  # compiles
+            res["compile_seconds_forward"] = time.perf_counter() - t0
+            res["b_adaptflow_cache_features_compiled"] = n_fwd / timed(lambda: extract(model, images[:n_fwd], batch, rt=rtc), dev)
+            res["b_over_a_compiled"] = res["b_adaptflow_cache_features_compiled"] / res["a_timm_forward"]
+        except Exception as exc:  # noqa: BLE001 — a benchmark records what failed and goes on
+            res["compile_error_forward"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+        try:
+            t0 = time.perf_counter()
+            adaptflow_fit(rtc, warmup)
+            res["compile_seconds_train"] = time.perf_counter() - t0
+            res["d_adaptflow_finetune_compiled"] = steps * batch / timed(lambda: adaptflow_fit(rtc, steps), dev)
+            res["d_over_c_compiled"] = res["d_adaptflow_finetune_compiled"] / res["c_timm_train_step"]
+        except Exception as exc:  # noqa: BLE001
+            res["compile_error_train"] = f"{type(exc).__name__}: {str(exc)[:500]}"
     return res
 
 
@@ -161,16 +178,23 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
              "(c) bare timm eager train step on device tensors, (d) adaptflow fit steps from the store.", "",
              "(d aug) is (d) with the `digits` preset augmentation (per-image random affine) batched on the device.",
              "The store holds uint8 images at the stored side; adaptflow resizes them to the model's side on the device.", "",
-             "| model | px (stored) | batch | a | b | b/a | c | d | d/c | d aug | d aug/c | b compiled | b/a compiled | d compiled | d/c compiled |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(b @cache batch) is (b) at cache_features' default batch (params.yaml), against the same (a).", "",
+             "| model | px (stored) | batch | a | b | b/a | b @cache batch | its /a | c | d | d/c | d aug | d aug/c | b compiled | b/a compiled | d compiled | d/c compiled |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda r, k, p=0: (f"{r[k]:.{p}f}" if k in r else "—")  # noqa: E731
     for r in rows:
         lines.append(f"| {r['model']} | {r['size']} ({r.get('stored_size', r['size'])}) | {r['batch']} | {f(r,'a_timm_forward')} | "
-                     f"{f(r,'b_adaptflow_cache_features')} | {f(r,'b_over_a',2)} | {f(r,'c_timm_train_step')} | {f(r,'d_adaptflow_finetune')} | "
+                     f"{f(r,'b_adaptflow_cache_features')} | {f(r,'b_over_a',2)} | "
+                     f"{f(r,'b_adaptflow_cache_features_default_batch')}{' (bs ' + str(r['cache_batch']) + ')' if 'cache_batch' in r else ''} | "
+                     f"{f(r,'b_default_batch_over_a',2)} | {f(r,'c_timm_train_step')} | {f(r,'d_adaptflow_finetune')} | "
                      f"{f(r,'d_over_c',2)} | {f(r,'d_adaptflow_finetune_augmented')} | {f(r,'d_augmented_over_c',2)} | "
                      f"{f(r,'b_adaptflow_cache_features_compiled')} | {f(r,'b_over_a_compiled',2)} | "
                      f"{f(r,'d_adaptflow_finetune_compiled')} | {f(r,'d_over_c_compiled',2)} |")
     lines += ["", "Targets (issue): on a GPU b/a ≥ 1.4 and d/c > 1.0 with compilation; b/a ≥ 0.95 and d/c ≥ 0.95 without."]
+    for r in rows:
+        for part in ("forward", "train"):
+            if f"compile_error_{part}" in r:
+                lines += ["", f"{r['model']} at {r['size']} px: compiling the {part} pass failed: `{r[f'compile_error_{part}'][:300]}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -271,6 +295,8 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=3)
     ap.add_argument("--n", type=int, default=50_000)
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--cache-batch", type=int, default=None,
+                    help="(b) is also timed at this batch (default: params.yaml's cache_features.batch_size)")
     ap.add_argument("--steps", type=int, default=100, help="train steps timed for (c) and (d)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile")
@@ -293,6 +319,10 @@ def main() -> None:
     if args.quick:
         args.models, args.size, args.store_size, args.channels, args.n, args.batch, args.steps, args.warmup = \
             ["resnet10t"], 32, 32, 1, 2048, 128, 8, 2
+    if args.cache_batch is None:
+        from adaptflow.params import load
+
+        args.cache_batch = load(HERE.parent / "params.yaml").cache_features.batch_size
     rows: list[dict] = []
     meta = {"device": device, "torch": torch.__version__, "amp": str(rt.amp_dtype), "channels_last": rt.channels_last,
             "machine": platform.platform(), "args": {k: str(v) for k, v in vars(args).items()}}
@@ -305,7 +335,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 stores[stored] = write_store(Path(tmp) / f"images{stored}.npy", args.n, stored, args.channels)
                 print(f"store: {args.n} × {args.channels}×{stored}² uint8 written in {time.perf_counter() - t0:.1f} s", flush=True)
-            r = bench_model(name, side, stores[stored], args.batch, args.steps, args.compile, args.warmup)
+            r = bench_model(name, side, stores[stored], args.batch, args.steps, args.compile, args.warmup, args.cache_batch)
             rows.append(r)
             print(json.dumps(r), flush=True)
             write_results(args.out, rows, meta)  # after every model: a cut-short run keeps what it measured

@@ -19,7 +19,7 @@ from adaptflow.models import input_size, load
 from adaptflow.params import Params
 from adaptflow.stages.ingest import output_dir as ingested_dir
 from adaptflow.stages.pretrain import output_dir as source_model_dir
-from adaptflow.accel import Prefetcher, Runtime, runtime, slices
+from adaptflow.accel import Prefetcher, Runtime, replay_graph, runtime, slices
 
 log = logging.getLogger(__name__)
 
@@ -37,35 +37,52 @@ def load_features(d: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     return np.load(d / f"{name}.npy"), np.load(d / f"{name}_labels.npy")
 
 
+CHUNK_BYTES = 8 << 20  # images read, pinned and copied to the device at once by extract (at most 16 batches)
+
+
 @torch.no_grad()
 def extract(model: torch.nn.Module, images: np.ndarray, batch_size: int, dev: torch.device | None = None,
             rt: Runtime | None = None, out: np.ndarray | None = None) -> np.ndarray:
-    """Pooled features of uint8 images, streamed: batches are read from the (memory-mapped) store and
-    copied to the device on a background stream while the previous batch runs; results are written into
-    ``out`` (e.g. a memory-mapped .npy) as they come, so host memory stays flat in N."""
+    """Pooled features of uint8 images, streamed: images are read from the (memory-mapped) store in
+    chunks of several batches and copied to the device on a background stream while the previous chunk
+    runs; each chunk's features come back to the host in one copy and are written into ``out`` (e.g. a
+    memory-mapped .npy) as they come, so host memory stays flat in N.
+
+    Chunks, not batches, cross between the loader thread and the device: for a small model the host's
+    per-batch work (a read, a pinned copy, a hand-over between threads, a copy back) takes as long as
+    the forward pass itself, and doing it once per chunk keeps the device fed. On CUDA each full batch
+    replays one recorded CUDA graph of the forward (:func:`~adaptflow.accel.replay_graph`), so the host
+    no longer launches its kernels one by one either."""
     rt = rt or runtime(device=str(dev) if dev is not None else "auto")
     rt.place(model).eval()
     fn = rt.features_fn(model, input_size(model))
+    if rt.cuda and not rt.compile and len(images) >= batch_size:  # compiled: CUDA graphs already (features_fn)
+        fn = replay_graph(fn, torch.zeros((batch_size, *images.shape[1:]), dtype=torch.uint8, device=rt.device), rt)
     if out is None:
         out = np.zeros((len(images), model.num_features), np.float32)
+    image_bytes = int(np.prod(images.shape[1:])) * images.dtype.itemsize
+    group = max(1, min(16, CHUNK_BYTES // max(1, batch_size * image_bytes)))  # batches per chunk
+    row_bytes = image_bytes + out.shape[1] * out.dtype.itemsize
+    release_every = max(1, (32 << 20) // max(1, group * batch_size * row_bytes))  # chunks per ~32 MB read + written
     pending: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
     i = 0
-    row_bytes = int(np.prod(images.shape[1:])) * images.dtype.itemsize + out.shape[1] * out.dtype.itemsize
-    release_every = max(1, (32 << 20) // max(1, batch_size * row_bytes))  # every ~32 MB read + written
-    for b, (x, _) in enumerate(Prefetcher(slices(images, batch_size), rt)):
-        if b and b % release_every == 0:  # pages already read and written: out of RSS (flat in N)
+    for c, (xs, _) in enumerate(Prefetcher(slices(images, batch_size * group), rt)):
+        if c and c % release_every == 0:  # pages already read and written: out of RSS (flat in N)
             store.drop_pages(images)
             store.drop_pages(out)
-        with rt.autocast():
-            f = fn(x)
+        feats = torch.empty((len(xs), out.shape[1]), dtype=torch.float32, device=rt.device)
+        for j in range(0, len(xs), batch_size):
+            with rt.autocast():
+                # copied out at once: a compiled function may reuse its output buffer on the next call
+                feats[j : j + batch_size] = fn(xs[j : j + batch_size])
         done = None
-        f = f.float().to("cpu", non_blocking=rt.cuda)
+        feats = feats.to("cpu", non_blocking=rt.cuda)
         if rt.cuda:
             done = torch.cuda.Event()
             done.record()
-        pending.append((i, f, done))
-        i += len(x)
-        while len(pending) > 2:  # the device stays two batches ahead of the host writes
+        pending.append((i, feats, done))
+        i += len(xs)
+        while len(pending) > 2:  # the device stays two chunks ahead of the host writes
             _write(pending.pop(0), out)
     while pending:
         _write(pending.pop(0), out)

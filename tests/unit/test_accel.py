@@ -46,3 +46,29 @@ def test_cli_fails_before_any_work_on_a_bad_setting(tmp_path, monkeypatch):
     assert res.exit_code == 2
     assert "ADAPTFLOW_THREADS" in res.output
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_extract_replays_a_cuda_graph_with_the_eager_features():
+    """cache_features' extractor on CUDA (graph replay for full batches, the short last batch eager) gives
+    the features of the plain eager function, batch by batch."""
+    import numpy as np
+
+    from adaptflow.accel import replay_graph
+    from adaptflow.models import ModelConfig, create, input_size
+    from adaptflow.stages.cache_features import extract
+
+    rt = runtime(device="cuda")
+    model = rt.place(create(ModelConfig("resnet10t", 1, 16, [str(i) for i in range(3)]))).eval()
+    images = np.random.default_rng(0).integers(0, 256, (70, 1, 16, 16), dtype=np.uint8)
+    got = extract(model, images, 32, rt=rt)
+    fn = rt.features_fn(model, input_size(model))
+    with torch.no_grad(), rt.autocast():
+        want = torch.cat([fn(torch.from_numpy(images[i : i + 32]).cuda()).float().cpu() for i in range(0, 70, 32)]).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)
+    # the replayed graph really is used for a full batch and follows new inputs
+    graphed = replay_graph(fn, torch.zeros((32, 1, 16, 16), dtype=torch.uint8, device="cuda"), rt)
+    assert graphed is not fn
+    x = torch.from_numpy(images[32:64]).cuda()
+    with torch.no_grad(), rt.autocast():
+        np.testing.assert_allclose(graphed(x).float().cpu().numpy(), want[32:64], rtol=1e-2, atol=1e-2)
