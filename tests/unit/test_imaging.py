@@ -188,4 +188,3 @@ def test_normalize_torch_matches_numpy():
 def test_directory_path_string_raises_value_error(tmp_path):
     with pytest.raises(ValueError):
         prepare(str(tmp_path), 8, 1)
-
