@@ -183,6 +183,8 @@ def test_normalize_torch_matches_numpy():
     assert y.min() >= -1.0 and y.max() <= 1.0
     assert np.allclose(y.numpy(), normalize(x.numpy()))
     assert normalize(torch.tensor([0, 255], dtype=torch.uint8)).tolist() == [-1.0, 1.0]
+    every = np.arange(256, dtype=np.uint8)  # training (torch) and serving (numpy) agree bit for bit
+    assert np.array_equal(normalize(torch.from_numpy(every)).numpy(), normalize(every))
 
 
 def test_directory_path_string_raises_value_error(tmp_path):
