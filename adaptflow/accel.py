@@ -67,9 +67,9 @@ class Runtime:
         memory format) included, so that a compiled function fuses it with the first layers.
 
         Compiled on CUDA with CUDA graphs (``reduce-overhead``): inference replays the same graph batch
-        after batch, and a small model's forward is otherwise bound by kernel launches on the host (on the
-        lent H100, resnet10t at 32 px on device-resident batches: 2.7× plain compilation's images/s). Its output is overwritten by
-        the next call: copy it out first."""
+        after batch, and a small model's forward is otherwise bound by kernel launches on the host (on
+        the lent H100, resnet10t at 32 px on device-resident batches: 2.7× plain compilation's images/s).
+        Its output is overwritten by the next call: copy it out first."""
 
         def pooled(x_uint8: torch.Tensor) -> torch.Tensor:
             x = self.to_input(x_uint8, size)
