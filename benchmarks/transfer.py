@@ -116,7 +116,10 @@ def summarise(cells: list[dict]) -> dict:
             row[s] = {"val_acc": float(vals[:, 0].mean()), "test_acc": float(vals[:, 1].mean()),
                       "test_acc_std": float(vals[:, 1].std(ddof=1)) if len(vals) > 1 else 0.0, "n": len(vals)}
         cand = np.array([c["strategies"][c["candidate"]]["test_acc"] for c in mine])
-        out[str(k)] = {"strategies": row, "candidate": {"picked": [c["candidate"] for c in mine], "test_acc": float(cand.mean()),
+        # Negative transfer, as evaluate flags it: mean test accuracy below scratch's at the same k.
+        neg = sorted(s for s in row if "scratch" in row and s not in ("scratch", "oracle") and row[s]["test_acc"] < row["scratch"]["test_acc"])
+        out[str(k)] = {"strategies": row, "negative_transfer": neg,
+                       "candidate": {"picked": [c["candidate"] for c in mine], "test_acc": float(cand.mean()),
                                                         "test_acc_std": float(cand.std(ddof=1)) if len(cand) > 1 else 0.0},
                        "label_budget": mine[0]["label_budget"], "selection": mine[0].get("candidate_selection", "")}
     return out
@@ -146,6 +149,11 @@ def to_markdown(summary: dict, meta: dict) -> str:
         met = "—" if target is None else ("yes" if c["test_acc"] >= target else f"no (short by {target - c['test_acc']:.4f})")
         lines.append(f"| {k} | {b['train_labeled']} + {b['val']} | {', '.join(c['picked'])} | {c['test_acc']:.4f} ± {c['test_acc_std']:.4f} | "
                      f"{'—' if target is None else f'{target:.2f}'} | {met} |")
+    lines += ["", "## Negative transfer (mean test accuracy below `scratch` at the same k; k = 0 has no scratch)", ""]
+    for k in ks:
+        if k != "0":
+            neg = summary[k].get("negative_transfer", [])
+            lines.append(f"- k={k}: {', '.join(neg) if neg else 'none'}")
     return "\n".join(lines) + "\n"
 
 
