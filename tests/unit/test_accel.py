@@ -72,3 +72,21 @@ def test_extract_replays_a_cuda_graph_with_the_eager_features():
     x = torch.from_numpy(images[32:64]).cuda()
     with torch.no_grad(), rt.autocast():
         np.testing.assert_allclose(graphed(x).float().cpu().numpy(), want[32:64], rtol=1e-2, atol=1e-2)
+
+
+def test_extract_in_chunks_keeps_every_row_in_place(monkeypatch):
+    """Chunks of several batches (several chunks, a short last batch, a memory-mapped output) give each
+    image's features at its own row: the same as one plain pass over the whole array."""
+    import numpy as np
+
+    from adaptflow.models import ModelConfig, create, input_size
+    from adaptflow.stages import cache_features
+
+    rt = runtime(device="cpu")
+    model = rt.place(create(ModelConfig("resnet10t", 1, 16, [str(i) for i in range(3)]))).eval()
+    images = np.random.default_rng(1).integers(0, 256, (23, 1, 16, 16), dtype=np.uint8)
+    monkeypatch.setattr(cache_features, "CHUNK_BYTES", 3 * 4 * 16 * 16)  # 3 batches of 4 per chunk
+    got = cache_features.extract(model, images, 4, rt=rt)
+    with torch.no_grad():
+        want = rt.features_fn(model, input_size(model))(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
