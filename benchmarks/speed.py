@@ -152,22 +152,22 @@ def bench_model(spec: str, input_size: int, images: np.ndarray, batch: int, step
     if compile_too:
         # Each compiled part on its own: a compiler failure is recorded (with the error) and the rest runs.
         rtc = runtime(compile=True)
-        try:
-            t0 = time.perf_counter()
-            extract(model, images[: batch * warmup], batch, rt=rtc)  # compiles
-            res["compile_seconds_forward"] = time.perf_counter() - t0
-            res["b_adaptflow_cache_features_compiled"] = n_fwd / timed(lambda: extract(model, images[:n_fwd], batch, rt=rtc), dev)
-            res["b_over_a_compiled"] = res["b_adaptflow_cache_features_compiled"] / res["a_timm_forward"]
-        except Exception as exc:  # noqa: BLE001 — a benchmark records what failed and goes on
-            res["compile_error_forward"] = f"{type(exc).__name__}: {str(exc)[:500]}"
-        try:
-            t0 = time.perf_counter()
-            adaptflow_fit(rtc, warmup)
-            res["compile_seconds_train"] = time.perf_counter() - t0
-            res["d_adaptflow_finetune_compiled"] = steps * batch / timed(lambda: adaptflow_fit(rtc, steps), dev)
-            res["d_over_c_compiled"] = res["d_adaptflow_finetune_compiled"] / res["c_timm_train_step"]
-        except Exception as exc:  # noqa: BLE001
-            res["compile_error_train"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+
+        def compiled(part: str, warm, run, images_run: int, key: str, ratio: str, base: str) -> None:
+            try:
+                t0 = time.perf_counter()
+                warm()  # compiles
+                res[f"compile_seconds_{part}"] = time.perf_counter() - t0
+                res[key] = images_run / timed(run, dev)
+                res[ratio] = res[key] / res[base]
+            except Exception as exc:  # noqa: BLE001 — a benchmark records what failed and goes on
+                res[f"compile_error_{part}"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+
+        compiled("forward", lambda: extract(model, images[: batch * warmup], batch, rt=rtc),
+                 lambda: extract(model, images[:n_fwd], batch, rt=rtc), n_fwd,
+                 "b_adaptflow_cache_features_compiled", "b_over_a_compiled", "a_timm_forward")
+        compiled("train", lambda: adaptflow_fit(rtc, warmup), lambda: adaptflow_fit(rtc, steps), steps * batch,
+                 "d_adaptflow_finetune_compiled", "d_over_c_compiled", "c_timm_train_step")
     return res
 
 

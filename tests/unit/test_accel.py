@@ -75,8 +75,8 @@ def test_extract_replays_a_cuda_graph_with_the_eager_features():
 
 
 def test_extract_in_chunks_keeps_every_row_in_place(monkeypatch):
-    """Chunks of several batches (several chunks, a short last batch, a memory-mapped output) give each
-    image's features at its own row: the same as one plain pass over the whole array."""
+    """Chunks of several batches (several chunks, a short last chunk and batch) give each image's
+    features at its own row: the same as one plain pass over the whole array."""
     import numpy as np
 
     from adaptflow.models import ModelConfig, create, input_size
