@@ -50,17 +50,9 @@ class Runtime:
             model.to(memory_format=torch.channels_last)
         return model
 
-    def forward_fn(self, model: nn.Module, size: int | None = None) -> Any:
-        """uint8 batch on the device → ``model``'s output; the model compiled when asked (weights stay
-        shared with ``model``). Only the model is compiled here, the input conversion runs eagerly: the
-        training graph is differentiated, and keeping it to the model is the conservative choice (on the
-        lent H100, torch 2.11, compiled resnet10t training at 32 px failed in inductor either way)."""
-        net = torch.compile(model) if self.compile else model
-
-        def run(x_uint8: torch.Tensor) -> torch.Tensor:
-            return net(self.to_input(x_uint8, size))
-
-        return run
+    def forward_fn(self, model: nn.Module, size: int | None = None) -> "Forward":
+        """uint8 batch on the device → ``model``'s output, the model compiled when asked (see :class:`Forward`)."""
+        return Forward(self, model, size)
 
     def features_fn(self, model: nn.Module, size: int | None = None) -> Any:
         """uint8 batch on the device → pooled features; input conversion (normalise, resize to ``size``,
@@ -94,6 +86,41 @@ class Runtime:
             x = x.to(dtype=self.amp_dtype or x.dtype, memory_format=torch.channels_last if cl else torch.preserve_format)
         x = resize(x, size)
         return x.contiguous(memory_format=torch.channels_last) if cl else x  # no copy when the resize kept it
+
+
+class Forward:
+    """A training forward: uint8 batch on the device → ``model``'s output, the model compiled when the runtime
+    asks (weights stay shared with ``model``). Only the model is compiled, the input conversion runs eagerly:
+    the training graph is differentiated, and keeping it to the model is the conservative choice.
+
+    A compiler can fail on a model it accepted when tracing — at the first backward, or on a new batch shape.
+    On the lent H100 (torch 2.11), compiled resnet10t training at 32 px failed inside inductor's backward with
+    a stride assertion on ``convolution_backward`` (inductor had planned a channels-last weight gradient,
+    cuDNN returned a contiguous one). :meth:`fall_back` lets the loop retry such a step eagerly and go on
+    eagerly, with a warning, instead of losing the run."""
+
+    def __init__(self, rt: Runtime, model: nn.Module, size: int | None = None):
+        self.rt, self.model, self.size = rt, model, size
+        self.net = torch.compile(model) if rt.compile else model
+        self.fell_back = ""  # why a compiled forward went eager ("" while it has not)
+
+    @property
+    def compiled(self) -> bool:
+        return self.net is not self.model
+
+    def __call__(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        return self.net(self.rt.to_input(x_uint8, self.size))
+
+    def fall_back(self, exc: BaseException) -> bool:
+        """After a training step failed with ``exc``: if the model ran compiled, switch to the eager model for
+        good (warning with the error) and return True, so that the caller retries the step; else False
+        (the error is not the compiler's: re-raise it)."""
+        if not self.compiled:
+            return False
+        self.fell_back = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        log.warning("compiled training step failed (%s); retrying it and going on eagerly", self.fell_back)
+        self.net = self.model
+        return True
 
 
 def replay_graph(fn: Any, example: torch.Tensor, rt: Runtime) -> Any:

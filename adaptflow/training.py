@@ -59,6 +59,7 @@ class FitResult:
     best_val_acc: float = float("nan")
     best_score: float = float("nan")  # the selection rule's score at the chosen epoch
     selection: str = "max val_acc (ties: lowest val_loss)"
+    compile_fell_back: str = ""  # the compiler's error when a compiled run went on eagerly ("" if it did not)
 
 
 Scorer = Callable[[nn.Module], dict]  # → {"score": higher is better, "tiebreak": higher is better, **logged}
@@ -166,6 +167,10 @@ def fit(
     its starting point (chosen by the same rule as every other epoch). ``before_score`` runs before each
     scoring (e.g. re-estimating BatchNorm statistics on target images); ``train_mode`` runs after
     ``model.train()`` (e.g. to keep BatchNorm frozen); ``epoch_hook(epoch)`` runs before each epoch.
+
+    With a compiled model (``ADAPTFLOW_COMPILE=1``), a step the compiler fails on is retried eagerly and the
+    run goes on eagerly (:meth:`~adaptflow.accel.Forward.fall_back`; the error in ``compile_fell_back``). The
+    failed attempt's forward had already updated BatchNorm's running statistics once with that batch.
     """
     rt = rt or runtime(device=str(dev) if dev is not None else "auto")
     dev = rt.device
@@ -205,6 +210,25 @@ def fit(
             best_key, best_state = key, copy.deepcopy(model.state_dict())
             result.best_epoch, result.best_val_acc, result.best_score = epoch, s.get("val_acc", s["score"]), s["score"]
 
+    def backward(batch: tuple | None, step: int) -> tuple[torch.Tensor, dict]:
+        """One step's loss and its gradients (not yet applied)."""
+        loss = torch.zeros((), device=dev)
+        logs: dict[str, torch.Tensor] = {}
+        with rt.autocast():
+            if batch is not None:
+                x, y = batch
+                ce = F.cross_entropy(forward(x), y)
+                loss = loss + ce
+                logs["ce"] = ce.detach()
+            for o in objectives:
+                extra_loss, extra_logs = o(model, step / max(1, total_steps))
+                loss = loss + extra_loss
+                logs.update(extra_logs)
+        opt.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+        return loss, logs
+
     if evaluate_start:
         consider(0, {"train_loss": float("nan")})
     step = 0
@@ -216,21 +240,14 @@ def fit(
             train_mode(model)
         sums: dict[str, float] = {}
         for _ in range(steps_per_epoch):
-            loss = torch.zeros((), device=dev)
-            logs: dict[str, float] = {}
-            with rt.autocast():
-                if feed is not None:
-                    x, y = next(feed)
-                    ce = F.cross_entropy(forward(x), y)
-                    loss = loss + ce
-                    logs["ce"] = ce.detach()
-                for o in objectives:
-                    extra_loss, extra_logs = o(model, step / max(1, total_steps))
-                    loss = loss + extra_loss
-                    logs.update(extra_logs)
-            opt.zero_grad(set_to_none=True)
+            batch = next(feed) if feed is not None else None
+            try:
+                loss, logs = backward(batch, step)
+            except Exception as exc:
+                if not forward.fall_back(exc):  # the compiler's failure: once more, eagerly; anything else: raised
+                    raise
+                loss, logs = backward(batch, step)
             if loss.requires_grad:
-                loss.backward()
                 opt.step()
             sched.step()
             step += 1
@@ -245,6 +262,7 @@ def fit(
         feed.close()
     model.load_state_dict(best_state)
     model.eval()
+    result.compile_fell_back = forward.fell_back
     return result
 
 

@@ -130,8 +130,10 @@ def bench_model(spec: str, input_size: int, images: np.ndarray, batch: int, step
     digits = build_pipeline(role_specs("digits", [], []))
 
     def adaptflow_fit(r, iters: int, transform=v2.Identity()) -> None:
-        fit(model, [{"params": model.parameters(), "lr": 1e-4}], train, val, epochs=1, batch_size=batch,
-            transform=transform, seed=0, steps_per_epoch=iters, rt=r, desc="speed")
+        done = fit(model, [{"params": model.parameters(), "lr": 1e-4}], train, val, epochs=1, batch_size=batch,
+                   transform=transform, seed=0, steps_per_epoch=iters, rt=r, desc="speed")
+        if done.compile_fell_back:  # fit went on eagerly: its time is no compiled figure
+            raise RuntimeError(f"compiled training fell back to eager: {done.compile_fell_back}")
 
     adaptflow_fit(rt, warmup)
     res["d_adaptflow_finetune"] = steps * batch / timed(lambda: adaptflow_fit(rt, steps), dev)

@@ -121,3 +121,71 @@ def test_predict_logits_and_accuracy():
     logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0]])
     assert accuracy(logits, np.array([0, 1, 1])) == pytest.approx(2 / 3)
     assert math.isnan(accuracy(torch.zeros(0, 2), np.array([], dtype=np.int64)))
+
+
+class _BackwardFails(torch.autograd.Function):
+    """Identity whose backward raises like inductor's stride check did on the lent H100 (torch 2.11)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise AssertionError("expected size 512==512, stride 9==1 at dim=1\nError in op: convolution_backward")
+
+
+def _failing_compiler(calls: list):
+    def compile(model, **_):
+        def compiled(x):
+            calls.append(len(x))
+            return _BackwardFails.apply(model(x))
+
+        return compiled
+
+    return compile
+
+
+def test_a_compiled_step_that_fails_is_retried_eagerly_and_training_goes_on(monkeypatch, caplog):
+    from adaptflow import accel
+
+    calls: list = []
+    monkeypatch.setattr(accel.torch, "compile", _failing_compiler(calls))
+    train, val = bright_dark(16, 0), bright_dark(8, 1)
+    model = _model()
+    with caplog.at_level("WARNING", logger="adaptflow.accel"):
+        res = _fit(model, train, val, rt=accel.runtime(device="cpu", compile=True))
+    assert calls == [8]  # the compiled model ran once; every later step, the retry included, ran eagerly
+    assert res.compile_fell_back.startswith("AssertionError: expected size 512==512")
+    assert "going on eagerly" in caplog.text
+    assert len(res.history) == 4 and res.best_val_acc == 1.0  # trained all epochs, and learned
+
+
+def test_a_failing_step_without_the_compiler_is_raised_not_retried():
+    from adaptflow.training import Objective
+
+    class Broken(Objective):
+        calls = 0
+
+        def forward(self, model, progress):
+            Broken.calls += 1
+            raise RuntimeError("objective bug")
+
+    train, val = bright_dark(16, 0), bright_dark(8, 1)
+    with pytest.raises(RuntimeError, match="objective bug"):
+        _fit(_model(), train, val, objectives=[Broken()])
+    assert Broken.calls == 1
+
+
+def test_a_step_that_fails_eagerly_too_raises_the_eager_error(monkeypatch):
+    from adaptflow import accel
+    from adaptflow.training import Objective
+
+    class Broken(Objective):
+        def forward(self, model, progress):
+            raise RuntimeError("objective bug")
+
+    monkeypatch.setattr(accel.torch, "compile", _failing_compiler([]))
+    train, val = bright_dark(16, 0), bright_dark(8, 1)
+    with pytest.raises(RuntimeError, match="objective bug"):
+        _fit(_model(), train, val, objectives=[Broken()], rt=accel.runtime(device="cpu", compile=True))
