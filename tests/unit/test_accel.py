@@ -90,3 +90,50 @@ def test_extract_in_chunks_keeps_every_row_in_place(monkeypatch):
     with torch.no_grad():
         want = rt.features_fn(model, input_size(model))(torch.from_numpy(images)).numpy()
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def _uint8_batch(n=4, side=16, channels=3):
+    return torch.from_numpy(__import__("numpy").random.default_rng(0).integers(0, 256, (n, channels, side, side), dtype="uint8"))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_to_input_in_float32_is_model_input_exactly(channels_last):
+    """Without mixed precision, the runtime's input conversion gives the values of the one shared definition
+    (imaging.model_input), whatever the memory format."""
+    from adaptflow.accel import Runtime
+    from adaptflow.imaging import model_input
+
+    x = _uint8_batch()
+    rt = Runtime(torch.device("cpu"), None, channels_last)
+    for size in (16, 24, 8):  # as stored, enlarged, shrunk (antialiased)
+        out = rt.to_input(x, size)
+        assert out.dtype == torch.float32 and out.shape == (4, 3, size, size)
+        assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert torch.equal(out, model_input(x, size))
+
+
+def _amp_input_matches_the_float32_resize(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Under autocast, ``to_input`` hands the model the AMP dtype (not a float32 batch for the first layer to
+    cast) with the values the float32 resize of the same bf16 batch gives, rounded once."""
+    from adaptflow.accel import Runtime
+    from adaptflow.imaging import normalize, resize
+
+    x = _uint8_batch(side=16).to(device)
+    rt = Runtime(torch.device(device), torch.bfloat16, True)
+    with rt.autocast():
+        out = rt.to_input(x, 56)
+    ref = resize(normalize(x).to(torch.bfloat16).float(), 56).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    return out, ref
+
+
+def test_to_input_under_autocast_hands_over_the_amp_dtype_cpu():
+    out, ref = _amp_input_matches_the_float32_resize("cpu")
+    # the CPU's bf16 kernel rounds along the way: within one bf16 step (2**-7 just below 1) of the float32 resize
+    assert (out.float() - ref.float()).abs().max() <= 2**-7
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_to_input_under_autocast_hands_over_the_amp_dtype_cuda():
+    out, ref = _amp_input_matches_the_float32_resize("cuda")
+    assert torch.equal(out, ref)  # CUDA interpolates in float32 and rounds once: bit for bit
