@@ -264,6 +264,24 @@ def _cache_one(work: Path) -> None:
     print(json.dumps({"images": len(s), "extract_seconds": round(dt, 2), "images_per_s": round(len(s) / dt, 1)}))
 
 
+def _fit_one(work: Path, steps: int) -> None:
+    """Child: pretrain's training loop for ``steps`` steps, its splits read as the pretrain stage reads them."""
+    from adaptflow import params as params_mod
+    from adaptflow.stages import pretrain
+    from adaptflow.stages.augment import pipeline
+
+    p = params_mod.load(HERE.parent / "params.yaml", ["source.domain=synth_digits"])
+    train, val = pretrain.splits(p, work)
+    cfg = ModelConfig(p.pretrain.model, train.images.shape[1], train.images.shape[2], list(train.classes))
+    model = create(cfg)
+    t0 = time.perf_counter()
+    fit(model, [{"params": model.parameters(), "lr": p.pretrain.lr}], train, Split(val.images[:512], val.labels[:512], val.classes),
+        epochs=1, batch_size=p.pretrain.batch_size, transform=pipeline(p, "source"), seed=0, steps_per_epoch=steps, desc="speed")
+    dt = time.perf_counter() - t0
+    print(json.dumps({"train_images": len(train), "steps": steps, "fit_seconds": round(dt, 2),
+                      "images_per_s": round(steps * p.pretrain.batch_size / dt, 1)}))
+
+
 def cpu_markdown(res: dict, device: str) -> str:
     lines = [f"# Speed on the CPU ({device})", "",
              "`adaptflow run` is the default `make run` job (params.yaml as committed) in a fresh clone of the project:",
@@ -287,6 +305,8 @@ def main() -> None:
         return _ingest_one(int(sys.argv[2]), Path(sys.argv[3]))
     if len(sys.argv) > 1 and sys.argv[1] == "--_cache":
         return _cache_one(Path(sys.argv[2]))
+    if len(sys.argv) > 1 and sys.argv[1] == "--_fit":
+        return _fit_one(Path(sys.argv[2]), int(sys.argv[3]))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CPU-sized: resnet10t at 32 px, N=2048")
     ap.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "resnet10t@32"],

@@ -31,6 +31,12 @@ def input_key(params: Params, root: Path) -> str:
                              [ingested_dir(params, root, "source")])
 
 
+def splits(params: Params, root: Path = Path(".")) -> tuple[store.Split, store.Split]:
+    """Source train and val, as pretraining reads them."""
+    src = ingested_dir(params, root, "source")
+    return store.load_split(src, "train"), store.load_split(src, "val")
+
+
 def run(params: Params, root: Path = Path(".")) -> dict:
     out = output_dir(params, root)
     src = ingested_dir(params, root, "source")
@@ -39,7 +45,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         log.info("pretrain: up to date (%s)", out)
         return {"path": str(out), "digest": outputs.digest(out), "cached": True}
     card = store.read_card(src)
-    train, val = store.load_split(src, "train"), store.load_split(src, "val")
+    train, val = splits(params, root)
     p = params.pretrain
     cfg = ModelConfig(p.model, card["channels"], card["image_size"], card["classes"], {"domain": card["domain"], "role": "source"},
                       input_size=p.input_size)
