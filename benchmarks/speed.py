@@ -213,7 +213,8 @@ def _child(argv: list[str], cwd: Path | None = None, env: dict | None = None) ->
 
 def cpu_part(ns: list[int]) -> dict:
     """The CPU figures: ``adaptflow run`` (the default ``make run`` job) cold and warm in a fresh clone of the
-    project, then ingest and cache_features at each N (synth_digits), each in its own process."""
+    project, then ingest, cache_features and pretrain's training loop at each N (synth_digits), each in its
+    own process."""
     root = HERE.parent
     exe = Path(sys.executable).parent / "adaptflow"
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -229,9 +230,12 @@ def cpu_part(ns: list[int]) -> dict:
             work = Path(tmp) / f"n{n}"
             ing = _child([sys.executable, __file__, "--_ingest", str(n), str(work)], env=env)
             cache = _child([sys.executable, __file__, "--_cache", str(work)], env=env)
-            row = {"n": n, "ingest": {k: v for k, v in ing.items() if k != "stdout"}, "cache_features": {k: v for k, v in cache.items() if k != "stdout"}}
+            train = _child([sys.executable, __file__, "--_fit", str(work), str(FIT_STEPS)], env=env)
+            row = {"n": n, **{part: {k: v for k, v in r.items() if k != "stdout"}
+                              for part, r in (("ingest", ing), ("cache_features", cache), ("fit", train))}}
             row["ingest"]["images_per_s"] = round(n / ing["wall_seconds"], 1)
             row["cache_features"].update(json.loads(cache["stdout"].strip().splitlines()[-1]))
+            row["fit"].update(json.loads(train["stdout"].strip().splitlines()[-1]))
             res["scaling"].append(row)
             print(json.dumps(row), flush=True)
     return res
@@ -252,7 +256,7 @@ def _cache_one(work: Path) -> None:
     from adaptflow.data import store
 
     p = params_mod.load(HERE.parent / "params.yaml", ["source.domain=synth_digits"])
-    s = store.load_split(work / p.paths.ingested / "source", "train", lazy=True)
+    s = store.load_split(work / p.paths.ingested / "source", "train")
     rt = runtime()
     cfg = ModelConfig(p.pretrain.model, s.images.shape[1], s.images.shape[2], list(s.classes))
     model = create(cfg)
@@ -262,6 +266,9 @@ def _cache_one(work: Path) -> None:
     feats.flush()
     dt = time.perf_counter() - t0
     print(json.dumps({"images": len(s), "extract_seconds": round(dt, 2), "images_per_s": round(len(s) / dt, 1)}))
+
+
+FIT_STEPS = 100  # pretrain steps timed per N: the same work at every N, so memory that grows with N shows
 
 
 def _fit_one(work: Path, steps: int) -> None:
@@ -286,17 +293,19 @@ def cpu_markdown(res: dict, device: str) -> str:
     lines = [f"# Speed on the CPU ({device})", "",
              "`adaptflow run` is the default `make run` job (params.yaml as committed) in a fresh clone of the project:",
              "cold = nothing computed yet, warm = the same command again (every stage up to date). Peak RSS is the",
-             "largest single process (GNU time). Ingest and cache_features: synth_digits at N images, each in its",
-             "own process; cache_features times the extractor over the ingested train split.", "",
+             "largest single process (GNU time). Ingest, cache_features and fit: synth_digits at N images, each in its",
+             "own process; cache_features times the extractor over the ingested train split; fit times pretrain's",
+             f"training loop for {FIT_STEPS} steps (batch 128, source augmentation) on the train split as pretrain reads it.", "",
              "| job | wall s | peak RSS MB |", "|---|---|---|"]
     for phase, r in res["run"].items():
         lines.append(f"| adaptflow run ({phase}) | {r['wall_seconds']} | {r['peak_rss_mb']} |")
-    lines += ["", "| N | ingest s | ingest img/s | ingest peak RSS MB | cache_features images | extract s | extract img/s | process wall s | peak RSS MB |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| N | ingest s | ingest img/s | ingest peak RSS MB | cache_features images | extract s | extract img/s | process wall s | peak RSS MB "
+              "| fit img/s | fit peak RSS MB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["scaling"]:
-        i, c = r["ingest"], r["cache_features"]
+        i, c, t = r["ingest"], r["cache_features"], r.get("fit", {})
         lines.append(f"| {r['n']} | {i['wall_seconds']} | {i['images_per_s']} | {i['peak_rss_mb']} | {c['images']} | {c['extract_seconds']} | "
-                     f"{c['images_per_s']} | {c['wall_seconds']} | {c['peak_rss_mb']} |")
+                     f"{c['images_per_s']} | {c['wall_seconds']} | {c['peak_rss_mb']} | {t.get('images_per_s', '—')} | {t.get('peak_rss_mb', '—')} |")
     return "\n".join(lines) + "\n"
 
 

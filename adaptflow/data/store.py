@@ -22,13 +22,22 @@ META = "meta.parquet"
 CARD = "card.json"
 
 
+RELEASE_BYTES = 64 << 20  # a Rows lets go of the store pages it has mapped after about this many bytes
+FAULT_AROUND = 64 << 10  # a page fault on a file mapping maps up to this much around it (Linux: fault_around_bytes)
+
+
 class Rows:
-    """Rows ``idx`` of a memory-mapped uint8 store, read on demand a batch at a time: nothing is held, so a
-    pass over a split larger than memory stays flat (with :func:`drop_pages` now and then). Indexable by
-    slices, integer arrays and boolean masks like the array it stands for."""
+    """Rows ``idx`` of a memory-mapped uint8 store, read on demand a batch at a time: nothing is held. After
+    about :data:`RELEASE_BYTES` of the store mapped by its reads it lets go of those pages (:func:`drop_pages`;
+    they stay in the page cache), so that passes over a split larger than memory keep the process's memory
+    flat in N. Mapped, not read: each fault maps up to :data:`FAULT_AROUND` around it, so a shuffled batch
+    of small images maps far more than its own bytes (measured: 12,800 random 1 kB rows of a 194 MB store
+    left all 194 MB resident). Indexable by slices, integer arrays and boolean masks like the array it
+    stands for."""
 
     def __init__(self, mm: np.ndarray, idx: np.ndarray):
         self.mm, self.idx = mm, np.asarray(idx, dtype=np.int64)
+        self._read = 0  # bytes mapped (at most) since the pages were last let go
 
     def __len__(self) -> int:
         return len(self.idx)
@@ -45,11 +54,29 @@ class Rows:
         sel = self.idx[key]
         if isinstance(key, np.ndarray) and key.dtype == bool or (isinstance(key, slice) and key.step not in (None, 1)):
             return Rows(self.mm, sel)  # a subset stays lazy
-        return np.asarray(self.mm[sel]) if np.ndim(sel) else np.asarray(self.mm[int(sel)])
+        return self._read_rows(sel if np.ndim(sel) else int(sel))
 
     def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
-        out = np.asarray(self.mm[self.idx])
+        out = self._read_rows(self.idx)
         return out.astype(dtype) if dtype is not None else out
+
+    def _read_rows(self, sel: np.ndarray | int) -> np.ndarray:
+        out = np.asarray(self.mm[sel])
+        row_bytes = int(np.prod(self.mm.shape[1:])) * self.mm.dtype.itemsize
+        windows = np.unique(np.atleast_1d(sel) * row_bytes // FAULT_AROUND)  # where each row starts
+        self._read += len(windows) * FAULT_AROUND + out.nbytes  # an upper bound on what the read mapped
+        if self._read >= RELEASE_BYTES:
+            self._read = 0
+            drop_pages(self.mm)
+        return out
+
+
+def concat(parts: list[np.ndarray | Rows]) -> np.ndarray | Rows:
+    """The images of several splits one after the other: still lazy when every part is :class:`Rows` of the
+    same store (e.g. the labeled set and the pool of target train), else read into one array."""
+    if parts and all(isinstance(p, Rows) and p.mm is parts[0].mm for p in parts):
+        return Rows(parts[0].mm, np.concatenate([p.idx for p in parts]))
+    return np.concatenate([np.asarray(p) for p in parts])
 
 
 def drop_pages(arr: object) -> None:
@@ -148,16 +175,16 @@ def read_card(directory: Path) -> dict:
     return json.loads((Path(directory) / CARD).read_text())
 
 
-def read_meta(directory: Path) -> pd.DataFrame:
-    return pd.read_parquet(Path(directory) / META)
+def read_meta(directory: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    return pd.read_parquet(Path(directory) / META, columns=columns)
 
 
-def load_split(directory: Path, split: str, labeled: bool | None = None, lazy: bool = False) -> Split:
+def load_split(directory: Path, split: str, labeled: bool | None = None, lazy: bool = True) -> Split:
     """Rows of ``split`` (train/val/test); ``labeled`` filters target train into the k-shot set or the pool.
-    In memory by default (training revisits every image each epoch); ``lazy`` reads them from the store
-    on demand (:class:`Rows`: one pass over a split of any size, e.g. cache_features)."""
+    Read from the store on demand by default (:class:`Rows`: a split of any size, memory flat in N; the
+    page cache keeps what training revisits each epoch); ``lazy=False`` reads them into memory."""
     directory = Path(directory)
-    meta = read_meta(directory)
+    meta = read_meta(directory, ["split", "labeled", "label"])  # not the per-image hashes and names: memory
     rows = meta["split"] == split
     if labeled is not None:
         rows &= meta["labeled"] == labeled

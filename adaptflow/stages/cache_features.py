@@ -115,7 +115,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     counts = {}
     with outputs.atomic_dir(out, "cache_features", key) as tmp:
         for name, (split, labeled) in SPLITS.items():
-            s = store.load_split(tgt, split, labeled, lazy=True)
+            s = store.load_split(tgt, split, labeled)
             feats = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.float32, shape=(len(s), model.num_features))
             extract(model, s.images, params.cache_features.batch_size, rt=rt, out=feats)
             feats.flush()

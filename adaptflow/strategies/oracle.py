@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from adaptflow.data.store import Split
+from adaptflow.data.store import Split, concat
 from adaptflow.strategies.base import Adapted, Context
 from adaptflow.strategies.transfer import train_from_source
 
 
 def adapt(ctx: Context) -> Adapted:
     parts = [ctx.labeled] + ([ctx.pool] if ctx.pool is not None else [])
-    everything = Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]), ctx.labeled.classes)
+    everything = Split(concat([p.images for p in parts]), np.concatenate([p.labels for p in parts]), ctx.labeled.classes)
     return train_from_source(ctx, "oracle", labeled=everything)

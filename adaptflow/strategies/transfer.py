@@ -11,10 +11,10 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-import numpy as np
 from torch import nn
 from timm.models import group_parameters
 
+from adaptflow.data import store
 from adaptflow.data.store import Split
 from adaptflow.strategies.base import Adapted, Context
 from adaptflow.training import Objective, fit, recalibrate_bn
@@ -98,7 +98,7 @@ def train_from_source(
         raise ValueError(f"{name} needs labeled target images (target.k > 0) or an objective that reads the unlabeled pool")
     before = None
     if f.bn == "adabn":
-        target_images = np.concatenate([labeled.images] + ([ctx.pool.images] if ctx.pool is not None else []))
+        target_images = store.concat([labeled.images] + ([ctx.pool.images] if ctx.pool is not None else []))
         before = lambda m: recalibrate_bn(m, target_images)  # noqa: E731
 
     epoch_hook = None

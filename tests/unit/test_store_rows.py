@@ -3,7 +3,10 @@ pages released without losing data."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
+import pytest
 
 from adaptflow.data.store import Rows, drop_pages
 
@@ -39,3 +42,70 @@ def test_drop_pages_keeps_written_data(tmp_path):
     del out
     back = np.load(tmp_path / "f.npy")
     assert (back[:500] == 1.5).all() and (back[500:] == 2.5).all()
+
+
+def _resident_kb(path) -> int:
+    """Resident size (kB) of this process's mappings of ``path`` (Linux /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        first = line.split(None, 1)[0]
+        if "-" in first and not first.endswith(":"):  # a mapping's header line
+            inside = line.rstrip().endswith(str(path))
+        elif inside and first == "Rss:":
+            total += int(line.split()[1])
+    return total
+
+
+def _one_pass(path, monkeypatch, release: int, batches) -> int:
+    """Read ``batches`` (row indices) through :class:`Rows` with pages let go every ``release`` bytes; the kB of
+    the store then resident in this process."""
+    from adaptflow.data import store
+
+    monkeypatch.setattr(store, "RELEASE_BYTES", release)
+    mm = np.load(path, mmap_mode="r")
+    rows = Rows(mm, np.arange(len(mm)))
+    for idx in batches:
+        assert (rows[idx] == 7).all()
+    kb = _resident_kb(path)
+    del rows, mm
+    return kb
+
+
+def _store_of_sevens(tmp_path, n: int):
+    arr = np.lib.format.open_memmap(tmp_path / "images.npy", mode="w+", dtype=np.uint8, shape=(n, 1, 32, 32))  # 1 kB each
+    arr[:] = 7
+    arr.flush()
+    del arr
+    return tmp_path / "images.npy"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_a_sequential_pass_keeps_resident_memory_bounded(tmp_path, monkeypatch):
+    """A pass in order over a 4 MB store leaves at most about one release of its pages resident; without
+    releases every page read stays (the same pass, the same file)."""
+    path = _store_of_sevens(tmp_path, 4096)
+    in_order = [slice(i, i + 128) for i in range(0, 4096, 128)]
+    assert _one_pass(path, monkeypatch, 1 << 40, in_order) >= 3500  # nothing let go: the whole file
+    assert _one_pass(path, monkeypatch, 256 << 10, in_order) <= 600
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_shuffled_batches_keep_resident_memory_bounded(tmp_path, monkeypatch):
+    """Training's shuffled batches of small images: each read maps far more than its bytes (the kernel maps
+    around every fault), and the release counts that, not just the bytes read."""
+    path = _store_of_sevens(tmp_path, 32768)  # 32 MB
+    rng = np.random.default_rng(0)
+    shuffled = [np.sort(rng.choice(32768, 16, replace=False)) for _ in range(200)]  # 3,200 rows: 3 MB read
+    assert _one_pass(path, monkeypatch, 1 << 40, shuffled) >= 16 << 10  # mapped: most of the file
+    assert _one_pass(path, monkeypatch, 1 << 20, shuffled) <= 4 << 10  # let go every ~1 MB mapped
+
+
+def test_concat_stays_lazy_over_one_store(tmp_path):
+    from adaptflow.data.store import concat
+
+    mm = _store(tmp_path)
+    a, b = Rows(mm, np.array([1, 2, 3])), Rows(mm, np.array([10, 11]))
+    both = concat([a, b])
+    assert isinstance(both, Rows) and np.array_equal(np.asarray(both), np.asarray(mm[[1, 2, 3, 10, 11]]))
+    mixed = concat([a, np.asarray(mm[[40]])])  # not all rows of one store: read into one array
+    assert isinstance(mixed, np.ndarray) and np.array_equal(mixed, np.asarray(mm[[1, 2, 3, 40]]))
