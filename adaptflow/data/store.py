@@ -64,7 +64,8 @@ class Rows:
         out = np.asarray(self.mm[sel])
         row_bytes = int(np.prod(self.mm.shape[1:])) * self.mm.dtype.itemsize
         windows = np.unique(np.atleast_1d(sel) * row_bytes // FAULT_AROUND)  # where each row starts
-        self._read += len(windows) * FAULT_AROUND + out.nbytes  # an upper bound on what the read mapped
+        # an upper bound on what the reads mapped, which cannot exceed the store: a smaller store stays mapped
+        self._read = min(self._read + len(windows) * FAULT_AROUND + out.nbytes, self.mm.nbytes)
         if self._read >= RELEASE_BYTES:
             self._read = 0
             drop_pages(self.mm)

@@ -109,3 +109,19 @@ def test_concat_stays_lazy_over_one_store(tmp_path):
     assert isinstance(both, Rows) and np.array_equal(np.asarray(both), np.asarray(mm[[1, 2, 3, 10, 11]]))
     mixed = concat([a, np.asarray(mm[[40]])])  # not all rows of one store: read into one array
     assert isinstance(mixed, np.ndarray) and np.array_equal(mixed, np.asarray(mm[[1, 2, 3, 40]]))
+
+
+def test_a_store_smaller_than_the_release_stays_mapped(tmp_path, monkeypatch):
+    """Pass after pass over a store smaller than RELEASE_BYTES: nothing to bound, so nothing is let go and
+    faulted in again (the estimate of what reads mapped is capped at the store's size)."""
+    from adaptflow.data import store
+
+    released = []
+    monkeypatch.setattr(store, "drop_pages", lambda arr: released.append(arr))
+    path = _store_of_sevens(tmp_path, 4096)  # 4 MB
+    rng = np.random.default_rng(0)
+    shuffled = [np.sort(rng.choice(4096, 128, replace=False)) for _ in range(320)]  # ten passes' worth
+    _one_pass(path, monkeypatch, 8 << 20, shuffled)
+    assert released == []
+    _one_pass(path, monkeypatch, 2 << 20, shuffled)  # a release below the store's size: let go now and then
+    assert len(released) > 100
