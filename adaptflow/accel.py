@@ -86,10 +86,7 @@ class Runtime:
         cl = self.channels_last and x.ndim == 4
         if self.amp_dtype is not None or cl:
             x = x.to(dtype=self.amp_dtype or x.dtype, memory_format=torch.channels_last if cl else torch.preserve_format)
-        if self.amp_dtype is not None:
-            with torch.autocast(self.device.type, enabled=False):
-                x = resize(x, size)
-        else:
+        with torch.autocast(self.device.type, enabled=False):
             x = resize(x, size)
         return x.contiguous(memory_format=torch.channels_last) if cl else x  # no copy when the resize kept it
 

@@ -62,13 +62,12 @@ def extract(model: torch.nn.Module, images: np.ndarray, batch_size: int, dev: to
         out = np.zeros((len(images), model.num_features), np.float32)
     image_bytes = int(np.prod(images.shape[1:])) * images.dtype.itemsize
     group = max(1, min(16, CHUNK_BYTES // max(1, batch_size * image_bytes)))  # batches per chunk
-    row_bytes = image_bytes + out.shape[1] * out.dtype.itemsize
-    release_every = max(1, (32 << 20) // max(1, group * batch_size * row_bytes))  # chunks per ~32 MB read + written
+    # pages of ``out`` already written: out of RSS every ~32 MB (images read as store Rows let go of their own)
+    release_every = max(1, (32 << 20) // max(1, group * batch_size * out.shape[1] * out.dtype.itemsize))
     pending: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
     i = 0
     for c, (xs, _) in enumerate(Prefetcher(slices(images, batch_size * group), rt)):
-        if c and c % release_every == 0:  # pages already read and written: out of RSS (flat in N)
-            store.drop_pages(images)
+        if c and c % release_every == 0:
             store.drop_pages(out)
         feats = torch.empty((len(xs), out.shape[1]), dtype=torch.float32, device=rt.device)
         for j in range(0, len(xs), batch_size):
