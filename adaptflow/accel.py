@@ -100,18 +100,29 @@ class Forward:
     On the lent H100 (torch 2.11), compiled resnet10t training at 32 px failed inside inductor's backward with
     a stride assertion on ``convolution_backward`` (inductor had planned a channels-last weight gradient,
     cuDNN returned a contiguous one). :meth:`fall_back` lets the loop retry such a step eagerly and go on
-    eagerly, with a warning, instead of losing the run."""
+    eagerly, with a warning, instead of losing the run.
+
+    The compiler works when a batch shape is new to it, so only then can a step fail this way: before such a
+    step the model's buffers (BatchNorm's running statistics) are copied, and :meth:`fall_back` puts them
+    back, so that the failed attempt's forward leaves no trace and the eager retry is the step an eager run
+    would have taken. Steps with a shape already compiled copy nothing."""
 
     def __init__(self, rt: Runtime, model: nn.Module, size: int | None = None):
         self.rt, self.model, self.size = rt, model, size
         self.net = torch.compile(model) if rt.compile else model
         self.fell_back = ""  # why a compiled forward went eager ("" while it has not)
+        self._shapes: set[tuple[int, ...]] = set()  # batch shapes the compiled model has run
+        self._saved: list[torch.Tensor] | None = None  # buffers before this step, when its shape was new
 
     @property
     def compiled(self) -> bool:
         return self.net is not self.model
 
     def __call__(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        if self.compiled:
+            new = tuple(x_uint8.shape) not in self._shapes
+            self._saved = [b.detach().clone() for b in self.model.buffers()] if new else None
+            self._shapes.add(tuple(x_uint8.shape))
         return self.net(self.rt.to_input(x_uint8, self.size))
 
     def fall_back(self, exc: BaseException) -> bool:
@@ -122,6 +133,11 @@ class Forward:
             return False
         self.fell_back = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         log.warning("compiled training step failed (%s); retrying it and going on eagerly", self.fell_back)
+        if self._saved is not None:
+            with torch.no_grad():
+                for b, saved in zip(self.model.buffers(), self._saved):
+                    b.copy_(saved)
+            self._saved = None
         self.net = self.model
         return True
 

@@ -171,8 +171,8 @@ def fit(
     ``model.train()`` (e.g. to keep BatchNorm frozen); ``epoch_hook(epoch)`` runs before each epoch.
 
     With a compiled model (``ADAPTFLOW_COMPILE=1``), a step the compiler fails on is retried eagerly and the
-    run goes on eagerly (:meth:`~adaptflow.accel.Forward.fall_back`; the error in ``compile_fell_back``). The
-    failed attempt's forward had already updated BatchNorm's running statistics once with that batch.
+    run goes on eagerly (:meth:`~adaptflow.accel.Forward.fall_back`; the error in ``compile_fell_back``), from
+    the BatchNorm statistics it had before the failed attempt.
     """
     rt = rt or runtime(device=str(dev) if dev is not None else "auto")
     dev = rt.device

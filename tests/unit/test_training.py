@@ -161,6 +161,22 @@ def test_a_compiled_step_that_fails_is_retried_eagerly_and_training_goes_on(monk
     assert len(res.history) == 4 and res.best_val_acc == 1.0  # trained all epochs, and learned
 
 
+def test_a_run_that_fell_back_is_the_eager_run(monkeypatch):
+    # the failed attempt's forward updated BatchNorm's running statistics; they are put back before the
+    # retry, so the run ends with exactly the weights and statistics of a run that never compiled
+    from adaptflow import accel
+
+    train, val = bright_dark(16, 0), bright_dark(8, 1)
+    eager = _model()
+    _fit(eager, train, val, rt=accel.runtime(device="cpu"))
+    monkeypatch.setattr(accel.torch, "compile", _failing_compiler([]))
+    fell_back = _model()
+    assert _fit(fell_back, train, val, rt=accel.runtime(device="cpu", compile=True)).compile_fell_back
+    a, b = eager.state_dict(), fell_back.state_dict()
+    assert any("running_mean" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
 def test_a_failing_step_without_the_compiler_is_raised_not_retried():
     from adaptflow.training import Objective
 
