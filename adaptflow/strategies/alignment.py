@@ -56,4 +56,7 @@ class DistanceAlignment(AlignmentObjective):
         self.weight = getattr(ctx.params.finetune, self.name).weight
 
     def align(self, f_s: torch.Tensor, f_t: torch.Tensor, progress: float) -> torch.Tensor:
-        return self.weight * self.loss(f_s, f_t)
+        # In float32 whatever the runtime's precision: under bf16 autocast CORAL's covariance products would
+        # be rounded to 8 bits of mantissa and subtracted there, for a loss that is a small difference.
+        with torch.autocast(f_s.device.type, enabled=False):
+            return self.weight * self.loss(f_s.float(), f_t.float())

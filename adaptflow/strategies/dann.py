@@ -60,7 +60,8 @@ class DomainAdversarialLoss(nn.Module):
     def forward(self, f_s: torch.Tensor, f_t: torch.Tensor, coeff: float) -> torch.Tensor:
         f = self.grl(torch.cat([f_s, f_t]), coeff)
         d = self.discriminator(f).squeeze(1)
-        y = torch.cat([torch.ones(len(f_s)), torch.zeros(len(f_t))]).to(d.device)
+        # made on d's device: a host tensor copied there would wait for the device every step
+        y = torch.cat([d.new_ones(len(f_s)), d.new_zeros(len(f_t))])
         return F.binary_cross_entropy_with_logits(d, y)
 
 

@@ -50,6 +50,29 @@ def test_mmd_step_lowers_and_is_zero_for_equal_batches():
     assert loss(fs.detach(), fs.detach()).item() == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("name", ["coral", "mmd"])
+def test_alignment_losses_run_in_float32_under_autocast(name, make_ctx):  # noqa: F811
+    # under bf16 autocast the features arrive in bf16; the loss on them is the float32 loss of those values
+    obj = getattr(strategies, name).make(make_ctx(SOURCE, epochs=1), None)
+    torch.manual_seed(0)
+    fs, ft = torch.randn(64, 32).bfloat16(), (torch.randn(64, 32) * 2 + 1).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = obj.align(fs, ft, 0.5)
+    assert amp.dtype == torch.float32
+    assert torch.equal(amp, obj.align(fs.float(), ft.float(), 0.5))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_domain_adversarial_loss_makes_no_host_sync():
+    fs, ft = torch.randn(32, 8, device="cuda"), torch.randn(32, 8, device="cuda")
+    loss = DomainAdversarialLoss(DomainDiscriminator(8, hidden=16)).cuda()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss(fs, ft, 1.0).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_domain_adversarial_discriminator_step_lowers():
     torch.manual_seed(0)
     fs, ft = torch.randn(32, 8) + 1, torch.randn(32, 8) - 1
