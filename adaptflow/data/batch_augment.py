@@ -22,6 +22,7 @@ not on the host, in the loader thread, instead of on the device (:func:`adaptflo
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -268,10 +269,17 @@ class _Apply(Op):
         return _where(mask, self.inner.apply(x, rows, meta), x)
 
 
+# v2 draws from torch's global CPU generator; per-image pipelines of different loaders (threads, on CUDA)
+# take turns with it, so that one's fork → seed → transform → restore never interleaves with another's.
+_GLOBAL_RNG = threading.Lock()
+
+
 class _PerImage(Op):
     """Fallback: the v2 transform itself, image by image, on uint8 (what v2 expects), on x's device. v2
-    draws from torch's global generator: it runs under a forked one, seeded per batch from this
-    augmentation's own generator, so the draws repeat with the seed whoever else uses torch's generator."""
+    draws from torch's global CPU generator: it runs under a forked one, seeded per batch from this
+    augmentation's own generator, so the draws repeat with the seed whoever else uses torch's generator.
+    Only the CPU generator is seeded (``torch.manual_seed`` would reseed the CUDA generators too, from a
+    loader thread, under the training step's dropout)."""
 
     def __init__(self, t: v2.Transform):
         self.t = t
@@ -281,8 +289,8 @@ class _PerImage(Op):
 
     def apply(self, x, rows, meta):
         u8 = x.round().clamp(0, 255).to(torch.uint8)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(next(meta))
+        with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(next(meta))
             return torch.stack([self.t(img) for img in u8]).float()
 
 

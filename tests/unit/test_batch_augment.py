@@ -4,6 +4,8 @@ batched form still run (image by image)."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from torchvision.transforms import InterpolationMode, v2
@@ -108,6 +110,31 @@ def test_transforms_without_a_batched_form_run_per_image():
     state = torch.get_rng_state()
     again = BatchAugment(pipe, 0)(BATCH)
     assert torch.equal(again, out) and torch.equal(torch.get_rng_state(), state)
+
+
+def test_per_image_transforms_seed_only_the_cpu_generator(monkeypatch):
+    # on CUDA they run in a loader thread: reseeding the CUDA generators there would reset the training
+    # step's own random draws (dropout) at arbitrary moments
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: seeded.append(s))
+    BatchAugment(build_pipeline([{"name": "RandAugment", "num_ops": 2, "magnitude": 9}]), 0)(BATCH)
+    assert seeded == []
+
+
+def test_per_image_transforms_repeat_when_loaders_run_them_at_once():
+    # two loader threads share torch's global generator: each batch's fork → seed → transform → restore
+    # runs whole, so every thread gets what it would get alone
+    pipe = build_pipeline([{"name": "RandAugment", "num_ops": 2, "magnitude": 9},
+                           {"name": "RandomErasing", "p": 0.5, "scale": [0.1, 0.2], "value": 0}])
+
+    def run(seed: int) -> list[torch.Tensor]:
+        aug = BatchAugment(pipe, seed)
+        return [aug(BATCH) for _ in range(40)]
+
+    alone = {s: run(s) for s in (1, 2)}
+    with ThreadPoolExecutor(2) as ex:
+        together = dict(zip((1, 2), ex.map(run, (1, 2))))
+    assert all(torch.equal(a, b) for s in (1, 2) for a, b in zip(alone[s], together[s]))
 
 
 def test_rejects_float_images():
