@@ -61,7 +61,9 @@ class Runtime:
         Compiled on CUDA with CUDA graphs (``reduce-overhead``): inference replays the same graph batch
         after batch, and a small model's forward is otherwise bound by kernel launches on the host (on
         the lent H100, resnet10t at 32 px on device-resident batches: 2.7× plain compilation's images/s).
-        Its output is overwritten by the next call: copy it out first."""
+        Its output is overwritten by the next call: copy it out first. Shapes are static: a caller pads a
+        last, shorter batch to the full one (as :func:`~adaptflow.stages.cache_features.extract` does) so that
+        one graph serves every batch."""
 
         def pooled(x_uint8: torch.Tensor) -> torch.Tensor:
             x = self.to_input(x_uint8, size)
@@ -69,7 +71,7 @@ class Runtime:
 
         if not self.compile:
             return pooled
-        return torch.compile(pooled, mode="reduce-overhead" if self.cuda else None)
+        return torch.compile(pooled, mode="reduce-overhead" if self.cuda else None, dynamic=False)
 
     def to_input(self, x_uint8: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """uint8 batch already on the device → normalised input (resized to ``size`` there when the stored
@@ -102,17 +104,20 @@ class Forward:
     cuDNN returned a contiguous one). :meth:`fall_back` lets the loop retry such a step eagerly and go on
     eagerly, with a warning, instead of losing the run.
 
-    The compiler works when a batch shape is new to it, so only then can a step fail this way: before such a
-    step the model's buffers (BatchNorm's running statistics) are copied, and :meth:`fall_back` puts them
-    back, so that the failed attempt's forward leaves no trace and the eager retry is the step an eager run
-    would have taken. Steps with a shape already compiled copy nothing."""
+    While compiled, the model's buffers (BatchNorm's running statistics) are copied before each step, in
+    one multi-tensor copy, and :meth:`fall_back` puts them back: the failed attempt's forward leaves no
+    trace. A recompile can come at any step (a new batch shape, layers unfrozen at a milestone), so every
+    step is covered.
+
+    Compiled with static shapes: an epoch's last, shorter batch gets its own graph, instead of turning
+    the batch dimension dynamic for every later step (dynamo's default on a second shape, whose dynamic
+    graph then catches the full batches too)."""
 
     def __init__(self, rt: Runtime, model: nn.Module, size: int | None = None):
         self.rt, self.model, self.size = rt, model, size
-        self.net = torch.compile(model) if rt.compile else model
+        self.net = torch.compile(model, dynamic=False) if rt.compile else model
         self.fell_back = ""  # why a compiled forward went eager ("" while it has not)
-        self._shapes: set[tuple[int, ...]] = set()  # batch shapes the compiled model has run
-        self._saved: list[torch.Tensor] | None = None  # buffers before this step, when its shape was new
+        self._saved: list[torch.Tensor] | None = None  # the buffers as they were before this step
 
     @property
     def compiled(self) -> bool:
@@ -120,23 +125,23 @@ class Forward:
 
     def __call__(self, x_uint8: torch.Tensor) -> torch.Tensor:
         if self.compiled:
-            new = tuple(x_uint8.shape) not in self._shapes
-            self._saved = [b.detach().clone() for b in self.model.buffers()] if new else None
-            self._shapes.add(tuple(x_uint8.shape))
+            buffers = [b.detach() for b in self.model.buffers()]
+            if self._saved is None or len(self._saved) != len(buffers):
+                self._saved = [b.clone() for b in buffers]
+            elif buffers:
+                torch._foreach_copy_(self._saved, buffers)
         return self.net(self.rt.to_input(x_uint8, self.size))
 
     def fall_back(self, exc: BaseException) -> bool:
         """After a training step failed with ``exc``: if the model ran compiled, switch to the eager model for
         good (warning with the error) and return True, so that the caller retries the step; else False
         (the error is not the compiler's: re-raise it)."""
-        if not self.compiled:
+        if not self.compiled or isinstance(exc, torch.OutOfMemoryError):  # out of memory: not the compiler's
             return False
         self.fell_back = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         log.warning("compiled training step failed (%s); retrying it and going on eagerly", self.fell_back)
         if self._saved is not None:
-            with torch.no_grad():
-                for b, saved in zip(self.model.buffers(), self._saved):
-                    b.copy_(saved)
+            torch._foreach_copy_([b.detach() for b in self.model.buffers()], self._saved)
             self._saved = None
         self.net = self.model
         return True

@@ -172,7 +172,8 @@ def fit(
 
     With a compiled model (``ADAPTFLOW_COMPILE=1``), a step the compiler fails on is retried eagerly and the
     run goes on eagerly (:meth:`~adaptflow.accel.Forward.fall_back`; the error in ``compile_fell_back``), from
-    the BatchNorm statistics it had before the failed attempt.
+    the BatchNorm statistics it had before the failed attempt: without objectives it ends as an eager run
+    would. Objectives draw their next batches for the retry. Running out of memory is raised, not retried.
     """
     rt = rt or runtime(device=str(dev) if dev is not None else "auto")
     dev = rt.device
@@ -280,12 +281,11 @@ def recalibrate_bn(model: nn.Module, images: np.ndarray, batch_size: int = 256) 
         m.reset_running_stats()
         m.momentum = None  # cumulative average over all batches
     model.train()
-    for i in range(0, len(images), batch_size):
-        chunk = images[i : i + batch_size]
-        if len(chunk) < 2:
+    for x, _ in Prefetcher(slices(images, batch_size), rt):  # the next batch copied while this one runs
+        if len(x) < 2:
             break
         with rt.autocast():
-            model(net_input(model, torch.from_numpy(np.ascontiguousarray(chunk)).to(rt.device), rt))
+            model(net_input(model, x, rt))
     for m, (momentum, _) in zip(bns, saved):
         m.momentum = momentum
     model.eval()

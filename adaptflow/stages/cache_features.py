@@ -56,8 +56,12 @@ def extract(model: torch.nn.Module, images: np.ndarray, batch_size: int, dev: to
     rt = rt or runtime(device=str(dev) if dev is not None else "auto")
     rt.place(model).eval()
     fn = rt.features_fn(model, input_size(model))
+    # one batch shape for a compiled function or a recorded graph: a shorter batch (each split's last) is
+    # padded to the full one, else it would compile again, or run without the graph
+    fixed = rt.compile
     if rt.cuda and not rt.compile and len(images) >= batch_size:  # compiled: CUDA graphs already (features_fn)
         fn = replay_graph(fn, torch.zeros((batch_size, *images.shape[1:]), dtype=torch.uint8, device=rt.device), rt)
+        fixed = True
     if out is None:
         out = np.zeros((len(images), model.num_features), np.float32)
     image_bytes = int(np.prod(images.shape[1:])) * images.dtype.itemsize
@@ -71,9 +75,13 @@ def extract(model: torch.nn.Module, images: np.ndarray, batch_size: int, dev: to
             store.drop_pages(out)
         feats = torch.empty((len(xs), out.shape[1]), dtype=torch.float32, device=rt.device)
         for j in range(0, len(xs), batch_size):
+            x = xs[j : j + batch_size]
+            n = len(x)
+            if fixed and n < batch_size:
+                x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
             with rt.autocast():
                 # copied out at once: a compiled function may reuse its output buffer on the next call
-                feats[j : j + batch_size] = fn(xs[j : j + batch_size])
+                feats[j : j + n] = fn(x)[:n]
         done = None
         feats = feats.to("cpu", non_blocking=rt.cuda)
         if rt.cuda:

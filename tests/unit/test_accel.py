@@ -50,8 +50,8 @@ def test_cli_fails_before_any_work_on_a_bad_setting(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_extract_replays_a_cuda_graph_with_the_eager_features():
-    """cache_features' extractor on CUDA (graph replay for full batches, the short last batch eager) gives
-    the features of the plain eager function, batch by batch."""
+    """cache_features' extractor on CUDA (graph replay for every batch, the short last one padded to the
+    full batch) gives the features of the plain eager function, batch by batch."""
     import numpy as np
 
     from adaptflow.accel import replay_graph
@@ -89,6 +89,32 @@ def test_extract_in_chunks_keeps_every_row_in_place(monkeypatch):
     got = cache_features.extract(model, images, 4, rt=rt)
     with torch.no_grad():
         want = rt.features_fn(model, input_size(model))(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_compiled_extract_sees_one_batch_shape(monkeypatch):
+    """A compiled feature function gets full batches only (the short last one padded, its padding's
+    features dropped), so it compiles once; the features are the eager ones."""
+    import numpy as np
+
+    from adaptflow import accel
+    from adaptflow.models import ModelConfig, create, input_size
+    from adaptflow.stages import cache_features
+
+    shapes, options = [], []
+
+    def compile(fn, **kw):
+        options.append(kw)
+        return lambda x: (shapes.append(tuple(x.shape)), fn(x))[1]
+
+    monkeypatch.setattr(accel.torch, "compile", compile)
+    rt = runtime(device="cpu", amp="off", compile=True)
+    model = rt.place(create(ModelConfig("resnet10t", 1, 16, [str(i) for i in range(3)]))).eval()
+    images = np.random.default_rng(2).integers(0, 256, (10, 1, 16, 16), dtype=np.uint8)
+    got = cache_features.extract(model, images, 4, rt=rt)
+    assert shapes == [(4, 1, 16, 16)] * 3 and options[0]["dynamic"] is False
+    with torch.no_grad():
+        want = runtime(device="cpu", amp="off").features_fn(model, input_size(model))(torch.from_numpy(images)).numpy()
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 

@@ -135,10 +135,17 @@ class _BackwardFails(torch.autograd.Function):
         raise AssertionError("expected size 512==512, stride 9==1 at dim=1\nError in op: convolution_backward")
 
 
-def _failing_compiler(calls: list):
+def _failing_compiler(calls: list, fail_at: int = 1, error: type[BaseException] | None = None):
+    """A stand-in for torch.compile whose compiled model runs the model, and fails from its ``fail_at``-th
+    call on: in backward (like inductor did), or in forward with ``error``."""
+
     def compile(model, **_):
         def compiled(x):
             calls.append(len(x))
+            if len(calls) < fail_at:
+                return model(x)
+            if error is not None:
+                raise error("CUDA out of memory. Tried to allocate 2.00 GiB")
             return _BackwardFails.apply(model(x))
 
         return compiled
@@ -161,7 +168,8 @@ def test_a_compiled_step_that_fails_is_retried_eagerly_and_training_goes_on(monk
     assert len(res.history) == 4 and res.best_val_acc == 1.0  # trained all epochs, and learned
 
 
-def test_a_run_that_fell_back_is_the_eager_run(monkeypatch):
+@pytest.mark.parametrize("fail_at", [1, 5])  # the first step (a first compile), a later one (a recompile)
+def test_a_run_that_fell_back_is_the_eager_run(monkeypatch, fail_at):
     # the failed attempt's forward updated BatchNorm's running statistics; they are put back before the
     # retry, so the run ends with exactly the weights and statistics of a run that never compiled
     from adaptflow import accel
@@ -169,12 +177,25 @@ def test_a_run_that_fell_back_is_the_eager_run(monkeypatch):
     train, val = bright_dark(16, 0), bright_dark(8, 1)
     eager = _model()
     _fit(eager, train, val, rt=accel.runtime(device="cpu"))
-    monkeypatch.setattr(accel.torch, "compile", _failing_compiler([]))
+    calls: list = []
+    monkeypatch.setattr(accel.torch, "compile", _failing_compiler(calls, fail_at))
     fell_back = _model()
     assert _fit(fell_back, train, val, rt=accel.runtime(device="cpu", compile=True)).compile_fell_back
+    assert len(calls) == fail_at
     a, b = eager.state_dict(), fell_back.state_dict()
     assert any("running_mean" in k for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_running_out_of_memory_in_a_compiled_step_is_raised_not_blamed_on_the_compiler(monkeypatch):
+    from adaptflow import accel
+
+    calls: list = []
+    monkeypatch.setattr(accel.torch, "compile", _failing_compiler(calls, error=torch.OutOfMemoryError))
+    train, val = bright_dark(16, 0), bright_dark(8, 1)
+    with pytest.raises(torch.OutOfMemoryError):
+        _fit(_model(), train, val, rt=accel.runtime(device="cpu", compile=True))
+    assert calls == [8]
 
 
 def test_a_failing_step_without_the_compiler_is_raised_not_retried():
@@ -205,3 +226,21 @@ def test_a_step_that_fails_eagerly_too_raises_the_eager_error(monkeypatch):
     train, val = bright_dark(16, 0), bright_dark(8, 1)
     with pytest.raises(RuntimeError, match="objective bug"):
         _fit(_model(), train, val, objectives=[Broken()], rt=accel.runtime(device="cpu", compile=True))
+
+
+def test_recalibrate_bn_averages_the_statistics_of_the_given_images():
+    from adaptflow.training import recalibrate_bn
+
+    images = bright_dark(9, 0).images  # batches of 4, 4 and a last one of 1, which BatchNorm cannot use
+    means = []
+    for bs in (4, 8):
+        model = _model()
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        momenta = [m.momentum for m in bns]
+        recalibrate_bn(model, images, batch_size=bs)
+        assert not model.training and [m.momentum for m in bns] == momenta
+        assert all(int(m.num_batches_tracked) == 8 // bs for m in bns)
+        means.append(bns[0].running_mean.clone())
+    # equal batches: the mean of their means is the mean of all 8 images, whatever the batch size
+    assert torch.allclose(means[0], means[1], atol=1e-5)
+    assert not torch.allclose(means[0], torch.zeros_like(means[0]))
