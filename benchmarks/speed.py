@@ -79,7 +79,7 @@ def parse_model(spec: str, default_size: int) -> tuple[str, int]:
 def bench_model(spec: str, input_size: int, images: np.ndarray, batch: int, steps: int, compile_too: bool, warmup: int,
                 cache_batch: int) -> dict:
     n, channels, stored = images.shape[0], images.shape[1], images.shape[2]
-    rt = runtime()
+    rt = runtime(compile=False)  # the eager figures are eager whatever ADAPTFLOW_COMPILE says
     dev = rt.device
     # The store holds images as ingest wrote them (``stored`` px); the network sees ``input_size`` px:
     # adaptflow resizes on the device, inside the (compiled) function.
@@ -96,10 +96,10 @@ def bench_model(spec: str, input_size: int, images: np.ndarray, batch: int, step
     model.eval()
 
     @torch.no_grad()
-    def forward_loop(m, iters: int) -> None:
+    def forward_loop(m, iters: int, inputs: torch.Tensor = x) -> None:
         for _ in range(iters):
             with rt.autocast():
-                m(x)
+                m(inputs)
 
     forward_loop(model, warmup)
     res["a_timm_forward"] = n_fwd / timed(lambda: forward_loop(model, n_fwd // batch), dev)
@@ -137,19 +137,28 @@ def bench_model(spec: str, input_size: int, images: np.ndarray, batch: int, step
 
     adaptflow_fit(rt, warmup)
     res["d_adaptflow_finetune"] = steps * batch / timed(lambda: adaptflow_fit(rt, steps), dev)
+    adaptflow_fit(rt, warmup, digits)
     res["d_adaptflow_finetune_augmented"] = steps * batch / timed(lambda: adaptflow_fit(rt, steps, digits), dev)
     res["b_over_a"] = res["b_adaptflow_cache_features"] / res["a_timm_forward"]
     res["d_over_c"] = res["d_adaptflow_finetune"] / res["c_timm_train_step"]
     res["d_augmented_over_c"] = res["d_adaptflow_finetune_augmented"] / res["c_timm_train_step"]
 
-    # (b) again at cache_features' own default batch (inference holds no activations for backward, so
-    # the stage runs larger batches than training): what the stage runs as configured.
+    # (a) and (b) again at cache_features' own default batch (inference holds no activations for backward,
+    # so the stage runs larger batches than training): what the stage runs as configured, against timm's
+    # forward at that same batch.
     if cache_batch != batch:
         n_cb = (n // cache_batch) * cache_batch
-        extract(model, images[: cache_batch * 2], cache_batch, rt=rt)
+        x_cb = torch.randn(cache_batch, channels, input_size, input_size, device=dev)
+        if rt.channels_last:
+            x_cb = x_cb.contiguous(memory_format=torch.channels_last)
+        model.eval()
+        forward_loop(model, warmup, x_cb)
         res["cache_batch"] = cache_batch
+        res["a_timm_forward_default_batch"] = n_cb / timed(lambda: forward_loop(model, n_cb // cache_batch, x_cb), dev)
+        del x_cb
+        extract(model, images[: cache_batch * 2], cache_batch, rt=rt)
         res["b_adaptflow_cache_features_default_batch"] = n_cb / timed(lambda: extract(model, images[:n_cb], cache_batch, rt=rt), dev)
-        res["b_default_batch_over_a"] = res["b_adaptflow_cache_features_default_batch"] / res["a_timm_forward"]
+        res["b_default_batch_over_a"] = res["b_adaptflow_cache_features_default_batch"] / res["a_timm_forward_default_batch"]
 
     if compile_too:
         # Each compiled part on its own: a compiler failure is recorded (with the error) and the rest runs.
@@ -180,13 +189,15 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
              "(c) bare timm eager train step on device tensors, (d) adaptflow fit steps from the store.", "",
              "(d aug) is (d) with the `digits` preset augmentation (per-image random affine) batched on the device.",
              "The store holds uint8 images at the stored side; adaptflow resizes them to the model's side on the device.", "",
-             "(b @cache batch) is (b) at cache_features' default batch (params.yaml), against the same (a).", "",
-             "| model | px (stored) | batch | a | b | b/a | b @cache batch | its /a | c | d | d/c | d aug | d aug/c | b compiled | b/a compiled | d compiled | d/c compiled |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(@cache batch) is (a) and (b) at cache_features' default batch (params.yaml); its b/a compares the two there.",
+             "Eager columns run with torch.compile off whatever the environment says. Compiled columns exclude "
+             "the compile time, which is listed below the table.", "",
+             "| model | px (stored) | batch | a | b | b/a | a @cache batch | b @cache batch | its b/a | c | d | d/c | d aug | d aug/c | b compiled | b/a compiled | d compiled | d/c compiled |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda r, k, p=0: (f"{r[k]:.{p}f}" if k in r else "—")  # noqa: E731
     for r in rows:
         lines.append(f"| {r['model']} | {r['size']} ({r.get('stored_size', r['size'])}) | {r['batch']} | {f(r,'a_timm_forward')} | "
-                     f"{f(r,'b_adaptflow_cache_features')} | {f(r,'b_over_a',2)} | "
+                     f"{f(r,'b_adaptflow_cache_features')} | {f(r,'b_over_a',2)} | {f(r,'a_timm_forward_default_batch')} | "
                      f"{f(r,'b_adaptflow_cache_features_default_batch')}{' (bs ' + str(r['cache_batch']) + ')' if 'cache_batch' in r else ''} | "
                      f"{f(r,'b_default_batch_over_a',2)} | {f(r,'c_timm_train_step')} | {f(r,'d_adaptflow_finetune')} | "
                      f"{f(r,'d_over_c',2)} | {f(r,'d_adaptflow_finetune_augmented')} | {f(r,'d_augmented_over_c',2)} | "
@@ -194,6 +205,9 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
                      f"{f(r,'d_adaptflow_finetune_compiled')} | {f(r,'d_over_c_compiled',2)} |")
     lines += ["", "Targets (issue): on a GPU b/a ≥ 1.4 and d/c > 1.0 with compilation; b/a ≥ 0.95 and d/c ≥ 0.95 without."]
     for r in rows:
+        secs = [f"{part} {r[f'compile_seconds_{part}']:.0f} s" for part in ("forward", "train") if f"compile_seconds_{part}" in r]
+        if secs:
+            lines += ["", f"{r['model']} at {r['size']} px: compile time (warm-up, not in the figures): {', '.join(secs)}"]
         for part in ("forward", "train"):
             if f"compile_error_{part}" in r:
                 lines += ["", f"{r['model']} at {r['size']} px: compiling the {part} pass failed: `{r[f'compile_error_{part}'][:300]}`"]
