@@ -98,7 +98,7 @@ def views(split: Split, batch_size: int, pipelines: list[v2.Transform], seed: in
     batches are read on the host and copied ahead by the :class:`Prefetcher`. For a pipeline that
     :class:`BatchAugment` runs batched, the loader draws each image's parameters on the host and they
     travel with the batch; the device only applies them. A pipeline with a per-image transform
-    (RandAugment, RandomErasing, …) runs whole on the host, in the loader, so the device never waits on
+    (AutoAugment, TrivialAugmentWide, …) runs whole on the host, in the loader, so the device never waits on
     thousands of tiny per-image kernels. Pipeline ``i`` draws from a generator seeded with ``seed + i``;
     the data order is seeded with ``seed``."""
     augs = [BatchAugment(p, seed + i) for i, p in enumerate(pipelines)]

@@ -13,9 +13,13 @@ device makes no host sync and the same seed draws the same on every device):
 - ``RandomHorizontalFlip``, ``RandomVerticalFlip``, ``RandomInvert``: a per-image mask;
 - ``ColorJitter``: per-image brightness, contrast, saturation and hue factors, v2's formulas;
 - ``GaussianBlur``: a per-image separable kernel in one grouped convolution;
+- ``RandAugment``: each image's ops and signs drawn per image, the images grouped by them, each group
+  through v2's own op at once (uint8, as v2);
+- ``RandomErasing`` with a constant fill: a per-image box, drawn as v2 draws it;
 - ``RandomApply`` / ``Compose`` around any of these.
 
-Any other v2 transform (``RandAugment``, ``RandomErasing``, …) runs image by image — correct, only slower.
+Any other v2 transform (``AutoAugment``, ``TrivialAugmentWide``, ``RandomErasing`` with random noise, …)
+runs image by image — correct, only slower.
 :attr:`BatchAugment.batched` says whether the whole pipeline is batched; training runs a pipeline that is
 not on the host, in the loader thread, instead of on the device (:func:`adaptflow.training.views`).
 """
@@ -239,6 +243,82 @@ class _Blur(Op):
         return y.view(n, c, h, w)
 
 
+class _RandAugment(Op):
+    """v2's RandAugment with each image's ops (and their signs) drawn per image. Per round, the images are
+    grouped by what they drew: a permutation that sorts them into groups travels with the batch, the group
+    sizes stay on the host, and each group goes through v2's own operation at once (v2 applies a fixed op
+    and magnitude to a batch as to one image). So each image gets exactly what v2 gives it for the same
+    draws, in uint8 as v2 computes it, with a few dozen batched kernels instead of thousands per batch."""
+
+    def __init__(self, t: v2.RandAugment):
+        self.t = t
+        self.space = list(t._AUGMENTATION_SPACE.items())  # name → (magnitudes(bins, h, w), signed)
+        self._signed = torch.tensor([signed for _, (_, signed) in self.space])
+
+    def draw(self, n, h, w, g, rows, meta):
+        for _ in range(self.t.num_ops):
+            op = torch.randint(len(self.space), (n,), generator=g)
+            negative = (torch.rand(n, generator=g) <= 0.5) & self._signed[op]  # v2: a signed op's sign, 50/50
+            group = op * 2 + negative
+            rows.append(torch.argsort(group, stable=True).float())  # exact: n < 2**24
+            meta.append(torch.bincount(group, minlength=2 * len(self.space)).tolist())
+
+    def _op(self, group: int, x: torch.Tensor) -> torch.Tensor:
+        name, (magnitudes, _) = self.space[group // 2]
+        m = magnitudes(self.t.num_magnitude_bins, x.shape[-2], x.shape[-1])
+        m = 0.0 if m is None else float(m[self.t.magnitude]) * (-1 if group % 2 else 1)
+        return self.t._apply_image_or_video_transform(x, name, m, interpolation=self.t.interpolation, fill=self.t._fill)
+
+    def apply(self, x, rows, meta):
+        u8 = x.round().clamp(0, 255).to(torch.uint8)  # v2's ops take and give uint8, as between v2 transforms
+        for _ in range(self.t.num_ops):
+            order, sizes = next(rows).long(), next(meta)
+            grouped, start, parts = u8[order], 0, []
+            for group, size in enumerate(sizes):
+                if size:
+                    parts.append(self._op(group, grouped[start : start + size]))
+                    start += size
+            u8 = torch.empty_like(u8)
+            u8[order] = torch.cat(parts)
+        return u8.float()
+
+
+class _Erase(Op):
+    """v2's RandomErasing with a box drawn per image as v2 draws it (chance ``p``; up to 10 tries at an area
+    and aspect ratio that fit; none if all fail), filled with its constant value."""
+
+    def __init__(self, t: v2.RandomErasing, value: torch.Tensor):
+        self.t, self.value = t, value
+
+    def draw(self, n, h, w, g, rows, meta):
+        t, tries = self.t, 10
+        area = h * w * _uniform(n * tries, t.scale[0], t.scale[1], g).view(n, tries)
+        aspect = torch.exp(_uniform(n * tries, float(t._log_ratio[0]), float(t._log_ratio[1]), g)).view(n, tries)
+        bh, bw = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()
+        fits = (bh < h) & (bw < w)
+        first = torch.where(fits.any(1), fits.float().argmax(1), -1)  # the first try that fits, as v2's loop
+        pick = first.clamp_min(0).view(-1, 1)
+        bh, bw = bh.gather(1, pick).squeeze(1), bw.gather(1, pick).squeeze(1)
+        erase = (torch.rand(n, generator=g) < t.p) & (first >= 0)
+        i = torch.floor(torch.rand(n, generator=g) * (h - bh + 1))
+        j = torch.floor(torch.rand(n, generator=g) * (w - bw + 1))
+        rows.extend([i, j, torch.where(erase, bh, 0.0), torch.where(erase, bw, 0.0)])
+
+    def apply(self, x, rows, meta):
+        i, j, bh, bw = (next(rows).view(-1, 1, 1, 1) for _ in range(4))
+        ys = torch.arange(x.shape[-2], device=x.device, dtype=x.dtype).view(1, 1, -1, 1)
+        xs = torch.arange(x.shape[-1], device=x.device, dtype=x.dtype).view(1, 1, 1, -1)
+        inside = (ys >= i) & (ys < i + bh) & (xs >= j) & (xs < j + bw)
+        return torch.where(inside, self.value.to(x.device, x.dtype).view(1, -1, 1, 1), x)
+
+
+def _erase(t: v2.RandomErasing) -> Op | None:
+    """Batched when the fill is a constant a uint8 image holds exactly (v2 casts it into the image)."""
+    if t.value is None or any(v != int(v) or not 0 <= v <= 255 for v in t.value):
+        return None
+    return _Erase(t, torch.tensor(t.value, dtype=torch.float32))
+
+
 class _Seq(Op):
     def __init__(self, ops: list[Op]):
         self.ops = ops
@@ -344,6 +424,10 @@ def _batched(t: v2.Transform) -> Op | None:
         return _ColorJitter(t)
     if type(t) is v2.GaussianBlur:
         return _Blur(t)
+    if type(t) is v2.RandAugment:
+        return _RandAugment(t)
+    if type(t) is v2.RandomErasing:
+        return _erase(t)
     return None
 
 

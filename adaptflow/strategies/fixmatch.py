@@ -47,8 +47,8 @@ class FixMatch(Objective):
         if ctx.pool is None or len(ctx.pool) == 0:
             raise ValueError("fixmatch needs the unlabeled target pool")
         cfg = ctx.params.finetune.fixmatch
-        # Both views of the same pool batch, each with its own draws: the weak one (batched) on the device,
-        # the strong one (RandAugment: per image) on the host while the device trains.
+        # Both views of the same pool batch, each with its own draws, applied to the batch on the device
+        # (a strong pipeline without a batched form runs per image on the host, in the loader).
         strong = build_pipeline([t.model_dump() for t in cfg.strong])
         self.loss = PseudoLabelLoss(cfg.threshold)
         self.weight = cfg.weight

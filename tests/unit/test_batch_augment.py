@@ -96,8 +96,8 @@ def test_presets_are_batched():
 
 
 def test_transforms_without_a_batched_form_run_per_image():
-    pipe = build_pipeline([{"name": "RandomAffine", "degrees": 10}, {"name": "RandAugment", "num_ops": 2, "magnitude": 9},
-                           {"name": "RandomErasing", "p": 1.0, "scale": [0.1, 0.2], "value": 0}])
+    pipe = build_pipeline([{"name": "RandomAffine", "degrees": 10}, {"name": "TrivialAugmentWide"},
+                           {"name": "RandomErasing", "p": 1.0, "scale": [0.1, 0.2], "value": "random"}])
     aug = BatchAugment(pipe, 0)
     assert not aug.batched
     torch.manual_seed(0)
@@ -117,15 +117,16 @@ def test_per_image_transforms_seed_only_the_cpu_generator(monkeypatch):
     # step's own random draws (dropout) at arbitrary moments
     seeded = []
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: seeded.append(s))
-    BatchAugment(build_pipeline([{"name": "RandAugment", "num_ops": 2, "magnitude": 9}]), 0)(BATCH)
+    aug = BatchAugment(build_pipeline([{"name": "TrivialAugmentWide"}]), 0)
+    assert not aug.batched
+    aug(BATCH)
     assert seeded == []
 
 
 def test_per_image_transforms_repeat_when_loaders_run_them_at_once():
     # two loader threads share torch's global generator: each batch's fork → seed → transform → restore
     # runs whole, so every thread gets what it would get alone
-    pipe = build_pipeline([{"name": "RandAugment", "num_ops": 2, "magnitude": 9},
-                           {"name": "RandomErasing", "p": 0.5, "scale": [0.1, 0.2], "value": 0}])
+    pipe = build_pipeline([{"name": "AutoAugment"}, {"name": "RandomErasing", "p": 0.5, "scale": [0.1, 0.2], "value": "random"}])
 
     def run(seed: int) -> list[torch.Tensor]:
         aug = BatchAugment(pipe, seed)
@@ -135,6 +136,73 @@ def test_per_image_transforms_repeat_when_loaders_run_them_at_once():
     with ThreadPoolExecutor(2) as ex:
         together = dict(zip((1, 2), ex.map(run, (1, 2))))
     assert all(torch.equal(a, b) for s in (1, 2) for a, b in zip(alone[s], together[s]))
+
+
+def _groups(draws, rounds: int, n: int) -> list[list[int]]:
+    """Each round's (op, sign) group per image, decoded from the drawn permutation and group sizes."""
+    out = []
+    for r in range(rounds):
+        order, sizes = draws.rows[r].long(), draws.meta[r]
+        group = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        per_image = torch.empty(n, dtype=torch.long)
+        per_image[order] = group
+        out.append(per_image.tolist())
+    return out
+
+
+@pytest.mark.parametrize("shape", [(40, 3, 20, 24), (40, 1, 16, 16)])
+def test_rand_augment_gives_each_image_v2s_ops_for_its_draws(shape):
+    # reference: image by image, v2's RandAugment op for that image's drawn op and sign, round after round
+    t = v2.RandAugment(num_ops=2, magnitude=10)
+    aug = BatchAugment(t, 3)
+    assert aug.batched
+    x = torch.randint(0, 256, shape, dtype=torch.uint8)
+    draws = aug.draw(*x.shape[:1], *x.shape[-2:])
+    out = aug.apply(x, draws)
+    space = list(t._AUGMENTATION_SPACE.items())
+    want = x.clone()
+    for groups in _groups(draws, 2, len(x)):
+        for k, g in enumerate(groups):
+            name, (magnitudes, signed) = space[g // 2]
+            m = magnitudes(t.num_magnitude_bins, shape[-2], shape[-1])
+            m = 0.0 if m is None else float(m[t.magnitude]) * (-1 if g % 2 else 1)
+            assert signed or g % 2 == 0
+            want[k] = t._apply_image_or_video_transform(want[k], name, m, interpolation=t.interpolation, fill=t._fill)
+    assert torch.equal(out, want)
+
+
+def test_rand_augment_draws_every_op_and_both_signs_evenly():
+    t = v2.RandAugment(num_ops=1)
+    draws = BatchAugment(t, 0).draw(14_000, 8, 8)
+    sizes = torch.tensor(draws.meta[0], dtype=torch.float32).view(-1, 2)
+    signed = torch.tensor([s for _, (_, s) in t._AUGMENTATION_SPACE.items()])
+    per_op = sizes.sum(1)
+    assert (per_op - 1000).abs().max() < 150  # 14 ops, uniform (±4.7 σ)
+    assert torch.all(sizes[~signed, 1] == 0)  # an unsigned op is never negated
+    assert ((sizes[signed, 1] / per_op[signed]) - 0.5).abs().max() < 0.08
+
+
+def test_random_erasing_erases_v2s_box_for_its_draws():
+    t = v2.RandomErasing(p=0.7, scale=(0.05, 0.3), ratio=(0.3, 3.3), value=7)
+    aug = BatchAugment(t, 0)
+    assert aug.batched
+    x = torch.randint(0, 256, (400, 3, 12, 16), dtype=torch.uint8)
+    draws = aug.draw(len(x), 12, 16)
+    out = aug.apply(x, draws)
+    i, j, h, w = (r.long() for r in draws.rows)
+    want = torch.stack([TF.erase(img, int(a), int(b), int(c), int(d), torch.tensor([7.0]).view(1, 1, 1)) if c else img
+                        for img, a, b, c, d in zip(x, i, j, h, w)])
+    assert torch.equal(out, want)
+    erased = h > 0
+    assert 0.6 < erased.float().mean() < 0.8  # p = 0.7 (almost every draw fits in 10 tries)
+    area = (h * w)[erased].float() / (12 * 16)
+    assert area.min() >= 0.02 and area.max() <= 0.4  # scale (0.05, 0.3), up to rounding of the sides
+    assert torch.all((i + h <= 12) & (j + w <= 16))
+
+
+def test_random_erasing_with_noise_stays_per_image():
+    assert not BatchAugment(v2.RandomErasing(value="random"), 0).batched
+    assert not BatchAugment(v2.RandomErasing(value=0.5), 0).batched  # not a uint8 value
 
 
 def test_rejects_float_images():
@@ -178,7 +246,7 @@ def test_downsample_computes_only_the_sides_drawn():
 
 
 def test_draw_needs_a_batched_pipeline():
-    aug = BatchAugment(build_pipeline([{"name": "RandomErasing", "p": 1.0}]), 0)
+    aug = BatchAugment(build_pipeline([{"name": "RandomErasing", "p": 1.0, "value": "random"}]), 0)
     with pytest.raises(ValueError, match="batched"):
         aug.draw(2, 20, 20)
 
