@@ -60,9 +60,14 @@ def run(
     _setup_logging(verbose)
     overrides = list(set_ or []) + _orchestrate_overrides(task_runner or ("dask" if dask_address else None), max_workers, dask_address)
     p = _load(params, overrides)  # fail on a bad params value before Prefect starts
+    from adaptflow.stages import ingest
+
+    with _bad_input_exits():
+        ingest.check_domains(p, Path.cwd())  # and on a missing data path
     from flows.transfer_pipeline import run_pipeline
 
     api_ready()
+    _bad_input_without_traceback(("prefect.task_runs", "prefect.flow_runs"))
     with _bad_input_exits():
         result = run_pipeline(params_path=str(params), overrides=overrides, root=str(Path.cwd()))
     typer.echo("")
@@ -75,16 +80,38 @@ def run(
 
 @contextlib.contextmanager
 def _bad_input_exits() -> Iterator[None]:
-    """Bad input (corrupt or missing data, too few images: a ``DataError``) ends the command with its
-    message and exit status 2, not a traceback; nothing partial was kept (stages write atomically)."""
+    """Bad input (corrupt or missing data, too few images: a ``DataError``; an upstream stage's output not
+    there yet: ``MissingOutput``) ends the command with its message and exit status 2, not a traceback;
+    nothing partial was kept (stages write atomically)."""
     from adaptflow.data.files import DataError
+    from adaptflow.outputs import MissingOutput
 
     try:
         yield
-    except DataError as exc:
+    except (DataError, MissingOutput) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         _exit_now(2)
         raise typer.Exit(2) from None
+
+
+class _NoBadInputTraceback(logging.Filter):
+    """An orchestrator's log record of a failure from bad input keeps its message, not the traceback: the
+    command ends with the error's own ``error:`` line (:func:`_bad_input_exits`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from adaptflow.data.files import DataError
+        from adaptflow.outputs import MissingOutput
+
+        if record.exc_info and isinstance(record.exc_info[1], (DataError, MissingOutput)):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _bad_input_without_traceback(loggers: tuple[str, ...]) -> None:
+    for name in loggers:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoBadInputTraceback) for f in logger.filters):
+            logger.addFilter(_NoBadInputTraceback())
 
 
 def _exit_now(code: int) -> None:
@@ -105,6 +132,20 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
+def _check_stage_options(name: str, p: params_mod.Params, role: Optional[str], strategy: Optional[str], seed: Optional[int]) -> None:
+    """``stage``'s options, checked before any work: each belongs to one stage and names what params hold."""
+    given = {"--role": (role, "ingest"), "--strategy": (strategy, "finetune"), "--seed": (seed, "finetune")}
+    for flag, (value, owner) in given.items():
+        if value is not None and name != owner:
+            raise ValueError(f"{flag} is for the {owner} stage, not {name}")
+    if role is not None and role not in params_mod.ROLES:
+        raise ValueError(f"--role: {role!r} is not one of {', '.join(params_mod.ROLES)}")
+    if strategy is not None and strategy not in p.finetune.strategies:
+        raise ValueError(f"--strategy: {strategy!r} is not in finetune.strategies ({', '.join(p.finetune.strategies)})")
+    if seed is not None and seed not in p.finetune.seeds:
+        raise ValueError(f"--seed: {seed} is not in finetune.seeds ({', '.join(map(str, p.finetune.seeds))})")
+
+
 @app.command()
 def stage(
     name: str = typer.Argument(..., help="ingest | augment | pretrain | cache_features | finetune | evaluate | register"),
@@ -122,6 +163,7 @@ def stage(
     p = _load(params, set_)
     try:
         fn = stages.get(name)
+        _check_stage_options(name, p, role, strategy, seed)
     except ValueError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
@@ -154,6 +196,7 @@ def deploy(
 
     parameters = {"params_path": str(params), "overrides": list(set_ or []), "root": str(Path.cwd()) if serve else "."}
     try:
+        scheduled.schedule(p, cron)
         scheduled.require_server()
         if serve:
             typer.echo(f"serving scheduled_pipeline/{name} ({cron or p.orchestrate.cron}, {p.orchestrate.timezone}); Ctrl-C stops it")
@@ -182,13 +225,30 @@ def _expand(paths: list[Path]) -> list[Path]:
     return out
 
 
+def _readable(files: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The files that decode as images (as the served model decodes them), and the others with the reason."""
+    from PIL import Image
+
+    from adaptflow import imaging
+
+    good, bad = [], []
+    for f in files:
+        try:
+            imaging.to_pil(f)
+            good.append(f)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            bad.append((f, f"not a readable image ({type(exc).__name__}: {exc})"))
+    return good, bad
+
+
 @app.command()
 def predict(
     paths: list[Path] = typer.Argument(..., help="image files and/or folders of images"),
     model: str = typer.Option(..., "--model", "-m", help="model URI, e.g. models:/adaptflow-uci_digits@champion"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write a CSV: path, label, confidence, proba_<class>..."),
 ) -> None:
-    """Print one predicted label per image (path<TAB>label<TAB>confidence)."""
+    """Print one predicted label per image (path<TAB>label<TAB>confidence). A file that is not a readable
+    image is skipped and listed, with its reason, on stderr; the others are predicted."""
     import pandas as pd
 
     from adaptflow import tracking
@@ -200,6 +260,12 @@ def predict(
     files = _expand(paths)
     if not files:
         typer.secho(f"error: no image files ({', '.join(IMAGE_SUFFIXES)}) under {', '.join(map(str, paths))}", fg="red", err=True)
+        raise typer.Exit(2)
+    files, unreadable = _readable(files)
+    for p, why in unreadable:
+        typer.secho(f"skipped {p}: {why}", fg="yellow", err=True)
+    if not files:
+        typer.secho(f"error: none of the {len(unreadable)} file(s) is a readable image", fg="red", err=True)
         raise typer.Exit(2)
     tracking.configure(Path.cwd())
     try:
@@ -254,6 +320,9 @@ def registry_history(
         typer.echo(json.dumps([{**asdict(m), "iso_time": m.iso_time} for m in moves], indent=2))
         return
     if not moves:
+        if not tracking.model_aliases(name):
+            typer.secho(f"error: {name}: no such registered model, or it has no aliases", fg="red", err=True)
+            raise typer.Exit(2)
         typer.echo(f"{name}: no recorded alias moves")
         return
     for m in moves:

@@ -70,11 +70,15 @@ def read_manifest(directory: Path) -> dict | None:
         return None
 
 
+class MissingOutput(FileNotFoundError):
+    """A stage's input is not there, or not complete: the stage that writes it has to run first."""
+
+
 def digest(directory: Path) -> str:
-    """The content digest of a complete output; raises if the output is missing or incomplete."""
+    """The content digest of a complete output; raises :class:`MissingOutput` if it is missing or incomplete."""
     m = read_manifest(directory)
     if m is None:
-        raise FileNotFoundError(f"{directory}: no complete stage output here (run the upstream stage first)")
+        raise MissingOutput(f"{directory}: no complete stage output here (run the upstream stage first)")
     return m["digest"]
 
 

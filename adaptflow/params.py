@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import warnings
+import zoneinfo
 from pathlib import Path
 from typing import Any, Literal
 
@@ -267,8 +268,19 @@ class Evaluate(_Section):
 
 
 class Register(_Section):
-    model_name: str = "adaptflow-{target}"
+    model_name: str = Field("adaptflow-{target}", description="the registered model's name; {target}: the target domain")
     margin: float = Field(0.0, ge=0, le=1, description="accuracy the candidate must beat each baseline by")
+
+    @field_validator("model_name")
+    @classmethod
+    def _registry_name(cls, v: str) -> str:
+        try:
+            name = v.format(target="t")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"{v!r}: the one placeholder a model name takes is {{target}} ({type(exc).__name__}: {exc})") from None
+        if not name.strip() or "/" in name or ":" in name:  # the registry's rule (models:/NAME@alias)
+            raise ValueError(f"{v!r} is not a registry name: it must be non-empty and hold no '/' or ':'")
+        return v
 
 
 TASK_RUNNERS = ("sequential", "threads", "processes", "dask")
@@ -289,6 +301,15 @@ class Orchestrate(_Section):
     timezone: str = "UTC"
     work_pool: str = Field("adaptflow", description="the Prefect work pool `adaptflow deploy` registers the deployment with")
     dvc_commit: bool = Field(True, description="after a Prefect run in a DVC repo, `dvc commit` its outputs so dvc.lock agrees")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, v: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(v)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{v!r} is not a time zone (an IANA name, e.g. UTC or Europe/Berlin)") from None
+        return v
 
     @field_validator("cron")
     @classmethod
@@ -373,6 +394,24 @@ def _format(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping (plain YAML keeps the last one, silently)."""
+
+
+def _mapping_once(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    lines: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in lines:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice (lines {lines[key]} and "
+                                                    f"{key_node.start_mark.line + 1}): keep one", key_node.start_mark)
+        lines[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_once)
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`finetune.lr=0.01` → (["finetune", "lr"], 0.01); the value is read as YAML."""
     if "=" not in item:
@@ -413,7 +452,7 @@ def load(path: str | Path = "params.yaml", overrides: list[str] | None = None) -
     if not path.is_file():
         raise ParamsError(f"{path}: no such params file (run from the project root or pass --params)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeys) or {}
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):

@@ -50,17 +50,33 @@ def scheduled_pipeline(params_path: str = "params.yaml", overrides: list[str] | 
     return {"incoming": new, "register": reg}
 
 
-def _schedule(params: Params, cron: str | None) -> Cron:
-    return Cron(cron or params.orchestrate.cron, timezone=params.orchestrate.timezone)
+def schedule(params: Params, cron: str | None = None) -> Cron:
+    """The deployment's schedule: ``cron`` (the ``--cron`` flag) or ``orchestrate.cron``, in
+    ``orchestrate.timezone``. A cron Prefect cannot read is a RuntimeError naming where it came from."""
+    expr = cron or params.orchestrate.cron
+    try:
+        return Cron(expr, timezone=params.orchestrate.timezone)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        where = "--cron" if cron else "orchestrate.cron"
+        raise RuntimeError(f"{where}: {expr!r} is not a cron schedule Prefect can read "
+                           f"(minute hour day month weekday, e.g. '0 2 * * *'): {str(exc).splitlines()[-1].strip()}") from None
 
 
 def require_server() -> None:
-    """Schedules live on a Prefect server: the ephemeral API has no scheduler, so nothing would ever run."""
+    """Schedules live on a Prefect server: the ephemeral API has no scheduler, so nothing would ever run.
+    The server at ``PREFECT_API_URL`` must answer its health check."""
+    from prefect import get_client
     from prefect.settings import PREFECT_API_URL
 
-    if not PREFECT_API_URL.value():
+    url = PREFECT_API_URL.value()
+    if not url:
         raise RuntimeError("a schedule lives on a Prefect server, and PREFECT_API_URL is not set: start one "
                            "(`prefect server start --host 127.0.0.1`) and `export PREFECT_API_URL=http://127.0.0.1:4200/api`")
+    with get_client(sync_client=True) as client:
+        failed = client.api_healthcheck()
+    if failed is not None:
+        raise RuntimeError(f"no Prefect server answers at PREFECT_API_URL={url} ({type(failed).__name__}: {failed}): "
+                           "start one (`prefect server start --host 127.0.0.1`) or point PREFECT_API_URL at one")
 
 
 def ensure_work_pool(name: str) -> None:
@@ -79,15 +95,17 @@ def ensure_work_pool(name: str) -> None:
 
 def deploy(params: Params, root: Path, parameters: dict, name: str = DEPLOYMENT, cron: str | None = None, pool: str | None = None) -> str:
     """Register the scheduled deployment (code read from ``root`` by a process worker); returns its id."""
+    when = schedule(params, cron)
     require_server()
     pool = pool or params.orchestrate.work_pool
     ensure_work_pool(pool)
     source = scheduled_pipeline.from_source(source=str(Path(root).resolve()), entrypoint=ENTRYPOINT)
-    return str(source.deploy(name=name, work_pool_name=pool, schedules=[_schedule(params, cron)], parameters=parameters,
+    return str(source.deploy(name=name, work_pool_name=pool, schedules=[when], parameters=parameters,
                              description=scheduled_pipeline.__doc__, tags=["adaptflow"], print_next_steps=False))
 
 
 def serve(params: Params, parameters: dict, name: str = DEPLOYMENT, cron: str | None = None) -> None:
     """Serve the schedule from this process until interrupted (runs start as subprocesses)."""
+    when = schedule(params, cron)
     require_server()
-    scheduled_pipeline.serve(name=name, schedules=[_schedule(params, cron)], parameters=parameters, tags=["adaptflow"])
+    scheduled_pipeline.serve(name=name, schedules=[when], parameters=parameters, tags=["adaptflow"])

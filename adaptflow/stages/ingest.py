@@ -198,6 +198,38 @@ def write_report(params: Params, root: Path, role: str, card: dict) -> Path:
     return path
 
 
+def _check_decoded(dec, domain, index: np.ndarray, labels: np.ndarray, params: Params, role: str) -> np.ndarray:
+    """After decoding: enough usable images for the splits (raises ``DataError``); returns each image's split."""
+    lost: dict[str, Counter] = {}
+    for it in dec.quarantined:
+        lost.setdefault(it["class"], Counter())["quarantined"] += 1
+    for it in dec.duplicates:
+        lost.setdefault(it["class"], Counter())["duplicates removed"] += 1
+    if not len(index):
+        reasons = Counter(q["reason"].split(":")[0] for q in dec.quarantined).most_common(3)
+        raise DataError(f"{role}.domain: no usable images in {getattr(params, role).domain} ({len(dec.quarantined)} quarantined: "
+                        f"{dict(reasons)}); check the files are images Pillow can read")
+    if domain.splits is not None:
+        split = domain.splits[index].astype(object)
+        _given_splits(split, labels, domain.classes, params, role)
+        return split
+    check_class_sizes({c: int((labels == i).sum()) for i, c in enumerate(domain.classes)}, params, role, lost)
+    return stratified_split(labels, _fractions(params, role), seed=params.seed)
+
+
+def _failed_path(report: Path) -> Path:
+    return report.with_name(report.stem + ".failed.json")
+
+
+def _failed_report(params: Params, root: Path, role: str, dec, domain, exc: DataError) -> Path:
+    """A failed ingest's own report beside the report of the store it left in place: the error and every
+    quarantined and ignored file, with its reason."""
+    path = _failed_path(report_path(params, root, role))
+    outputs.atomic_write_text(path, json.dumps({"role": role, "domain": getattr(params, role).domain, "error": str(exc),
+                                                "quarantined": dec.quarantined, "ignored": domain.ignored}, indent=2))
+    return path
+
+
 def open_role(params: Params, root: Path, role: str):
     """The role's domain, checked (opening reads no image: listing and fingerprinting only)."""
     check_domains(params, root)
@@ -242,21 +274,12 @@ def run(params: Params, root: Path = Path("."), role: str = "target") -> dict:
             raise
         index = np.array(dec.index, dtype=np.int64)
         labels = domain.labels[index]
-        lost: dict[str, Counter] = {}
-        for it in dec.quarantined:
-            lost.setdefault(it["class"], Counter())["quarantined"] += 1
-        for it in dec.duplicates:
-            lost.setdefault(it["class"], Counter())["duplicates removed"] += 1
-        if not len(index):
-            reasons = Counter(q["reason"].split(":")[0] for q in dec.quarantined).most_common(3)
-            raise DataError(f"{role}.domain: no usable images in {spec.domain} ({len(dec.quarantined)} quarantined: {dict(reasons)}); check the files are images Pillow can read")
-
-        if domain.splits is not None:
-            split = domain.splits[index].astype(object)
-            _given_splits(split, labels, domain.classes, params, role)
-        else:
-            check_class_sizes({c: int((labels == i).sum()) for i, c in enumerate(domain.classes)}, params, role, lost)
-            split = stratified_split(labels, _fractions(params, role), seed=params.seed)
+        try:
+            split = _check_decoded(dec, domain, index, labels, params, role)
+        except DataError as exc:  # what was quarantined is listed even though nothing is stored
+            failed = _failed_report(params, root, role, dec, domain, exc)
+            _log_items(role, "quarantined", dec.quarantined, failed)
+            raise DataError(f"{exc} (quarantined and ignored files: {failed})") from None
         labeled = np.zeros(len(labels), dtype=bool)
         if role == "target" and params.target.k > 0:
             labeled = k_shot(labels, split == "train", params.target.k, seed=params.seed)
@@ -302,6 +325,7 @@ def run(params: Params, root: Path = Path("."), role: str = "target") -> dict:
         }
         store.write_tables(tmp, meta, card)
     report = write_report(params, root, role, card)
+    _failed_path(report).unlink(missing_ok=True)  # an earlier failure's list no longer applies
     _log_items(role, "quarantined", dec.quarantined, report)
     _log_items(role, "ignored", domain.ignored, report)
     log.info("ingest %s: %d images of %s → %s (%d quarantined, %d duplicates removed, %d ignored; report %s)", role, len(labels), spec.domain, out,

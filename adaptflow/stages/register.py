@@ -142,7 +142,7 @@ def _read_evaluation(ev_dir: Path) -> dict:
     """evaluate's full record (``evaluation.json``)."""
     path = ev_dir / "evaluation.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (run the evaluate stage first)")
+        raise outputs.MissingOutput(f"{path}: missing (run the evaluate stage first)")
     return json.loads(path.read_text())
 
 

@@ -93,9 +93,12 @@ def test_predict_cli_takes_a_folder_and_writes_csv(flow_project, tmp_path):
     (tmp_path / "pngs" / "nested").mkdir()
     Path(paths[0]).rename(tmp_path / "pngs" / "nested" / "first.png")
     (tmp_path / "pngs" / "notes.txt").write_text("not an image")
+    (tmp_path / "pngs" / "corrupt.png").write_text("not an image either")  # an image's name, not its bytes
     name = json.loads((root / "reports" / "registry.json").read_text())["model_name"]
     csv = tmp_path / "out" / "pred.csv"
-    out = run([str(BIN / "adaptflow"), "predict", "-m", f"models:/{name}@champion", str(tmp_path / "pngs"), "-o", str(csv)], root).stdout
+    proc = run([str(BIN / "adaptflow"), "predict", "-m", f"models:/{name}@champion", str(tmp_path / "pngs"), "-o", str(csv)], root)
+    out = proc.stdout
+    assert f"skipped {tmp_path / 'pngs' / 'corrupt.png'}: not a readable image" in proc.stderr  # the others are predicted
     table = pd.read_csv(csv)
     assert len(table) == len(paths) == len([line for line in out.splitlines() if line.strip()])
     assert list(table.columns[:3]) == ["path", "label", "confidence"] and "proba_0" in table.columns

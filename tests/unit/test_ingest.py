@@ -148,11 +148,23 @@ def test_class_too_small_for_the_splits(tmp_path, folder):
     assert not (tmp_path / "data" / "ingested" / "target").exists()
 
 
-def test_class_emptied_by_quarantine_counts_what_was_lost(tmp_path, folder):
-    for p in sorted((folder / "2").iterdir())[4:]:
+def test_class_emptied_by_quarantine_counts_what_was_lost(tmp_path, folder, caplog):
+    broken = sorted((folder / "2").iterdir())[4:]
+    for p in broken:
         p.write_bytes(b"")
-    with pytest.raises(DataError, match=r"'2': 4 \(6 quarantined\)"):
+    with pytest.raises(DataError, match=r"'2': 4 \(6 quarantined\).*quarantined and ignored files: .*ingest_target\.failed\.json"):
         ingest.run(params(f"imagefolder:{folder}"), tmp_path, "target")
+    # nothing is stored, but every quarantined file is listed with its reason: in a report and on the console
+    failed = json.loads((tmp_path / "reports" / "ingest_target.failed.json").read_text())
+    assert sorted(Path(q["item"]).name for q in failed["quarantined"]) == sorted(p.name for p in broken)
+    assert all(q["reason"] for q in failed["quarantined"]) and "too few usable images" in failed["error"]
+    assert all(p.name in caplog.text for p in broken)
+    assert not (tmp_path / "reports" / "ingest_target.json").exists()
+    # once the data is fixed, a successful ingest drops the stale list
+    make_imagefolder(folder, per_class=10, classes=4)  # as the fixture wrote it
+    ingest.run(params(f"imagefolder:{folder}"), tmp_path, "target")
+    assert (tmp_path / "reports" / "ingest_target.json").is_file()
+    assert not (tmp_path / "reports" / "ingest_target.failed.json").exists()
 
 
 def test_k_larger_than_a_class_allows(tmp_path, folder):

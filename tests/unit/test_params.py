@@ -39,6 +39,13 @@ def test_invalid_yaml_is_params_error(tmp_path):
         P.load(f)
 
 
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("finetune:\n  epochs: 3\n  lr: 0.01\n  epochs: 5\n")
+    with pytest.raises(P.ParamsError, match=r"key 'epochs' is given twice \(lines 2 and 4\)"):
+        P.load(f)
+
+
 @pytest.mark.parametrize("override, key", [("foo=1", "foo"), ("finetune.lrr=0.1", "finetune.lrr"), ("target.kk=3", "target.kk"),
                                            ("register.marg=0.1", "register.marg")])
 def test_unknown_key_names_dotted_key(params_path, override, key):
@@ -74,6 +81,11 @@ def test_unknown_key_in_file(tmp_path):
         ("pretrain.model=resnet_does_not_exist", "pretrain.model"),
         ("register.margin=2", "register.margin"),
         ("augment.preview_n=0", "augment.preview_n"),
+        ("register.model_name=x-{tgt}", "register.model_name"),  # only {target}
+        ("register.model_name=my model/{target}", "register.model_name"),  # the registry refuses '/' and ':'
+        ("register.model_name=a:{target}", "register.model_name"),
+        ("register.model_name=' '", "register.model_name"),
+        ("orchestrate.timezone=Mars/Olympus", "orchestrate.timezone"),
     ],
 )
 def test_bad_value_names_key(params_path, override, key):

@@ -1,0 +1,55 @@
+"""The command line's answers to wrong input: one ``error:`` line, exit status 2, no traceback, no work."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from adaptflow.cli import app
+
+PARAMS = str(Path(__file__).resolve().parents[2] / "params.yaml")
+
+
+def _invoke(args: list[str]):
+    res = CliRunner().invoke(app, args)
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
+    return res
+
+
+@pytest.mark.parametrize("args, message", [
+    (["stage", "ingest", "--role", "both"], "--role: 'both' is not one of source, target"),
+    (["stage", "finetune", "--strategy", "oracle"], "--strategy: 'oracle' is not in finetune.strategies"),
+    (["stage", "finetune", "--seed", "7"], "--seed: 7 is not in finetune.seeds"),
+    (["stage", "augment", "--seed", "0"], "--seed is for the finetune stage, not augment"),
+    (["stage", "augment"], "data/ingested/source: no complete stage output here (run the upstream stage first)"),
+    (["stage", "register"], "no complete stage output here (run the upstream stage first)"),
+])
+def test_stage_refuses_what_it_cannot_run(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    res = _invoke(args + ["--params", PARAMS])
+    assert res.exit_code == 2
+    assert message in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()  # nothing written
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_deploy_checks_the_schedule_and_the_server_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    res = _invoke(["deploy", "--cron", "every day", "--params", PARAMS])
+    assert res.exit_code == 2 and "--cron: 'every day' is not a cron schedule" in res.output
+    res = _invoke(["deploy", "--set", "orchestrate.cron=a b c d e", "--params", PARAMS])
+    assert res.exit_code == 2 and "orchestrate.cron: 'a b c d e' is not a cron schedule" in res.output
+    from prefect.settings import PREFECT_API_URL, temporary_settings  # read once by Prefect: set, not exported
+
+    with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{_closed_port()}/api"}):
+        res = _invoke(["deploy", "--params", PARAMS])
+    assert res.exit_code == 2 and "no Prefect server answers at PREFECT_API_URL" in res.output
