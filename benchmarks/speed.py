@@ -12,6 +12,7 @@ device named. Without a GPU it runs on the CPU and says so.
     python benchmarks/speed.py --quick                    # CPU, a few minutes
     python benchmarks/speed.py --compile --out benchmarks/results/speed_h100   # a GPU: resnet18/50 at 224, resnet10t at 32
     python benchmarks/speed.py --cpu-part --out benchmarks/results/speed_cpu   # make run cold/warm, ingest + cache_features at N
+    python benchmarks/speed.py --augment --out benchmarks/results/speed_augment_cpu   # strong augmentation, batched vs per image
 
 Images are stored as ingest writes them (``--store-size``, default 64 px; uint8) and resized to the model's
 side on the device, inside the compiled function when compiling.
@@ -323,6 +324,43 @@ def cpu_markdown(res: dict, device: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def augment_part(device: torch.device, repeats: int = 20) -> dict:
+    """FixMatch's default strong view (params.yaml: RandAugment + RandomErasing) on uint8 batches already on
+    ``device``: batched (:class:`BatchAugment`, per-image draws) against v2 image by image, the way a
+    pipeline without a batched form runs. Milliseconds per batch, after warm-up."""
+    from adaptflow.data.batch_augment import BatchAugment
+    from adaptflow.params import load
+
+    specs = [t.model_dump() for t in load(HERE.parent / "params.yaml").finetune.fixmatch.strong]
+    pipe = build_pipeline(specs)
+    rows = []
+    for n, c, side in [(64, 1, 32), (64, 3, 32), (256, 3, 64), (256, 3, 224)]:
+        x = torch.randint(0, 256, (n, c, side, side), dtype=torch.uint8, device=device)
+        aug = BatchAugment(pipe, 0)
+        assert aug.batched, specs
+        per_image = lambda: torch.stack([pipe(img) for img in x])  # noqa: E731
+        row = {"batch": n, "channels": c, "side": side}
+        for key, fn in (("batched_ms", lambda: aug(x)), ("per_image_ms", per_image)):
+            for _ in range(3):
+                fn()
+            row[key] = 1000 * timed(lambda: [fn() for _ in range(repeats)], device) / repeats
+        row["speedup"] = row["per_image_ms"] / row["batched_ms"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"pipeline": specs, "rows": rows}
+
+
+def augment_markdown(res: dict, device: str) -> str:
+    lines = [f"# Augmentation on the device: batched vs image by image ({device})", "",
+             f"FixMatch's strong view from params.yaml: `{res['pipeline']}`, on uint8 batches already on the device;",
+             "milliseconds per batch (lower is better), mean of 20 after 3 warm-up calls.", "",
+             "| batch | channels | side | batched ms | image by image ms | speed-up |", "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['batch']} | {r['channels']} | {r['side']} | {r['batched_ms']:.1f} | {r['per_image_ms']:.1f} | {r['speedup']:.1f}× |")
+    lines += ["", "`python benchmarks/speed.py --augment --out benchmarks/results/speed_augment_<device>`"]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--_ingest":
         return _ingest_one(int(sys.argv[2]), Path(sys.argv[3]))
@@ -347,17 +385,20 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile")
     ap.add_argument("--cpu-part", nargs="*", type=int, metavar="N", default=None,
                     help="instead: the CPU figures (adaptflow run cold/warm, ingest + cache_features at these N; default 10000 50000 200000)")
+    ap.add_argument("--augment", action="store_true", help="instead: FixMatch's strong augmentation, batched vs image by image")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "speed")
     args = ap.parse_args()
     rt = runtime()
     device = torch.cuda.get_device_name(0) if rt.cuda else f"CPU ({os.cpu_count()} cores, no GPU)"
     print(f"device: {device}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    if args.cpu_part is not None:
-        res = cpu_part(args.cpu_part or [10_000, 50_000, 200_000])
+    part = (lambda: (augment_part(rt.device), augment_markdown)) if args.augment else \
+        (lambda: (cpu_part(args.cpu_part or [10_000, 50_000, 200_000]), cpu_markdown)) if args.cpu_part is not None else None
+    if part is not None:  # a part of its own: measured, written to <out>.json and <out>.md
+        res, markdown = part()
         res["meta"] = {"device": device, "torch": torch.__version__, "machine": platform.platform()}
         args.out.with_suffix(".json").write_text(json.dumps(res, indent=2))
-        md = cpu_markdown(res, device)
+        md = markdown(res, device)
         args.out.with_suffix(".md").write_text(md)
         print(md)
         return

@@ -44,9 +44,19 @@ Rows = Iterator[torch.Tensor]  # per-image float parameters, each of length N, i
 Meta = Iterator[Any]  # per-batch host values (e.g. ColorJitter's order), in draw order
 
 
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float()  # no copy when it already is
+
+
+def _as_uint8(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.uint8 else x.round().clamp_(0, 255).to(torch.uint8)
+
+
 class Op:
     """One batched transform: ``draw`` appends its parameters for N images of H×W (rows of length N, and
-    host values) in a fixed order; ``apply`` consumes them in that order on a float batch in [0, 255]."""
+    host values) in a fixed order; ``apply`` consumes them in that order on a batch of values in [0, 255],
+    uint8 or float: an op that computes in float takes :func:`_as_float` of it, one that computes in uint8
+    (as v2 does) :func:`_as_uint8`, so a pipeline of uint8 ops never converts a large batch back and forth."""
 
     def draw(self, n: int, h: int, w: int, g: torch.Generator, rows: list, meta: list) -> None:
         pass
@@ -124,6 +134,7 @@ class _Affine(Op):
         rows.extend(affine_theta(angle, tx, ty, s, sx, sy, h, w).reshape(n, 6).T)
 
     def apply(self, x, rows, meta):
+        x = _as_float(x)
         theta = torch.stack([next(rows) for _ in range(6)], 1).view(-1, 2, 3)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode=self.mode, padding_mode="zeros", align_corners=False)
@@ -152,6 +163,7 @@ class _Downsample(Op):
 
     def apply(self, x, rows, meta):
         code, present = next(rows), next(meta)
+        x = _as_float(x) if present else x
         h, w = x.shape[-2:]
         out = x
         for j in present:
@@ -210,6 +222,7 @@ class _ColorJitter(Op):
 
     def apply(self, x, rows, meta):
         factors, order = [next(rows) for _ in self.steps], next(meta)
+        x = _as_float(x)
         for i in order:
             x = self.steps[i][1](x, factors[i])
         return x
@@ -234,6 +247,7 @@ class _Blur(Op):
         rows.extend(self._kernel(ky, sigma).T)
 
     def apply(self, x, rows, meta):
+        x = _as_float(x)
         kx, ky = self.t.kernel_size
         n, c, h, w = x.shape
         wx = torch.stack([next(rows) for _ in range(kx)], 1).repeat_interleave(c, 0).view(n * c, 1, 1, kx)
@@ -270,17 +284,16 @@ class _RandAugment(Op):
         return self.t._apply_image_or_video_transform(x, name, m, interpolation=self.t.interpolation, fill=self.t._fill)
 
     def apply(self, x, rows, meta):
-        u8 = x.round().clamp(0, 255).to(torch.uint8)  # v2's ops take and give uint8, as between v2 transforms
+        u8 = _as_uint8(x)  # v2's ops take and give uint8, as between v2 transforms
         for _ in range(self.t.num_ops):
             order, sizes = next(rows).long(), next(meta)
-            grouped, start, parts = u8[order], 0, []
+            grouped, out, start = u8.index_select(0, order), torch.empty_like(u8), 0
             for group, size in enumerate(sizes):
-                if size:
-                    parts.append(self._op(group, grouped[start : start + size]))
+                if size:  # each group's images straight back to their places
+                    out.index_copy_(0, order[start : start + size], self._op(group, grouped[start : start + size]))
                     start += size
-            u8 = torch.empty_like(u8)
-            u8[order] = torch.cat(parts)
-        return u8.float()
+            u8 = out
+        return u8
 
 
 class _Erase(Op):
@@ -306,10 +319,10 @@ class _Erase(Op):
 
     def apply(self, x, rows, meta):
         i, j, bh, bw = (next(rows).view(-1, 1, 1, 1) for _ in range(4))
-        ys = torch.arange(x.shape[-2], device=x.device, dtype=x.dtype).view(1, 1, -1, 1)
-        xs = torch.arange(x.shape[-1], device=x.device, dtype=x.dtype).view(1, 1, 1, -1)
-        inside = (ys >= i) & (ys < i + bh) & (xs >= j) & (xs < j + bw)
-        return torch.where(inside, self.value.to(x.device, x.dtype).view(1, -1, 1, 1), x)
+        ys = torch.arange(x.shape[-2], device=x.device, dtype=i.dtype).view(1, 1, -1, 1)
+        xs = torch.arange(x.shape[-1], device=x.device, dtype=i.dtype).view(1, 1, 1, -1)
+        inside = (ys >= i) & (ys < i + bh) & (xs >= j) & (xs < j + bw)  # N×1×H×W
+        return torch.where(inside, self.value.to(x.device, x.dtype).view(1, -1, 1, 1), x)  # in x's dtype
 
 
 def _erase(t: v2.RandomErasing) -> Op | None:
@@ -368,10 +381,10 @@ class _PerImage(Op):
         meta.append(int(torch.randint(2**62, (1,), generator=g)))
 
     def apply(self, x, rows, meta):
-        u8 = x.round().clamp(0, 255).to(torch.uint8)
+        u8 = _as_uint8(x)
         with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(next(meta))
-            return torch.stack([self.t(img) for img in u8]).float()
+            return torch.stack([self.t(img) for img in u8])
 
 
 def compile_ops(t: v2.Transform) -> tuple[list[Op], bool]:
@@ -458,8 +471,7 @@ class BatchAugment:
         if not self.ops or not len(x):
             return x
         self._check(x)
-        y = self._seq.apply(x.float(), iter(draws.rows), iter(draws.meta))
-        return y.round_().clamp_(0, 255).to(torch.uint8)
+        return _as_uint8(self._seq.apply(x, iter(draws.rows), iter(draws.meta)))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.ops or not len(x):
@@ -467,13 +479,13 @@ class BatchAugment:
         self._check(x)
         if self.batched:
             return self.apply(x, self.draw(*_nhw(x)).to(x.device))
-        y = x.float()
+        y = x
         for op in self.ops:  # drawn op by op: a per-image transform may change the size for the next
             rows: list[torch.Tensor] = []
             meta: list = []
             op.draw(*_nhw(y), self._g, rows, meta)
             y = op.apply(y, iter(r.to(y.device) for r in rows), iter(meta))
-        return y.round_().clamp_(0, 255).to(torch.uint8)
+        return _as_uint8(y)
 
     @staticmethod
     def _check(x: torch.Tensor) -> None:
