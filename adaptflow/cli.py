@@ -78,17 +78,22 @@ def run(
     _exit_now(0)
 
 
-@contextlib.contextmanager
-def _bad_input_exits() -> Iterator[None]:
-    """Bad input (corrupt or missing data, too few images: a ``DataError``; an upstream stage's output not
-    there yet: ``MissingOutput``) ends the command with its message and exit status 2, not a traceback;
-    nothing partial was kept (stages write atomically)."""
+def _bad_input() -> tuple[type[Exception], ...]:
+    """What bad input raises: corrupt or missing data, too few images (``DataError``); an upstream stage's
+    output not there yet (``MissingOutput``)."""
     from adaptflow.data.files import DataError
     from adaptflow.outputs import MissingOutput
 
+    return DataError, MissingOutput
+
+
+@contextlib.contextmanager
+def _bad_input_exits() -> Iterator[None]:
+    """Bad input (:func:`_bad_input`) ends the command with its message and exit status 2, not a traceback;
+    nothing partial was kept (stages write atomically)."""
     try:
         yield
-    except (DataError, MissingOutput) as exc:
+    except _bad_input() as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         _exit_now(2)
         raise typer.Exit(2) from None
@@ -99,10 +104,7 @@ class _NoBadInputTraceback(logging.Filter):
     command ends with the error's own ``error:`` line (:func:`_bad_input_exits`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from adaptflow.data.files import DataError
-        from adaptflow.outputs import MissingOutput
-
-        if record.exc_info and isinstance(record.exc_info[1], (DataError, MissingOutput)):
+        if record.exc_info and isinstance(record.exc_info[1], _bad_input()):
             record.exc_info, record.exc_text = None, None
         return True
 
@@ -196,13 +198,12 @@ def deploy(
 
     parameters = {"params_path": str(params), "overrides": list(set_ or []), "root": str(Path.cwd()) if serve else "."}
     try:
-        scheduled.schedule(p, cron)
-        scheduled.require_server()
+        when = scheduled.schedule(p, cron)  # checked, with its server, before any work
         if serve:
             typer.echo(f"serving scheduled_pipeline/{name} ({cron or p.orchestrate.cron}, {p.orchestrate.timezone}); Ctrl-C stops it")
-            scheduled.serve(p, parameters, name=name, cron=cron)
+            scheduled.serve(parameters, when, name=name)
             return
-        dep_id = scheduled.deploy(p, Path.cwd(), parameters, name=name, cron=cron, pool=pool)
+        dep_id = scheduled.deploy(p, Path.cwd(), parameters, when, name=name, pool=pool)
     except RuntimeError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None

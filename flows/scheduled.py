@@ -51,15 +51,18 @@ def scheduled_pipeline(params_path: str = "params.yaml", overrides: list[str] | 
 
 
 def schedule(params: Params, cron: str | None = None) -> Cron:
-    """The deployment's schedule: ``cron`` (the ``--cron`` flag) or ``orchestrate.cron``, in
+    """The deployment's schedule, checked before any work, with the server it will live on
+    (:func:`require_server`): ``cron`` (the ``--cron`` flag) or ``orchestrate.cron``, in
     ``orchestrate.timezone``. A cron Prefect cannot read is a RuntimeError naming where it came from."""
     expr = cron or params.orchestrate.cron
     try:
-        return Cron(expr, timezone=params.orchestrate.timezone)
+        when = Cron(expr, timezone=params.orchestrate.timezone)
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         where = "--cron" if cron else "orchestrate.cron"
         raise RuntimeError(f"{where}: {expr!r} is not a cron schedule Prefect can read "
                            f"(minute hour day month weekday, e.g. '0 2 * * *'): {str(exc).splitlines()[-1].strip()}") from None
+    require_server()
+    return when
 
 
 def require_server() -> None:
@@ -93,10 +96,9 @@ def ensure_work_pool(name: str) -> None:
             client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template()))
 
 
-def deploy(params: Params, root: Path, parameters: dict, name: str = DEPLOYMENT, cron: str | None = None, pool: str | None = None) -> str:
-    """Register the scheduled deployment (code read from ``root`` by a process worker); returns its id."""
-    when = schedule(params, cron)
-    require_server()
+def deploy(params: Params, root: Path, parameters: dict, when: Cron, name: str = DEPLOYMENT, pool: str | None = None) -> str:
+    """Register the scheduled deployment (code read from ``root`` by a process worker) on the schedule
+    ``when`` (from :func:`schedule`); returns its id."""
     pool = pool or params.orchestrate.work_pool
     ensure_work_pool(pool)
     source = scheduled_pipeline.from_source(source=str(Path(root).resolve()), entrypoint=ENTRYPOINT)
@@ -104,8 +106,7 @@ def deploy(params: Params, root: Path, parameters: dict, name: str = DEPLOYMENT,
                              description=scheduled_pipeline.__doc__, tags=["adaptflow"], print_next_steps=False))
 
 
-def serve(params: Params, parameters: dict, name: str = DEPLOYMENT, cron: str | None = None) -> None:
-    """Serve the schedule from this process until interrupted (runs start as subprocesses)."""
-    when = schedule(params, cron)
-    require_server()
+def serve(parameters: dict, when: Cron, name: str = DEPLOYMENT) -> None:
+    """Serve the schedule ``when`` (from :func:`schedule`) from this process until interrupted (runs start as
+    subprocesses)."""
     scheduled_pipeline.serve(name=name, schedules=[when], parameters=parameters, tags=["adaptflow"])

@@ -44,10 +44,6 @@ Rows = Iterator[torch.Tensor]  # per-image float parameters, each of length N, i
 Meta = Iterator[Any]  # per-batch host values (e.g. ColorJitter's order), in draw order
 
 
-def _as_float(x: torch.Tensor) -> torch.Tensor:
-    return x.float()  # no copy when it already is
-
-
 def _as_uint8(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.uint8 else x.round().clamp_(0, 255).to(torch.uint8)
 
@@ -55,8 +51,9 @@ def _as_uint8(x: torch.Tensor) -> torch.Tensor:
 class Op:
     """One batched transform: ``draw`` appends its parameters for N images of H×W (rows of length N, and
     host values) in a fixed order; ``apply`` consumes them in that order on a batch of values in [0, 255],
-    uint8 or float: an op that computes in float takes :func:`_as_float` of it, one that computes in uint8
-    (as v2 does) :func:`_as_uint8`, so a pipeline of uint8 ops never converts a large batch back and forth."""
+    uint8 or float: an op that computes in float takes ``x.float()`` (no copy when it is), one that computes
+    in uint8 (as v2 does) :func:`_as_uint8`, so a pipeline of uint8 ops never converts a large batch back and
+    forth."""
 
     def draw(self, n: int, h: int, w: int, g: torch.Generator, rows: list, meta: list) -> None:
         pass
@@ -134,7 +131,7 @@ class _Affine(Op):
         rows.extend(affine_theta(angle, tx, ty, s, sx, sy, h, w).reshape(n, 6).T)
 
     def apply(self, x, rows, meta):
-        x = _as_float(x)
+        x = x.float()
         theta = torch.stack([next(rows) for _ in range(6)], 1).view(-1, 2, 3)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode=self.mode, padding_mode="zeros", align_corners=False)
@@ -163,7 +160,7 @@ class _Downsample(Op):
 
     def apply(self, x, rows, meta):
         code, present = next(rows), next(meta)
-        x = _as_float(x) if present else x
+        x = x.float() if present else x
         h, w = x.shape[-2:]
         out = x
         for j in present:
@@ -222,7 +219,7 @@ class _ColorJitter(Op):
 
     def apply(self, x, rows, meta):
         factors, order = [next(rows) for _ in self.steps], next(meta)
-        x = _as_float(x)
+        x = x.float()
         for i in order:
             x = self.steps[i][1](x, factors[i])
         return x
@@ -247,7 +244,7 @@ class _Blur(Op):
         rows.extend(self._kernel(ky, sigma).T)
 
     def apply(self, x, rows, meta):
-        x = _as_float(x)
+        x = x.float()
         kx, ky = self.t.kernel_size
         n, c, h, w = x.shape
         wx = torch.stack([next(rows) for _ in range(kx)], 1).repeat_interleave(c, 0).view(n * c, 1, 1, kx)
