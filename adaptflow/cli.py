@@ -170,6 +170,7 @@ def stage(
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
     with _bad_input_exits(), orchestrate.project_lock(Path.cwd(), what=f"adaptflow stage {name}", timeout=p.orchestrate.lock_timeout):
+        orchestrate.check_upstream(name, p, Path.cwd(), **({"strategy": strategy, "seed": seed} if name == "finetune" else {}))
         if name == "ingest":
             for r in [role] if role else list(params_mod.ROLES):
                 fn(p, Path.cwd(), role=r)

@@ -114,6 +114,33 @@ def identity(stage: str, params: Params, root: Path, **which: object) -> Identit
     return _IDENTITY[stage](params, Path(root), **which)
 
 
+class InconsistentUpstream(outputs.MissingOutput):
+    """A stage's upstream output is complete but was not made from the current params: the stages above it
+    have to run again first."""
+
+
+def check_upstream(stage: str, params: Params, root: Path, **which: object) -> None:
+    """Before ``stage`` runs on its own (``adaptflow stage``, what DVC calls): refuse upstream outputs made
+    from params other than the current ones, or from an output that has changed since, all the way up.
+    ``which``: for finetune, ``strategy``/``seed`` narrow the runs checked. Raises :class:`InconsistentUpstream`
+    listing each difference, or :class:`MissingOutput` when an upstream output is not there."""
+    if stage == "ingest":  # reads raw data only
+        return
+    if stage == "finetune":
+        from adaptflow.stages import finetune
+
+        keys = [identity(stage, params, root, strategy=s, seed=k).key for s, k in finetune.selected(params, **which)]
+    else:
+        keys = [identity(stage, params, root).key]
+    problems: list[str] = []
+    for key in keys:
+        problems += [p for p in outputs.inconsistent_upstream(key, params.sections) if p not in problems]
+    if problems:
+        raise InconsistentUpstream(
+            f"{stage} would read outputs that the current params would not make:\n  " + "\n  ".join(problems)
+            + "\nrun the stages above it first (`dvc repro`, `adaptflow run`, or `adaptflow stage` for each)")
+
+
 def tracking_uri(root: Path) -> str:
     """The MLflow store register writes to (what ``tracking.configure`` picks), known without importing MLflow."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"

@@ -22,7 +22,7 @@ import time
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,94 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def input_key(stage: str, params_hash: str, upstream: list[Path] | None = None) -> str:
-    parts = [stage, params_hash, code_version()] + [digest(p) for p in upstream or []]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+def json_digest(value: object) -> str:
+    """A short content hash of a JSON-able value (key order does not count)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Key(str):
+    """A stage's input key — the string manifests and Prefect's cache compare — that also remembers what it
+    was computed from: the params sections' values and each upstream output with its digest. The manifest
+    records both, so a later stage run on its own can tell whether this output still follows from the
+    current params (:func:`inconsistent_upstream`)."""
+
+    params: dict
+    upstream: dict[Path, str]
+
+    def __new__(cls, value: str, params: dict, upstream: dict[Path, str]) -> "Key":
+        key = super().__new__(cls, value)
+        key.params, key.upstream = params, upstream
+        return key
+
+    def __reduce__(self):  # pickles (Prefect may) as what it is
+        return (Key, (str(self), self.params, self.upstream))
+
+
+def input_key(stage: str, params: dict | str, upstream: list[Path] | None = None, raw: str = "") -> Key:
+    """The key of ``stage`` given its params sections (:meth:`Params.sections`), its upstream outputs and
+    ``raw``, a fingerprint of raw data it reads. Raises :class:`MissingOutput` if an upstream is incomplete."""
+    digests = {Path(p): digest(p) for p in upstream or []}
+    section_hash = params if isinstance(params, str) else json_digest(params)
+    parts = [stage, section_hash + raw, code_version()] + list(digests.values())
+    value = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    return Key(value, params if isinstance(params, dict) else {}, digests)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+_ABSENT = object()
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it is below it (as params' paths are written)."""
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def inconsistent_upstream(key: Key, sections: Callable[..., dict]) -> list[str]:
+    """Why the outputs ``key`` was computed from would not be made as they are from the current params.
+
+    Walks up from each upstream output through the ones it was made from, and reports an output made with
+    a params value other than ``sections`` (:meth:`Params.sections`) gives now, or made from an output that
+    has changed since. Empty when all follow from the current params. The code version and raw data are
+    not compared (DVC and ``adaptflow run`` track those); outputs whose manifest has no record are skipped.
+    """
+    problems: list[str] = []
+    seen: set[Path] = set()
+    todo = [Path(p).resolve() for p in key.upstream]
+    while todo:
+        d = todo.pop(0)
+        if d in seen:
+            continue
+        seen.add(d)
+        record = (read_manifest(d) or {}).get("inputs")
+        if record is None:
+            continue
+        now: dict[str, object] = {}
+        for name in record["params"]:
+            try:
+                now.update(_flat(sections(name)))
+            except AttributeError:  # a section the params no longer have: each of its keys shows as absent
+                pass
+        for dotted, then in _flat(record["params"]).items():
+            current = now.get(dotted, _ABSENT)
+            if current != then:
+                shown = "absent" if current is _ABSENT else json.dumps(current)
+                problems.append(f"{_shown(d)} was made with {dotted}={json.dumps(then)}, params now give {shown}")
+        for rel, then in record["upstream"].items():
+            up = (d / rel).resolve()
+            m = read_manifest(up)
+            if m is None or m["digest"] != then:
+                problems.append(f"{_shown(d)} was made from {_shown(up)} as it was before; that output has changed since")
+            todo.append(up)
+    return problems
 
 
 def read_manifest(directory: Path) -> dict | None:
@@ -159,7 +244,11 @@ def atomic_dir(directory: Path, stage: str, key: str) -> Iterator[Path]:
             str(p.relative_to(tmp)): file_digest(p) for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != MANIFEST
         }
         content = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
-        manifest = {"stage": stage, "key": key, "digest": content, "files": files, "created": time.time()}
+        manifest = {"stage": stage, "key": str(key), "digest": content, "files": files, "created": time.time()}
+        if isinstance(key, Key):
+            here = directory.resolve()
+            manifest["inputs"] = {"params": key.params,
+                                  "upstream": {os.path.relpath(p.resolve(), here): d for p, d in key.upstream.items()}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         old = directory.parent / f".{directory.name}.old-{os.getpid()}"
         if directory.exists():

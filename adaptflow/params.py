@@ -8,17 +8,16 @@ work: an unknown key or a bad value raises :class:`ParamsError` whose message na
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import warnings
 import zoneinfo
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from adaptflow.data.domains import BUILTIN_DOMAINS  # noqa: F401  (re-exported: the domain registry's one list)
+from adaptflow.outputs import json_digest
 
 ROLES = ("source", "target")
 # Single-word strategies (bases, and objectives which start from finetune); combine with "+": dann+fixmatch.
@@ -35,6 +34,17 @@ class ParamsError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _true_is_not_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML's true/false given where a number belongs is refused, not read as 1/0 (pydantic's lax mode)."""
+        if isinstance(value, bool) and info.field_name in cls.model_fields:
+            annotation = cls.model_fields[info.field_name].annotation
+            allowed = (annotation, *get_args(annotation))
+            if bool not in allowed and Any not in allowed and any(t in allowed for t in (int, float)):
+                raise ValueError(f"{str(value).lower()} is not a number")
+        return value
 
 
 class Paths(_Section):
@@ -354,9 +364,9 @@ class Params(_ParamsBase):
                                  "drop them (and from evaluate.baselines) or raise target.k")
         return self
 
-    def section_hash(self, *names: str, exclude: tuple[str, ...] = ()) -> str:
-        """Content hash of the named sections (dotted names reach inside: "augment.source"), leaving out
-        the dotted keys in ``exclude``: the params part of a stage's identity."""
+    def sections(self, *names: str, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The values of the named sections (dotted names reach inside: "augment.source"), leaving out the
+        dotted keys in ``exclude``: the params part of a stage's identity, as plain JSON values."""
         data = {}
         for name in names:
             value: Any = self
@@ -367,7 +377,11 @@ class Params(_ParamsBase):
             section, _, key = dotted.rpartition(".")
             if isinstance(data.get(section), dict):
                 data[section].pop(key, None)
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        return data
+
+    def section_hash(self, *names: str, exclude: tuple[str, ...] = ()) -> str:
+        """Content hash of :meth:`sections`."""
+        return json_digest(self.sections(*names, exclude=exclude))
 
     def registered_model_name(self) -> str:
         target = self.target.domain.replace(":", "-").replace("/", "-")

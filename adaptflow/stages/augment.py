@@ -121,10 +121,10 @@ def _materialise(params: Params, tmp: Path, tgt: Path) -> int:
     return writer.count
 
 
-def input_key(params: Params, root: Path) -> str:
+def input_key(params: Params, root: Path) -> outputs.Key:
     """This stage's identity: the augment params and seed, and the digests of both ingested roles."""
     upstream = [ingested_dir(params, root, r) for r in ROLES]
-    return outputs.input_key("augment", params.section_hash("augment", "seed"), upstream)
+    return outputs.input_key("augment", params.sections("augment", "seed"), upstream)
 
 
 def run(params: Params, root: Path = Path(".")) -> dict:

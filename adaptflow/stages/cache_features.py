@@ -103,10 +103,10 @@ def _write(item: tuple[int, torch.Tensor, "torch.cuda.Event | None"], out: np.nd
     out[start : start + len(f)] = f.numpy()
 
 
-def input_key(params: Params, root: Path) -> str:
+def input_key(params: Params, root: Path) -> outputs.Key:
     """This stage's identity: preprocess, the source model and the ingested target (batch_size changes no
     feature value, so it is not part of it)."""
-    return outputs.input_key("cache_features", params.section_hash("preprocess"),
+    return outputs.input_key("cache_features", params.sections("preprocess"),
                              [source_model_dir(params, root), ingested_dir(params, root, "target")])
 
 

@@ -215,11 +215,11 @@ def _history(directory: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
-def input_key(params: Params, root: Path) -> str:
+def input_key(params: Params, root: Path) -> outputs.Key:
     """This stage's identity: its params, which runs it scores, whether the target has labels, and the
     digests of the target data and every adapted model (raises if one is not complete yet)."""
     upstream = [ingested_dir(params, root, "target")] + [adapted_dir(params, root, s, k) for s, k in runs(params)]
-    return outputs.input_key("evaluate", params.section_hash("evaluate", "finetune.strategies", "finetune.seeds", "target.k"), upstream)
+    return outputs.input_key("evaluate", params.sections("evaluate", "finetune.strategies", "finetune.seeds", "target.k"), upstream)
 
 
 def run(params: Params, root: Path = Path(".")) -> dict:

@@ -36,14 +36,14 @@ def runs(params: Params) -> list[tuple[str, int]]:
     return [(s, seed) for s in params.finetune.strategies for seed in params.finetune.seeds]
 
 
-def input_key(params: Params, root: Path, strategy: str, seed: int) -> str:
+def input_key(params: Params, root: Path, strategy: str, seed: int) -> outputs.Key:
     """One run's identity: the finetune and augment params (not which other strategies and seeds run: they
     do not change this run's result), the ingested target, the source model, the cached features (for
     linear_probe) and the ingested source (for strategies that train on it)."""
     upstream = [ingested_dir(params, root, "target"), source_model_dir(params, root)]
     upstream += [features_dir(params, root)] if strategy == "linear_probe" else []
     upstream += [ingested_dir(params, root, "source")] if strategies.uses_source(strategy) else []
-    section = params.section_hash("finetune", "augment.target", "augment.source", exclude=("finetune.strategies", "finetune.seeds"))
+    section = params.sections("finetune", "augment.target", "augment.source", exclude=("finetune.strategies", "finetune.seeds"))
     return outputs.input_key(f"finetune:{strategy}:{seed}", section, upstream)
 
 
@@ -80,10 +80,15 @@ def run_one(params: Params, root: Path, strategy: str, seed: int) -> dict:
     return {"strategy": strategy, "seed": seed, "path": str(out), "digest": outputs.digest(out), "cached": False, "val_acc": adapted.val_acc}
 
 
-def run(params: Params, root: Path = Path("."), strategy: str | None = None, seed: int | None = None) -> dict:
-    """Run the (strategy, seed) pairs in params, optionally narrowed to one strategy and/or one seed."""
+def selected(params: Params, strategy: str | None = None, seed: int | None = None) -> list[tuple[str, int]]:
+    """The (strategy, seed) pairs in params, optionally narrowed to one strategy and/or one seed."""
     pairs = [(s, k) for s, k in runs(params) if (strategy is None or s == strategy) and (seed is None or k == seed)]
     if not pairs:
         raise ValueError(f"nothing to run: strategy={strategy!r} seed={seed!r} are not in finetune.strategies/seeds")
-    results = [run_one(params, root, s, k) for s, k in pairs]
+    return pairs
+
+
+def run(params: Params, root: Path = Path("."), strategy: str | None = None, seed: int | None = None) -> dict:
+    """Run the (strategy, seed) pairs in params, optionally narrowed to one strategy and/or one seed."""
+    results = [run_one(params, root, s, k) for s, k in selected(params, strategy, seed)]
     return {"path": str(output_dir(params, root)), "runs": results}

@@ -238,10 +238,10 @@ def open_role(params: Params, root: Path, role: str):
     return open_domain(spec.domain, spec, root, f"{role}.domain", allowed)
 
 
-def input_key(params: Params, root: Path, role: str, domain=None) -> str:
+def input_key(params: Params, root: Path, role: str, domain=None) -> outputs.Key:
     """This stage's identity for ``role``: its params sections and the fingerprint of the raw data."""
     domain = domain or open_role(params, root, role)
-    return outputs.input_key(f"ingest:{role}", params.section_hash(role, "preprocess", "seed") + domain.fingerprint)
+    return outputs.input_key(f"ingest:{role}", params.sections(role, "preprocess", "seed"), raw=domain.fingerprint)
 
 
 def run(params: Params, root: Path = Path("."), role: str = "target") -> dict:

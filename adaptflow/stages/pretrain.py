@@ -25,9 +25,9 @@ def output_dir(params: Params, root: Path) -> Path:
     return Path(root) / params.paths.source_model
 
 
-def input_key(params: Params, root: Path) -> str:
+def input_key(params: Params, root: Path) -> outputs.Key:
     """This stage's identity: pretrain params, seed, the source augmentation and the ingested source."""
-    return outputs.input_key("pretrain", params.section_hash("pretrain", "seed", "augment.source"),
+    return outputs.input_key("pretrain", params.sections("pretrain", "seed", "augment.source"),
                              [ingested_dir(params, root, "source")])
 
 

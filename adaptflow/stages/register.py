@@ -146,12 +146,12 @@ def _read_evaluation(ev_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def input_key(params: Params, root: Path) -> str:
+def input_key(params: Params, root: Path) -> outputs.Key:
     """This stage's identity (with the MLflow store it wrote to, what decides whether it may skip): its
     params and the digests of the evaluation, both datasets, the source model and every adapted model."""
     upstream = [evaluate_dir(params, root), ingested_dir(params, root, "target"), ingested_dir(params, root, "source"),
                 source_model_dir(params, root)] + [adapted_dir(params, root, s, k) for s, k in runs(params)]
-    return outputs.input_key("register", params.section_hash("register", "evaluate", "finetune.strategies", "finetune.seeds"), upstream)
+    return outputs.input_key("register", params.sections("register", "evaluate", "finetune.strategies", "finetune.seeds"), upstream)
 
 
 def run(params: Params, root: Path = Path("."), flow_run_id: str | None = None) -> dict:

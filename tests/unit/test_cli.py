@@ -53,3 +53,18 @@ def test_deploy_checks_the_schedule_and_the_server_first(tmp_path, monkeypatch):
     with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{_closed_port()}/api"}):
         res = _invoke(["deploy", "--params", PARAMS])
     assert res.exit_code == 2 and "no Prefect server answers at PREFECT_API_URL" in res.output
+
+
+def test_stage_refuses_upstream_outputs_made_from_other_params(tmp_path, monkeypatch):
+    """`adaptflow stage X` alone reads what is on disk: made from other params, it is refused, naming the key."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("seed: 0\npreprocess: {image_size: 8, channels: 1}\n"
+                                          "source: {domain: uci_digits}\ntarget: {domain: uci_digits, k: 2}\n")
+    assert _invoke(["stage", "ingest"]).exit_code == 0
+    res = _invoke(["stage", "augment", "--set", "seed=1"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "data/ingested/source was made with seed=0, params now give 1" in res.output
+    assert "data/ingested/target was made with seed=0, params now give 1" in res.output
+    assert not (tmp_path / "data" / "augmented").exists()  # nothing done
+    assert _invoke(["stage", "augment"]).exit_code == 0
+

@@ -170,3 +170,69 @@ def test_atomic_write_text(tmp_path):
     outputs.atomic_write_text(p, "2")
     assert p.read_text() == "2"
     assert sorted(x.name for x in p.parent.iterdir()) == ["x.json"]
+
+
+# --- what an output was made from: recorded, and checked before a stage runs alone ------------------------
+
+
+def _sections(values: dict):
+    """A stand-in for ``Params.sections`` over a flat {section: value} dict."""
+
+    def sections(*names):
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise AttributeError(missing[0])
+        return {n: values[n] for n in names}
+
+    return sections
+
+
+def _made(path, params, upstream=(), text="x"):
+    key = outputs.input_key("s", params, list(upstream))
+    with outputs.atomic_dir(path, "s", key) as tmp:
+        (tmp / "f").write_text(text)
+    return key
+
+
+def test_key_is_its_string_and_the_manifest_records_its_inputs(tmp_path, fixed_code_version):
+    import pickle
+
+    _made(tmp_path / "data" / "a", {"seed": 0})
+    key = _made(tmp_path / "models" / "b", {"train": {"lr": 0.1}}, [tmp_path / "data" / "a"])
+    assert key == outputs.input_key("s", {"train": {"lr": 0.1}}, [tmp_path / "data" / "a"]) and len(key) == 16
+    assert pickle.loads(pickle.dumps(key)) == key and pickle.loads(pickle.dumps(key)).params == key.params
+    m = outputs.read_manifest(tmp_path / "models" / "b")
+    assert m["key"] == key
+    assert m["inputs"] == {"params": {"train": {"lr": 0.1}}, "upstream": {"../../data/a": outputs.digest(tmp_path / "data" / "a")}}
+
+
+def test_inconsistent_upstream_walks_up_and_names_each_difference(tmp_path, fixed_code_version):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _made(a, {"seed": 0, "prep": {"size": 8}})
+    _made(b, {"train": {"lr": 0.1, "epochs": 2}}, [a])
+    key = outputs.input_key("c", {"eval": {}}, [b])
+    now = {"seed": 0, "prep": {"size": 8}, "train": {"lr": 0.1, "epochs": 2}}
+    assert outputs.inconsistent_upstream(key, _sections(now)) == []
+
+    # a params change two stages up, and one a stage up, each named with its dotted key
+    changed = {**now, "prep": {"size": 16}, "train": {"lr": 0.1, "epochs": 3}}
+    problems = outputs.inconsistent_upstream(key, _sections(changed))
+    assert any(p.endswith("b was made with train.epochs=2, params now give 3") for p in problems), problems
+    assert any(p.endswith("a was made with prep.size=8, params now give 16") for p in problems), problems
+    assert len(problems) == 2
+
+    # a section the params no longer have
+    assert any("seed=0, params now give absent" in p for p in outputs.inconsistent_upstream(key, _sections({k: v for k, v in now.items() if k != "seed"})))
+
+    # an upstream remade since b was made from it (with the same params: its content changed)
+    _made(a, {"seed": 0, "prep": {"size": 8}}, text="other")
+    problems = outputs.inconsistent_upstream(key, _sections(now))
+    assert len(problems) == 1 and "b was made from" in problems[0] and "that output has changed since" in problems[0]
+
+
+def test_inconsistent_upstream_skips_outputs_without_a_record(tmp_path, fixed_code_version):
+    old = tmp_path / "old"
+    with outputs.atomic_dir(old, "s", "plain-key") as tmp:  # an output from before keys carried their inputs
+        (tmp / "f").write_text("x")
+    key = outputs.input_key("c", {}, [old])
+    assert outputs.inconsistent_upstream(key, _sections({})) == []

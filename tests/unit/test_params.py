@@ -86,6 +86,9 @@ def test_unknown_key_in_file(tmp_path):
         ("register.model_name=a:{target}", "register.model_name"),
         ("register.model_name=' '", "register.model_name"),
         ("orchestrate.timezone=Mars/Olympus", "orchestrate.timezone"),
+        ("finetune.epochs=true", "finetune.epochs"),  # YAML's true is not 1
+        ("seed=false", "seed"),
+        ("finetune.layer_decay=true", "finetune.layer_decay"),
     ],
 )
 def test_bad_value_names_key(params_path, override, key):
@@ -95,6 +98,9 @@ def test_bad_value_names_key(params_path, override, key):
 
 
 def test_bad_value_messages_are_specific(params_path):
+    with pytest.raises(P.ParamsError, match="finetune.epochs: true is not a number"):
+        P.load(params_path, ["finetune.epochs=true"])
+    assert P.load(params_path, ["orchestrate.dvc_commit=false"]).orchestrate.dvc_commit is False  # a real bool still is one
     with pytest.raises(P.ParamsError, match="transmogrify"):
         P.load(params_path, ["finetune.strategies=[scratch, source_only, transmogrify]"])
     with pytest.raises(P.ParamsError, match="cifar"):
