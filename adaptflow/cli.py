@@ -248,12 +248,14 @@ def predict(
     paths: list[Path] = typer.Argument(..., help="image files and/or folders of images"),
     model: str = typer.Option(..., "--model", "-m", help="model URI, e.g. models:/adaptflow-uci_digits@champion"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write a CSV: path, label, confidence, proba_<class>..."),
+    batch_size: int = typer.Option(1024, "--batch-size", min=1, help="images read and predicted at a time (memory stays flat in the number of files)"),
 ) -> None:
-    """Print one predicted label per image (path<TAB>label<TAB>confidence). A file that is not a readable
-    image is skipped and listed, with its reason, on stderr; the others are predicted."""
+    """Print one predicted label per image (path<TAB>label<TAB>confidence), a batch at a time. A file that is
+    not a readable image is skipped and listed, with its reason, on stderr; the others are predicted. The CSV
+    appears only once every batch is done."""
     import pandas as pd
 
-    from adaptflow import tracking
+    from adaptflow import outputs, tracking
 
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
@@ -263,26 +265,33 @@ def predict(
     if not files:
         typer.secho(f"error: no image files ({', '.join(IMAGE_SUFFIXES)}) under {', '.join(map(str, paths))}", fg="red", err=True)
         raise typer.Exit(2)
-    files, unreadable = _readable(files)
-    for p, why in unreadable:
-        typer.secho(f"skipped {p}: {why}", fg="yellow", err=True)
-    if not files:
-        typer.secho(f"error: none of the {len(unreadable)} file(s) is a readable image", fg="red", err=True)
-        raise typer.Exit(2)
     tracking.configure(Path.cwd())
     try:
         m = tracking.load_model(model)
     except Exception as exc:  # MLflow raises several types for a bad URI
         typer.secho(f"error: cannot load {model}: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
-    out = m.predict(pd.DataFrame({"image": [str(p.resolve()) for p in files]}))
-    for p, label, conf in zip(files, out["label"], out["confidence"]):
-        typer.echo(f"{p}\t{label}\t{conf:.4f}")
+    tables, n_unreadable = [], 0
+    for i in range(0, len(files), batch_size):
+        batch, unreadable = _readable(files[i : i + batch_size])
+        n_unreadable += len(unreadable)
+        for p, why in unreadable:
+            typer.secho(f"skipped {p}: {why}", fg="yellow", err=True)
+        if not batch:
+            continue
+        out = m.predict(pd.DataFrame({"image": [str(p.resolve()) for p in batch]}))
+        for p, label, conf in zip(batch, out["label"], out["confidence"]):
+            typer.echo(f"{p}\t{label}\t{conf:.4f}")
+        if output is not None:
+            out.insert(0, "path", [str(p) for p in batch])
+            tables.append(out)
+    if n_unreadable == len(files):
+        typer.secho(f"error: none of the {n_unreadable} file(s) is a readable image", fg="red", err=True)
+        raise typer.Exit(2)
     if output is not None:
-        out.insert(0, "path", [str(p) for p in files])
-        output.parent.mkdir(parents=True, exist_ok=True)
-        out.to_csv(output, index=False)
-        typer.echo(f"wrote {len(out)} predictions to {output}", err=True)
+        table = pd.concat(tables, ignore_index=True)
+        outputs.atomic_write_text(output, table.to_csv(index=False))
+        typer.echo(f"wrote {len(table)} predictions to {output}", err=True)
 
 
 registry_app = typer.Typer(no_args_is_help=True, help="The model registry: aliases and their history (who was champion when, and why).")

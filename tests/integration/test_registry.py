@@ -96,7 +96,8 @@ def test_predict_cli_takes_a_folder_and_writes_csv(flow_project, tmp_path):
     (tmp_path / "pngs" / "corrupt.png").write_text("not an image either")  # an image's name, not its bytes
     name = json.loads((root / "reports" / "registry.json").read_text())["model_name"]
     csv = tmp_path / "out" / "pred.csv"
-    proc = run([str(BIN / "adaptflow"), "predict", "-m", f"models:/{name}@champion", str(tmp_path / "pngs"), "-o", str(csv)], root)
+    # three images a batch: the corrupt file falls inside one batch, the CSV joins them all
+    proc = run([str(BIN / "adaptflow"), "predict", "-m", f"models:/{name}@champion", str(tmp_path / "pngs"), "-o", str(csv), "--batch-size", "3"], root)
     out = proc.stdout
     assert f"skipped {tmp_path / 'pngs' / 'corrupt.png'}: not a readable image" in proc.stderr  # the others are predicted
     table = pd.read_csv(csv)

@@ -68,3 +68,44 @@ def test_stage_refuses_upstream_outputs_made_from_other_params(tmp_path, monkeyp
     assert not (tmp_path / "data" / "augmented").exists()  # nothing done
     assert _invoke(["stage", "augment"]).exit_code == 0
 
+
+class _FakeModel:
+    """Stands in for the registered pyfunc: labels each image by its width, and records each call's size."""
+
+    def __init__(self):
+        self.calls: list[int] = []
+
+    def predict(self, frame):
+        import pandas as pd
+        from PIL import Image
+
+        self.calls.append(len(frame))
+        widths = [Image.open(p).width for p in frame["image"]]
+        return pd.DataFrame({"label": [str(w) for w in widths], "confidence": [1.0] * len(widths)})
+
+
+def test_predict_goes_a_batch_at_a_time_and_writes_the_csv_once(tmp_path, monkeypatch, png_bytes):
+    from adaptflow import tracking
+
+    fake = _FakeModel()
+    monkeypatch.setattr(tracking, "load_model", lambda uri: fake)
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(7):
+        (folder / f"{i}.png").write_bytes(png_bytes)
+    (folder / "3.png").write_text("not an image")
+    res = _invoke(["predict", "-m", "models:/x@champion", str(folder), "-o", "out/pred.csv", "--batch-size", "3"])
+    assert res.exit_code == 0, res.output
+    assert fake.calls == [3, 2, 1]  # 7 files, 3 a batch, the unreadable one skipped inside the second
+    assert f"skipped {folder / '3.png'}: not a readable image" in res.output
+    table = (tmp_path / "out" / "pred.csv").read_text().splitlines()
+    assert table[0] == "path,label,confidence" and len(table) == 1 + 6
+    assert [line.split(",")[0] for line in table[1:]] == [str(folder / f"{i}.png") for i in (0, 1, 2, 4, 5, 6)]
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary left
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.png").write_text("no")
+    res = _invoke(["predict", "-m", "models:/x@champion", str(tmp_path / "bad"), "-o", "bad.csv"])
+    assert res.exit_code == 2 and "none of the 1 file(s) is a readable image" in res.output
+    assert not (tmp_path / "bad.csv").exists()
