@@ -139,7 +139,10 @@ def inconsistent_upstream(key: Key, sections: Callable[..., dict]) -> list[str]:
         for rel, then in record["upstream"].items():
             up = (d / rel).resolve()
             m = read_manifest(up)
-            if m is None or m["digest"] != then:
+            if m is None:
+                problems.append(f"{_shown(d)} was made from {_shown(up)}, which is missing or incomplete now")
+                continue
+            if m["digest"] != then:
                 problems.append(f"{_shown(d)} was made from {_shown(up)} as it was before; that output has changed since")
             todo.append(up)
     return problems
@@ -243,7 +246,7 @@ def atomic_dir(directory: Path, stage: str, key: str) -> Iterator[Path]:
         files = {
             str(p.relative_to(tmp)): file_digest(p) for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != MANIFEST
         }
-        content = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+        content = json_digest(files)
         manifest = {"stage": stage, "key": str(key), "digest": content, "files": files, "created": time.time()}
         if isinstance(key, Key):
             here = directory.resolve()

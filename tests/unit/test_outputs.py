@@ -229,6 +229,11 @@ def test_inconsistent_upstream_walks_up_and_names_each_difference(tmp_path, fixe
     problems = outputs.inconsistent_upstream(key, _sections(now))
     assert len(problems) == 1 and "b was made from" in problems[0] and "that output has changed since" in problems[0]
 
+    import shutil
+
+    shutil.rmtree(a)  # gone: named as such, and the walk stops there
+    assert [p for p in outputs.inconsistent_upstream(key, _sections(now)) if p.endswith("a, which is missing or incomplete now")]
+
 
 def test_inconsistent_upstream_skips_outputs_without_a_record(tmp_path, fixed_code_version):
     old = tmp_path / "old"
