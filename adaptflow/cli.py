@@ -271,15 +271,24 @@ def predict(
     except Exception as exc:  # MLflow raises several types for a bad URI
         typer.secho(f"error: cannot load {model}: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
+    def frame(batch: list[Path]) -> "pd.DataFrame":
+        return pd.DataFrame({"image": [str(p.resolve()) for p in batch]})
+
     tables, n_unreadable = [], 0
     for i in range(0, len(files), batch_size):
-        batch, unreadable = _readable(files[i : i + batch_size])
-        n_unreadable += len(unreadable)
-        for p, why in unreadable:
-            typer.secho(f"skipped {p}: {why}", fg="yellow", err=True)
-        if not batch:
-            continue
-        out = m.predict(pd.DataFrame({"image": [str(p.resolve()) for p in batch]}))
+        batch = files[i : i + batch_size]
+        try:  # each image is decoded once, by the model; only a batch that fails is checked file by file
+            out = m.predict(frame(batch))
+        except Exception:
+            batch, unreadable = _readable(batch)
+            if not unreadable:
+                raise  # every file decodes: the failure is the model's, not the input's
+            n_unreadable += len(unreadable)
+            for p, why in unreadable:
+                typer.secho(f"skipped {p}: {why}", fg="yellow", err=True)
+            if not batch:
+                continue
+            out = m.predict(frame(batch))
         for p, label, conf in zip(batch, out["label"], out["confidence"]):
             typer.echo(f"{p}\t{label}\t{conf:.4f}")
         if output is not None:

@@ -119,9 +119,24 @@ class InconsistentUpstream(outputs.MissingOutput):
     have to run again first."""
 
 
+def _raw_now(params: Params, root: Path) -> Callable[[str], str]:
+    """The raw data's fingerprint now, for an ingest output's stage (``ingest:ROLE``), each role looked at once."""
+    from functools import cache
+
+    from adaptflow.stages import ingest
+
+    @cache
+    def raw_now(stage: str) -> str:
+        role = stage.partition(":")[2]
+        return ingest.open_role(params, root, role).fingerprint if role in ingest.ROLES else ""
+
+    return raw_now
+
+
 def check_upstream(stage: str, params: Params, root: Path, **which: object) -> None:
     """Before ``stage`` runs on its own (``adaptflow stage``, what DVC calls): refuse upstream outputs made
-    from params other than the current ones, or from an output that has changed since, all the way up.
+    from params other than the current ones, from an output that has changed since, or from raw data that
+    has changed since (an imagefolder's files, a CSV manifest), all the way up.
     ``which``: for finetune, ``strategy``/``seed`` narrow the runs checked. Raises :class:`InconsistentUpstream`
     listing each difference, or :class:`MissingOutput` when an upstream output is not there."""
     if stage == "ingest":  # reads raw data only
@@ -134,7 +149,7 @@ def check_upstream(stage: str, params: Params, root: Path, **which: object) -> N
         keys = [identity(stage, params, root).key]
     problems: list[str] = []
     for key in keys:
-        problems += [p for p in outputs.inconsistent_upstream(key, params.sections) if p not in problems]
+        problems += [p for p in outputs.inconsistent_upstream(key, params.sections, _raw_now(params, root)) if p not in problems]
     if problems:
         raise InconsistentUpstream(
             f"{stage} would read outputs that the current params would not make:\n  " + "\n  ".join(problems)

@@ -62,30 +62,30 @@ def json_digest(value: object) -> str:
 
 class Key(str):
     """A stage's input key — the string manifests and Prefect's cache compare — that also remembers what it
-    was computed from: the params sections' values and each upstream output with its digest. The manifest
-    records both, so a later stage run on its own can tell whether this output still follows from the
-    current params (:func:`inconsistent_upstream`)."""
+    was computed from: the params sections' values, each upstream output with its digest, and the raw
+    data's fingerprint by the stage that read it (``{"ingest:target": fingerprint}``). The manifest records them, so a later stage run on its own can tell whether
+    this output still follows from the current params and data (:func:`inconsistent_upstream`)."""
 
     params: dict
     upstream: dict[Path, str]
+    raw: dict[str, str]
 
-    def __new__(cls, value: str, params: dict, upstream: dict[Path, str]) -> "Key":
+    def __new__(cls, value: str, params: dict, upstream: dict[Path, str], raw: dict[str, str] | None = None) -> "Key":
         key = super().__new__(cls, value)
-        key.params, key.upstream = params, upstream
+        key.params, key.upstream, key.raw = params, upstream, raw or {}
         return key
 
     def __reduce__(self):  # pickles (Prefect may) as what it is
-        return (Key, (str(self), self.params, self.upstream))
+        return (Key, (str(self), self.params, self.upstream, self.raw))
 
 
-def input_key(stage: str, params: dict | str, upstream: list[Path] | None = None, raw: str = "") -> Key:
+def input_key(stage: str, params: dict, upstream: list[Path] | None = None, raw: str = "") -> Key:
     """The key of ``stage`` given its params sections (:meth:`Params.sections`), its upstream outputs and
     ``raw``, a fingerprint of raw data it reads. Raises :class:`MissingOutput` if an upstream is incomplete."""
     digests = {Path(p): digest(p) for p in upstream or []}
-    section_hash = params if isinstance(params, str) else json_digest(params)
-    parts = [stage, section_hash + raw, code_version()] + list(digests.values())
+    parts = [stage, json_digest(params) + raw, code_version()] + list(digests.values())
     value = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-    return Key(value, params if isinstance(params, dict) else {}, digests)
+    return Key(value, params, digests, {stage: raw} if raw else {})
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -106,13 +106,14 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def inconsistent_upstream(key: Key, sections: Callable[..., dict]) -> list[str]:
-    """Why the outputs ``key`` was computed from would not be made as they are from the current params.
+def inconsistent_upstream(key: Key, sections: Callable[..., dict], raw_now: Callable[[str], str] | None = None) -> list[str]:
+    """Why the outputs ``key`` was computed from would not be made as they are from the current params and data.
 
     Walks up from each upstream output through the ones it was made from, and reports an output made with
-    a params value other than ``sections`` (:meth:`Params.sections`) gives now, or made from an output that
-    has changed since. Empty when all follow from the current params. The code version and raw data are
-    not compared (DVC and ``adaptflow run`` track those); outputs whose manifest has no record are skipped.
+    a params value other than ``sections`` (:meth:`Params.sections`) gives now, made from an output that
+    has changed since, or made from raw data whose fingerprint ``raw_now(stage)`` (the stage that read it,
+    e.g. ``ingest:target``) now differs. Empty when all follow. The code version is not compared (DVC and
+    ``adaptflow run`` track it); outputs whose manifest has no record are skipped.
     """
     problems: list[str] = []
     seen: set[Path] = set()
@@ -125,6 +126,8 @@ def inconsistent_upstream(key: Key, sections: Callable[..., dict]) -> list[str]:
         record = (read_manifest(d) or {}).get("inputs")
         if record is None:
             continue
+        if raw_now is not None and any(raw_now(stage) != then for stage, then in record.get("raw", {}).items()):
+            problems.append(f"{_shown(d)} was made from raw data that has changed since")
         now: dict[str, object] = {}
         for name in record["params"]:
             try:
@@ -252,6 +255,8 @@ def atomic_dir(directory: Path, stage: str, key: str) -> Iterator[Path]:
             here = directory.resolve()
             manifest["inputs"] = {"params": key.params,
                                   "upstream": {os.path.relpath(p.resolve(), here): d for p, d in key.upstream.items()}}
+            if key.raw:
+                manifest["inputs"]["raw"] = key.raw
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         old = directory.parent / f".{directory.name}.old-{os.getpid()}"
         if directory.exists():

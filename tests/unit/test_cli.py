@@ -69,6 +69,25 @@ def test_stage_refuses_upstream_outputs_made_from_other_params(tmp_path, monkeyp
     assert _invoke(["stage", "augment"]).exit_code == 0
 
 
+def test_stage_refuses_an_ingest_of_raw_files_that_have_changed_since(tmp_path, monkeypatch):
+    from tests.datafiles import make_imagefolder
+
+    monkeypatch.chdir(tmp_path)
+    folder = make_imagefolder(tmp_path / "raw", per_class=10, classes=3, mixed=False)
+    (tmp_path / "params.yaml").write_text("seed: 0\npreprocess: {image_size: 8, channels: 1}\n"
+                                          "source: {domain: uci_digits}\ntarget: {domain: 'imagefolder:raw', k: 2}\n")
+    assert _invoke(["stage", "ingest"]).exit_code == 0
+    assert _invoke(["stage", "augment"]).exit_code == 0
+    first = sorted((folder / "1").iterdir())[0]
+    first.write_bytes(sorted((folder / "2").iterdir())[0].read_bytes())  # a relabelled image, same params
+    res = _invoke(["stage", "augment"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "data/ingested/target was made from raw data that has changed since" in res.output
+    assert "data/ingested/source" not in res.output  # the built-in source has not changed
+    assert _invoke(["stage", "ingest", "--role", "target"]).exit_code == 0
+    assert _invoke(["stage", "augment"]).exit_code == 0
+
+
 class _FakeModel:
     """Stands in for the registered pyfunc: labels each image by its width, and records each call's size."""
 
@@ -85,10 +104,13 @@ class _FakeModel:
 
 
 def test_predict_goes_a_batch_at_a_time_and_writes_the_csv_once(tmp_path, monkeypatch, png_bytes):
-    from adaptflow import tracking
+    from adaptflow import imaging, tracking
 
     fake = _FakeModel()
     monkeypatch.setattr(tracking, "load_model", lambda uri: fake)
+    checked = []
+    real_to_pil = imaging.to_pil
+    monkeypatch.setattr(imaging, "to_pil", lambda f: checked.append(f) or real_to_pil(f))
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -97,7 +119,10 @@ def test_predict_goes_a_batch_at_a_time_and_writes_the_csv_once(tmp_path, monkey
     (folder / "3.png").write_text("not an image")
     res = _invoke(["predict", "-m", "models:/x@champion", str(folder), "-o", "out/pred.csv", "--batch-size", "3"])
     assert res.exit_code == 0, res.output
-    assert fake.calls == [3, 2, 1]  # 7 files, 3 a batch, the unreadable one skipped inside the second
+    # 7 files, 3 a batch; the second batch fails on its unreadable file, is checked file by file (and only
+    # it: the others are decoded once, by the model) and predicted again without that file
+    assert fake.calls == [3, 3, 2, 1]
+    assert checked == [folder / f"{i}.png" for i in (3, 4, 5)]
     assert f"skipped {folder / '3.png'}: not a readable image" in res.output
     table = (tmp_path / "out" / "pred.csv").read_text().splitlines()
     assert table[0] == "path,label,confidence" and len(table) == 1 + 6
@@ -109,3 +134,17 @@ def test_predict_goes_a_batch_at_a_time_and_writes_the_csv_once(tmp_path, monkey
     res = _invoke(["predict", "-m", "models:/x@champion", str(tmp_path / "bad"), "-o", "bad.csv"])
     assert res.exit_code == 2 and "none of the 1 file(s) is a readable image" in res.output
     assert not (tmp_path / "bad.csv").exists()
+
+
+def test_predict_does_not_blame_readable_images_for_a_model_failure(tmp_path, monkeypatch, png_bytes):
+    from adaptflow import tracking
+
+    class Broken:
+        def predict(self, frame):
+            raise RuntimeError("shape mismatch in the model")
+
+    monkeypatch.setattr(tracking, "load_model", lambda uri: Broken())
+    (tmp_path / "a.png").write_bytes(png_bytes)
+    res = CliRunner().invoke(app, ["predict", "-m", "models:/x@champion", str(tmp_path / "a.png"), "-o", str(tmp_path / "p.csv")])
+    assert isinstance(res.exception, RuntimeError) and "skipped" not in res.output
+    assert not (tmp_path / "p.csv").exists()

@@ -129,34 +129,34 @@ def _out(path, text):
 
 
 def test_input_key_params_and_stage(fixed_code_version):
-    k = outputs.input_key("s", "h1")
-    assert k == outputs.input_key("s", "h1")
-    assert k != outputs.input_key("s", "h2")
-    assert k != outputs.input_key("t", "h1")
+    k = outputs.input_key("s", {"h": 1})
+    assert k == outputs.input_key("s", {"h": 1})
+    assert k != outputs.input_key("s", {"h": 2})
+    assert k != outputs.input_key("t", {"h": 1})
     assert len(k) == 16
 
 
 def test_input_key_upstream_digest(tmp_path, fixed_code_version):
     up = _out(tmp_path / "up", "v1")
-    k1 = outputs.input_key("s", "h", [up])
-    assert k1 != outputs.input_key("s", "h")
-    assert k1 == outputs.input_key("s", "h", [up])
+    k1 = outputs.input_key("s", {"h": 0}, [up])
+    assert k1 != outputs.input_key("s", {"h": 0})
+    assert k1 == outputs.input_key("s", {"h": 0}, [up])
     _out(up, "v2")
-    assert outputs.input_key("s", "h", [up]) != k1
+    assert outputs.input_key("s", {"h": 0}, [up]) != k1
     _out(up, "v1")  # same content again → same key
-    assert outputs.input_key("s", "h", [up]) == k1
+    assert outputs.input_key("s", {"h": 0}, [up]) == k1
 
 
 def test_input_key_requires_complete_upstream(tmp_path, fixed_code_version):
     with pytest.raises(FileNotFoundError):
-        outputs.input_key("s", "h", [tmp_path / "nothing"])
+        outputs.input_key("s", {"h": 0}, [tmp_path / "nothing"])
 
 
 def test_input_key_code_version(monkeypatch):
     monkeypatch.setattr(outputs, "code_version", lambda: "a")
-    a = outputs.input_key("s", "h")
+    a = outputs.input_key("s", {"h": 0})
     monkeypatch.setattr(outputs, "code_version", lambda: "b")
-    assert outputs.input_key("s", "h") != a
+    assert outputs.input_key("s", {"h": 0}) != a
 
 
 def test_code_version_is_a_short_hash():
@@ -241,3 +241,18 @@ def test_inconsistent_upstream_skips_outputs_without_a_record(tmp_path, fixed_co
         (tmp / "f").write_text("x")
     key = outputs.input_key("c", {}, [old])
     assert outputs.inconsistent_upstream(key, _sections({})) == []
+
+
+def test_inconsistent_upstream_names_raw_data_changed_since(tmp_path, fixed_code_version):
+    a = tmp_path / "a"
+    k = outputs.input_key("ingest:target", {"seed": 0}, raw="fp1")
+    with outputs.atomic_dir(a, "ingest:target", k) as tmp:
+        (tmp / "f").write_text("x")
+    assert outputs.read_manifest(a)["inputs"]["raw"] == {"ingest:target": "fp1"}
+    assert k != outputs.input_key("ingest:target", {"seed": 0}, raw="fp2")
+    key = outputs.input_key("c", {}, [a])
+    asked = []
+    raw_now = {"fp1": lambda stage: asked.append(stage) or "fp1", "fp2": lambda stage: "fp2"}
+    assert outputs.inconsistent_upstream(key, _sections({"seed": 0}), raw_now["fp1"]) == [] and asked == ["ingest:target"]
+    assert [p for p in outputs.inconsistent_upstream(key, _sections({"seed": 0}), raw_now["fp2"]) if p.endswith("a was made from raw data that has changed since")]
+    assert outputs.inconsistent_upstream(key, _sections({"seed": 0})) == []  # no way to look: not compared
