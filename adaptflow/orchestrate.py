@@ -135,8 +135,9 @@ def _raw_now(params: Params, root: Path) -> Callable[[str], str]:
 
 def check_upstream(stage: str, params: Params, root: Path, **which: object) -> None:
     """Before ``stage`` runs on its own (``adaptflow stage``, what DVC calls): refuse upstream outputs made
-    from params other than the current ones, from an output that has changed since, or from raw data that
-    has changed since (an imagefolder's files, a CSV manifest), all the way up.
+    from params other than the current ones, from an output that has changed since, or (outside DVC, which
+    compares them by content) from raw data that has changed since (an imagefolder's files, a CSV
+    manifest), all the way up.
     ``which``: for finetune, ``strategy``/``seed`` narrow the runs checked. Raises :class:`InconsistentUpstream`
     listing each difference, or :class:`MissingOutput` when an upstream output is not there."""
     if stage == "ingest":  # reads raw data only
@@ -147,9 +148,12 @@ def check_upstream(stage: str, params: Params, root: Path, **which: object) -> N
         keys = [identity(stage, params, root, strategy=s, seed=k).key for s, k in finetune.selected(params, **which)]
     else:
         keys = [identity(stage, params, root).key]
+    # Under `dvc repro` (DVC_STAGE set) DVC has compared the raw files by content already; their mtimes, which
+    # the fingerprint reads, change with every checkout or pull and would refuse what DVC rightly reuses.
+    raw_now = None if os.environ.get("DVC_STAGE") else _raw_now(params, root)
     problems: list[str] = []
     for key in keys:
-        problems += [p for p in outputs.inconsistent_upstream(key, params.sections, _raw_now(params, root)) if p not in problems]
+        problems += [p for p in outputs.inconsistent_upstream(key, params.sections, raw_now) if p not in problems]
     if problems:
         raise InconsistentUpstream(
             f"{stage} would read outputs that the current params would not make:\n  " + "\n  ".join(problems)
