@@ -72,10 +72,26 @@ def run(
         result = run_pipeline(params_path=str(params), overrides=overrides, root=str(Path.cwd()))
     typer.echo("")
     typer.echo((Path(p.paths.reports) / "evaluate" / "comparison.md").read_text())
-    reg = result["register"]
-    verdict = "promoted to champion" if reg.get("promoted") else "not promoted"
-    typer.echo(f"registry: {reg.get('model_name')} version {reg.get('version')} {verdict}: {'; '.join(reg.get('reasons', []))}")
+    typer.echo(_registry_line(result["register"]))
     _exit_now(0)
+
+
+def _registry_line(reg: dict) -> str:
+    """What register did this run — or, when it was reused, that nothing was registered and where the aliases
+    point now (the stored verdict belongs to the run that made it)."""
+    name, verdict = reg.get("model_name"), "promoted to champion" if reg.get("promoted") else "not promoted"
+    if not reg.get("cached"):
+        return f"registry: {name} version {reg.get('version')} {verdict}: {'; '.join(reg.get('reasons', []))}"
+    from adaptflow import tracking
+
+    try:
+        tracking.configure(Path.cwd(), create=False)  # a Prefect cache hit ran nothing here that set MLflow up
+        now = tracking.model_aliases(name) if reg.get("version") else {}
+    except tracking.NoStore:
+        now = {}
+    aliases = ", ".join(f"{a} → version {v}" for a, v in sorted(now.items())) or "none"
+    return (f"registry: nothing new to register (register reused): {name} version {reg.get('version')} came from an "
+            f"earlier run, {verdict} then; aliases now: {aliases}")
 
 
 def _bad_input() -> tuple[type[Exception], ...]:
@@ -83,8 +99,9 @@ def _bad_input() -> tuple[type[Exception], ...]:
     output not there yet (``MissingOutput``)."""
     from adaptflow.data.files import DataError
     from adaptflow.outputs import MissingOutput
+    from adaptflow.tracking import NoStore
 
-    return DataError, MissingOutput
+    return DataError, MissingOutput, NoStore
 
 
 @contextlib.contextmanager
@@ -243,6 +260,26 @@ def _readable(files: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
     return good, bad
 
 
+def _unwritable(path: Path) -> str | None:
+    """Why a file cannot be written at ``path`` — checked before any work by writing a probe beside it
+    (in the nearest folder that exists) — or None."""
+    import tempfile
+
+    if path.is_dir():
+        return "is a folder"
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"cannot be written ({folder} is a file)"
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.probe-"):
+            pass
+    except OSError as exc:
+        return f"cannot be written ({folder}: {exc.strerror or exc})"
+    return None
+
+
 @app.command()
 def predict(
     paths: list[Path] = typer.Argument(..., help="image files and/or folders of images"),
@@ -265,7 +302,16 @@ def predict(
     if not files:
         typer.secho(f"error: no image files ({', '.join(IMAGE_SUFFIXES)}) under {', '.join(map(str, paths))}", fg="red", err=True)
         raise typer.Exit(2)
-    tracking.configure(Path.cwd())
+    why = None if output is None else _unwritable(output)
+    if why:
+        typer.secho(f"error: --output {output} {why}; give a CSV file's path", fg="red", err=True)
+        raise typer.Exit(2)
+    try:
+        tracking.configure(Path.cwd(), create=False)
+    except tracking.NoStore as exc:
+        if model.startswith(("models:", "runs:")):  # a model's own folder needs no store
+            typer.secho(f"error: cannot load {model}: {exc}", fg="red", err=True)
+            raise typer.Exit(2) from None
     try:
         m = tracking.load_model(model)
     except Exception as exc:  # MLflow raises several types for a bad URI
@@ -320,7 +366,8 @@ def registry_history(
 
     from adaptflow import aliases, tracking
 
-    tracking.configure(Path.cwd())
+    with _bad_input_exits():
+        tracking.configure(Path.cwd(), create=False)
     moves = tracking.alias_history(name, alias)
     if at is not None:
         try:
@@ -343,6 +390,10 @@ def registry_history(
         if not tracking.model_aliases(name):
             typer.secho(f"error: {name}: no such registered model, or it has no aliases", fg="red", err=True)
             raise typer.Exit(2)
+        others = sorted({m.alias for m in tracking.alias_history(name, None)}) if alias else []
+        if others:
+            typer.secho(f"error: --alias {alias}: {name} has no recorded moves of that alias; its aliases with moves: {', '.join(others)}", fg="red", err=True)
+            raise typer.Exit(2)
         typer.echo(f"{name}: no recorded alias moves")
         return
     for m in moves:
@@ -355,7 +406,8 @@ def registry_show(name: str = typer.Argument(..., help="registered model name"))
     """Where each alias of NAME points now, with the gate's verdict on that version."""
     from adaptflow import tracking
 
-    tracking.configure(Path.cwd())
+    with _bad_input_exits():
+        tracking.configure(Path.cwd(), create=False)
     current = tracking.model_aliases(name)
     if not current:
         typer.secho(f"error: {name}: no such registered model, or it has no aliases", fg="red", err=True)

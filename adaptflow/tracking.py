@@ -47,8 +47,15 @@ _SERVING_REQUIREMENTS = ("torch", "torchvision", "timm", "safetensors", "numpy",
 _TAG_KEY = re.compile(r"[^\w.\- :/]")
 
 
-def configure(root: Path = Path(".")) -> str:
-    """Point MLflow at the project's store and make sure the experiment exists; return the tracking URI."""
+class NoStore(FileNotFoundError):
+    """A command that only reads the registry found no store where it looked (it creates none)."""
+
+
+def configure(root: Path = Path("."), create: bool = True) -> str:
+    """Point MLflow at the project's store and make sure the experiment exists; return the tracking URI.
+
+    ``create=False`` (commands that only read: predict, registry): a local store that is not there raises
+    :class:`NoStore` instead of being created, empty, wherever the command happened to run."""
     root = Path(root).resolve()
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
     registry = os.environ.get("MLFLOW_REGISTRY_URI") or uri
@@ -64,6 +71,12 @@ def configure(root: Path = Path(".")) -> str:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    if not create:
+        store = _local_store_path(registry)
+        if store is not None and not store.exists():
+            raise NoStore(f"no MLflow store at {store}: run this from the project's root (where `adaptflow run` made "
+                          f"mlflow.db), or set MLFLOW_TRACKING_URI to the project's store or tracking server")
+        return uri
     if mlflow.get_experiment_by_name(EXPERIMENT) is None:
         try:
             mlflow.create_experiment(EXPERIMENT, artifact_location=(root / "mlartifacts").as_uri() if is_local(uri) else None)
@@ -310,7 +323,7 @@ def _safe(name: str) -> str:
 def _local_store_path(uri: str) -> Path | None:
     """The file or directory a local registry URI names (the lock goes next to it)."""
     if uri.startswith("sqlite:"):
-        return Path(unquote(urlparse(uri).path)) if uri.startswith("sqlite:////") else Path(uri[len("sqlite:///"):])
+        return Path(unquote(uri[len("sqlite:///"):]))  # sqlite:////abs/x.db → /abs/x.db; sqlite:///rel.db → rel.db
     if uri.startswith("file:"):
         return Path(unquote(urlparse(uri).path))
     if "://" not in uri:

@@ -120,7 +120,7 @@ def test_predict_goes_a_batch_at_a_time_and_writes_the_csv_once(tmp_path, monkey
     for i in range(7):
         (folder / f"{i}.png").write_bytes(png_bytes)
     (folder / "3.png").write_text("not an image")
-    res = _invoke(["predict", "-m", "models:/x@champion", str(folder), "-o", "out/pred.csv", "--batch-size", "3"])
+    res = _invoke(["predict", "-m", "exported/model", str(folder), "-o", "out/pred.csv", "--batch-size", "3"])
     assert res.exit_code == 0, res.output
     # 7 files, 3 a batch; the second batch fails on its unreadable file, is checked file by file (and only
     # it: the others are decoded once, by the model) and predicted again without that file
@@ -134,7 +134,7 @@ def test_predict_goes_a_batch_at_a_time_and_writes_the_csv_once(tmp_path, monkey
 
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "a.png").write_text("no")
-    res = _invoke(["predict", "-m", "models:/x@champion", str(tmp_path / "bad"), "-o", "bad.csv"])
+    res = _invoke(["predict", "-m", "exported/model", str(tmp_path / "bad"), "-o", "bad.csv"])
     assert res.exit_code == 2 and "none of the 1 file(s) is a readable image" in res.output
     assert not (tmp_path / "bad.csv").exists()
 
@@ -148,6 +148,43 @@ def test_predict_does_not_blame_readable_images_for_a_model_failure(tmp_path, mo
 
     monkeypatch.setattr(tracking, "load_model", lambda uri: Broken())
     (tmp_path / "a.png").write_bytes(png_bytes)
-    res = CliRunner().invoke(app, ["predict", "-m", "models:/x@champion", str(tmp_path / "a.png"), "-o", str(tmp_path / "p.csv")])
+    res = CliRunner().invoke(app, ["predict", "-m", "exported/model", str(tmp_path / "a.png"), "-o", str(tmp_path / "p.csv")])
     assert isinstance(res.exception, RuntimeError) and "skipped" not in res.output
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_predict_checks_its_output_before_loading_the_model(tmp_path, monkeypatch, png_bytes):
+    from adaptflow import tracking
+
+    loaded = []
+    monkeypatch.setattr(tracking, "load_model", lambda uri: loaded.append(uri) or _FakeModel())
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.png").write_bytes(png_bytes)
+    for out, why in [(".", "is a folder"), ("a.png/p.csv", "a.png is a file")]:
+        res = _invoke(["predict", "-m", "models:/m@champion", "a.png", "-o", out])
+        assert res.exit_code == 2 and f"error: --output {out}" in res.output and why in res.output, res.output
+    assert loaded == [] and sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]  # no probe, no store left
+
+
+@pytest.mark.parametrize("args", [["predict", "-m", "models:/m@champion", "a.png"], ["registry", "show", "m"],
+                                  ["registry", "history", "m"]])
+def test_read_only_commands_create_no_store_where_there_is_none(tmp_path, monkeypatch, png_bytes, args):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    (tmp_path / "a.png").write_bytes(png_bytes)
+    res = _invoke(args)
+    assert res.exit_code == 2 and f"no MLflow store at {tmp_path.resolve() / 'mlflow.db'}" in res.output, res.output
+    assert "MLFLOW_TRACKING_URI" in res.output and not (tmp_path / "mlflow.db").exists()
+
+
+def test_run_says_when_register_was_reused_and_where_the_aliases_point_now(monkeypatch):
+    from adaptflow import cli, tracking
+
+    monkeypatch.setattr(tracking, "configure", lambda root, create=True: "sqlite:///x")
+    monkeypatch.setattr(tracking, "model_aliases", lambda name: {"champion": "3", "challenger": "4"})
+    fresh = {"model_name": "m", "version": "1", "promoted": True, "reasons": ["beats scratch"], "cached": False}
+    assert cli._registry_line(fresh) == "registry: m version 1 promoted to champion: beats scratch"
+    line = cli._registry_line({**fresh, "cached": True})
+    assert line.startswith("registry: nothing new to register (register reused): m version 1 came from an earlier run, promoted to champion then")
+    assert line.endswith("aliases now: challenger → version 4, champion → version 3")
