@@ -397,14 +397,25 @@ def _dump(v: Any) -> Any:
     return v.model_dump(mode="json") if isinstance(v, BaseModel) else v
 
 
-def _format(err: ValidationError, origin: str) -> str:
+def _blamed(loc: str, origin: str, overrides: list[str]) -> str:
+    """Where a bad value at ``loc`` came from: the ``--set`` that gave it (or gave a section above it), the
+    file with the ``--set`` values given inside a section whose check failed, or the file."""
+    keys = {".".join(parse_override(item)[0]): item for item in overrides}
+    given = [item for k, item in keys.items() if loc == k or loc.startswith(k + ".")]
+    if given:
+        return f"--set {given[-1]}"
+    inside = [item for k, item in keys.items() if not loc or k.startswith(loc + ".")]
+    return f"{origin} with --set {', '.join(inside)}" if inside else origin
+
+
+def _format(err: ValidationError, origin: str, overrides: list[str] | None = None) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling against params.yaml)"
-        lines.append(f"{origin}: {loc or '<root>'}: {msg}")
+        lines.append(f"{_blamed(loc, origin, overrides or [])}: {loc or '<root>'}: {msg}")
     return "\n".join(lines)
 
 
@@ -453,11 +464,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
     return data
 
 
-def from_dict(data: dict[str, Any], origin: str = "params") -> Params:
+def from_dict(data: dict[str, Any], origin: str = "params", overrides: list[str] | None = None) -> Params:
+    """Validated params; ``overrides``, the ``--set`` values already in ``data``, are named in an error
+    about a key they gave."""
     try:
         return Params.model_validate(data)
     except ValidationError as err:
-        raise ParamsError(_format(err, origin)) from None
+        raise ParamsError(_format(err, origin, overrides)) from None
 
 
 def load(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
@@ -471,4 +484,4 @@ def load(path: str | Path = "params.yaml", overrides: list[str] | None = None) -
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
-    return from_dict(apply_overrides(data, overrides), origin=str(path))
+    return from_dict(apply_overrides(data, overrides), origin=str(path), overrides=overrides)

@@ -97,6 +97,20 @@ def test_bad_value_names_key(params_path, override, key):
     assert f"{key}:" in str(exc.value)
 
 
+def test_bad_value_names_where_it_came_from(params_path, tmp_path):
+    with pytest.raises(P.ParamsError) as exc:
+        P.load(params_path, ["finetune.lr=0.1", "finetune.epochs=-1"])
+    assert str(exc.value).startswith("--set finetune.epochs=-1: finetune.epochs:")
+    bad_file = tmp_path / "bad.yaml"
+    bad_file.write_text("finetune: {epochs: 0}\n")
+    with pytest.raises(P.ParamsError) as exc:
+        P.load(bad_file, ["finetune.lr=0.1"])  # the file's value, not the --set beside it
+    assert str(exc.value).startswith(f"{bad_file}: finetune.epochs:")
+    with pytest.raises(P.ParamsError) as exc:
+        P.load(bad_file, ["finetune={epochs: 0, lr: 0.1}"])  # a whole section given on the command line
+    assert str(exc.value).startswith("--set finetune={epochs: 0, lr: 0.1}: finetune.epochs:")
+
+
 def test_bad_value_messages_are_specific(params_path):
     with pytest.raises(P.ParamsError, match="finetune.epochs: true is not a number"):
         P.load(params_path, ["finetune.epochs=true"])
