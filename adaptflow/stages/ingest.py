@@ -136,8 +136,10 @@ def _fractions(params: Params, role: str) -> dict[str, float]:
     return {"val": spec.val_fraction, **({"test": params.target.test_fraction} if role == "target" else {})}
 
 
-def check_class_sizes(counts: dict[str, int], params: Params, role: str, lost: dict[str, Counter] | None = None) -> None:
-    """Every class must fill every split (train keeping ``target.k`` for the labeled subset)."""
+def check_class_sizes(counts: dict[str, int], params: Params, role: str, lost: dict[str, Counter] | None = None,
+                      what: str = "usable images") -> None:
+    """Every class must fill every split (train keeping ``target.k`` for the labeled subset). ``what`` the
+    counts are: usable images after decoding, or the files listed before (some may turn out unreadable)."""
     fractions = _fractions(params, role)
     k = params.target.k if role == "target" else 0
     need = min_class_size(fractions, train_min=max(k, 1))
@@ -152,7 +154,7 @@ def check_class_sizes(counts: dict[str, int], params: Params, role: str, lost: d
     asks = ", ".join(f"{name}_fraction={f}" for name, f in fractions.items())
     k_txt = f"target.k={k} labeled train images, " if role == "target" else ""
     raise DataError(
-        f"{role}.domain: class(es) with too few usable images — {'; '.join(detail)}. Each class needs at least {need} "
+        f"{role}.domain: class(es) with too few {what} — {'; '.join(detail)}. Each class needs at least {need} "
         f"({k_txt}at least one image in every split at {asks}). Add images to those classes"
         + (", lower target.k" if role == "target" and k > 1 else "") + ", or remove the classes."
     )
@@ -262,7 +264,8 @@ def run(params: Params, root: Path = Path("."), role: str = "target") -> dict:
 
     keep_idx = stratified_subset(domain.labels, spec.limit, seed=params.seed)
     if domain.splits is None:  # the obvious case fails before decoding anything
-        check_class_sizes({c: int((domain.labels[keep_idx] == i).sum()) for i, c in enumerate(domain.classes)}, params, role)
+        check_class_sizes({c: int((domain.labels[keep_idx] == i).sum()) for i, c in enumerate(domain.classes)}, params, role,
+                          what="images listed (before any is decoded)")
     size, channels = params.preprocess.image_size, params.preprocess.channels
     with outputs.atomic_dir(out, "ingest", key) as tmp:
         writer = store.ImageWriter(tmp, (channels, size, size))

@@ -142,7 +142,7 @@ def test_class_too_small_for_the_splits(tmp_path, folder):
         ingest.run(params(f"imagefolder:{folder}"), tmp_path, "target")
     msg = str(exc.value)
     need = min_class_size({"val": 0.1, "test": 0.3}, train_min=2)
-    assert msg.startswith("target.domain: class(es) with too few usable images — '2': 3.")
+    assert msg.startswith("target.domain: class(es) with too few images listed (before any is decoded) — '2': 3.")
     assert f"at least {need} (target.k=2 labeled train images, at least one image in every split at val_fraction=0.1, test_fraction=0.3)" in msg
     assert "Add images to those classes, lower target.k, or remove the classes." in msg
     assert not (tmp_path / "data" / "ingested" / "target").exists()
@@ -174,7 +174,7 @@ def test_k_larger_than_a_class_allows(tmp_path, folder):
 
 def test_source_needs_train_and_val_per_class(tmp_path):
     make_imagefolder(tmp_path / "s", per_class=1, classes=3, mixed=False)
-    with pytest.raises(DataError, match=r"^source\.domain: class\(es\) with too few usable images .* at least 6 \(at least one image in every split at val_fraction=0\.1\)"):
+    with pytest.raises(DataError, match=r"^source\.domain: class\(es\) with too few images listed \(before any is decoded\) .* at least 6 \(at least one image in every split at val_fraction=0\.1\)"):
         ingest.run(params(source="imagefolder:s"), tmp_path, "source")
 
 
