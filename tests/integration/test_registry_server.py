@@ -92,6 +92,8 @@ def test_registry_history_cli_says_who_was_champion_when(server_runs):
     assert f"version {v1} " in held and "why: gate passed" in held
     now = subprocess.run(cmd + ["--at", datetime_iso(time.time() + 1)], env=env, capture_output=True, text=True, check=True, cwd=server_runs["normal"]).stdout
     assert f"version {v2} " in now
+    bogus = subprocess.run(cmd + ["--alias", "champoin"], env=env, capture_output=True, text=True, cwd=server_runs["normal"])
+    assert bogus.returncode == 2 and "--alias champoin" in bogus.stderr and "its aliases with moves: challenger, champion" in bogus.stderr
     show = subprocess.run([str(BIN / "adaptflow"), "registry", "show", server_runs["name"]], env=env, capture_output=True, text=True, check=True).stdout
     assert f"champion    version {v2}" in show and f"challenger  version {v3}" in show
 
