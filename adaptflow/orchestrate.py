@@ -160,9 +160,20 @@ def check_upstream(stage: str, params: Params, root: Path, **which: object) -> N
             + "\nrun the stages above it first (`dvc repro`, `adaptflow run`, or `adaptflow stage` for each)")
 
 
+def store_root(root: Path) -> Path:
+    """Where the project's default MLflow store lives: ``root``, except in a ``dvc exp run --temp``/``--queue``
+    workspace (a copy under ``.dvc/tmp/exps/`` that DVC deletes afterwards), where it is the project DVC names
+    in ``DVC_ROOT`` — an experiment registers against the project's registry and champion, not a throwaway."""
+    root = Path(root).resolve()
+    project = os.environ.get("DVC_ROOT")
+    if project and root.is_relative_to(Path(project).resolve() / ".dvc" / "tmp" / "exps"):
+        return Path(project).resolve()
+    return root
+
+
 def tracking_uri(root: Path) -> str:
     """The MLflow store register writes to (what ``tracking.configure`` picks), known without importing MLflow."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root(root) / 'mlflow.db'}"
 
 
 def is_current(ident: Identity, root: Path) -> bool:

@@ -37,6 +37,7 @@ from mlflow.models import ModelSignature  # noqa: E402
 from mlflow.types.schema import AnyType, ColSpec, Schema  # noqa: E402
 
 from adaptflow import aliases  # noqa: E402
+from adaptflow.orchestrate import store_root, tracking_uri  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ def configure(root: Path = Path("."), create: bool = True) -> str:
 
     ``create=False`` (commands that only read: predict, registry): a local store that is not there raises
     :class:`NoStore` instead of being created, empty, wherever the command happened to run."""
-    root = Path(root).resolve()
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+    root = store_root(root)
+    uri = tracking_uri(root)
     registry = os.environ.get("MLFLOW_REGISTRY_URI") or uri
     # mlflow.set_*_uri also export MLFLOW_*_URI into os.environ "for subprocesses": left there, the first
     # project's store would silently become every later configure()'s "user setting" in this process.

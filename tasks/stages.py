@@ -99,4 +99,4 @@ def dvc_add(root: str, path: str) -> str:
 @task(name="dvc_commit", **FS_RETRY)
 def dvc_commit(root: str) -> None:
     """Record this run's outputs in dvc.lock, so `dvc status` is clean and `dvc repro` has nothing to do."""
-    orchestrate.dvc(Path(root), "commit", "--force", "--quiet")
+    orchestrate.dvc(Path(root), "commit", "--force")  # not --quiet: a failure must say why

@@ -109,6 +109,17 @@ def test_tracking_uri(tmp_path, monkeypatch):
     assert orchestrate.tracking_uri(tmp_path) == "http://127.0.0.1:5000"
 
 
+def test_a_dvc_experiment_workspace_uses_the_projects_store(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    project = tmp_path / "proj"
+    workspace = project / ".dvc" / "tmp" / "exps" / "tmp8f3k"  # `dvc exp run --temp`: a copy DVC deletes after
+    monkeypatch.setenv("DVC_ROOT", str(project))  # DVC names the project for every experiment's stage
+    assert orchestrate.tracking_uri(workspace) == f"sqlite:///{project.resolve() / 'mlflow.db'}"
+    assert orchestrate.tracking_uri(project) == f"sqlite:///{project.resolve() / 'mlflow.db'}"
+    other = tmp_path / "elsewhere"  # a project in a folder of its own is its own store
+    assert orchestrate.tracking_uri(other) == f"sqlite:///{other.resolve() / 'mlflow.db'}"
+
+
 def test_stage_cache_key_is_the_stage_key_and_forgets_stale_records(tmp_path, monkeypatch):
     from tasks.caching import StageInputs
 
