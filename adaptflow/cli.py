@@ -244,22 +244,6 @@ def _expand(paths: list[Path]) -> list[Path]:
     return out
 
 
-def _readable(files: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """The files that decode as images (as the served model decodes them), and the others with the reason."""
-    from PIL import Image
-
-    from adaptflow import imaging
-
-    good, bad = [], []
-    for f in files:
-        try:
-            imaging.to_pil(f)
-            good.append(f)
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            bad.append((f, f"not a readable image ({type(exc).__name__}: {exc})"))
-    return good, bad
-
-
 def _unwritable(path: Path) -> str | None:
     """Why a file cannot be written at ``path`` — checked before any work by writing a probe beside it
     (in the nearest folder that exists) — or None."""
@@ -292,7 +276,7 @@ def predict(
     appears only once every batch is done."""
     import pandas as pd
 
-    from adaptflow import outputs, tracking
+    from adaptflow import imaging, outputs, tracking
 
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
@@ -326,7 +310,7 @@ def predict(
         try:  # each image is decoded once, by the model; only a batch that fails is checked file by file
             out = m.predict(frame(batch))
         except Exception:
-            batch, unreadable = _readable(batch)
+            batch, unreadable = imaging.readable(batch)
             if not unreadable:
                 raise  # every file decodes: the failure is the model's, not the input's
             n_unreadable += len(unreadable)

@@ -54,6 +54,19 @@ def to_pil(img: Any) -> Image.Image:
     return Image.fromarray(to_uint8(arr))
 
 
+def readable(files: list[Any]) -> tuple[list[Any], list[tuple[Any, str]]]:
+    """The files that decode as images (as ingest and the served model decode them), and the others, each
+    with the reason."""
+    good, bad = [], []
+    for f in files:
+        try:
+            to_pil(f)
+            good.append(f)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            bad.append((f, f"not a readable image ({type(exc).__name__}: {exc})"))
+    return good, bad
+
+
 def _is_file(s: str) -> bool:
     try:
         return Path(s).is_file()

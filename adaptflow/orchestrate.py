@@ -273,18 +273,39 @@ def incoming_dir(params: Params, root: Path) -> Path:
     return Path(root) / params.orchestrate.incoming.format(domain=target_folder_name(params))
 
 
+def _hold_back(files: list[Path], src: Path, dest: Path, need: int, held: list[dict]) -> list[Path]:
+    """The incoming files that may join the dataset; the others are appended to ``held`` with the reason."""
+    from adaptflow import imaging
+
+    ok, bad = imaging.readable(files)
+    held += [{"item": str(f.relative_to(src)), "reason": why} for f, why in bad]
+    by_class: dict[str, list[Path]] = {}
+    for f in ok:
+        by_class.setdefault(f.relative_to(src).parts[0], []).append(f)
+    for c, fs in by_class.items():
+        if not (dest / c).is_dir() and len(fs) < need:
+            why = f"class {c!r} is new and has {len(fs)} readable image(s); it joins when it has {need} (one in every split, and target.k labeled)"
+            held += [{"item": str(f.relative_to(src)), "reason": why} for f in fs]
+            ok = [f for f in ok if f not in fs]
+    return ok
+
+
 def absorb_incoming(params: Params, root: Path) -> dict:
     """Move new target images from the watched folder (``orchestrate.incoming``, one subfolder per class)
     into the target's image folder, so ingest sees them; the watched folder is left empty.
 
     A file whose name is taken in the dataset is dropped when the bytes are the same and renamed when they
-    differ. Hidden files (uploads in progress) and files outside a class folder stay where they are. Moving
-    is idempotent: a run killed midway moves the rest next time.
+    differ. Hidden files (uploads in progress) and files outside a class folder stay where they are. So does
+    — *held*, listed with its reason in the report and the log — a file that is not a readable image, and
+    every file of a class the dataset does not have yet until that class has enough readable images to fill
+    every split (moved, they would fail every later ingest). Moving is idempotent: a run killed midway moves
+    the rest next time.
     """
     from adaptflow.data.domains import DataError, parse_spec, resolve
+    from adaptflow.stages.ingest import class_size_needed
 
     src = incoming_dir(params, root)
-    report = {"incoming": str(src), "added": 0, "duplicates": 0, "classes": [], "dataset": None}
+    report = {"incoming": str(src), "added": 0, "duplicates": 0, "classes": [], "dataset": None, "held": []}
     files = sorted(p for p in src.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(src).parts)) if src.is_dir() else []
     loose = [p for p in files if len(p.relative_to(src).parts) < 2]
     if loose:
@@ -298,6 +319,9 @@ def absorb_incoming(params: Params, root: Path) -> dict:
         raise DataError(f"incoming: {len(files)} new file(s) in {src}, but target.domain is {params.target.domain!r}; new data can only "
                         f"be added to an imagefolder target (set target.domain: imagefolder:data/raw/NAME and target.raw: data/raw/NAME)")
     dest = resolve(spec, root)
+    files = _hold_back(files, src, dest, class_size_needed(params, "target"), report["held"])
+    for h in report["held"]:
+        log.warning("incoming: %s stays in %s: %s", h["item"], src, h["reason"])
     classes = set()
     for f in files:
         rel = f.relative_to(src)

@@ -136,13 +136,18 @@ def _fractions(params: Params, role: str) -> dict[str, float]:
     return {"val": spec.val_fraction, **({"test": params.target.test_fraction} if role == "target" else {})}
 
 
+def class_size_needed(params: Params, role: str) -> int:
+    """The fewest images a class of ``role`` needs: one in every split, and ``target.k`` labeled in train."""
+    return min_class_size(_fractions(params, role), train_min=max(params.target.k if role == "target" else 0, 1))
+
+
 def check_class_sizes(counts: dict[str, int], params: Params, role: str, lost: dict[str, Counter] | None = None,
                       what: str = "usable images") -> None:
     """Every class must fill every split (train keeping ``target.k`` for the labeled subset). ``what`` the
     counts are: usable images after decoding, or the files listed before (some may turn out unreadable)."""
     fractions = _fractions(params, role)
     k = params.target.k if role == "target" else 0
-    need = min_class_size(fractions, train_min=max(k, 1))
+    need = class_size_needed(params, role)
     short = {c: n for c, n in counts.items() if n < need}
     if not short:
         return

@@ -48,20 +48,45 @@ def _imagefolder(root: Path, files: dict[str, bytes]) -> None:
         (root / rel).write_bytes(data)
 
 
+def _png(value: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (8, 8), value).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def test_absorb_incoming_moves_new_files_into_the_target_folder(tmp_path):
-    p = _params(target={"domain": "imagefolder:data/raw/digits"})
-    _imagefolder(tmp_path / "data/raw/digits", {"0/a.png": b"a", "1/b.png": b"b"})
+    from adaptflow.stages.ingest import class_size_needed
+
+    p = _params(target={"domain": "imagefolder:data/raw/digits", "k": 1})
+    a, b, b2, c = _png(1), _png(2), _png(3), _png(4)
+    _imagefolder(tmp_path / "data/raw/digits", {"0/a.png": a, "1/b.png": b})
     incoming = orchestrate.incoming_dir(p, tmp_path)
     assert incoming == tmp_path / "data/incoming/digits"
-    _imagefolder(incoming, {"0/a.png": b"a", "1/b.png": b"B", "2/c.png": b"c", "loose.png": b"l", "2/.partial.png": b"p"})
+    need = class_size_needed(p, "target")
+    new_class = {f"2/c{i}.png": _png(10 + i) for i in range(need)}
+    _imagefolder(incoming, {"0/a.png": a, "1/b.png": b2, **new_class, "loose.png": c, "2/.partial.png": c,
+                            "1/notes.png": b"not an image", "seven/one.png": c})
     report = orchestrate.absorb_incoming(p, tmp_path)
-    assert report["added"] == 2 and report["duplicates"] == 1 and report["classes"] == ["1", "2"]
+    assert report["added"] == 1 + need and report["duplicates"] == 1 and report["classes"] == ["1", "2"]
     dest = tmp_path / "data/raw/digits"
-    assert (dest / "2/c.png").read_bytes() == b"c" and (dest / "1/b.png").read_bytes() == b"b"
+    assert (dest / "2/c0.png").read_bytes() == _png(10) and (dest / "1/b.png").read_bytes() == b
     renamed = [f for f in (dest / "1").iterdir() if f.name != "b.png"]
-    assert len(renamed) == 1 and renamed[0].read_bytes() == b"B"  # a different file under a taken name is kept, renamed
-    assert sorted(str(f.relative_to(incoming)) for f in incoming.rglob("*") if f.is_file()) == ["2/.partial.png", "loose.png"]
+    assert len(renamed) == 1 and renamed[0].read_bytes() == b2  # a different file under a taken name is kept, renamed
+    # held, with the reason: a file that is no image, and a new class too small to fill the splits
+    held = {h["item"]: h["reason"] for h in report["held"]}
+    assert held["1/notes.png"].startswith("not a readable image")
+    assert held["seven/one.png"].startswith(f"class 'seven' is new and has 1 readable image(s); it joins when it has {need}")
+    assert not (dest / "seven").exists()
+    assert sorted(str(f.relative_to(incoming)) for f in incoming.rglob("*") if f.is_file()) == [
+        "1/notes.png", "2/.partial.png", "loose.png", "seven/one.png"]
     assert orchestrate.absorb_incoming(p, tmp_path)["added"] == 0
+    # the new class joins once it has enough images
+    _imagefolder(incoming, {f"seven/more{i}.png": _png(100 + i) for i in range(need - 1)})
+    assert orchestrate.absorb_incoming(p, tmp_path)["added"] == need and len(list((dest / "seven").iterdir())) == need
 
 
 def test_absorb_incoming_needs_an_imagefolder_target(tmp_path):
