@@ -37,7 +37,7 @@ from mlflow.models import ModelSignature  # noqa: E402
 from mlflow.types.schema import AnyType, ColSpec, Schema  # noqa: E402
 
 from adaptflow import aliases  # noqa: E402
-from adaptflow.orchestrate import store_root, tracking_uri  # noqa: E402
+from adaptflow.orchestrate import NoStore, store_root, tracking_uri  # noqa: E402,F401 (NoStore: raised here)
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,6 @@ _PKG = Path(__file__).resolve().parent
 # What the registered model imports, pinned to this environment's versions (the model's requirements).
 _SERVING_REQUIREMENTS = ("torch", "torchvision", "timm", "safetensors", "numpy", "pandas", "pillow", "mlflow")
 _TAG_KEY = re.compile(r"[^\w.\- :/]")
-
-
-class NoStore(FileNotFoundError):
-    """A command that only reads the registry found no store where it looked (it creates none)."""
 
 
 def configure(root: Path = Path("."), create: bool = True) -> str:
@@ -288,6 +284,18 @@ def set_version_tags(name: str, version: str, tags: dict[str, Any]) -> None:
     client = MlflowClient()
     for k, v in tags.items():
         client.set_model_version_tag(name, version, tag_key(k), str(v))
+
+
+def seen_by(name: str, version: str, artifact_file: str) -> list | None:
+    """The list ``artifact_file`` holds in the run that registered ``version`` (its ``parent_run_id`` tag), or
+    None when that version has none (registered before it was recorded)."""
+    run_id = version_tags(name, version).get("parent_run_id")
+    if not run_id:
+        return None
+    try:
+        return list(mlflow.artifacts.load_dict(f"runs:/{run_id}/{artifact_file}")["sha1"])
+    except (MlflowException, OSError, KeyError, ValueError):
+        return None
 
 
 def version_tags(name: str, version: str) -> dict[str, str]:

@@ -29,6 +29,7 @@ import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -180,6 +181,8 @@ def run(params: Params, root: Path = Path("."), flow_run_id: str | None = None) 
     tags = provenance_tags(params, root, lock, orch)
     tags["source_model_run_id"] = _source_model_run(params, root, tags)
     test = store.load_split(tgt, "test")
+    meta = store.read_meta(tgt, ["split", "sha1"])
+    test_sha1 = meta["sha1"][meta["split"] == "test"].tolist()  # in load_split's row order
     datasets = [(f"source:{src_card['domain']}", src_card["data_hash"], src, "training"),
                 (f"target:{tgt_card['domain']}", tgt_card["data_hash"], tgt, "training, validation (val) and evaluation (test)")]
 
@@ -194,6 +197,7 @@ def run(params: Params, root: Path = Path("."), flow_run_id: str | None = None) 
         tracking.log_artifacts(ev_dir, "evaluate")  # report.html, report.md, metrics, plots
         tracking.log_artifacts(tgt / store.CARD, "dataset_cards/target")
         tracking.log_artifacts(src / store.CARD, "dataset_cards/source")
+        tracking.log_dict({"sha1": sorted(meta["sha1"][meta["split"].isin(["train", "val"])])}, SEEN)  # what a later gate leaves out
         per = ev["strategies"]
         tracking.log_metrics({**{f"{s}.{k}": v for s, m in per.items() for k, v in m.items() if _is_number(v)},
                               **{f"{s}.recall.{c}": v for s, m in per.items() for c, v in m["recall"].items()},
@@ -206,7 +210,7 @@ def run(params: Params, root: Path = Path("."), flow_run_id: str | None = None) 
         if candidate is None:
             decision.update({"version": None, "promoted": False, "reasons": ["no non-baseline strategy ran"], "alias": None})
         else:
-            decision.update(_gate_and_register(params, ev, test, model_uri, tags, name,
+            decision.update(_gate_and_register(params, ev, test, test_sha1, model_uri, tags, name,
                                                {"parent_run_id": parent_id, "candidate_run_id": run_ids[run_key(candidate, candidate_seed)],
                                                 "orchestrator": orch["kind"], **{k: v for k, v in orch.items() if v and k != "kind"}}))
             tracking.set_tags({"model_name": name, "model_version": decision["version"], "gate": decision["alias"]})
@@ -302,20 +306,50 @@ def _history(directory: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
-def _gate_and_register(params: Params, ev: dict, test: store.Split, model_uri: str, tags: dict, name: str, context: dict) -> dict:
-    """Read the champion, score it on this test set, gate, register, and move an alias by compare-and-set."""
+SEEN = "target_seen.json"  # per registration: the target images (pixel sha1) its models trained or chose on
+
+
+def unseen_test(test_sha1: list[str], seen: list[str] | None) -> tuple[np.ndarray, str | None]:
+    """The test rows the champion never trained or chose a checkpoint on, and a note for the gate's reasons
+    when the comparison is not on the whole test set as it stands. New target data re-splits every class, so
+    images the champion trained on can land in today's test split: scored on them, it would be flattered."""
+    every = np.arange(len(test_sha1))
+    if seen is None:
+        return every, "the champion's target images are not recorded (registered before they were): compared on the whole test set"
+    known = set(seen)
+    keep = np.array([i for i, h in enumerate(test_sha1) if h not in known], dtype=np.int64)
+    if len(keep) == len(every):
+        return every, None
+    if not len(keep):
+        return every, "every test image was among the champion's training or val images: compared on the whole test set, which flatters the champion"
+    return keep, (f"champion and candidate compared on the {len(keep)} of {len(every)} test images the champion never trained or chose on "
+                  f"({len(every) - len(keep)} it had were left out)")
+
+
+def _accuracy(model: Any, test: store.Split, rows: np.ndarray) -> float:
+    pred = model.predict(pd.DataFrame({"image": [_png_b64(test.images[int(i)]) for i in rows]}))
+    return float((pred["label"].to_numpy() == np.array(test.classes)[test.labels[rows]]).mean())
+
+
+def _gate_and_register(params: Params, ev: dict, test: store.Split, test_sha1: list[str], model_uri: str, tags: dict, name: str,
+                       context: dict) -> dict:
+    """Read the champion, score it and the candidate on the test images the champion has not seen, gate,
+    register, and move an alias by compare-and-set."""
     from adaptflow import aliases, tracking
 
     candidate, candidate_seed = ev["candidate"], ev["candidate_seed"]
     per, cand_run = ev["strategies"], ev["runs"][run_key(candidate, candidate_seed)]
     cand_mean, cand_acc = per[candidate]["test_acc"], cand_run["test_acc"]
     champion = tracking.alias_version(name, "champion")  # what the gate reads; the move checks it is unchanged
-    champion_acc = None
+    champion_acc, cand_vs_champion, note = None, cand_acc, None
     if champion is not None:
-        pred = tracking.load_model(f"models:/{name}/{champion}").predict(pd.DataFrame({"image": [_png_b64(im) for im in test.images]}))
-        champion_acc = float((pred["label"].to_numpy() == np.array(test.classes)[test.labels]).mean())
+        rows, note = unseen_test(test_sha1, tracking.seen_by(name, champion, SEEN))
+        champion_acc = _accuracy(tracking.load_model(f"models:/{name}/{champion}"), test, rows)
+        if len(rows) < len(test):  # the candidate on the same images (its own test accuracy is on all of them)
+            cand_vs_champion = _accuracy(tracking.load_model(model_uri), test, rows)
     baselines = {b: per[b]["test_acc"] for b in params.evaluate.baselines}
-    promoted, reasons = gate(cand_mean, baselines, champion_acc, params.register.margin, candidate_model_acc=cand_acc)
+    promoted, reasons = gate(cand_mean, baselines, champion_acc, params.register.margin, candidate_model_acc=cand_vs_champion)
+    reasons += [note] if note else []
     version = tracking.register(model_uri, name, {
         **tags, "strategy": candidate, "seed": candidate_seed, "val_acc": cand_run["val_acc"], "test_acc": cand_acc,
         "test_ece": cand_run["test_ece"], "strategy_mean_test_acc": cand_mean, "selection": ev["candidate_selection"],

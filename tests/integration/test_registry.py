@@ -128,3 +128,26 @@ def test_gate_keeps_champion_when_candidate_does_not_beat_it(flow_project):
     assert tracking.alias_version(first["model_name"], "champion") == first["version"]
     assert tracking.alias_version(first["model_name"], "challenger") == second["version"]
     assert json.loads((root / p.paths.reports / "registry.json").read_text())["version"] == second["version"]
+
+
+def test_gate_scores_the_champion_only_on_test_images_it_never_saw(flow_project, monkeypatch):
+    """New target data re-splits every class: the champion must not be scored on images it trained on."""
+    from adaptflow import tracking
+    from adaptflow.stages import register
+
+    root = flow_project["root"]
+    p = load(root / "params.yaml", overrides=["register.margin=0.002"])  # a new key: register runs again
+    meta = store.read_meta(root / p.paths.ingested / "target", ["split", "sha1"])
+    name = p.registered_model_name()
+    tracking.configure(root)
+    champion = tracking.alias_version(name, "champion")
+    # what each registration records: the target images its models trained or chose on
+    assert sorted(tracking.seen_by(name, champion, register.SEEN)) == sorted(meta.sha1[meta.split.isin(["train", "val"])])
+    test_sha1 = list(meta.sha1[meta.split == "test"])
+    real = tracking.seen_by
+    # as if today's test split held 10 images the champion had in train: it is scored on the others only
+    monkeypatch.setattr(tracking, "seen_by", lambda n, v, f: real(n, v, f) + test_sha1[:10])
+    out = register.run(p, root)
+    note = f"champion and candidate compared on the {len(test_sha1) - 10} of {len(test_sha1)} test images the champion never trained or chose on (10 it had were left out)"
+    assert note in out["reasons"], out["reasons"]
+    assert any(r.startswith(("beats current champion", "does not beat current champion")) for r in out["reasons"])

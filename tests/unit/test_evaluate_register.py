@@ -248,3 +248,17 @@ def test_register_does_not_import_mlflow_at_module_level():
 
     code = "import sys, adaptflow.stages.register, adaptflow.stages.evaluate, adaptflow.report; print('mlflow' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_the_champion_is_scored_only_on_test_images_it_never_saw():
+    from adaptflow.stages.register import unseen_test
+
+    test = ["a", "b", "c", "d"]
+    rows, note = unseen_test(test, ["x", "y"])  # a champion trained on other images: the whole test set, no note
+    assert rows.tolist() == [0, 1, 2, 3] and note is None
+    rows, note = unseen_test(test, ["b", "d", "z"])  # new data re-split: two of today's test images it trained on
+    assert rows.tolist() == [0, 2] and note.startswith("champion and candidate compared on the 2 of 4 test images") and "(2 it had" in note
+    rows, note = unseen_test(test, None)  # registered before this was recorded
+    assert rows.tolist() == [0, 1, 2, 3] and "not recorded" in note
+    rows, note = unseen_test(test, test)
+    assert rows.tolist() == [0, 1, 2, 3] and "flatters the champion" in note
