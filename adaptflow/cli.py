@@ -10,6 +10,7 @@ from typing import Iterator, Optional
 
 import typer
 
+from adaptflow import orchestrate
 from adaptflow import params as params_mod
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Adapt a source-domain model to a target domain, prove it helped, register the winner.")
@@ -67,7 +68,6 @@ def run(
     from flows.transfer_pipeline import run_pipeline
 
     api_ready()
-    _bad_input_without_traceback(("prefect.task_runs", "prefect.flow_runs"))
     with _bad_input_exits():
         result = run_pipeline(params_path=str(params), overrides=overrides, root=str(Path.cwd()))
     typer.echo("")
@@ -94,43 +94,16 @@ def _registry_line(reg: dict) -> str:
             f"earlier run, {verdict} then; aliases now: {aliases}")
 
 
-def _bad_input() -> tuple[type[Exception], ...]:
-    """What bad input raises: corrupt or missing data, too few images (``DataError``); an upstream stage's
-    output not there yet (``MissingOutput``)."""
-    from adaptflow.data.files import DataError
-    from adaptflow.outputs import MissingOutput
-    from adaptflow.tracking import NoStore
-
-    return DataError, MissingOutput, NoStore
-
-
 @contextlib.contextmanager
 def _bad_input_exits() -> Iterator[None]:
-    """Bad input (:func:`_bad_input`) ends the command with its message and exit status 2, not a traceback;
+    """Bad input (:func:`orchestrate.bad_input`) ends the command with its message and exit status 2, not a traceback;
     nothing partial was kept (stages write atomically)."""
     try:
         yield
-    except _bad_input() as exc:
+    except orchestrate.bad_input() as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         _exit_now(2)
         raise typer.Exit(2) from None
-
-
-class _NoBadInputTraceback(logging.Filter):
-    """An orchestrator's log record of a failure from bad input keeps its message, not the traceback: the
-    command ends with the error's own ``error:`` line (:func:`_bad_input_exits`)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], _bad_input()):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-def _bad_input_without_traceback(loggers: tuple[str, ...]) -> None:
-    for name in loggers:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _NoBadInputTraceback) for f in logger.filters):
-            logger.addFilter(_NoBadInputTraceback())
 
 
 def _exit_now(code: int) -> None:

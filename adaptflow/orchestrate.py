@@ -114,6 +114,37 @@ def identity(stage: str, params: Params, root: Path, **which: object) -> Identit
     return _IDENTITY[stage](params, Path(root), **which)
 
 
+class NoStore(FileNotFoundError):
+    """A command that only reads the registry found no store where it looked (it creates none)."""
+
+
+def bad_input() -> tuple[type[Exception], ...]:
+    """What bad input raises: corrupt or missing data, too few images (``DataError``); an upstream stage's
+    output not there yet, or made from other params (``MissingOutput``); no registry where one was expected
+    (``NoStore``). It ends a command with its message, exit 2, and no traceback."""
+    from adaptflow.data.files import DataError
+
+    return DataError, outputs.MissingOutput, NoStore
+
+
+class _NoBadInputTraceback(logging.Filter):
+    """A log record of a failure from bad input keeps its message, not the traceback: the message says what
+    to fix, and a traceback (three of them, from a flow run's task, flow and engine) buries it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], bad_input()):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_bad_input(loggers: tuple[str, ...] = ("prefect.task_runs", "prefect.flow_runs", "prefect.flow_engine", "prefect.task_engine")) -> None:
+    """Log bad input's failures on these (an orchestrator's) loggers without their tracebacks."""
+    for name in loggers:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoBadInputTraceback) for f in logger.filters):
+            logger.addFilter(_NoBadInputTraceback())
+
+
 class InconsistentUpstream(outputs.MissingOutput):
     """A stage's upstream output is complete but was not made from the current params: the stages above it
     have to run again first."""

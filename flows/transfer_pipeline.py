@@ -29,6 +29,7 @@ from tasks import stages as t
 from tasks.caching import for_project
 
 LAST_RUN = "last_run.json"
+orchestrate.quiet_bad_input()  # bad input fails a run with its message, not three tracebacks (CLI, worker, serve)
 
 
 def params_file(params_path: str, root: str) -> str:
@@ -76,7 +77,10 @@ def transfer_pipeline(params_path: str = "params.yaml", overrides: list[str] | N
         r = str(project)
         ingested = {role: task["ingest"].submit(params, r, role) for role in ROLES}
         augmented = task["augment"].submit(params, r, wait_for=list(ingested.values()))
-        pretrained = task["pretrain"].submit(params, r, wait_for=[ingested["source"]])
+        # One task at a time, both ingests run before pretrain anyway: waiting for the target's too lets bad
+        # target data fail the run at once, not after a pretrain. Parallel runners overlap pretrain with it.
+        sequential = params.orchestrate.task_runner == "sequential"
+        pretrained = task["pretrain"].submit(params, r, wait_for=list(ingested.values()) if sequential else [ingested["source"]])
         features = task["cache_features"].submit(params, r, wait_for=[pretrained, ingested["target"]])
         pairs = runs(params)
         tuned = task["finetune"].map(unmapped(params), unmapped(r), [s for s, _ in pairs], [k for _, k in pairs],
