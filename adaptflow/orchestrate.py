@@ -313,12 +313,13 @@ def _hold_back(files: list[Path], src: Path, dest: Path, need: int, held: list[d
     by_class: dict[str, list[Path]] = {}
     for f in ok:
         by_class.setdefault(f.relative_to(src).parts[0], []).append(f)
+    waiting: set[Path] = set()
     for c, fs in by_class.items():
         if not (dest / c).is_dir() and len(fs) < need:
             why = f"class {c!r} is new and has {len(fs)} readable image(s); it joins when it has {need} (one in every split, and target.k labeled)"
             held += [{"item": str(f.relative_to(src)), "reason": why} for f in fs]
-            ok = [f for f in ok if f not in fs]
-    return ok
+            waiting.update(fs)
+    return [f for f in ok if f not in waiting]
 
 
 def absorb_incoming(params: Params, root: Path) -> dict:
