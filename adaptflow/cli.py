@@ -274,6 +274,7 @@ def predict(
     except Exception as exc:  # MLflow raises several types for a bad URI
         typer.secho(f"error: cannot load {model}: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
+
     def frame(batch: list[Path]) -> "pd.DataFrame":
         return pd.DataFrame({"image": [str(p.resolve()) for p in batch]})
 
