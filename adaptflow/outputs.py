@@ -63,8 +63,9 @@ def json_digest(value: object) -> str:
 class Key(str):
     """A stage's input key — the string manifests and Prefect's cache compare — that also remembers what it
     was computed from: the params sections' values, each upstream output with its digest, and the raw
-    data's fingerprint by the stage that read it (``{"ingest:target": fingerprint}``). The manifest records them, so a later stage run on its own can tell whether
-    this output still follows from the current params and data (:func:`inconsistent_upstream`)."""
+    data's fingerprint by the stage that read it (``{"ingest:target": fingerprint}``). The manifest records
+    them, so a later stage run on its own can tell whether this output still follows from the current
+    params and data (:func:`inconsistent_upstream`)."""
 
     params: dict
     upstream: dict[Path, str]

@@ -37,7 +37,7 @@ from mlflow.models import ModelSignature  # noqa: E402
 from mlflow.types.schema import AnyType, ColSpec, Schema  # noqa: E402
 
 from adaptflow import aliases  # noqa: E402
-from adaptflow.orchestrate import NoStore, store_root, tracking_uri  # noqa: E402,F401 (NoStore: raised here)
+from adaptflow.orchestrate import NoStore, store_root, tracking_uri  # noqa: E402
 
 log = logging.getLogger(__name__)
 
