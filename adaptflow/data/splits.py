@@ -1,28 +1,71 @@
-"""Stratified, seeded splits and the k-shot labeled subset: pure functions over label arrays."""
+"""Content-keyed splits, the k-shot labeled subset and the stratified limit: pure functions over label arrays."""
 
 from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
 
 import numpy as np
 
 
-def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int, rest: str = "train") -> np.ndarray:
-    """Assign each index a split name; every class is divided by the same fractions (rounded per class).
+def positions(keys: Sequence[str], salt: str) -> np.ndarray:
+    """Each key's fixed place in [0, 1): the top 53 bits of sha256(``salt``:key), so it depends on the key
+    and the salt alone, never on which other items are present or in what order."""
+    return np.array([int.from_bytes(hashlib.sha256(f"{salt}:{k}".encode()).digest()[:8], "big") >> 11 for k in keys],
+                    dtype=np.float64) / 2.0**53
 
-    Returns an array of split names. ``rest`` receives what the fractions leave.
+
+def stable_split(labels: np.ndarray, keys: Sequence[str], fractions: dict[str, float], seed: int,
+                 rest: str = "train", rest_min: int = 1) -> np.ndarray:
+    """Assign each item a split name by its content ``keys`` (and ``seed``), not by its position.
+
+    An item's place in [0, 1) (:func:`positions`) falls in one named split's interval (``fractions`` laid
+    end to end, in order) or beyond them all, in ``rest``. So adding or removing items moves no other item:
+    new data joins the splits and what was test stays test. Per class the counts follow the fractions
+    statistically, not exactly (binomial). The one exception keeps every class usable: where a class's
+    items leave a named split empty, or ``rest`` below ``rest_min``, the items nearest that split's interval
+    are borrowed from splits that can spare them (only classes a few times smaller than 1/fraction need it;
+    as the class grows the borrowed items return). Returns an array of split names.
     """
-    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    if len(keys) != len(labels):
+        raise ValueError(f"{len(keys)} keys for {len(labels)} labels")
+    u = positions(keys, f"split:{seed}")
+    edges, lo = {}, 0.0
+    for name, f in fractions.items():
+        edges[name] = (lo, lo + f)
+        lo += f
+    edges[rest] = (lo, 1.0)
+    need = {**{name: 1 for name in fractions}, rest: rest_min}
     out = np.full(len(labels), rest, dtype=object)
+    for name, (a, b) in edges.items():
+        if name != rest:
+            out[(u >= a) & (u < b)] = name
     for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        start = 0
-        for name, n in split_counts(len(idx), fractions).items():
-            out[idx[start : start + n]] = name
-            start += n
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < sum(need.values()):
+            raise ValueError(f"class {c} has {len(idx)} items, fewer than the {sum(need.values())} its splits need")
+        _fill_minimums(out, idx, u, edges, need)
     return out
 
 
+def _fill_minimums(out: np.ndarray, idx: np.ndarray, u: np.ndarray, edges: dict, need: dict[str, int]) -> None:
+    """Within one class, move the nearest spare items into any split below its minimum."""
+    while True:
+        counts = {name: int((out[idx] == name).sum()) for name in edges}
+        short = [name for name in edges if counts[name] < need[name]]
+        if not short:
+            return
+        a, b = edges[short[0]]
+        spare = np.array([counts[out[i]] > need[out[i]] for i in idx])
+        cand = idx[spare]
+        dist = np.maximum(a - u[cand], 0.0) + np.maximum(u[cand] - b, 0.0)
+        out[cand[np.argmin(dist)]] = short[0]
+
+
 def split_counts(n: int, fractions: dict[str, float]) -> dict[str, int]:
-    """How many of a class's ``n`` items each named split receives (the rest stays in train)."""
+    """A class's expected share of ``n`` items in each named split, rounded: :func:`min_class_size` sizes a
+    class by it, so each split holds about its fraction, not only the one item :func:`stable_split` ensures."""
     return {name: int(round(frac * n)) for name, frac in fractions.items()}
 
 
@@ -39,15 +82,17 @@ def min_class_size(fractions: dict[str, float], train_min: int = 1, limit: int =
     raise ValueError(f"no class size up to {limit} satisfies fractions {fractions} with {train_min} train items")
 
 
-def k_shot(labels: np.ndarray, candidates: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """A boolean mask over ``labels``: k seeded picks per class among ``candidates`` (a boolean mask)."""
-    rng = np.random.default_rng(seed)
+def k_shot(labels: np.ndarray, candidates: np.ndarray, k: int, keys: Sequence[str], seed: int) -> np.ndarray:
+    """A boolean mask over ``labels``: per class the ``k`` candidates (a boolean mask) whose content ``keys``
+    come first in the seed's order (:func:`positions`). New items change a class's pick only where one of
+    them comes before a picked item; otherwise the labeled set stays as it was."""
+    u = positions(keys, f"labeled:{seed}")
     mask = np.zeros(len(labels), dtype=bool)
     for c in np.unique(labels):  # every class, including one with no candidates left
         idx = np.flatnonzero(candidates & (labels == c))
         if len(idx) < k:
             raise ValueError(f"class {c} has {len(idx)} train images, fewer than target.k={k}; lower target.k")
-        mask[rng.choice(idx, size=k, replace=False)] = True
+        mask[idx[np.argsort(u[idx], kind="stable")[:k]]] = True
     return mask
 
 

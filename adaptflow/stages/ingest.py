@@ -1,9 +1,12 @@
 """ingest: decode a domain once, quarantine what cannot be read, dedupe, split, store as uint8.
 
 Source gets train/val; target gets train/val/test plus the k-shot labeled subset of train (the rest of
-train is the unlabeled pool). Splits are stratified and seeded, or taken from a CSV manifest's ``split``
-column. The domain is streamed: one image is decoded, preprocessed (``imaging.prepare``, the same function
-the registered model runs), hashed and appended to the store at a time, so memory is flat in N.
+train is the unlabeled pool). An image's split, and whether it is labeled, follow from a hash of its decoded
+pixels and ``seed`` (``splits.stable_split``), so new data moves no image already split (save in a class
+too small to fill every split, which borrows): what was test stays test. A CSV manifest's ``split``
+column, where given, decides instead. The domain is streamed: one image is decoded, preprocessed
+(``imaging.prepare``, the same function the registered model runs), hashed and appended to the store at a
+time, so memory is flat in N.
 
 What can go wrong is answered, never hidden:
 
@@ -32,7 +35,7 @@ from adaptflow import outputs
 from adaptflow.data import store
 from adaptflow.data.domains import DataError, Domain, check_exists, open_domain, parse_spec, resolve
 from adaptflow.data.files import BadItem, describe, reason
-from adaptflow.data.splits import k_shot, min_class_size, stratified_split, stratified_subset
+from adaptflow.data.splits import k_shot, min_class_size, stable_split, stratified_subset
 from adaptflow.imaging import prepare
 from adaptflow.params import ROLES, Params
 
@@ -61,7 +64,8 @@ class Decoded:
     """What the streaming pass kept (domain indices, in store order) and what it turned away."""
 
     index: list[int] = field(default_factory=list)
-    sha1: list[str] = field(default_factory=list)
+    sha1: list[str] = field(default_factory=list)  # of the stored (prepared) pixels: what dedupes
+    content: list[str] = field(default_factory=list)  # of the decoded pixels: what splits (content_key)
     quarantined: list[dict] = field(default_factory=list)
     duplicates: list[dict] = field(default_factory=list)
     sizes: list[tuple[int, int]] = field(default_factory=list)
@@ -77,6 +81,19 @@ def _native(raw: object) -> dict:
     return {"h": int(arr.shape[0]), "w": int(arr.shape[1]), "mode": mode, "format": "array"}
 
 
+def content_key(raw: object) -> str:
+    """A hash of a decoded image's own pixels, before preprocessing: what places it in a split. The same
+    image renamed, moved, or re-encoded losslessly keeps its split, and ``preprocess`` settings move none."""
+    if hasattr(raw, "mode") and hasattr(raw, "tobytes"):  # a PIL image
+        head, body = f"{raw.mode}:{raw.size}", raw.tobytes()  # type: ignore[attr-defined]
+    else:
+        arr = np.ascontiguousarray(raw)
+        head, body = f"{arr.dtype}:{arr.shape}", arr.tobytes()
+    h = hashlib.sha1(head.encode())
+    h.update(body)
+    return h.hexdigest()
+
+
 def decode(domain: Domain, indices: np.ndarray, size: int, channels: int, writer: store.ImageWriter, label: str = "ingest") -> Decoded:
     """Stream ``indices`` of ``domain`` into ``writer``: prepare, hash, drop bad files and exact duplicates."""
     out = Decoded()
@@ -86,6 +103,7 @@ def decode(domain: Domain, indices: np.ndarray, size: int, channels: int, writer
         try:
             raw = domain.load(i)
             native = _native(raw)
+            content = content_key(raw)
             arr = prepare(raw, size, channels)
         except BadItem as exc:
             out.quarantined.append({"item": domain.refs[i], "class": domain.classes[domain.labels[i]], "reason": str(exc)})
@@ -106,6 +124,7 @@ def decode(domain: Domain, indices: np.ndarray, size: int, channels: int, writer
         first[digest] = i
         out.index.append(i)
         out.sha1.append(digest)
+        out.content.append(content)
         out.sizes.append((native["h"], native["w"]))
         out.modes[native["mode"]] += 1
         out.formats[native["format"]] += 1
@@ -221,7 +240,8 @@ def _check_decoded(dec, domain, index: np.ndarray, labels: np.ndarray, params: P
         _given_splits(split, labels, domain.classes, params, role)
         return split
     check_class_sizes({c: int((labels == i).sum()) for i, c in enumerate(domain.classes)}, params, role, lost)
-    return stratified_split(labels, _fractions(params, role), seed=params.seed)
+    k = params.target.k if role == "target" else 0
+    return stable_split(labels, dec.content, _fractions(params, role), seed=params.seed, rest_min=max(k, 1))
 
 
 def _failed_path(report: Path) -> Path:
@@ -290,7 +310,7 @@ def run(params: Params, root: Path = Path("."), role: str = "target") -> dict:
             raise DataError(f"{exc} (quarantined and ignored files: {failed})") from None
         labeled = np.zeros(len(labels), dtype=bool)
         if role == "target" and params.target.k > 0:
-            labeled = k_shot(labels, split == "train", params.target.k, seed=params.seed)
+            labeled = k_shot(labels, split == "train", params.target.k, dec.content, seed=params.seed)
         meta = pd.DataFrame({
             "source_index": index,
             "item": [domain.refs[i] for i in dec.index],
@@ -299,6 +319,7 @@ def run(params: Params, root: Path = Path("."), role: str = "target") -> dict:
             "split": split.astype(str),
             "labeled": labeled,
             "sha1": dec.sha1,
+            "content": dec.content,
         })
         counts = {s: {c: int(((split == s) & (labels == i)).sum()) for i, c in enumerate(domain.classes)} for s in sorted(set(split.tolist()))}
         writer.sha256.update(labels.astype(np.int64).tobytes())

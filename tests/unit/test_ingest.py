@@ -91,6 +91,34 @@ def test_cache_follows_the_files_and_restores_the_report(tmp_path, folder):
     assert not again["cached"] and again["quarantined"] == 1
 
 
+# --- splits: keyed by content, so new data moves no image already split ---------------------------------------
+
+
+def test_new_images_move_no_image_already_split(tmp_path):
+    folder = make_imagefolder(tmp_path / "digits", per_class=30, classes=4)
+    held = tmp_path / "later"
+    for c in range(4):  # a third of each class arrives later
+        for f in sorted((folder / str(c)).iterdir())[20:]:
+            (held / str(c)).mkdir(parents=True, exist_ok=True)
+            f.rename(held / str(c) / f.name)
+    p = params(f"imagefolder:{folder}", target__val_fraction=0.25, target__test_fraction=0.25)
+    ingest.run(p, tmp_path, "target")
+    before, _, _ = _meta_card(tmp_path)
+    for f in held.rglob("*.*"):
+        f.rename(folder / f.parent.name / f.name)
+    first = folder / before.item[0]
+    first.rename(first.with_name("renamed" + first.suffix))  # a renamed file is the same image
+    assert not ingest.run(p, tmp_path, "target")["cached"]
+    after, card, _ = _meta_card(tmp_path)
+    assert card["n_images"] == 120 and len(before) == 80
+    old = after.set_index("sha1").loc[before.sha1]
+    assert (old.split.to_numpy() == before.split.to_numpy()).all()  # what was test stays test
+    assert set(after.split[~after.sha1.isin(before.sha1)]) == {"train", "val", "test"}  # the new images join every split
+    was, now = before.labeled.to_numpy(), old.labeled.to_numpy()
+    assert not (now & ~was).any()  # no old image gains a label; a new one may take one (the k per class stay k)
+    assert (was & ~now).sum() == (after.labeled & ~after.sha1.isin(before.sha1)).sum() < was.sum()
+
+
 # --- duplicates: removed before splitting, counted, never straddling a split --------------------------------
 
 

@@ -1,4 +1,4 @@
-"""adaptflow.data.splits: stratified, seeded splits; the k-shot subset; the stratified limit."""
+"""adaptflow.data.splits: content-keyed splits; the k-shot subset; the stratified limit."""
 
 from __future__ import annotations
 
@@ -9,45 +9,86 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from adaptflow.data.splits import k_shot, stratified_split, stratified_subset
+from adaptflow.data.splits import k_shot, positions, stable_split, stratified_subset
 
 label_arrays = st.lists(st.integers(0, 4), min_size=1, max_size=120).map(lambda xs: np.array(xs, dtype=np.int64))
 fractions = st.tuples(st.floats(0.0, 0.45), st.floats(0.0, 0.45))
 
 
-def test_stratified_split_deterministic_and_seed_dependent():
+def _keys(n: int, tag: str = "img") -> list[str]:
+    return [f"{tag}{i}" for i in range(n)]
+
+
+def test_stable_split_deterministic_and_seed_dependent():
     labels = np.repeat(np.arange(3), 20)
-    a = stratified_split(labels, {"val": 0.2, "test": 0.3}, seed=5)
-    b = stratified_split(labels, {"val": 0.2, "test": 0.3}, seed=5)
-    c = stratified_split(labels, {"val": 0.2, "test": 0.3}, seed=6)
+    a = stable_split(labels, _keys(60), {"val": 0.2, "test": 0.3}, seed=5)
+    b = stable_split(labels, _keys(60), {"val": 0.2, "test": 0.3}, seed=5)
+    c = stable_split(labels, _keys(60), {"val": 0.2, "test": 0.3}, seed=6)
     assert (a == b).all()
     assert not (a == c).all()
 
 
-def test_stratified_split_exact_counts():
-    labels = np.repeat([0, 1], [10, 20])
-    out = stratified_split(labels, {"val": 0.1, "test": 0.3}, seed=0)
-    counts = Counter(zip(labels.tolist(), out.tolist()))
-    assert counts == {(0, "val"): 1, (0, "test"): 3, (0, "train"): 6, (1, "val"): 2, (1, "test"): 6, (1, "train"): 12}
+def test_stable_split_follows_the_key_not_the_position():
+    labels = np.repeat(np.arange(2), 50)
+    keys = _keys(100)
+    out = stable_split(labels, keys, {"val": 0.1, "test": 0.3}, seed=0)
+    order = np.random.default_rng(1).permutation(100)
+    shuffled = stable_split(labels[order], [keys[i] for i in order], {"val": 0.1, "test": 0.3}, seed=0)
+    assert (shuffled == out[order]).all()
 
 
-def test_stratified_split_custom_rest_name():
-    out = stratified_split(np.zeros(10, dtype=int), {"keep": 0.3}, seed=0, rest="drop")
-    assert sorted(Counter(out.tolist()).items()) == [("drop", 7), ("keep", 3)]
+def test_stable_split_new_items_move_no_old_item():
+    labels = np.repeat(np.arange(3), 40)
+    fracs = {"val": 0.1, "test": 0.3}
+    before = stable_split(labels, _keys(120), fracs, seed=0)
+    grown = np.concatenate([labels, np.repeat(np.arange(3), 30)])
+    after = stable_split(grown, _keys(120) + _keys(90, "new"), fracs, seed=0)
+    assert (after[:120] == before).all()
+    assert set(after[120:].tolist()) == {"train", "val", "test"}  # the new items join every split
 
 
-@given(labels=label_arrays, fr=fractions, seed=st.integers(0, 2**32 - 1))
-def test_stratified_split_partitions_and_keeps_proportions(labels, fr, seed):
+def test_stable_split_fractions_hold_on_large_classes():
+    labels = np.repeat(np.arange(2), 5000)
+    out = stable_split(labels, _keys(10_000), {"val": 0.1, "test": 0.3}, seed=0)
+    for c in (0, 1):
+        got = Counter(out[labels == c].tolist())
+        # binomial: 4 standard deviations of 5000 draws at p = 0.1 / 0.3 are 85 / 130 items
+        assert abs(got["val"] - 500) < 85 and abs(got["test"] - 1500) < 130, got
+
+
+def test_stable_split_custom_rest_name():
+    out = stable_split(np.zeros(1000, dtype=int), _keys(1000), {"keep": 0.3}, seed=0, rest="drop")
+    assert set(out.tolist()) == {"keep", "drop"} and 230 < (out == "keep").sum() < 370
+
+
+def test_stable_split_small_class_still_fills_every_split():
+    labels = np.zeros(4, dtype=int)
+    for seed in range(50):  # four items at val 0.1, test 0.1 rarely land in both: the nearest are borrowed
+        out = stable_split(labels, _keys(4), {"val": 0.1, "test": 0.1}, seed=seed, rest_min=2)
+        assert sorted(Counter(out.tolist()).items()) == [("test", 1), ("train", 2), ("val", 1)], (seed, out)
+
+
+def test_stable_split_class_too_small_raises():
+    with pytest.raises(ValueError, match="class 1 has 2 items"):
+        stable_split(np.array([0, 0, 0, 1, 1]), _keys(5), {"val": 0.2, "test": 0.2}, seed=0)
+
+
+@given(labels=label_arrays, fr=fractions, seed=st.integers(0, 2**32 - 1), rest_min=st.integers(1, 3))
+def test_stable_split_partitions_and_meets_minimums(labels, fr, seed, rest_min):
     fracs = {"val": fr[0], "test": fr[1]}
-    out = stratified_split(labels, fracs, seed=seed)
+    keys = _keys(len(labels))
+    sizes = Counter(labels.tolist())
+    if min(sizes.values()) < 2 + rest_min:
+        with pytest.raises(ValueError, match="fewer than"):
+            stable_split(labels, keys, fracs, seed=seed, rest_min=rest_min)
+        return
+    out = stable_split(labels, keys, fracs, seed=seed, rest_min=rest_min)
     assert out.shape == labels.shape
     assert set(out.tolist()) <= {"train", "val", "test"}  # every index gets exactly one split name
-    for c in np.unique(labels):
-        n_c = int((labels == c).sum())
-        for name, f in fracs.items():
-            got = int(((labels == c) & (out == name)).sum())
-            assert abs(got - f * n_c) <= 0.5 + 1e-9, (c, name, got, f, n_c)
-    assert (out == stratified_split(labels, fracs, seed=seed)).all()
+    for c in sizes:
+        got = Counter(out[labels == c].tolist())
+        assert got["val"] >= 1 and got["test"] >= 1 and got["train"] >= rest_min, (c, got)
+    assert (out == stable_split(labels, keys, fracs, seed=seed, rest_min=rest_min)).all()
 
 
 # --- k_shot -------------------------------------------------------------------------------------------
@@ -56,24 +97,24 @@ def test_stratified_split_partitions_and_keeps_proportions(labels, fr, seed):
 def test_k_shot_exactly_k_per_class_among_candidates():
     labels = np.repeat(np.arange(4), 10)
     candidates = np.tile(np.arange(10) < 6, 4)  # first 6 of each class
-    mask = k_shot(labels, candidates, k=3, seed=0)
+    mask = k_shot(labels, candidates, k=3, keys=_keys(len(labels)), seed=0)
     assert mask.dtype == bool and mask.shape == labels.shape
     assert not (mask & ~candidates).any()
     assert Counter(labels[mask].tolist()) == {0: 3, 1: 3, 2: 3, 3: 3}
-    assert (mask == k_shot(labels, candidates, k=3, seed=0)).all()
+    assert (mask == k_shot(labels, candidates, k=3, keys=_keys(len(labels)), seed=0)).all()
 
 
 def test_k_shot_k_equals_available_takes_all():
     labels = np.array([0, 0, 1, 1, 1])
     candidates = np.array([1, 1, 0, 1, 1], bool)
-    assert (k_shot(labels, candidates, 2, seed=1) == candidates).all()
+    assert (k_shot(labels, candidates, 2, _keys(len(labels)), seed=1) == candidates).all()
 
 
 def test_k_shot_too_few_raises_naming_target_k():
     labels = np.array([0, 0, 0, 1, 1, 1])
     candidates = np.array([1, 1, 1, 1, 0, 0], bool)  # class 1 has one candidate
     with pytest.raises(ValueError, match=r"target\.k=2") as exc:
-        k_shot(labels, candidates, k=2, seed=0)
+        k_shot(labels, candidates, k=2, keys=_keys(len(labels)), seed=0)
     assert "class 1" in str(exc.value)
 
 
@@ -81,7 +122,7 @@ def test_k_shot_class_without_candidates_raises():
     labels = np.array([0, 0, 0, 1, 1, 1])
     candidates = np.array([1, 1, 1, 0, 0, 0], bool)  # class 1 entirely outside train
     with pytest.raises(ValueError, match=r"target\.k"):
-        k_shot(labels, candidates, k=2, seed=0)
+        k_shot(labels, candidates, k=2, keys=_keys(len(labels)), seed=0)
 
 
 @given(labels=label_arrays, k=st.integers(1, 5), seed=st.integers(0, 2**32 - 1), data=st.data())
@@ -93,11 +134,26 @@ def test_k_shot_property(labels, k, seed, data):
     short = [c for c in present if (candidates & (labels == c)).sum() < k]
     if short:
         with pytest.raises(ValueError, match="target.k"):
-            k_shot(labels, candidates, k, seed)
+            k_shot(labels, candidates, k, _keys(len(labels)), seed)
         return
-    mask = k_shot(labels, candidates, k, seed)
+    mask = k_shot(labels, candidates, k, _keys(len(labels)), seed)
     assert not (mask & ~candidates).any()
     assert Counter(labels[mask].tolist()) == {int(c): k for c in present}
+
+
+def test_k_shot_keeps_its_picks_when_later_items_come_after_them():
+    labels = np.repeat(np.arange(2), 30)
+    keys = _keys(60)
+    before = k_shot(labels, np.ones(60, bool), 3, keys, seed=0)
+    grown = np.concatenate([labels, np.repeat(np.arange(2), 30)])
+    after = k_shot(grown, np.ones(120, bool), 3, keys + _keys(60, "new"), seed=0)
+    u = positions(keys + _keys(60, "new"), "labeled:0")
+    for c in (0, 1):  # a picked item is replaced only by a new one that comes before it
+        old, new = np.flatnonzero(before & (labels == c)), np.flatnonzero(after & (grown == c))
+        dropped = set(old.tolist()) - set(new.tolist())
+        added = set(new.tolist()) - set(old.tolist())
+        assert all(i >= 60 for i in added) and len(dropped) == len(added)
+        assert all(u[a] < u[d] for a in added for d in dropped)
 
 
 # --- stratified_subset --------------------------------------------------------------------------------
