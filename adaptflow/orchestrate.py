@@ -215,13 +215,11 @@ def is_current(ident: Identity, root: Path) -> bool:
     """
     if ident.stage != "register":
         return outputs.is_current(ident.output, ident.key)
-    try:
-        record = json.loads(ident.output.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
+    from adaptflow.stages.register import reusable
+
     uri = tracking_uri(root)
     store_gone = uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file()
-    return record.get("key") == ident.key and record.get("tracking_uri") == uri and bool(record.get("version")) and not store_gone
+    return reusable(ident.output, ident.key, uri) is not None and not store_gone
 
 
 def state_dir(root: Path) -> Path:

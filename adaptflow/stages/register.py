@@ -155,6 +155,17 @@ def input_key(params: Params, root: Path) -> outputs.Key:
     return outputs.input_key("register", params.sections("register", "evaluate", "finetune.strategies", "finetune.seeds"), upstream)
 
 
+def reusable(out: Path, key: str, tracking_uri: str) -> dict | None:
+    """The last registration's record (``registry.json``) if it was made from exactly these inputs into
+    this store, else None. The caller still checks that its version exists: :func:`run` asks MLflow, the
+    orchestrator (which must not import MLflow) only that a local store is still there."""
+    try:
+        record = json.loads(Path(out).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record if record.get("key") == key and record.get("tracking_uri") == tracking_uri and record.get("version") else None
+
+
 def run(params: Params, root: Path = Path("."), flow_run_id: str | None = None) -> dict:
     """Register the candidate behind the gate. ``flow_run_id``: the Prefect flow run that called this, for
     the lineage record (not part of the stage's identity: a re-run with nothing changed does no work)."""
@@ -167,11 +178,10 @@ def run(params: Params, root: Path = Path("."), flow_run_id: str | None = None) 
     key = input_key(params, root)
     name = params.registered_model_name()
     tracking_uri = tracking.configure(root)
-    if out.is_file():
-        previous = json.loads(out.read_text())
-        if previous.get("key") == key and previous.get("tracking_uri") == tracking_uri and previous.get("version") and tracking.version_exists(name, previous["version"]):
-            log.info("register: up to date (version %s of %s)", previous["version"], name)
-            return {**previous, "cached": True}
+    previous = reusable(out, key, tracking_uri)
+    if previous and tracking.version_exists(name, previous["version"]):
+        log.info("register: up to date (version %s of %s)", previous["version"], name)
+        return {**previous, "cached": True}
 
     ev = _read_evaluation(ev_dir)
     candidate, candidate_seed = ev["candidate"], ev["candidate_seed"]

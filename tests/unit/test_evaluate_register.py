@@ -3,6 +3,8 @@ rules, the promotion gate, lineage inputs."""
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -262,3 +264,25 @@ def test_the_champion_is_scored_only_on_test_images_it_never_saw():
     assert rows.tolist() == [0, 1, 2, 3] and "not recorded" in note
     rows, note = unseen_test(test, test)
     assert rows.tolist() == [0, 1, 2, 3] and "flatters the champion" in note
+
+
+def test_register_reuse_needs_the_same_key_store_and_a_version(tmp_path, monkeypatch):
+    from adaptflow import orchestrate
+    from adaptflow.stages.register import reusable
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "reports" / "registry.json"
+    uri = orchestrate.tracking_uri(tmp_path)
+    ident = orchestrate.Identity("register", "k1", out)
+    assert reusable(out, "k1", uri) is None and not orchestrate.is_current(ident, tmp_path)  # nothing recorded
+    out.parent.mkdir()
+    out.write_text("{not json")
+    assert reusable(out, "k1", uri) is None
+    out.write_text(json.dumps({"key": "k1", "tracking_uri": uri, "version": "3"}))
+    assert reusable(out, "k1", uri)["version"] == "3"
+    assert reusable(out, "k2", uri) is None and reusable(out, "k1", "http://127.0.0.1:5000") is None
+    assert not orchestrate.is_current(ident, tmp_path)  # the record is right but the local store is gone
+    (tmp_path / "mlflow.db").write_bytes(b"")
+    assert orchestrate.is_current(ident, tmp_path)
+    out.write_text(json.dumps({"key": "k1", "tracking_uri": uri, "version": None}))  # a failed registration
+    assert reusable(out, "k1", uri) is None and not orchestrate.is_current(ident, tmp_path)
