@@ -79,7 +79,11 @@ def run(
 def _registry_line(reg: dict) -> str:
     """What register did this run — or, when it was reused, that nothing was registered and where the aliases
     point now (the stored verdict belongs to the run that made it)."""
-    name, verdict = reg.get("model_name"), "promoted to champion" if reg.get("promoted") else "not promoted"
+    from adaptflow.stages.register import HELD
+
+    name = reg.get("model_name")
+    verdict = ("promoted to champion" if reg.get("promoted") else
+               "passed the gate, held as challenger (a DVC experiment)" if reg.get("gate") == HELD else "not promoted")
     if not reg.get("cached"):
         return f"registry: {name} version {reg.get('version')} {verdict}: {'; '.join(reg.get('reasons', []))}"
     from adaptflow import tracking
@@ -357,6 +361,24 @@ def registry_history(
     for m in moves:
         runs = ", ".join(f"{k}={v}" for k, v in m.context.items() if k in ("parent_run_id", "prefect_flow_run_id", "git_commit"))
         typer.echo(f"{m.seq:>4}  {m.iso_time}  {m.alias:<11} {m.from_version or '-':>4} → {m.to_version:<4} {m.actor}\n      {m.reason}" + (f"\n      {runs}" if runs else ""))
+
+
+@registry_app.command("promote")
+def registry_promote(name: str = typer.Argument(..., help="registered model name"),
+                     version: str = typer.Argument(..., help="the version to make champion")) -> None:
+    """Make VERSION champion: only a version whose gate passed and was held (a DVC experiment's), while champion
+    is still the version that gate compared it with. Choose the experiment on val first (dvc exp show)."""
+    from adaptflow import tracking
+    from adaptflow.stages.register import PromoteRefused, promote
+
+    with _bad_input_exits():
+        tracking.configure(Path.cwd(), create=False)
+    try:
+        done = promote(name, version)
+    except PromoteRefused as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{name}@champion: version {version} (was {done['previous_champion'] or 'none'}); gate: {done['reasons']}")
 
 
 @registry_app.command("show")

@@ -7,7 +7,9 @@ model must beat the current champion re-scored on the same test images (so a cha
 data is compared fairly). A candidate that fails gets the ``challenger`` alias and the reasons.
 
 Both aliases move by compare-and-set (``tracking.move_alias``): ``champion`` moves only if it still points
-where the gate read it, and every move lands in the registered model's alias history.
+where the gate read it, and every move lands in the registered model's alias history. Under ``dvc exp run``
+a passing gate is held (``challenger``, gate ``passed, held``): a sweep must not pick its champion by test
+score; :func:`promote` applies a held verdict once the experiment is chosen on val.
 
 What MLflow receives, per pipeline run: one parent run (the whole resolved params, per-strategy metrics,
 the evaluate report and plots, dataset cards, dataset inputs, lineage) and one nested run per strategy and
@@ -358,13 +360,18 @@ def _gate_and_register(params: Params, ev: dict, test: store.Split, test_sha1: l
         if len(rows) < len(test):  # the candidate on the same images (its own test accuracy is on all of them)
             cand_vs_champion = _accuracy(tracking.load_model(model_uri), test, rows)
     baselines = {b: per[b]["test_acc"] for b in params.evaluate.baselines}
-    promoted, reasons = gate(cand_mean, baselines, champion_acc, params.register.margin, candidate_model_acc=cand_vs_champion)
+    passed, reasons = gate(cand_mean, baselines, champion_acc, params.register.margin, candidate_model_acc=cand_vs_champion)
     reasons += [note] if note else []
     version = tracking.register(model_uri, name, {
         **tags, "strategy": candidate, "seed": candidate_seed, "val_acc": cand_run["val_acc"], "test_acc": cand_acc,
         "test_ece": cand_run["test_ece"], "strategy_mean_test_acc": cand_mean, "selection": ev["candidate_selection"],
         "parent_run_id": context["parent_run_id"], "test_data_hash": ev["test_data_hash"]})
     context = {**context, "test_data_hash": ev["test_data_hash"], "git_commit": tags["git_commit"]}
+    experiment = os.environ.get("DVC_EXP_NAME")
+    promoted = passed and not experiment
+    if passed and experiment:
+        reasons.append(f"held: DVC experiment {experiment!r} never moves champion (across a sweep, the best test score would pick it); "
+                       f"choose among experiments on val (dvc exp show), then `adaptflow registry promote {name} {version}`")
     alias = "champion" if promoted else "challenger"
     if promoted:
         try:
@@ -373,12 +380,49 @@ def _gate_and_register(params: Params, ev: dict, test: store.Split, test_sha1: l
             promoted, alias = False, "challenger"
             reasons.append(f"champion moved to version {exc.found or 'none'} while the gate compared against version {exc.expected or 'none'}: "
                            f"not promoted (re-run register to gate against the new champion)")
+    verdict = "promoted" if promoted else HELD if passed and experiment else "rejected"
     if not promoted:
-        tracking.move_alias(name, "challenger", version, expected=aliases.ANY, reason="gate rejected: " + "; ".join(reasons), context=context)
-    tracking.set_version_tags(name, version, {"gate": "promoted" if promoted else "rejected", "gate_reasons": "; ".join(reasons)})
-    return {"version": version, "promoted": promoted, "alias": alias, "reasons": reasons, "previous_champion": champion,
+        tracking.move_alias(name, "challenger", version, expected=aliases.ANY, reason=f"gate {verdict}: " + "; ".join(reasons), context=context)
+    tracking.set_version_tags(name, version, {"gate": verdict, "gate_reasons": "; ".join(reasons), GATED_AGAINST: champion or "none"})
+    return {"version": version, "promoted": promoted, "gate": verdict, "alias": alias, "reasons": reasons, "previous_champion": champion,
             "previous_champion_test_acc": champion_acc, "candidate_seed": candidate_seed, "candidate_test_acc": cand_acc,
             "candidate_mean_test_acc": cand_mean, "champion": version if promoted else champion, "model_uri": model_uri}
+
+
+HELD = "passed, held"  # the gate passed, but an experiment's version waits for `adaptflow registry promote`
+GATED_AGAINST = "gated_against"  # version tag: the champion the gate compared with ("none": there was none)
+
+
+def promote(name: str, version: str, who: str = "adaptflow registry promote") -> dict:
+    """Make ``version`` champion: only a version whose gate passed and was held (a DVC experiment's), and only
+    while champion is still the version that gate compared it with — otherwise its verdict is stale and
+    :class:`PromoteRefused` says what to run. The move is compare-and-set and lands in the alias history."""
+    from adaptflow import aliases, tracking
+
+    tags = tracking.version_tags(name, version)
+    if not tags:
+        raise PromoteRefused(f"{name} version {version}: no such registered version")
+    if tags.get("gate") != HELD:
+        raise PromoteRefused(f"{name} version {version}: its gate was {tags.get('gate', 'never run')!r}, and only a version whose gate passed "
+                             f"and was held can be promoted by hand ({tags.get('gate_reasons', 'no reasons recorded')})")
+    current = tracking.alias_version(name, "champion")
+    against = tags.get(GATED_AGAINST, "none")
+    if (current or "none") != against:
+        raise PromoteRefused(f"{name} version {version} was gated against champion {against}, but champion is now {current or 'none'}: "
+                             "its verdict no longer holds; gate it again against the current champion (dvc exp apply the "
+                             "experiment, delete reports/registry.json, run adaptflow stage register)")
+    reasons = tags.get("gate_reasons", "")
+    try:
+        tracking.move_alias(name, "champion", version, expected=current, reason=f"promoted by hand ({who}): gate passed: {reasons}",
+                            context={"orchestrator": "cli", "promoted_from": "challenger"})
+    except aliases.AliasConflict as exc:
+        raise PromoteRefused(f"champion moved to version {exc.found or 'none'} meanwhile: nothing promoted") from None
+    tracking.set_version_tags(name, version, {"gate": "promoted"})
+    return {"model_name": name, "version": version, "previous_champion": current, "reasons": reasons}
+
+
+class PromoteRefused(RuntimeError):
+    """``promote`` would put a version in champion without a gate that holds today."""
 
 
 def _lineage(params: Params, root: Path, ev: dict, decision: dict, orch: dict, tags: dict, lock: dict | None, tgt_card: dict,

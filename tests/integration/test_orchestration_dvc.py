@@ -40,6 +40,14 @@ def test_prefect_run_commits_to_dvc_and_dvc_experiments_warm_prefect(dvc_project
     assert after["strategies"]["finetune"]["test_acc"] != before["strategies"]["finetune"]["test_acc"]
     shown = dvc("exp", "show", "--md")
     assert "lr-high" in shown and "0.05" in shown
+    # ... and registers its candidate, but never as champion: that waits for a choice on val and `registry promote`
+    reg = json.loads((dvc_project / "reports/registry.json").read_text())
+    assert reg["version"] == "2" and reg["alias"] == "challenger" and reg["gate"] in ("passed, held", "rejected"), reg
+    assert (reg["gate"] == "passed, held") == any(r.startswith("held: DVC experiment 'lr-high'") for r in reg["reasons"])
+    from adaptflow import tracking
+
+    tracking.configure(dvc_project)
+    assert tracking.alias_version(reg["model_name"], "champion") == "1"
 
     # A Prefect run after DVC's: every stage finds its output current (the workspace holds the experiment).
     warm = run_pipeline("params.yaml", [], str(dvc_project))

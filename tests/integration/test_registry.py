@@ -151,3 +151,41 @@ def test_gate_scores_the_champion_only_on_test_images_it_never_saw(flow_project,
     note = f"champion and candidate compared on the {len(test_sha1) - 10} of {len(test_sha1)} test images the champion never trained or chose on (10 it had were left out)"
     assert note in out["reasons"], out["reasons"]
     assert any(r.startswith(("beats current champion", "does not beat current champion")) for r in out["reasons"])
+
+
+def test_an_experiment_never_moves_champion_and_promote_applies_its_held_verdict(flow_project, monkeypatch):
+    """Under `dvc exp run` a passing gate is held: across a sweep the best test score would otherwise pick the
+    champion. `adaptflow registry promote` applies a held verdict, only while the champion it compared with stands."""
+    from adaptflow import tracking
+    from adaptflow.stages import register
+
+    root = flow_project["root"]
+    records = {f: f.read_text() for f in (root / "reports" / "registry.json", root / "reports" / "lineage.json")}
+    monkeypatch.setenv("DVC_EXP_NAME", "tidy-lamb")
+    p = load(root / "params.yaml", overrides=["register.model_name=exp-{target}"])  # a model with no champion yet
+    name = p.registered_model_name()
+    try:
+        first = register.run(p, root)
+        second = register.run(load(root / "params.yaml", overrides=["register.model_name=exp-{target}", "register.margin=0.001"]), root)
+    finally:  # the shared project's records stay those of its own model
+        for f, text in records.items():
+            f.write_text(text)
+    for out in (first, second):
+        assert out["promoted"] is False and out["gate"] == register.HELD and out["alias"] == "challenger", out
+        assert "no current champion" in out["reasons"] and any(r.startswith("held: DVC experiment 'tidy-lamb'") for r in out["reasons"])
+    tracking.configure(root)
+    assert tracking.alias_version(name, "champion") is None and tracking.alias_version(name, "challenger") == second["version"]
+    monkeypatch.delenv("DVC_EXP_NAME")
+
+    promoted = run([str(BIN / "adaptflow"), "registry", "promote", name, first["version"]], root)
+    assert f"{name}@champion: version {first['version']} (was none)" in promoted.stdout
+    assert tracking.alias_version(name, "champion") == first["version"]
+    move = tracking.alias_history(name, "champion")[-1]
+    assert move.to_version == first["version"] and move.reason.startswith("promoted by hand")
+    assert tracking.version_tags(name, first["version"])["gate"] == "promoted"
+    # the second was gated against no champion; there is one now, so its verdict no longer holds
+    stale = run([str(BIN / "adaptflow"), "registry", "promote", name, second["version"]], root, check=False)
+    assert stale.returncode == 2 and f"gated against champion none, but champion is now {first['version']}" in stale.stderr
+    again = run([str(BIN / "adaptflow"), "registry", "promote", name, first["version"]], root, check=False)
+    assert again.returncode == 2 and "its gate was 'promoted'" in again.stderr
+    assert tracking.alias_version(name, "champion") == first["version"]

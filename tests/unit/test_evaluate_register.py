@@ -286,3 +286,22 @@ def test_register_reuse_needs_the_same_key_store_and_a_version(tmp_path, monkeyp
     assert orchestrate.is_current(ident, tmp_path)
     out.write_text(json.dumps({"key": "k1", "tracking_uri": uri, "version": None}))  # a failed registration
     assert reusable(out, "k1", uri) is None and not orchestrate.is_current(ident, tmp_path)
+
+
+def test_promote_refuses_what_no_held_gate_stands_behind(monkeypatch):
+    from adaptflow import tracking
+    from adaptflow.stages import register
+
+    tags = {"1": {"gate": "rejected", "gate_reasons": "does not beat scratch (0.5 vs 0.6, margin 0.0)"},
+            "2": {"gate": register.HELD, "gate_reasons": "no current champion; held: …", register.GATED_AGAINST: "none"}}
+    moves = []
+    monkeypatch.setattr(tracking, "version_tags", lambda name, v: tags.get(v, {}))
+    monkeypatch.setattr(tracking, "alias_version", lambda name, alias: None)
+    monkeypatch.setattr(tracking, "move_alias", lambda name, alias, v, **kw: moves.append((alias, v, kw["expected"])))
+    monkeypatch.setattr(tracking, "set_version_tags", lambda name, v, t: tags[v].update(t))
+    with pytest.raises(register.PromoteRefused, match="no such registered version"):
+        register.promote("m", "9")
+    with pytest.raises(register.PromoteRefused, match=r"its gate was 'rejected'.*does not beat scratch"):
+        register.promote("m", "1")
+    assert register.promote("m", "2")["previous_champion"] is None
+    assert moves == [("champion", "2", None)] and tags["2"]["gate"] == "promoted"
