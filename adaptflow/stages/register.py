@@ -399,9 +399,9 @@ def promote(name: str, version: str, who: str = "adaptflow registry promote") ->
     :class:`PromoteRefused` says what to run. The move is compare-and-set and lands in the alias history."""
     from adaptflow import aliases, tracking
 
-    tags = tracking.version_tags(name, version)
-    if not tags:
+    if not tracking.version_exists(name, version):
         raise PromoteRefused(f"{name} version {version}: no such registered version")
+    tags = tracking.version_tags(name, version)
     if tags.get("gate") != HELD:
         raise PromoteRefused(f"{name} version {version}: its gate was {tags.get('gate', 'never run')!r}, and only a version whose gate passed "
                              f"and was held can be promoted by hand ({tags.get('gate_reasons', 'no reasons recorded')})")

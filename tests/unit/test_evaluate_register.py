@@ -295,7 +295,8 @@ def test_promote_refuses_what_no_held_gate_stands_behind(monkeypatch):
     tags = {"1": {"gate": "rejected", "gate_reasons": "does not beat scratch (0.5 vs 0.6, margin 0.0)"},
             "2": {"gate": register.HELD, "gate_reasons": "no current champion; held: …", register.GATED_AGAINST: "none"}}
     moves = []
-    monkeypatch.setattr(tracking, "version_tags", lambda name, v: tags.get(v, {}))
+    monkeypatch.setattr(tracking, "version_exists", lambda name, v: v in tags)
+    monkeypatch.setattr(tracking, "version_tags", lambda name, v: tags[v])
     monkeypatch.setattr(tracking, "alias_version", lambda name, alias: None)
     monkeypatch.setattr(tracking, "move_alias", lambda name, alias, v, **kw: moves.append((alias, v, kw["expected"])))
     monkeypatch.setattr(tracking, "set_version_tags", lambda name, v, t: tags[v].update(t))
