@@ -69,7 +69,7 @@ def markdown(results: dict) -> str:
         f"`{results['command']}` — {results['machine']}, {results['when']}.",
         "",
         "Each N is a fresh process running the whole ingest stage (render → `imaging.prepare` → SHA-1 → dedupe →",
-        "stratified split → streamed uint8 store + parquet + card). Peak RSS is the process's `ru_maxrss`.",
+        "content-keyed split → streamed uint8 store + parquet + card). Peak RSS is the process's `ru_maxrss`.",
         "",
         "| N | images/s | seconds | RSS after imports (MB) | peak RSS (MB) | growth (MB) | store (MB) | load avg before → after |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
