@@ -230,7 +230,7 @@ def _fmt(v: float | None, digits: int = 3) -> str:
 
 def _headline(ev: dict) -> list[str]:
     c = ev["candidate"]
-    lines = [f"Target **{ev['target_domain']}** (data {ev['test_data_hash']}), source **{ev['source_domain']}**; "
+    lines = [f"Target **{ev['target_domain']}** (test set {ev['test_data_hash']}), source **{ev['source_domain']}**; "
              f"{ev['n_test']} test and {ev['n_val']} val images; seeds {', '.join(map(str, ev['seeds']))}."]
     if c is None:
         lines.append("No candidate: no strategy other than the baselines (and oracle) ran.")

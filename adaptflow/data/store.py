@@ -180,6 +180,15 @@ def read_meta(directory: Path, columns: list[str] | None = None) -> pd.DataFrame
     return pd.read_parquet(Path(directory) / META, columns=columns)
 
 
+def split_hash(directory: Path, split: str) -> str:
+    """Which images, with which labels, a split holds: a hash over its (pixel SHA-1, label) pairs, in no
+    particular order. Two stores agree on it exactly when their ``split`` sets are the same images."""
+    meta = read_meta(directory, ["split", "sha1", "label"])
+    rows = meta[meta["split"] == split]
+    lines = sorted(f"{h}:{int(y)}" for h, y in zip(rows["sha1"], rows["label"]))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
 def load_split(directory: Path, split: str, labeled: bool | None = None, lazy: bool = True) -> Split:
     """Rows of ``split`` (train/val/test); ``labeled`` filters target train into the k-shot set or the pool.
     Read from the store on demand by default (:class:`Rows`: a split of any size, memory flat in N; the

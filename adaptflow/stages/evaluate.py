@@ -278,7 +278,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         "n_test": len(test),
         "n_val": len(val),
         "n_pool": len(pool),
-        "test_data_hash": store.read_card(tgt)["data_hash"],
+        "test_data_hash": store.split_hash(tgt, "test"),  # the exact test set (images and labels) every number here is on
         "strategies": strategies,
         "runs": run_metrics,
         "transfer_gain": cand_gain,

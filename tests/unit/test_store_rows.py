@@ -125,3 +125,22 @@ def test_a_store_smaller_than_the_release_stays_mapped(tmp_path, monkeypatch):
     assert released == []
     _one_pass(path, monkeypatch, 2 << 20, shuffled)  # a release below the store's size: let go now and then
     assert len(released) > 100
+
+
+def test_split_hash_names_the_images_and_labels_of_a_split(tmp_path):
+    import pandas as pd
+
+    from adaptflow.data import store
+
+    def write(d, sha1, labels, splits):
+        n = len(sha1)
+        store.write(tmp_path / d, np.zeros((n, 1, 2, 2), np.uint8), pd.DataFrame({"sha1": sha1, "label": labels, "split": splits}), {})
+        return tmp_path / d
+
+    a = write("a", ["h1", "h2", "h3", "h4"], [0, 1, 0, 1], ["test", "test", "val", "train"])
+    b = write("b", ["h4", "h2", "h1", "h5"], [1, 1, 0, 0], ["train", "test", "test", "train"])  # same test set, other rows and order
+    c = write("c", ["h1", "h2"], [0, 0], ["test", "test"])  # same images, a label differs
+    d = write("d", ["h1", "h2", "h3"], [0, 1, 0], ["test", "test", "test"])  # one image more
+    assert store.split_hash(a, "test") == store.split_hash(b, "test")
+    assert len({store.split_hash(x, "test") for x in (a, c, d)}) == 3
+    assert store.split_hash(a, "val") != store.split_hash(a, "test")
