@@ -121,7 +121,9 @@ def summarise(cells: list[dict]) -> dict:
         out[str(k)] = {"strategies": row, "negative_transfer": neg,
                        "candidate": {"picked": [c["candidate"] for c in mine], "test_acc": float(cand.mean()),
                                                         "test_acc_std": float(cand.std(ddof=1)) if len(cand) > 1 else 0.0},
-                       "label_budget": mine[0]["label_budget"], "selection": mine[0].get("candidate_selection", "")}
+                       "label_budget": {"train_labeled": mine[0]["label_budget"]["train_labeled"],  # val: per seed, in seed order
+                                        "val": [c["label_budget"]["val"] for c in mine]},
+                       "selection": mine[0].get("candidate_selection", "")}
     return out
 
 
@@ -147,7 +149,9 @@ def to_markdown(summary: dict, meta: dict) -> str:
         c, b = summary[k]["candidate"], summary[k]["label_budget"]
         target = TARGETS.get(int(k))
         met = "—" if target is None else ("yes" if c["test_acc"] >= target else f"no (short by {target - c['test_acc']:.4f})")
-        lines.append(f"| {k} | {b['train_labeled']} + {b['val']} | {', '.join(c['picked'])} | {c['test_acc']:.4f} ± {c['test_acc_std']:.4f} | "
+        vals = b["val"] if isinstance(b["val"], list) else [b["val"]]  # a list per seed (older results: one number)
+        val = str(vals[0]) if len(set(vals)) == 1 else f"{min(vals)}–{max(vals)}"
+        lines.append(f"| {k} | {b['train_labeled']} + {val} | {', '.join(c['picked'])} | {c['test_acc']:.4f} ± {c['test_acc_std']:.4f} | "
                      f"{'—' if target is None else f'{target:.2f}'} | {met} |")
     lines += ["", "## Negative transfer (mean test accuracy below `scratch` at the same k; k = 0 has no scratch)", ""]
     for k in ks:
