@@ -86,7 +86,7 @@ class _Role(_Section):
                      "set it to your imagefolder/csv data so a change to the files re-runs ingest")
     synth: SynthDigits = Field(default_factory=SynthDigits)
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
-    limit: int | None = Field(None, ge=10, description="keep at most this many images (stratified); for quick runs")
+    limit: int | None = Field(None, ge=10, description="keep at most this many images (stratified, chosen by path and seed); for quick runs")
 
     _domain = field_validator("domain")(classmethod(lambda cls, v: _check_domain(v)))
 

@@ -96,15 +96,24 @@ def k_shot(labels: np.ndarray, candidates: np.ndarray, k: int, keys: Sequence[st
     return mask
 
 
-def stratified_subset(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
-    """Indices of exactly ``min(limit, N)`` items keeping the class proportions (largest remainder)."""
+def stratified_subset(labels: np.ndarray, limit: int | None, seed: int, keys: Sequence[str]) -> np.ndarray:
+    """Indices of exactly ``min(limit, N)`` items keeping the class proportions (largest remainder).
+
+    Within a class the items kept are those first in the seed's order of their ``keys`` (:func:`positions`),
+    so with the same limit new data changes the subset only by new items taking the place of old ones that
+    come after them; an item kept is never swapped for another old one."""
     if limit is None or limit >= len(labels):
         return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
+    if len(keys) != len(labels):
+        raise ValueError(f"{len(keys)} keys for {len(labels)} labels")
+    u = positions(keys, f"limit:{seed}")
     classes, counts = np.unique(labels, return_counts=True)
     quota = counts * (limit / len(labels))
     take = np.floor(quota).astype(int)
     for i in np.argsort(-(quota - take), kind="stable")[: limit - take.sum()]:
         take[i] += 1
-    picked = [rng.permutation(np.flatnonzero(labels == c))[:n] for c, n in zip(classes, take)]
+    picked = []
+    for c, n in zip(classes, take):
+        idx = np.flatnonzero(labels == c)
+        picked.append(idx[np.argsort(u[idx], kind="stable")[:n]])
     return np.sort(np.concatenate(picked))

@@ -287,7 +287,7 @@ def run(params: Params, root: Path = Path("."), role: str = "target") -> dict:
     if len(domain.classes) < 2:
         raise DataError(f"{role}.domain: {spec.domain} has {len(domain.classes)} class(es) {domain.classes}; a classifier needs at least two")
 
-    keep_idx = stratified_subset(domain.labels, spec.limit, seed=params.seed)
+    keep_idx = stratified_subset(domain.labels, spec.limit, params.seed, domain.refs)  # keyed by the item's path (or index)
     if domain.splits is None:  # the obvious case fails before decoding anything
         check_class_sizes({c: int((domain.labels[keep_idx] == i).sum()) for i, c in enumerate(domain.classes)}, params, role,
                           what="images listed (before any is decoded)")

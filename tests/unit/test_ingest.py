@@ -119,6 +119,27 @@ def test_new_images_move_no_image_already_split(tmp_path):
     assert (was & ~now).sum() == (after.labeled & ~after.sha1.isin(before.sha1)).sum() < was.sum()
 
 
+def test_limited_subset_takes_new_images_only_in_place_of_old_ones(tmp_path):
+    """With ``limit`` set, arriving data changes the kept images only by new ones replacing old ones."""
+    folder = make_imagefolder(tmp_path / "digits", per_class=30, classes=4)
+    held = tmp_path / "later"
+    for c in range(4):
+        for f in sorted((folder / str(c)).iterdir())[20:]:
+            (held / str(c)).mkdir(parents=True, exist_ok=True)
+            f.rename(held / str(c) / f.name)
+    p = params(f"imagefolder:{folder}", target__limit=48, target__val_fraction=0.25, target__test_fraction=0.25)
+    ingest.run(p, tmp_path, "target")
+    before = set(_meta_card(tmp_path)[0].item)
+    late = {f"{f.parent.name}/{f.name}" for f in held.rglob("*.*")}
+    for f in held.rglob("*.*"):
+        f.rename(folder / f.parent.name / f.name)
+    assert not ingest.run(p, tmp_path, "target")["cached"]
+    after = set(_meta_card(tmp_path)[0].item)
+    assert len(before) == len(after) == 48
+    assert after - before <= late  # no old image left out before is kept now
+    assert 0 < len(before - after) == len(after - before)  # each old image dropped made room for a new one
+
+
 # --- duplicates: removed before splitting, counted, never straddling a split --------------------------------
 
 

@@ -158,25 +158,27 @@ def test_k_shot_keeps_its_picks_when_later_items_come_after_them():
 
 # --- stratified_subset --------------------------------------------------------------------------------
 
+KEYS4 = ["a", "b", "c", "d"]
+
 
 def test_subset_none_or_large_limit_keeps_everything():
     labels = np.array([0, 1, 1, 2])
-    assert (stratified_subset(labels, None, 0) == np.arange(4)).all()
-    assert (stratified_subset(labels, 4, 0) == np.arange(4)).all()
-    assert (stratified_subset(labels, 100, 0) == np.arange(4)).all()
+    assert (stratified_subset(labels, None, 0, KEYS4) == np.arange(4)).all()
+    assert (stratified_subset(labels, 4, 0, KEYS4) == np.arange(4)).all()
+    assert (stratified_subset(labels, 100, 0, KEYS4) == np.arange(4)).all()
 
 
 def test_subset_keeps_proportions_and_limit():
     labels = np.repeat([0, 1, 2], [50, 30, 20])
-    idx = stratified_subset(labels, 10, seed=3)
+    idx = stratified_subset(labels, 10, 3, _keys(len(labels)))
     assert len(idx) == 10 and len(set(idx.tolist())) == 10
     assert Counter(labels[idx].tolist()) == {0: 5, 1: 3, 2: 2}
-    assert (idx == stratified_subset(labels, 10, seed=3)).all()
+    assert (idx == stratified_subset(labels, 10, 3, _keys(len(labels)))).all()
 
 
 @given(labels=label_arrays, limit=st.integers(1, 130), seed=st.integers(0, 1000))
 def test_subset_proportions_property(labels, limit, seed):
-    idx = stratified_subset(labels, limit, seed)
+    idx = stratified_subset(labels, limit, seed, _keys(len(labels)))
     assert len(set(idx.tolist())) == len(idx)
     assert ((idx >= 0) & (idx < len(labels))).all()
     if limit >= len(labels):
@@ -195,4 +197,35 @@ UCI_DIGITS_CLASS_COUNTS = [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
 @pytest.mark.parametrize("counts, limit", [([3, 3, 3], 5), (UCI_DIGITS_CLASS_COUNTS, 16)])
 def test_subset_never_exceeds_limit(counts, limit):
     labels = np.repeat(np.arange(len(counts)), counts)
-    assert len(stratified_subset(labels, limit, seed=0)) <= limit
+    assert len(stratified_subset(labels, limit, 0, _keys(len(labels)))) <= limit
+
+
+def test_subset_follows_keys_not_positions():
+    """The same items are kept however the listing is ordered: the choice is by key."""
+    labels = np.repeat([0, 1], 40)
+    keys = _keys(len(labels))
+    kept = {keys[i] for i in stratified_subset(labels, 20, 5, keys)}
+    order = np.random.default_rng(0).permutation(len(labels))
+    shuffled = {keys[order[i]] for i in stratified_subset(labels[order], 20, 5, [keys[j] for j in order])}
+    assert kept == shuffled
+    assert kept != {keys[i] for i in stratified_subset(labels, 20, 6, keys)}  # the seed picks another subset
+
+
+def test_subset_with_new_data_swaps_old_items_only_for_new_ones():
+    """Same limit, more data: each old item dropped makes room for a new item, never for another old one."""
+    labels = np.repeat([0, 1, 2], 30)
+    keys = _keys(len(labels))
+    before = {keys[i] for i in stratified_subset(labels, 30, 0, keys)}
+    more = np.concatenate([labels, np.repeat([0, 1, 2], 10)])
+    more_keys = _keys(len(more))
+    after = {more_keys[i] for i in stratified_subset(more, 30, 0, more_keys)}
+    old = set(keys)
+    assert len(after) == 30
+    assert (after & old) <= before  # no old item joins
+    assert len(before - after) == len(after - old)  # what left was replaced by new items
+    assert before & after  # and most of the subset stays (bottom-k of the same order)
+
+
+def test_subset_needs_a_key_per_item():
+    with pytest.raises(ValueError, match="keys"):
+        stratified_subset(np.array([0, 1, 1]), 2, 0, ["a"])
