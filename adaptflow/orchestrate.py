@@ -9,7 +9,8 @@ The core never imports Prefect; Prefect's tasks (``tasks/``) and flows (``flows/
   ``dvc.yaml``'s deps/params give DVC, and the same key the stage's own manifest holds).
 - **The project lock** (:func:`project_lock`): one pipeline run at a time per project directory. A second
   run waits (saying who holds the lock) instead of interleaving writes with the first. The lock is an OS
-  file lock, so a run killed with SIGKILL releases it with its process.
+  file lock, so a run killed with SIGKILL releases it with its process. A ``dvc repro`` holds it from its
+  first stage until it exits, so nothing runs between two of its stages.
 - **Incoming data** (:func:`absorb_incoming`): the scheduled run's new target images, moved from a watched
   folder into the target's image folder.
 - **DVC in step** (:func:`dvc`, :func:`dvc_commit_blocker`): after a Prefect run, ``dvc commit`` records what
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 STATE_DIR = ".adaptflow"  # per project: the lock, Prefect's result and cache-key storage, the last run's summary
 LOCK_NAME = "project.lock"
+DVC_RUN_NAME = "dvc_run.json"  # the dvc process whose stages hold the project (see project_lock)
 
 
 # --------------------------------------------------------------------------------------------- identity
@@ -250,37 +252,119 @@ def _holder(info: Path) -> str:
     return f"pid {h.get('pid')} on {h.get('host')} ({h.get('what')}, by {h.get('user')}, since {since})"
 
 
+def _dvc_process():
+    """The ``dvc`` process running this one's stage (nearest ancestor whose command is dvc) and its command
+    line from ``dvc`` on (``dvc repro``, ``dvc exp run``), or None."""
+    import psutil
+
+    try:
+        for proc in psutil.Process().parents():
+            args = proc.cmdline()
+            for i, arg in enumerate(args[:3]):
+                if Path(arg).name in ("dvc", "dvc.exe"):
+                    return proc, " ".join(["dvc", *args[i + 1 : i + 3]])
+    except psutil.Error:
+        return None
+    return None
+
+
+def _note_dvc_run(root: Path) -> None:
+    """A stage that DVC runs (``DVC_STAGE`` set) notes the ``dvc`` process driving it: that process holds the
+    project for all its stages, so a pipeline run does not slip in between two of them."""
+    found = _dvc_process() if os.environ.get("DVC_STAGE") else None
+    if found is None:
+        return
+    proc, cmd = found
+    outputs.atomic_write_text(state_dir(root) / DVC_RUN_NAME, json.dumps({
+        "pid": proc.pid, "create_time": proc.create_time(), "cmd": cmd, "stage": os.environ["DVC_STAGE"], "since": time.time()}))
+
+
+def dvc_run_in_progress(root: Path) -> dict | None:
+    """The noted ``dvc repro`` / ``dvc exp run`` while it is still running and is not an ancestor of this
+    process (whose stages it runs); None otherwise. A note whose process has ended is removed."""
+    import psutil
+
+    path = state_dir(root) / DVC_RUN_NAME
+    try:
+        rec = json.loads(path.read_text())
+        proc = psutil.Process(int(rec["pid"]))
+        alive = abs(proc.create_time() - float(rec["create_time"])) < 0.5  # not a later process with the same pid
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+        alive = False
+    if not alive:
+        path.unlink(missing_ok=True)
+        return None
+    try:
+        mine = {os.getpid()} | {p.pid for p in psutil.Process().parents()}
+    except psutil.Error:
+        mine = {os.getpid()}
+    return None if rec["pid"] in mine else rec
+
+
 @contextmanager
-def project_lock(root: Path, what: str = "adaptflow", timeout: float | None = None, remind_every: float = 30.0) -> Iterator[None]:
+def project_lock(root: Path, what: str = "adaptflow", timeout: float | None = None, remind_every: float = 30.0,
+                 poll: float = 2.0) -> Iterator[None]:
     """Hold ``root``'s project lock for the block: one pipeline run (or DVC stage) writes a project at a time.
 
     Re-entrant within a process (a scheduled flow holds it around the pipeline flow it calls). A second
     process waits, logging who holds the lock and reminding every ``remind_every`` seconds; with a
     ``timeout`` (seconds) it gives up with :class:`ProjectLocked`. The OS releases the lock of a killed
     process, so a crashed run never blocks the next one.
+
+    A ``dvc repro`` (or ``dvc exp run``) holds the project from its first stage until it exits, not only
+    while each stage runs: its stages note the dvc process (:func:`_note_dvc_run`), and anyone else who takes
+    the lock while that process lives lets go and waits (checking every ``poll`` seconds), so nothing writes
+    between two of its stages and ``dvc.lock`` records one consistent pipeline.
     """
     d = state_dir(root)
     lock = FileLock(str(d / LOCK_NAME), thread_local=False, is_singleton=True)
     info = d / (LOCK_NAME + ".json")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        started = time.monotonic()
-        log.warning("project %s is locked by %s: waiting for that run to finish (lock file %s)", Path(root).resolve(), _holder(info), lock.lock_file)
-        while True:
-            left = None if timeout is None else timeout - (time.monotonic() - started)
-            if left is not None and left <= 0:
-                raise ProjectLocked(f"project {Path(root).resolve()} is still locked by {_holder(info)} after {timeout:.0f} s; "
-                                    f"wait for that run, or raise orchestrate.lock_timeout (the lock frees itself when its process exits)") from None
-            try:
-                lock.acquire(timeout=remind_every if left is None else min(remind_every, left))
-                break
-            except Timeout:
-                log.warning("still waiting for the project lock (held by %s, %.0f s so far)", _holder(info), time.monotonic() - started)
+    started = time.monotonic()
+
+    def left() -> float | None:
+        return None if timeout is None else timeout - (time.monotonic() - started)
+
+    def give_up(holder: str) -> ProjectLocked:
+        return ProjectLocked(f"project {Path(root).resolve()} is still locked by {holder} after {timeout:.0f} s; "
+                             f"wait for that run, or raise orchestrate.lock_timeout (the lock frees itself when its process exits)")
+
+    waited, told = False, False
+    while True:
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            waited = True
+            log.warning("project %s is locked by %s: waiting for that run to finish (lock file %s)", Path(root).resolve(), _holder(info), lock.lock_file)
+            while True:
+                rest = left()
+                if rest is not None and rest <= 0:
+                    raise give_up(_holder(info)) from None
+                try:
+                    lock.acquire(timeout=remind_every if rest is None else min(remind_every, rest))
+                    break
+                except Timeout:
+                    log.warning("still waiting for the project lock (held by %s, %.0f s so far)", _holder(info), time.monotonic() - started)
+        run = dvc_run_in_progress(root) if lock.lock_counter == 1 else None
+        if run is None:
+            break
+        lock.release()
+        waited = True
+        holder = f"`{run['cmd']}` (pid {run['pid']}, between DVC stages; last stage {run['stage']})"
+        if not told:
+            log.warning("project %s is held by %s: waiting for it to finish", Path(root).resolve(), holder)
+            told = True
+        rest = left()
+        if rest is not None and rest <= 0:
+            raise give_up(holder)
+        time.sleep(poll if rest is None else max(0.0, min(poll, rest)))
+    if waited:
         log.info("project lock acquired after %.1f s", time.monotonic() - started)
     if lock.lock_counter == 1:
         outputs.atomic_write_text(info, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "user": getpass.getuser(),
                                                     "what": what, "since": time.time()}))
+        _note_dvc_run(root)
     try:
         yield
     finally:

@@ -7,6 +7,7 @@ import json
 import pytest
 import yaml
 
+from adaptflow import orchestrate
 from tests.integration.conftest import BIN, run
 
 pytestmark = pytest.mark.integration
@@ -48,6 +49,11 @@ def test_prefect_run_commits_to_dvc_and_dvc_experiments_warm_prefect(dvc_project
 
     tracking.configure(dvc_project)
     assert tracking.alias_version(reg["model_name"], "champion") == "1"
+    # The experiment's stages noted the dvc process, so nothing ran between them; it has exited, so the
+    # note holds nothing back now.
+    note = json.loads((dvc_project / orchestrate.STATE_DIR / orchestrate.DVC_RUN_NAME).read_text())
+    assert note["cmd"] == "dvc exp run" and note["stage"] == "register", note
+    assert orchestrate.dvc_run_in_progress(dvc_project) is None
 
     # A Prefect run after DVC's: every stage finds its output current (the workspace holds the experiment).
     warm = run_pipeline("params.yaml", [], str(dvc_project))

@@ -42,6 +42,42 @@ def test_second_process_waits_then_gives_up_naming_the_holder(tmp_path):
     assert free.returncode == 0 and "GOT" in free.stdout
 
 
+def test_a_dvc_run_holds_the_project_between_its_stages(tmp_path):
+    """A real process tree: a `dvc` process runs a stage through a shell (as DVC does, with DVC_STAGE set),
+    then sits between stages. Another run is kept out until that dvc process exits; its own next stage is not."""
+    stage = ("from adaptflow import orchestrate\n"
+             f"with orchestrate.project_lock({str(tmp_path)!r}, what='stage', timeout=5): print('STAGE', flush=True)\n")
+    dvc = tmp_path / "bin" / "dvc"
+    dvc.parent.mkdir()
+    dvc.write_text(
+        "import os, shlex, subprocess, sys, time\n"
+        f"cmd = shlex.join([{sys.executable!r}, '-c', {stage!r}])\n"
+        "env = {**os.environ, 'DVC_STAGE': 'pretrain'}\n"
+        "subprocess.run(cmd, shell=True, check=True, env=env)\n"
+        "print('BETWEEN', flush=True)\n"
+        f"while not os.path.exists({str(tmp_path / 'go')!r}): time.sleep(0.1)\n"
+        "subprocess.run(cmd, shell=True, check=True, env={**env, 'DVC_STAGE': 'finetune'})\n")
+    other = ("import logging; logging.basicConfig(level=logging.INFO)\n"
+             "from adaptflow import orchestrate\n"
+             f"with orchestrate.project_lock({str(tmp_path)!r}, what='flow', timeout=1.5, poll=0.2): print('GOT')\n")
+    proc = subprocess.Popen([sys.executable, str(dvc), "repro"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "STAGE" and proc.stdout.readline().strip() == "BETWEEN"
+        run = orchestrate.dvc_run_in_progress(tmp_path)
+        assert run is not None and run["pid"] == proc.pid and run["stage"] == "pretrain" and run["cmd"] == "dvc repro"
+        kept_out = subprocess.run([sys.executable, "-c", other], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert kept_out.returncode != 0 and "GOT" not in kept_out.stdout
+        assert "between DVC stages" in kept_out.stderr and f"pid {proc.pid}" in kept_out.stderr and "ProjectLocked" in kept_out.stderr
+        (tmp_path / "go").touch()
+        assert proc.stdout.readline().strip() == "STAGE"  # the dvc run's own next stage goes on
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    after = subprocess.run([sys.executable, "-c", other], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert after.returncode == 0 and "GOT" in after.stdout  # the dvc process has exited: its note is stale
+    assert not (tmp_path / orchestrate.STATE_DIR / orchestrate.DVC_RUN_NAME).exists()
+
+
 def _imagefolder(root: Path, files: dict[str, bytes]) -> None:
     for rel, data in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
