@@ -12,12 +12,13 @@ MODES = ("L", "RGB", "RGBA", "P")
 FORMATS = (("png", "PNG"), ("jpg", "JPEG"), ("bmp", "BMP"), ("gif", "GIF"), ("tif", "TIFF"))
 
 
-def digits(per_class: int, classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``per_class`` UCI digits of each of the first ``classes`` classes, uint8 8×8 (0–255)."""
+def digits(per_class: int, classes: int = 10, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``per_class`` UCI digits of each of the first ``classes`` classes, from the ``start``-th of each class on,
+    uint8 8×8 (0–255)."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    idx = np.concatenate([np.flatnonzero(d.target == c)[:per_class] for c in range(classes)])
+    idx = np.concatenate([np.flatnonzero(d.target == c)[start : start + per_class] for c in range(classes)])
     return np.clip(np.rint(d.images[idx] * 255 / 16), 0, 255).astype(np.uint8), d.target[idx]
 
 
@@ -37,8 +38,9 @@ def save_image(arr: np.ndarray, path: Path, i: int = 0, mixed: bool = True) -> P
     return path
 
 
-def make_imagefolder(folder: Path, per_class: int = 12, classes: int = 10, mixed: bool = True) -> Path:
-    images, labels = digits(per_class, classes)
+def make_imagefolder(folder: Path, per_class: int = 12, classes: int = 10, mixed: bool = True, start: int = 0) -> Path:
+    """UCI digits as image files; ``start`` picks other digits (a source that shares no image with a target)."""
+    images, labels = digits(per_class, classes, start)
     for i, (im, y) in enumerate(zip(images, labels)):
         save_image(im, folder / str(y) / f"img{i:04d}", i, mixed)
     return folder

@@ -6,6 +6,8 @@ stage is the first to see both ingested roles, so it also
 
 - records the resolved pipelines (``pipelines.json``) and renders a preview grid per role (first row the
   original images, the others augmented draws) so a person sees what the model will be trained on;
+- refuses a source that holds target val or test images (:func:`check_no_overlap`): the source model would
+  be trained on images it is then scored on;
 - matches the label sets by name (``classes.json``): a target class unknown to the source is fine for
   fine-tuning (the head is re-initialised) but is reported, because the source-only baseline cannot
   predict it;
@@ -27,6 +29,7 @@ from torchvision.transforms import v2
 from adaptflow import outputs
 from adaptflow.data import store
 from adaptflow.data.batch_augment import BatchAugment
+from adaptflow.data.files import DataError
 from adaptflow.data.transforms import build_pipeline
 from adaptflow.params import ROLES, Params
 from adaptflow.stages.ingest import output_dir as ingested_dir
@@ -121,6 +124,36 @@ def _materialise(params: Params, tmp: Path, tgt: Path) -> int:
     return writer.count
 
 
+def overlap_path(params: Params, root: Path) -> Path:
+    return Path(root) / params.paths.reports / "augment_overlap.json"
+
+
+def check_no_overlap(params: Params, root: Path) -> None:
+    """Refuse a source holding images pixel-identical (as stored) to target val or test images: pretraining on
+    them would let every target number, and the checkpoint and candidate choices on val, see images the
+    source model was trained on. Every such pair is listed in :func:`overlap_path`. Target train may share
+    images with the source: nothing is scored on it."""
+    src = store.read_meta(ingested_dir(params, root, "source"), ["item", "split", "sha1"])
+    tgt = store.read_meta(ingested_dir(params, root, "target"), ["item", "split", "sha1"])
+    held = tgt[tgt["split"].isin(["val", "test"])]
+    shared = held.merge(src, on="sha1", suffixes=("_target", "_source"))
+    path = overlap_path(params, root)
+    if shared.empty:
+        path.unlink(missing_ok=True)
+        return
+    pairs = [{"target": r.item_target, "target_split": r.split_target, "source": r.item_source, "source_split": r.split_source,
+              "sha1": r.sha1} for r in shared.itertuples()]
+    outputs.atomic_write_text(path, json.dumps({"source": params.source.domain, "target": params.target.domain,
+                                                "n_pairs": len(pairs), "pairs": pairs}, indent=2))
+    per_split = shared.drop_duplicates("item_target")["split_target"].value_counts().to_dict()
+    first = pairs[0]
+    raise DataError(
+        f"the source ({params.source.domain}) holds {len(set(shared['item_source']))} image(s) identical to target "
+        f"val/test images ({', '.join(f'{n} {s}' for s, n in sorted(per_split.items()))} of {params.target.domain}), e.g. source "
+        f"{first['source']} = target {first['target']} ({first['target_split']}): the source model would be trained on images "
+        f"it is then scored on. Remove them from the source or the target data; every pair is listed in {path}")
+
+
 def input_key(params: Params, root: Path) -> outputs.Key:
     """This stage's identity: the augment params and seed, and the digests of both ingested roles."""
     upstream = [ingested_dir(params, root, r) for r in ROLES]
@@ -134,6 +167,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         log.info("augment: up to date (%s)", out)
         return {"path": str(out), "digest": outputs.digest(out), "cached": True}
     cards = {r: store.read_card(ingested_dir(params, root, r)) for r in ROLES}
+    check_no_overlap(params, root)
     match = class_match(cards["source"]["classes"], cards["target"]["classes"])
     if match["target_unknown_to_source"]:
         log.warning("augment: target class(es) %s are unknown to the source (%s): fine-tuning re-initialises the head; "

@@ -98,7 +98,7 @@ def test_class_match_reports_unknown_target_classes():
 
 
 def test_augment_stage_previews_views_and_classes(tmp_path, caplog):
-    make_imagefolder(tmp_path / "src", per_class=10, classes=3, mixed=False)
+    make_imagefolder(tmp_path / "src", per_class=10, classes=3, mixed=False, start=20)
     make_imagefolder(tmp_path / "tgt", per_class=10, classes=4)
     p = P.from_dict({"preprocess": {"image_size": 12, "channels": 1},
                      "source": {"domain": "imagefolder:src"}, "target": {"domain": "imagefolder:tgt", "k": 2},
@@ -125,3 +125,30 @@ def test_augment_stage_previews_views_and_classes(tmp_path, caplog):
     (out / "_manifest.json").unlink()  # force a re-run: same seed, same bytes
     augment.run(p, tmp_path)
     assert np.array_equal(np.load(out / "views_target.npy"), first)
+
+
+def test_augment_refuses_a_source_holding_target_val_or_test_images(tmp_path):
+    """Target images copied into the source: refused before any training, naming a pair; all pairs listed."""
+    import shutil
+
+    make_imagefolder(tmp_path / "src", per_class=10, classes=3, mixed=False, start=20)
+    make_imagefolder(tmp_path / "tgt", per_class=10, classes=3, mixed=False)
+    p = P.from_dict({"preprocess": {"image_size": 12, "channels": 1}, "source": {"domain": "imagefolder:src"},
+                     "target": {"domain": "imagefolder:tgt", "k": 2}, "augment": {"n_views": 1, "preview_n": 4}})
+    ingest.run(p, tmp_path, "target")
+    meta = store.read_meta(tmp_path / "data" / "ingested" / "target")
+    test_item = meta[meta.split == "test"].item.iloc[0]
+    train_item = meta[meta.split == "train"].item.iloc[0]
+    shutil.copy(tmp_path / "tgt" / test_item, tmp_path / "src" / "0" / "copied_test.png")
+    shutil.copy(tmp_path / "tgt" / train_item, tmp_path / "src" / "1" / "copied_train.png")
+    ingest.run(p, tmp_path, "source")
+    with pytest.raises(ingest.DataError, match="1 image\\(s\\) identical to target val/test images \\(1 test of imagefolder:tgt\\)") as err:
+        augment.run(p, tmp_path)
+    assert "source 0/copied_test.png = target " + test_item in str(err.value)
+    listed = json.loads((tmp_path / "reports" / "augment_overlap.json").read_text())
+    assert listed["n_pairs"] == 1 and listed["pairs"][0]["source"] == "0/copied_test.png" and listed["pairs"][0]["target_split"] == "test"
+    assert not (tmp_path / "data" / "augmented").exists()  # nothing made
+    (tmp_path / "src" / "0" / "copied_test.png").unlink()  # a shared target *train* image is fine
+    ingest.run(p, tmp_path, "source")
+    augment.run(p, tmp_path)
+    assert not (tmp_path / "reports" / "augment_overlap.json").exists()

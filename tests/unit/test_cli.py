@@ -59,7 +59,7 @@ def test_stage_refuses_upstream_outputs_made_from_other_params(tmp_path, monkeyp
     """`adaptflow stage X` alone reads what is on disk: made from other params, it is refused, naming the key."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text("seed: 0\npreprocess: {image_size: 8, channels: 1}\n"
-                                          "source: {domain: uci_digits}\ntarget: {domain: uci_digits, k: 2}\n")
+                                          "source: {domain: synth_digits, synth: {n: 60, size: 12}}\ntarget: {domain: uci_digits, k: 2}\n")
     assert _invoke(["stage", "ingest"]).exit_code == 0
     res = _invoke(["stage", "augment", "--set", "seed=1"])
     assert res.exit_code == 2 and "Traceback" not in res.output
@@ -75,7 +75,7 @@ def test_stage_refuses_an_ingest_of_raw_files_that_have_changed_since(tmp_path, 
     monkeypatch.chdir(tmp_path)
     folder = make_imagefolder(tmp_path / "raw", per_class=10, classes=3, mixed=False)
     (tmp_path / "params.yaml").write_text("seed: 0\npreprocess: {image_size: 8, channels: 1}\n"
-                                          "source: {domain: uci_digits}\ntarget: {domain: 'imagefolder:raw', k: 2}\n")
+                                          "source: {domain: synth_digits, synth: {n: 60, size: 12}}\ntarget: {domain: 'imagefolder:raw', k: 2}\n")
     assert _invoke(["stage", "ingest"]).exit_code == 0
     assert _invoke(["stage", "augment"]).exit_code == 0
     first = sorted((folder / "1").iterdir())[0]
