@@ -60,7 +60,9 @@ def readable(files: list[Any]) -> tuple[list[Any], list[tuple[Any, str]]]:
     good, bad = [], []
     for f in files:
         try:
-            to_pil(f)
+            im = to_pil(f)
+            for channels in (1, 3):  # whatever the model takes
+                _to_mode(im, channels)
             good.append(f)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             bad.append((f, f"not a readable image ({type(exc).__name__}: {exc})"))
@@ -80,12 +82,20 @@ def _open(src: Any) -> Image.Image:
     return im
 
 
-def prepare(img: Any, size: int, channels: int) -> np.ndarray:
-    """Decode and bring one image to the model's stored form: uint8 (channels, size, size)."""
-    im = to_pil(img)
+def _to_mode(im: Image.Image, channels: int) -> Image.Image:
+    """``im`` as 8-bit grey (1 channel) or RGB (3)."""
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         im = Image.fromarray(to_uint8(np.asarray(im)))
-    im = im.convert("L" if channels == 1 else "RGB")
+    mode = "L" if channels == 1 else "RGB"
+    try:
+        return im.convert(mode)
+    except ValueError:  # a mode Pillow converts to RGB only (LAB)
+        return im.convert("RGB").convert(mode)
+
+
+def prepare(img: Any, size: int, channels: int) -> np.ndarray:
+    """Decode and bring one image to the model's stored form: uint8 (channels, size, size)."""
+    im = _to_mode(to_pil(img), channels)
     if im.size != (size, size):
         im = im.resize((size, size), Image.BILINEAR)
     arr = np.asarray(im, dtype=np.uint8)

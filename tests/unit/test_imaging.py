@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, PngImagePlugin
 
-from adaptflow.imaging import normalize, prepare, prepare_batch, to_uint8
+from adaptflow.imaging import normalize, prepare, prepare_batch, readable, to_uint8
 
 RNG = np.random.default_rng(0)
 U8_2D = RNG.integers(0, 256, (10, 12), dtype=np.uint8)
@@ -190,3 +190,14 @@ def test_normalize_torch_matches_numpy():
 def test_directory_path_string_raises_value_error(tmp_path):
     with pytest.raises(ValueError):
         prepare(str(tmp_path), 8, 1)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_prepare_converts_modes_pillow_only_takes_to_rgb(tmp_path, channels):
+    """A LAB TIFF: Pillow converts LAB to RGB but not to L; prepare goes through RGB, so the file is usable."""
+    path = tmp_path / "lab.tif"
+    Image.new("LAB", (6, 6), (60, 40, 20)).save(path)
+    out = prepare(path, 4, channels)
+    assert out.shape == (channels, 4, 4) and out.dtype == np.uint8
+    good, bad = readable([path, tmp_path / "missing.png"])
+    assert good == [path] and len(bad) == 1 and "not a readable image" in bad[0][1]
