@@ -280,6 +280,9 @@ class Evaluate(_Section):
 class Register(_Section):
     model_name: str = Field("adaptflow-{target}", description="the registered model's name; {target}: the target domain")
     margin: float = Field(0.0, ge=0, le=1, description="accuracy the candidate must beat each baseline by")
+    require_baselines: bool = Field(True, description="the gate checks the candidate against scratch (when target.k > 0) "
+                                    "and source_only, so evaluate.baselines must list them; false lets a run without them "
+                                    "be promoted on the champion check alone (the version's reasons say so)")
 
     @field_validator("model_name")
     @classmethod
@@ -355,6 +358,12 @@ class Params(_ParamsBase):
         missing = [b for b in self.evaluate.baselines if b not in self.finetune.strategies]
         if missing:
             raise ValueError(f"evaluate.baselines {missing} must also be in finetune.strategies")
+        required = [b for b in BASELINES if self.target.k > 0 or b != "scratch"]
+        unchecked = [b for b in required if b not in self.evaluate.baselines]
+        if unchecked and self.register.require_baselines:
+            raise ValueError(f"evaluate.baselines lacks {unchecked}: the registry gate would promote a model it never compared "
+                             f"with {' or '.join(unchecked)}; add them (and to finetune.strategies), or set "
+                             "register.require_baselines: false to promote on the champion check alone")
         if self.target.k == 0:
             from adaptflow.strategies import needs_labels
 

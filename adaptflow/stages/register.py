@@ -75,6 +75,8 @@ def gate(
     """
     ok, reasons = True, []
     model_acc = candidate_acc if candidate_model_acc is None else candidate_model_acc
+    if not baseline_accs:
+        reasons.append("no baseline checked (evaluate.baselines is empty; register.require_baselines: false)")
     for name, acc in baseline_accs.items():
         passed = round(candidate_acc - acc, 9) > margin  # rounded: "by exactly the margin" is not a float accident
         ok &= passed

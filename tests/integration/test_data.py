@@ -22,6 +22,7 @@ def test_imagefolder_with_broken_files_runs_end_to_end(tmp_path):
     params = shrunk_params()  # shrunk further: this test is about the data, not the training
     params["finetune"]["strategies"], params["evaluate"]["baselines"] = ["source_only", "linear_probe"], ["source_only"]
     params["source"]["limit"], params["pretrain"]["epochs"] = 300, 1
+    params["register"]["require_baselines"] = False  # no scratch: the gate checks source_only only
     write_params(tmp_path, params)
 
     proc = run([str(BIN / "adaptflow"), "run", "--set", f"target.domain=imagefolder:{folder}"], tmp_path)

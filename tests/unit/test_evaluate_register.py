@@ -140,6 +140,11 @@ def test_gate_rejects_when_a_baseline_is_not_beaten(failing):
     assert len(bad) == 1 and failing in bad[0]
 
 
+def test_gate_without_baselines_says_so():
+    ok, reasons = gate(0.2, {}, None, margin=0.0)
+    assert ok and reasons[0].startswith("no baseline checked") and "register.require_baselines: false" in reasons[0]
+
+
 def test_gate_margin_is_required():
     assert gate(0.80, {"scratch": 0.70}, None, margin=0.0)[0]
     assert not gate(0.80, {"scratch": 0.70}, None, margin=0.2)[0]

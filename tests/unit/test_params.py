@@ -131,7 +131,7 @@ def test_every_builtin_domain_accepted(params_path, role, domain):
 
 @pytest.mark.parametrize("strategy", P.STRATEGIES)
 def test_every_strategy_accepted_alone(params_path, strategy):
-    p = P.load(params_path, [f"finetune.strategies=[{strategy}]", "evaluate.baselines=[]"])
+    p = P.load(params_path, [f"finetune.strategies=[{strategy}]", "evaluate.baselines=[]", "register.require_baselines=false"])
     assert p.finetune.strategies == [strategy]
 
 
@@ -167,9 +167,22 @@ def test_baselines_must_run(params_path):
     with pytest.raises(P.ParamsError) as exc:
         P.load(params_path, ["finetune.strategies=[finetune, linear_probe]"])
     assert "evaluate.baselines" in str(exc.value)
-    # dropping the baselines too makes it valid
-    p = P.load(params_path, ["finetune.strategies=[finetune, linear_probe]", "evaluate.baselines=[]"])
+    # dropping the baselines is refused unless the gate is told it may promote without them
+    with pytest.raises(P.ParamsError) as exc:
+        P.load(params_path, ["finetune.strategies=[finetune, linear_probe]", "evaluate.baselines=[]"])
+    assert "evaluate.baselines lacks ['scratch', 'source_only']" in str(exc.value) and "register.require_baselines" in str(exc.value)
+    p = P.load(params_path, ["finetune.strategies=[finetune, linear_probe]", "evaluate.baselines=[]", "register.require_baselines=false"])
     assert p.evaluate.baselines == []
+
+
+def test_gate_baselines_follow_k(params_path):
+    """scratch cannot run without target labels: at k = 0 only source_only is required."""
+    with pytest.raises(P.ParamsError, match=r"lacks \['scratch'\]"):
+        P.load(params_path, ["evaluate.baselines=[source_only]"])
+    p = P.load(params_path, ["target.k=0", "finetune.strategies=[source_only,dann]", "evaluate.baselines=[source_only]"])
+    assert p.evaluate.baselines == ["source_only"]
+    with pytest.raises(P.ParamsError, match=r"lacks \['source_only'\]"):
+        P.load(params_path, ["target.k=0", "finetune.strategies=[source_only,dann]", "evaluate.baselines=[]"])
 
 
 # --- overrides ----------------------------------------------------------------------------------------
