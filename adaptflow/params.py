@@ -8,6 +8,7 @@ work: an unknown key or a bad value raises :class:`ParamsError` whose message na
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 import zoneinfo
 from pathlib import Path
@@ -373,6 +374,20 @@ class Params(_ParamsBase):
                                  "drop them (and from evaluate.baselines) or raise target.k")
         return self
 
+    @model_validator(mode="after")
+    def _pipelines_keep_images(self) -> "Params":
+        from adaptflow.data.transforms import image_problem
+
+        c, size = self.preprocess.channels, self.preprocess.image_size
+        pipelines = {"augment.source": self.augment.source.specs(), "augment.target": self.augment.target.specs()}
+        if any("fixmatch" in s.split("+") for s in self.finetune.strategies):
+            pipelines["finetune.fixmatch.strong"] = [t.model_dump() for t in self.finetune.fixmatch.strong]
+        for key, specs in pipelines.items():
+            problem = image_problem(specs, c, size)
+            if problem:
+                raise ValueError(f"{key}: {problem}")
+        return self
+
     def sections(self, *names: str, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
         """The values of the named sections (dotted names reach inside: "augment.source"), leaving out the
         dotted keys in ``exclude``: the params part of a stage's identity, as plain JSON values."""
@@ -424,7 +439,12 @@ def _format(err: ValidationError, origin: str, overrides: list[str] | None = Non
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling against params.yaml)"
-        lines.append(f"{_blamed(loc, origin, overrides or [])}: {loc or '<root>'}: {msg}")
+        if loc:
+            lines.append(f"{_blamed(loc, origin, overrides or [])}: {loc}: {msg}")
+        else:  # a check across sections: its message starts with the key it blames
+            lead = re.match(r"[a-z_]+(?:\.[a-z_]+)+", msg)
+            blame = _blamed(lead.group(0), origin, overrides or []) if lead else origin
+            lines.append(f"{blame if blame != origin else _blamed('', origin, overrides or [])}: {msg}")
     return "\n".join(lines)
 
 

@@ -106,3 +106,24 @@ def build_pipeline(specs: list[dict[str, Any]]) -> v2.Transform:
     if not specs:
         return v2.Identity()
     return v2.Compose([build_transform(s) for s in specs])
+
+
+def image_problem(specs: list[dict[str, Any]], channels: int, size: int, tries: int = 4) -> str | None:
+    """Why a pipeline would break training, or None. Training applies it to batches of stored images (uint8,
+    ``channels``×``size``×``size``) exactly as :class:`~adaptflow.data.batch_augment.BatchAugment` does here,
+    and must get the same back: normalising and resizing to the network's input side come after, on the
+    device. Random choices are drawn ``tries`` times."""
+    from adaptflow.data.batch_augment import BatchAugment  # it builds on this module
+
+    pipe = build_pipeline(specs)
+    x = torch.randint(0, 256, (2, channels, size, size), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    for seed in range(tries):
+        try:
+            y = BatchAugment(pipe, seed)(x)
+        except Exception as exc:  # noqa: BLE001 — whatever a transform raises is the user's to see
+            return f"it fails on a batch of uint8 {channels}×{size}×{size} images ({type(exc).__name__}: {exc})"
+        if not isinstance(y, torch.Tensor) or y.dtype != torch.uint8 or tuple(y.shape) != tuple(x.shape):
+            got = f"{y.dtype} {'×'.join(map(str, y.shape[1:]))}" if isinstance(y, torch.Tensor) else type(y).__name__
+            return (f"it turns uint8 {channels}×{size}×{size} images into {got}; it must return them as uint8 at "
+                    "preprocess.image_size and channels (normalising and resizing to pretrain.input_size come after it)")
+    return None

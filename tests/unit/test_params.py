@@ -163,6 +163,27 @@ def test_bad_transform_argument_fails_on_load(params_path, spec):
         P.load(params_path, [f"augment.target={spec}"])
 
 
+@pytest.mark.parametrize("key, spec, says", [
+    ("augment.target", "[{name: Normalize, mean: [0.5], std: [0.5]}]", "fails on a batch of uint8 1×32×32 images (TypeError"),
+    ("augment.source", "[{name: Resize, size: 64}]", "into torch.uint8 1×64×64"),
+    ("augment.target", "[{name: Grayscale, num_output_channels: 3}]", "into torch.uint8 3×32×32"),
+    ("finetune.fixmatch.strong", "[{name: CenterCrop, size: 20}]", "into torch.uint8 1×20×20"),
+])
+def test_pipeline_that_changes_the_images_fails_on_load(params_path, key, spec, says):
+    """Training feeds a pipeline stored uint8 images and needs them back as such: a transform that normalises,
+    resizes or casts fails at params load, naming the pipeline, not mid-training."""
+    over = [f"{key}={spec}" if key != "augment.target" else f"augment.target.transforms={spec}",
+            "finetune.strategies=[scratch,source_only,fixmatch]"]
+    with pytest.raises(P.ParamsError) as exc:
+        P.load(params_path, over)
+    assert f"{key}: it " in str(exc.value) and says in str(exc.value)
+
+
+def test_pipeline_may_resize_if_it_resizes_back(params_path):
+    p = P.load(params_path, ["augment.target.transforms=[{name: Resize, size: 12}, {name: Resize, size: 32}]"])
+    assert [t.name for t in p.augment.target.transforms] == ["Resize", "Resize"]
+
+
 def test_baselines_must_run(params_path):
     with pytest.raises(P.ParamsError) as exc:
         P.load(params_path, ["finetune.strategies=[finetune, linear_probe]"])
@@ -272,8 +293,8 @@ def test_section_hash_dotted_names(params_path):
     strat = P.load(params_path, ["finetune.lr=0.1"])
     assert base.section_hash("finetune.strategies") == strat.section_hash("finetune.strategies")
     # a nested transform argument counts
-    nested = P.load(params_path, ["augment.source=[{name: RandomChoice, transforms: [{name: Resize, size: 9}]}]"])
-    nested2 = P.load(params_path, ["augment.source=[{name: RandomChoice, transforms: [{name: Resize, size: 10}]}]"])
+    nested = P.load(params_path, ["augment.source=[{name: RandomChoice, transforms: [{name: Resize, size: 9}]}, {name: Resize, size: 32}]"])
+    nested2 = P.load(params_path, ["augment.source=[{name: RandomChoice, transforms: [{name: Resize, size: 10}]}, {name: Resize, size: 32}]"])
     assert nested.section_hash("augment.source") != nested2.section_hash("augment.source")
 
 
