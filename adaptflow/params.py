@@ -375,6 +375,19 @@ class Params(_ParamsBase):
         return self
 
     @model_validator(mode="after")
+    def _model_takes_its_input(self) -> "Params":
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(self.pretrain.model)
+        side = self.pretrain.input_size or self.preprocess.image_size
+        if cfg is not None and getattr(cfg, "fixed_input_size", False) and cfg.input_size[-1] != side:
+            n = cfg.input_size[-1]
+            raise ValueError(f"pretrain.model: {self.pretrain.model} takes {n}×{n} inputs only, and it would see {side}×{side} "
+                             f"({'pretrain.input_size' if self.pretrain.input_size else 'preprocess.image_size'}); "
+                             f"set pretrain.input_size: {n} (images are resized on the device), or choose a model without a fixed input size")
+        return self
+
+    @model_validator(mode="after")
     def _pipelines_keep_images(self) -> "Params":
         from adaptflow.data.transforms import image_problem
 

@@ -179,6 +179,16 @@ def test_pipeline_that_changes_the_images_fails_on_load(params_path, key, spec, 
     assert f"{key}: it " in str(exc.value) and says in str(exc.value)
 
 
+def test_model_with_a_fixed_input_size_needs_that_size(params_path):
+    """A ViT built for 224 px cannot take the stored 32 px images: refused at load, saying what to set."""
+    with pytest.raises(P.ParamsError) as exc:
+        P.load(params_path, ["pretrain.model=vit_tiny_patch16_224"])
+    assert "--set pretrain.model=vit_tiny_patch16_224: pretrain.model: vit_tiny_patch16_224 takes 224×224 inputs only" in str(exc.value)
+    assert "set pretrain.input_size: 224" in str(exc.value)
+    assert P.load(params_path, ["pretrain.model=vit_tiny_patch16_224", "pretrain.input_size=224"]).pretrain.input_size == 224
+    assert P.load(params_path, ["pretrain.model=resnet18"]).pretrain.input_size is None  # any size
+
+
 def test_pipeline_may_resize_if_it_resizes_back(params_path):
     p = P.load(params_path, ["augment.target.transforms=[{name: Resize, size: 12}, {name: Resize, size: 32}]"])
     assert [t.name for t in p.augment.target.transforms] == ["Resize", "Resize"]
