@@ -25,8 +25,9 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _load(path: Path, overrides: Optional[list[str]]) -> params_mod.Params:
-    """Params and this machine's ``ADAPTFLOW_*`` runtime settings, validated before any work."""
+def _load(path: Path, overrides: Optional[list[str]], flags: Optional[dict[str, str]] = None) -> params_mod.Params:
+    """Params and this machine's ``ADAPTFLOW_*`` runtime settings, validated before any work. ``flags``: the
+    command-line option each override came from (an error names the option the user typed)."""
     from adaptflow import accel
 
     try:
@@ -34,14 +35,19 @@ def _load(path: Path, overrides: Optional[list[str]]) -> params_mod.Params:
         accel.runtime()  # resolves the ADAPTFLOW_* settings for this machine, as every stage will
         return p
     except (params_mod.ParamsError, ValueError) as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
+        msg = str(exc)
+        for override, flag in (flags or {}).items():
+            msg = msg.replace(f"--set {override}", flag)
+        typer.secho(f"error: {msg}", fg="red", err=True)
         raise typer.Exit(2) from None
 
 
-def _orchestrate_overrides(task_runner: Optional[str], max_workers: Optional[int], dask_address: Optional[str]) -> list[str]:
-    """The run-shape flags as ``orchestrate.*`` overrides (they change how the flow runs, never what it computes)."""
-    given = {"task_runner": task_runner, "max_workers": max_workers, "dask_address": dask_address}
-    return [f"orchestrate.{k}={v}" for k, v in given.items() if v is not None]
+def _orchestrate_overrides(task_runner: Optional[str], max_workers: Optional[int], dask_address: Optional[str]) -> dict[str, str]:
+    """The run-shape flags as ``orchestrate.*`` overrides (they change how the flow runs, never what it computes),
+    each with the option it came from."""
+    given = {"task_runner": ("--task-runner", task_runner), "max_workers": ("--max-workers", max_workers),
+             "dask_address": ("--dask-address", dask_address)}
+    return {f"orchestrate.{k}={v}": f"{flag} {v}" for k, (flag, v) in given.items() if v is not None}
 
 
 @app.command()
@@ -59,8 +65,9 @@ def run(
 
     api_ready = start_in_background()  # Prefect's local API server starts while torch and the params load
     _setup_logging(verbose)
-    overrides = list(set_ or []) + _orchestrate_overrides(task_runner or ("dask" if dask_address else None), max_workers, dask_address)
-    p = _load(params, overrides)  # fail on a bad params value before Prefect starts
+    flags = _orchestrate_overrides(task_runner or ("dask" if dask_address else None), max_workers, dask_address)
+    overrides = list(set_ or []) + list(flags)
+    p = _load(params, overrides, flags)  # fail on a bad params value before Prefect starts
     from adaptflow.stages import ingest
 
     with _bad_input_exits():

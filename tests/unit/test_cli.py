@@ -188,3 +188,17 @@ def test_run_says_when_register_was_reused_and_where_the_aliases_point_now(monke
     line = cli._registry_line({**fresh, "cached": True})
     assert line.startswith("registry: nothing new to register (register reused): m version 1 came from an earlier run, promoted to champion then")
     assert line.endswith("aliases now: challenger → version 4, champion → version 3")
+
+
+def test_run_option_errors_name_the_option_typed(capsys):
+    """`adaptflow run --task-runner bogus` blames --task-runner, not an override the user never wrote."""
+    import typer
+
+    from adaptflow import cli
+
+    flags = cli._orchestrate_overrides("bogus", 0, None)
+    with pytest.raises(typer.Exit):
+        cli._load(Path(PARAMS), list(flags), flags)
+    err = capsys.readouterr().err
+    assert "--task-runner bogus: orchestrate.task_runner" in err and "--max-workers 0: orchestrate.max_workers" in err
+    assert "--set" not in err
