@@ -74,11 +74,18 @@ def configure(root: Path = Path("."), create: bool = True) -> str:
             raise NoStore(f"no MLflow store at {store}: run this from the project's root (where `adaptflow run` made "
                           f"mlflow.db), or set MLFLOW_TRACKING_URI to the project's store or tracking server")
         return uri
-    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+    here = (root / "mlartifacts").as_uri()
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
         try:
-            mlflow.create_experiment(EXPERIMENT, artifact_location=(root / "mlartifacts").as_uri() if is_local(uri) else None)
+            mlflow.create_experiment(EXPERIMENT, artifact_location=here if is_local(uri) else None)
         except MlflowException:  # created concurrently
             pass
+    elif is_local(uri) and experiment.artifact_location.startswith("file:") and experiment.artifact_location.rstrip("/") != here:
+        log.warning("the MLflow store %s keeps this project's artifacts in %s, outside the project (%s): a store copied or "
+                    "moved from another folder. New runs and models write there, and the models registered here read from "
+                    "there. To keep this project on its own, move mlflow.db and mlartifacts/ aside and start a new store",
+                    uri, experiment.artifact_location, here)
     mlflow.set_experiment(EXPERIMENT)
     return uri
 
