@@ -390,10 +390,11 @@ class Params(_ParamsBase):
     @model_validator(mode="after")
     def _pipelines_keep_images(self) -> "Params":
         from adaptflow.data.transforms import image_problem
+        from adaptflow.strategies import parse
 
         c, size = self.preprocess.channels, self.preprocess.image_size
         pipelines = {"augment.source": self.augment.source.specs(), "augment.target": self.augment.target.specs()}
-        if any("fixmatch" in s.split("+") for s in self.finetune.strategies):
+        if any("fixmatch" in parse(s)[1] for s in self.finetune.strategies):
             pipelines["finetune.fixmatch.strong"] = [t.model_dump() for t in self.finetune.fixmatch.strong]
         for key, specs in pipelines.items():
             problem = image_problem(specs, c, size)
