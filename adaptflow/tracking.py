@@ -81,7 +81,7 @@ def configure(root: Path = Path("."), create: bool = True) -> str:
             mlflow.create_experiment(EXPERIMENT, artifact_location=here if is_local(uri) else None)
         except MlflowException:  # created concurrently
             pass
-    elif is_local(uri) and experiment.artifact_location.startswith("file:") and experiment.artifact_location.rstrip("/") != here:
+    elif uri == f"sqlite:///{root / 'mlflow.db'}" and experiment.artifact_location.rstrip("/") != here:  # the project's own store
         log.warning("the MLflow store %s keeps this project's artifacts in %s, outside the project (%s): a store copied or "
                     "moved from another folder. New runs and models write there, and the models registered here read from "
                     "there. To keep this project on its own, move mlflow.db and mlartifacts/ aside and start a new store",
