@@ -77,10 +77,9 @@ def transfer_pipeline(params_path: str = "params.yaml", overrides: list[str] | N
         r = str(project)
         ingested = {role: task["ingest"].submit(params, r, role) for role in ROLES}
         augmented = task["augment"].submit(params, r, wait_for=list(ingested.values()))
-        # One task at a time, both ingests run before pretrain anyway: waiting for the target's too lets bad
-        # target data fail the run at once, not after a pretrain. Parallel runners overlap pretrain with it.
-        sequential = params.orchestrate.task_runner == "sequential"
-        pretrained = task["pretrain"].submit(params, r, wait_for=list(ingested.values()) if sequential else [ingested["source"]])
+        # Pretrain waits for augment, which refuses a source holding target val/test images (and so for both
+        # ingests): bad data fails the run before any training. Augment itself takes seconds.
+        pretrained = task["pretrain"].submit(params, r, wait_for=[*ingested.values(), augmented])
         features = task["cache_features"].submit(params, r, wait_for=[pretrained, ingested["target"]])
         pairs = runs(params)
         tuned = task["finetune"].map(unmapped(params), unmapped(r), [s for s, _ in pairs], [k for _, k in pairs],
