@@ -92,16 +92,23 @@ def k_shot(labels: np.ndarray, candidates: np.ndarray, k: int, keys: Sequence[st
         idx = np.flatnonzero(candidates & (labels == c))
         if len(idx) < k:
             raise ValueError(f"class {c} has {len(idx)} train images, fewer than target.k={k}; lower target.k")
-        mask[idx[np.argsort(u[idx], kind="stable")[:k]]] = True
+        mask[_first(idx, u, k)] = True
     return mask
+
+
+def _first(idx: np.ndarray, u: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` of ``idx`` whose places ``u`` come first."""
+    return idx[np.argsort(u[idx], kind="stable")[:n]]
 
 
 def stratified_subset(labels: np.ndarray, limit: int | None, seed: int, keys: Sequence[str]) -> np.ndarray:
     """Indices of exactly ``min(limit, N)`` items keeping the class proportions (largest remainder).
 
-    Within a class the items kept are those first in the seed's order of their ``keys`` (:func:`positions`),
-    so with the same limit new data changes the subset only by new items taking the place of old ones that
-    come after them; an item kept is never swapped for another old one."""
+    Within a class the items kept are the class's share of the limit taken in the seed's order of their
+    ``keys`` (:func:`positions`), not by position. So while the class shares stay the same (data arriving in
+    proportion), new data changes the subset only by new items taking the place of old ones that come after
+    them. A class whose share grows takes more of its items, old ones included; one whose share shrinks
+    keeps fewer."""
     if limit is None or limit >= len(labels):
         return np.arange(len(labels))
     if len(keys) != len(labels):
@@ -112,8 +119,5 @@ def stratified_subset(labels: np.ndarray, limit: int | None, seed: int, keys: Se
     take = np.floor(quota).astype(int)
     for i in np.argsort(-(quota - take), kind="stable")[: limit - take.sum()]:
         take[i] += 1
-    picked = []
-    for c, n in zip(classes, take):
-        idx = np.flatnonzero(labels == c)
-        picked.append(idx[np.argsort(u[idx], kind="stable")[:n]])
+    picked = [_first(np.flatnonzero(labels == c), u, n) for c, n in zip(classes, take)]
     return np.sort(np.concatenate(picked))

@@ -226,6 +226,21 @@ def test_subset_with_new_data_swaps_old_items_only_for_new_ones():
     assert before & after  # and most of the subset stays (bottom-k of the same order)
 
 
+def test_subset_when_class_shares_change_only_the_quotas_move():
+    """Data arriving unevenly moves the quotas: a class keeps its own first items by key, more or fewer."""
+    labels = np.repeat([0, 1], 10)
+    keys = _keys(len(labels))
+    before = set(stratified_subset(labels, 10, 0, keys).tolist())
+    more = np.concatenate([labels, [0, 0, 0, 0]])
+    more_keys = _keys(len(more))
+    after = set(stratified_subset(more, 10, 0, more_keys).tolist())
+    u = positions(more_keys, "limit:0")
+    for c, n in ((0, 6), (1, 4)):  # 14 : 10 of 24 → 5.83 : 4.17 → 6 and 4
+        idx = np.flatnonzero(more == c)
+        assert {i for i in after if more[i] == c} == set(idx[np.argsort(u[idx])[:n]].tolist())
+    assert {i for i in before if labels[i] == 1} >= {i for i in after if more[i] == 1}  # class 1's share shrank
+
+
 def test_subset_needs_a_key_per_item():
     with pytest.raises(ValueError, match="keys"):
         stratified_subset(np.array([0, 1, 1]), 2, 0, ["a"])
