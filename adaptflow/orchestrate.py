@@ -204,9 +204,14 @@ def store_root(root: Path) -> Path:
     return root
 
 
+def default_tracking_uri(root: Path) -> str:
+    """The project's own MLflow store (SQLite beside the project), used when ``MLFLOW_TRACKING_URI`` is unset."""
+    return f"sqlite:///{store_root(root) / 'mlflow.db'}"
+
+
 def tracking_uri(root: Path) -> str:
     """The MLflow store register writes to (what ``tracking.configure`` picks), known without importing MLflow."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root(root) / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
 
 
 def is_current(ident: Identity, root: Path) -> bool:
@@ -258,13 +263,17 @@ def _dvc_process():
     import psutil
 
     try:
-        for proc in psutil.Process().parents():
-            args = proc.cmdline()
-            for i, arg in enumerate(args[:3]):
-                if Path(arg).name in ("dvc", "dvc.exe"):
-                    return proc, " ".join(["dvc", *args[i + 1 : i + 3]])
+        parents = psutil.Process().parents()
     except psutil.Error:
         return None
+    for proc in parents:
+        try:
+            args = proc.cmdline()
+        except psutil.Error:  # another user's process, or gone: not one we can name
+            continue
+        for i, arg in enumerate(args[:3]):
+            if Path(arg).name in ("dvc", "dvc.exe"):
+                return proc, " ".join(["dvc", *args[i + 1 : i + 3]])
     return None
 
 
@@ -276,7 +285,8 @@ def _note_dvc_run(root: Path) -> None:
         return
     proc, cmd = found
     outputs.atomic_write_text(state_dir(root) / DVC_RUN_NAME, json.dumps({
-        "pid": proc.pid, "create_time": proc.create_time(), "cmd": cmd, "stage": os.environ["DVC_STAGE"], "since": time.time()}))
+        "pid": proc.pid, "host": socket.gethostname(), "create_time": proc.create_time(), "cmd": cmd,
+        "stage": os.environ["DVC_STAGE"], "since": time.time()}))
 
 
 def dvc_run_in_progress(root: Path) -> dict | None:
@@ -287,11 +297,15 @@ def dvc_run_in_progress(root: Path) -> dict | None:
     path = state_dir(root) / DVC_RUN_NAME
     try:
         rec = json.loads(path.read_text())
+        if rec.get("host", socket.gethostname()) != socket.gethostname():
+            return None  # a dvc run on another machine: its pid means nothing here (and OS file locks rarely span machines)
         proc = psutil.Process(int(rec["pid"]))
         alive = abs(proc.create_time() - float(rec["create_time"])) < 0.5  # not a later process with the same pid
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+    except psutil.AccessDenied:  # another user's process: alive
+        alive = True
+    except (OSError, ValueError, KeyError, TypeError, psutil.Error):  # gone, or a note that cannot be read
         alive = False
     if not alive:
         path.unlink(missing_ok=True)

@@ -37,7 +37,7 @@ from mlflow.models import ModelSignature  # noqa: E402
 from mlflow.types.schema import AnyType, ColSpec, Schema  # noqa: E402
 
 from adaptflow import aliases  # noqa: E402
-from adaptflow.orchestrate import NoStore, store_root, tracking_uri  # noqa: E402
+from adaptflow.orchestrate import NoStore, default_tracking_uri, store_root, tracking_uri  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def configure(root: Path = Path("."), create: bool = True) -> str:
             mlflow.create_experiment(EXPERIMENT, artifact_location=here if is_local(uri) else None)
         except MlflowException:  # created concurrently
             pass
-    elif uri == f"sqlite:///{root / 'mlflow.db'}" and experiment.artifact_location.rstrip("/") != here:  # the project's own store
+    elif uri == default_tracking_uri(root) and experiment.artifact_location.rstrip("/") != here:  # the project's own store
         log.warning("the MLflow store %s keeps this project's artifacts in %s, outside the project (%s): a store copied or "
                     "moved from another folder. New runs and models write there, and the models registered here read from "
                     "there. To keep this project on its own, move mlflow.db and mlartifacts/ aside and start a new store",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,34 @@ def test_a_dvc_run_holds_the_project_between_its_stages(tmp_path):
     after = subprocess.run([sys.executable, "-c", other], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert after.returncode == 0 and "GOT" in after.stdout  # the dvc process has exited: its note is stale
     assert not (tmp_path / orchestrate.STATE_DIR / orchestrate.DVC_RUN_NAME).exists()
+
+
+def test_dvc_note_judged_by_what_this_machine_can_see(tmp_path, monkeypatch):
+    """A dvc process this user may not inspect still holds; one that is gone does not (its note goes); a note
+    from another machine is left alone and holds nothing here (its pid means nothing on this one)."""
+    import json
+    import socket
+
+    import psutil
+
+    note = tmp_path / orchestrate.STATE_DIR / orchestrate.DVC_RUN_NAME
+    note.parent.mkdir(parents=True)
+    gone = 2**22 + 12345  # above Linux's default pid_max: no such process
+    note.write_text(json.dumps({"pid": gone, "host": socket.gethostname(), "create_time": 1.0, "cmd": "dvc repro", "stage": "ingest"}))
+    real = psutil.Process
+
+    class Denied(real):  # as psutil answers for another user's process on some systems
+        def __init__(self, pid=None):
+            if pid == gone:
+                raise psutil.AccessDenied(pid)
+            super().__init__(pid)
+
+    monkeypatch.setattr(psutil, "Process", Denied)
+    assert orchestrate.dvc_run_in_progress(tmp_path)["pid"] == gone
+    monkeypatch.setattr(psutil, "Process", real)
+    assert orchestrate.dvc_run_in_progress(tmp_path) is None and not note.exists()
+    note.write_text(json.dumps({"pid": os.getppid(), "host": "elsewhere", "create_time": 1.0, "cmd": "dvc repro", "stage": "ingest"}))
+    assert orchestrate.dvc_run_in_progress(tmp_path) is None and note.exists()
 
 
 def _imagefolder(root: Path, files: dict[str, bytes]) -> None:
