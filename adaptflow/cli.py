@@ -36,8 +36,8 @@ def _load(path: Path, overrides: Optional[list[str]], flags: Optional[dict[str, 
         return p
     except (params_mod.ParamsError, ValueError) as exc:
         msg = str(exc)
-        for override, flag in (flags or {}).items():
-            msg = msg.replace(f"--set {override}", flag)
+        for override, flag in (flags or {}).items():  # "--set X: …", or "… with --set A, X" where the file is blamed
+            msg = msg.replace(f"--set {override}", flag).replace(override, flag)
         typer.secho(f"error: {msg}", fg="red", err=True)
         raise typer.Exit(2) from None
 

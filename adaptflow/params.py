@@ -359,8 +359,7 @@ class Params(_ParamsBase):
         missing = [b for b in self.evaluate.baselines if b not in self.finetune.strategies]
         if missing:
             raise ValueError(f"evaluate.baselines {missing} must also be in finetune.strategies")
-        required = [b for b in BASELINES if self.target.k > 0 or b != "scratch"]
-        unchecked = [b for b in required if b not in self.evaluate.baselines]
+        unchecked = self.unchecked_baselines()
         if unchecked and self.register.require_baselines:
             raise ValueError(f"evaluate.baselines lacks {unchecked}: the registry gate would promote a model it never compared "
                              f"with {' or '.join(unchecked)}; add them (and to finetune.strategies), or set "
@@ -376,15 +375,11 @@ class Params(_ParamsBase):
 
     @model_validator(mode="after")
     def _model_takes_its_input(self) -> "Params":
-        from timm.models import get_pretrained_cfg
+        from adaptflow.models.factory import input_problem
 
-        cfg = get_pretrained_cfg(self.pretrain.model)
-        side = self.pretrain.input_size or self.preprocess.image_size
-        if cfg is not None and getattr(cfg, "fixed_input_size", False) and cfg.input_size[-1] != side:
-            n = cfg.input_size[-1]
-            raise ValueError(f"pretrain.model: {self.pretrain.model} takes {n}×{n} inputs only, and it would see {side}×{side} "
-                             f"({'pretrain.input_size' if self.pretrain.input_size else 'preprocess.image_size'}); "
-                             f"set pretrain.input_size: {n} (images are resized on the device), or choose a model without a fixed input size")
+        problem = input_problem(self.pretrain.model, self.pretrain.input_size or self.preprocess.image_size, self.preprocess.channels)
+        if problem:
+            raise ValueError(f"pretrain.model: {problem}")
         return self
 
     @model_validator(mode="after")
@@ -420,6 +415,11 @@ class Params(_ParamsBase):
     def section_hash(self, *names: str, exclude: tuple[str, ...] = ()) -> str:
         """Content hash of :meth:`sections`."""
         return json_digest(self.sections(*names, exclude=exclude))
+
+    def unchecked_baselines(self) -> list[str]:
+        """The baselines the registry gate should check but evaluate.baselines leaves out: scratch (when there
+        are target labels to train it on) and source_only."""
+        return [b for b in BASELINES if (self.target.k > 0 or b != "scratch") and b not in self.evaluate.baselines]
 
     def registered_model_name(self) -> str:
         target = self.target.domain.replace(":", "-").replace("/", "-")

@@ -112,7 +112,8 @@ def image_problem(specs: list[dict[str, Any]], channels: int, size: int, tries: 
     """Why a pipeline would break training, or None. Training applies it to batches of stored images (uint8,
     ``channels``×``size``×``size``) exactly as :class:`~adaptflow.data.batch_augment.BatchAugment` does here,
     and must get the same back: normalising and resizing to the network's input side come after, on the
-    device. Random choices are drawn ``tries`` times."""
+    device. A check by example: random transforms are drawn ``tries`` times, so a rarely taken branch can slip
+    through."""
     from adaptflow.data.batch_augment import BatchAugment  # it builds on this module
 
     pipe = build_pipeline(specs)
@@ -122,8 +123,7 @@ def image_problem(specs: list[dict[str, Any]], channels: int, size: int, tries: 
             y = BatchAugment(pipe, seed)(x)
         except Exception as exc:  # noqa: BLE001 — whatever a transform raises is the user's to see
             return f"it fails on a batch of uint8 {channels}×{size}×{size} images ({type(exc).__name__}: {exc})"
-        if not isinstance(y, torch.Tensor) or y.dtype != torch.uint8 or tuple(y.shape) != tuple(x.shape):
-            got = f"{y.dtype} {'×'.join(map(str, y.shape[1:]))}" if isinstance(y, torch.Tensor) else type(y).__name__
-            return (f"it turns uint8 {channels}×{size}×{size} images into {got}; it must return them as uint8 at "
-                    "preprocess.image_size and channels (normalising and resizing to pretrain.input_size come after it)")
+        if tuple(y.shape) != tuple(x.shape):  # (BatchAugment hands back uint8 whatever the transforms made)
+            return (f"it turns {channels}×{size}×{size} images into {'×'.join(map(str, y.shape[1:]))}; it must give them back at "
+                    "preprocess.image_size and channels (resizing to pretrain.input_size comes after it, on the device)")
     return None

@@ -6,6 +6,7 @@ rebuild the network with timm alone, without adaptflow or MLflow.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +43,30 @@ def create(cfg: ModelConfig) -> nn.Module:
     model = timm.create_model(cfg.arch, pretrained=False, in_chans=cfg.in_chans, num_classes=cfg.num_classes)
     model.adaptflow_input_size = cfg.input_size  # read by input_size(); not a parameter, not saved in weights
     return model
+
+
+@functools.lru_cache(maxsize=32)
+def input_problem(arch: str, side: int, channels: int) -> str | None:
+    """Why timm's ``arch`` cannot be built or take ``side``×``side`` inputs, or None. Only a model timm marks
+    as built for one input size (ViT, Swin, …) is probed: one forward pass of a randomly initialised copy, on
+    the CPU (many such models take other sizes; some do not)."""
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(arch)
+    except Exception as exc:  # noqa: BLE001 — e.g. a pretrained tag timm does not know
+        return f"{arch}: {exc}"
+    if cfg is None or not getattr(cfg, "fixed_input_size", False):
+        return None
+    try:
+        model = timm.create_model(arch, pretrained=False, in_chans=channels, num_classes=2).eval()
+        with torch.no_grad():
+            model(torch.zeros(1, channels, side, side))
+    except Exception as exc:  # noqa: BLE001 — whatever the model raises is the reason
+        n = cfg.input_size[-1]
+        return (f"{arch} cannot take {side}×{side} inputs ({type(exc).__name__}: {str(exc).strip()[:200]}); timm builds it for "
+                f"{n}×{n}: set pretrain.input_size: {n} (images are resized on the device), or choose another model")
+    return None
 
 
 def input_size(model: nn.Module) -> int | None:

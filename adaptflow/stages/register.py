@@ -66,6 +66,7 @@ def gate(
     champion_acc: float | None,
     margin: float,
     candidate_model_acc: float | None = None,
+    unchecked: list[str] = (),
 ) -> tuple[bool, list[str]]:
     """Whether the candidate may become champion, and why (one reason per check).
 
@@ -75,8 +76,8 @@ def gate(
     """
     ok, reasons = True, []
     model_acc = candidate_acc if candidate_model_acc is None else candidate_model_acc
-    if not baseline_accs:
-        reasons.append("no baseline checked (evaluate.baselines is empty; register.require_baselines: false)")
+    if unchecked:  # allowed by register.require_baselines: false; said, not hidden
+        reasons.append(f"not checked against {', '.join(unchecked)} (not in evaluate.baselines; register.require_baselines: false)")
     for name, acc in baseline_accs.items():
         passed = round(candidate_acc - acc, 9) > margin  # rounded: "by exactly the margin" is not a float accident
         ok &= passed
@@ -362,7 +363,8 @@ def _gate_and_register(params: Params, ev: dict, test: store.Split, test_sha1: l
         if len(rows) < len(test):  # the candidate on the same images (its own test accuracy is on all of them)
             cand_vs_champion = _accuracy(tracking.load_model(model_uri), test, rows)
     baselines = {b: per[b]["test_acc"] for b in params.evaluate.baselines}
-    passed, reasons = gate(cand_mean, baselines, champion_acc, params.register.margin, candidate_model_acc=cand_vs_champion)
+    passed, reasons = gate(cand_mean, baselines, champion_acc, params.register.margin, candidate_model_acc=cand_vs_champion,
+                           unchecked=params.unchecked_baselines())
     reasons += [note] if note else []
     version = tracking.register(model_uri, name, {
         **tags, "strategy": candidate, "seed": candidate_seed, "val_acc": cand_run["val_acc"], "test_acc": cand_acc,

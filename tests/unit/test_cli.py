@@ -202,3 +202,8 @@ def test_run_option_errors_name_the_option_typed(capsys):
     err = capsys.readouterr().err
     assert "--task-runner bogus: orchestrate.task_runner" in err and "--max-workers 0: orchestrate.max_workers" in err
     assert "--set" not in err
+    flags = cli._orchestrate_overrides("threads", 2, None)
+    with pytest.raises(typer.Exit):
+        cli._load(Path(PARAMS), ["target.k=0", *flags], flags)
+    err = capsys.readouterr().err
+    assert "with --set target.k=0, --task-runner threads, --max-workers 2: finetune.strategies" in err and "orchestrate." not in err

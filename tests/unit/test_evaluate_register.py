@@ -140,9 +140,11 @@ def test_gate_rejects_when_a_baseline_is_not_beaten(failing):
     assert len(bad) == 1 and failing in bad[0]
 
 
-def test_gate_without_baselines_says_so():
-    ok, reasons = gate(0.2, {}, None, margin=0.0)
-    assert ok and reasons[0].startswith("no baseline checked") and "register.require_baselines: false" in reasons[0]
+def test_gate_says_which_baselines_it_did_not_check():
+    ok, reasons = gate(0.2, {}, None, margin=0.0, unchecked=["scratch", "source_only"])
+    assert ok and reasons[0] == "not checked against scratch, source_only (not in evaluate.baselines; register.require_baselines: false)"
+    ok, reasons = gate(0.9, {"source_only": 0.5}, None, margin=0.0, unchecked=["scratch"])
+    assert ok and reasons[0].startswith("not checked against scratch (") and reasons[1].startswith("beats source_only")
 
 
 def test_gate_margin_is_required():

@@ -201,3 +201,19 @@ def test_prepare_converts_modes_pillow_only_takes_to_rgb(tmp_path, channels):
     assert out.shape == (channels, 4, 4) and out.dtype == np.uint8
     good, bad = readable([path, tmp_path / "missing.png"])
     assert good == [path] and len(bad) == 1 and "not a readable image" in bad[0][1]
+
+
+def test_readable_converts_as_the_model_does(tmp_path, monkeypatch, png_bytes):
+    """A file that opens but will not convert is not readable: predict skips and lists it."""
+    from adaptflow import imaging
+
+    path = tmp_path / "a.png"
+    path.write_bytes(png_bytes)
+    assert readable([path]) == ([path], [])
+
+    def no_conversion(im, channels):
+        raise ValueError(f"conversion from {im.mode} not supported")
+
+    monkeypatch.setattr(imaging, "_to_mode", no_conversion)
+    good, bad = readable([path])
+    assert good == [] and "conversion from" in bad[0][1]
