@@ -344,22 +344,26 @@ def project_lock(root: Path, what: str = "adaptflow", timeout: float | None = No
         return ProjectLocked(f"project {Path(root).resolve()} is still locked by {holder} after {timeout:.0f} s; "
                              f"wait for that run, or raise orchestrate.lock_timeout (the lock frees itself when its process exits)")
 
-    waited, told = False, False
-    while True:
+    def take() -> bool:
+        """The file lock, waiting (with reminders) while another process holds it; whether it had to wait."""
         try:
             lock.acquire(timeout=0)
+            return False
         except Timeout:
-            waited = True
             log.warning("project %s is locked by %s: waiting for that run to finish (lock file %s)", Path(root).resolve(), _holder(info), lock.lock_file)
-            while True:
-                rest = left()
-                if rest is not None and rest <= 0:
-                    raise give_up(_holder(info)) from None
-                try:
-                    lock.acquire(timeout=remind_every if rest is None else min(remind_every, rest))
-                    break
-                except Timeout:
-                    log.warning("still waiting for the project lock (held by %s, %.0f s so far)", _holder(info), time.monotonic() - started)
+        while True:
+            rest = left()
+            if rest is not None and rest <= 0:
+                raise give_up(_holder(info))
+            try:
+                lock.acquire(timeout=remind_every if rest is None else min(remind_every, rest))
+                return True
+            except Timeout:
+                log.warning("still waiting for the project lock (held by %s, %.0f s so far)", _holder(info), time.monotonic() - started)
+
+    waited, told = False, False
+    while True:
+        waited = take() or waited
         run = dvc_run_in_progress(root) if lock.lock_counter == 1 else None
         if run is None:
             break
