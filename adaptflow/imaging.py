@@ -15,6 +15,9 @@ import numpy as np
 from PIL import Image
 
 
+NO_PATHS = "this model reads no file paths when served; send base64-encoded image bytes"
+
+
 def to_uint8(img: np.ndarray) -> np.ndarray:
     """Bring an array to uint8 0–255: uint8 as is, floats in [0, 1] scaled, other ranges min–max scaled."""
     arr = np.asarray(img)
@@ -31,19 +34,26 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
 
 
-def to_pil(img: Any) -> Image.Image:
-    """Accept a PIL image, a path, encoded bytes, a base64 string or an array (H×W, H×W×C)."""
+def to_pil(img: Any, read_paths: bool = True) -> Image.Image:
+    """Accept a PIL image, a path, encoded bytes, a base64 string or an array (H×W, H×W×C).
+
+    With ``read_paths=False`` (a served model: the caller is a remote client) a string is base64 only and
+    no file is touched, so a client can neither read a server file nor learn whether a path exists: the
+    error is the same for every string that is not a base64-encoded image."""
     if isinstance(img, Image.Image):
         return img
     if isinstance(img, (bytes, bytearray, memoryview)):
         return _open(io.BytesIO(bytes(img)))
-    if isinstance(img, Path) or (isinstance(img, str) and _is_file(img)):
+    if isinstance(img, Path) and not read_paths:
+        raise ValueError(f"{NO_PATHS}: got a path")
+    if isinstance(img, Path) or (read_paths and isinstance(img, str) and _is_file(img)):
         return _open(Path(img))
     if isinstance(img, str):
         try:
             return _open(io.BytesIO(base64.b64decode(img, validate=True)))
         except (ValueError, OSError):
-            raise ValueError(f"not an existing path nor base64 image bytes: {img[:60]!r}") from None
+            what = "not an existing path nor base64 image bytes" if read_paths else f"not base64 image bytes ({NO_PATHS})"
+            raise ValueError(f"{what}: {img[:60]!r}") from None
     arr = np.asarray(img)
     if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
         arr = np.moveaxis(arr, 0, -1)  # C×H×W → H×W×C
@@ -93,17 +103,19 @@ def _to_mode(im: Image.Image, channels: int) -> Image.Image:
         return im.convert("RGB").convert(mode)
 
 
-def prepare(img: Any, size: int, channels: int) -> np.ndarray:
+def prepare(img: Any, size: int, channels: int, read_paths: bool = True) -> np.ndarray:
     """Decode and bring one image to the model's stored form: uint8 (channels, size, size)."""
-    im = _to_mode(to_pil(img), channels)
+    im = _to_mode(to_pil(img, read_paths), channels)
     if im.size != (size, size):
         im = im.resize((size, size), Image.BILINEAR)
     arr = np.asarray(im, dtype=np.uint8)
     return arr[None] if channels == 1 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def prepare_batch(images: Any, size: int, channels: int) -> np.ndarray:
-    return np.stack([prepare(im, size, channels) for im in images]) if len(images) else np.zeros((0, channels, size, size), np.uint8)
+def prepare_batch(images: Any, size: int, channels: int, read_paths: bool = True) -> np.ndarray:
+    if not len(images):
+        return np.zeros((0, channels, size, size), np.uint8)
+    return np.stack([prepare(im, size, channels, read_paths) for im in images])
 
 
 def normalize(batch: Any) -> Any:

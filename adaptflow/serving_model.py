@@ -7,11 +7,19 @@ install, and loading unpickles nothing: weights are safetensors, the config is J
 Input: a DataFrame with an ``image`` column (file paths, base64-encoded image bytes, raw bytes, or arrays
 H×W / H×W×C), or a list / array of images. Output: ``label``, ``confidence`` and one ``proba_<class>``
 column per class.
+
+File paths are read only in the caller's own process. Served (``mlflow models serve``, its Docker image,
+``mlflow models predict``: MLflow marks those processes with ``_MLFLOW_IS_IN_SERVING_ENVIRONMENT``) the
+model takes base64 and arrays only and touches no file, so a client cannot read the server's files or
+probe which exist. ``ADAPTFLOW_READ_PATHS=0`` does the same for a server MLflow does not start;
+``ADAPTFLOW_READ_PATHS=1`` lets a served model read paths (a server that shares its files with trusted
+clients).
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 import mlflow
 import numpy as np
@@ -44,7 +52,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         else:
             images = list(model_input)
         classes = self.cfg["classes"]
-        batch = imaging.prepare_batch(images, self.cfg["image_size"], self.cfg["in_chans"])
+        batch = imaging.prepare_batch(images, self.cfg["image_size"], self.cfg["in_chans"], read_paths=reads_paths())
         probs = []
         with torch.no_grad():
             for i in range(0, len(batch), 256):
@@ -55,6 +63,15 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         for j, c in enumerate(classes):
             out[f"proba_{c}"] = p[:, j]
         return out
+
+
+def reads_paths() -> bool:
+    """Whether a string input may name a file. ``ADAPTFLOW_READ_PATHS`` decides when set (``0`` no, else
+    yes); otherwise yes, except in a process MLflow serves from."""
+    switch = os.environ.get("ADAPTFLOW_READ_PATHS")
+    if switch is not None:
+        return switch.strip() != "0"
+    return os.environ.get("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "").strip().lower() not in ("true", "1")
 
 
 mlflow.models.set_model(ImageClassifier())

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -190,8 +191,11 @@ def test_mlflow_models_serve_answers_invocations(server_runs, tmp_path):
         req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as r:
             preds = json.loads(r.read())["predictions"]
+        refusals = [_refusal(port, p) for p in (str(Path(paths[0]).resolve()), str(tmp_path / "missing.png"))]
     finally:
         stop(proc)
+    # a client can neither read a server file nor tell from the answer whether one exists
+    assert refusals[0] == refusals[1] and "reads no file paths when served" in refusals[0]
     assert len(preds) == len(paths)
     classes = [str(d) for d in range(10)]
     for p in preds:
@@ -204,6 +208,17 @@ def test_mlflow_models_serve_answers_invocations(server_runs, tmp_path):
     mlflow.set_registry_uri(server_runs["uri"])
     local = mlflow.pyfunc.load_model(f"models:/{server_runs['name']}@champion").predict(pd.DataFrame({"image": b64}))
     assert [p["label"] for p in preds] == list(local["label"])
+
+
+def _refusal(port: int, path: str) -> str:
+    """The served model's answer to a file path, with the path itself blanked out."""
+    body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[path]]}}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(req, timeout=60)
+    assert exc.value.code == 400
+    answer = json.loads(exc.value.read())
+    return (answer["message"] + answer.get("stack_trace", "").strip().splitlines()[-1]).replace(repr(path[:60]), "<path>")
 
 
 def test_gate_does_not_overwrite_a_champion_that_moved_meanwhile(server_runs, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,6 +120,27 @@ def test_prepare_path_str_path_bytes_and_base64_agree(tmp_path, png_bytes):
         out = prepare(src, 16, 1)
         assert out.dtype == np.uint8 and out.shape == (1, 16, 16)
         assert (out == ref).all(), type(src)
+
+
+def test_without_read_paths_no_file_is_touched_and_existence_does_not_show(tmp_path, png_bytes, monkeypatch):
+    """A served model: a path string that names an image fails exactly as one that names nothing, and no
+    file is opened or even stat-ed; base64, bytes and arrays still work."""
+    f = tmp_path / "digit.png"
+    f.write_bytes(png_bytes)
+    touched = []
+    monkeypatch.setattr(Path, "is_file", lambda self: touched.append(self) or True)
+    messages = []
+    for src in (str(f), str(tmp_path / "missing.png"), "/etc/passwd"):
+        with pytest.raises(ValueError, match="reads no file paths when served") as exc:
+            prepare(src, 16, 1, read_paths=False)
+        messages.append(str(exc.value).replace(src[:60], "<input>"))
+    assert len(set(messages)) == 1 and not touched
+    with pytest.raises(ValueError, match="got a path"):
+        prepare(f, 16, 1, read_paths=False)
+    ref = prepare(png_bytes, 16, 1)
+    for src in (base64.b64encode(png_bytes).decode(), png_bytes, np.asarray(Image.open(io.BytesIO(png_bytes)))):
+        assert (prepare_batch([src], 16, 1, read_paths=False)[0] == ref).all()
+    assert (prepare(str(f), 16, 1) == ref).all()  # the default still reads paths
 
 
 def test_prepare_png_matches_array(png_bytes):

@@ -1,0 +1,58 @@
+"""The registered model's predict: file paths are read in the caller's process, never when MLflow serves."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from adaptflow import serving_model
+
+SERVED = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"
+
+
+@pytest.fixture
+def model():
+    m = serving_model.ImageClassifier()
+    m.cfg = {"classes": ["a", "b"], "image_size": 8, "in_chans": 1, "input_size": None}
+    torch.manual_seed(0)
+    m.model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2)).eval()
+    return m
+
+
+@pytest.fixture
+def png(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4).save(buf, format="PNG")
+    path = tmp_path / "x.png"
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+@pytest.mark.parametrize(("served", "switch", "reads"), [
+    (None, None, True), ("true", None, False), ("True", None, False), ("false", None, True),
+    (None, "0", False), ("true", "1", True), ("true", "0", False),
+])
+def test_reads_paths_follows_the_serving_mark_and_the_switch(monkeypatch, served, switch, reads):
+    for name, value in ((SERVED, served), ("ADAPTFLOW_READ_PATHS", switch)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert serving_model.reads_paths() is reads
+
+
+def test_served_predict_refuses_paths_and_answers_base64(model, png, monkeypatch):
+    monkeypatch.delenv("ADAPTFLOW_READ_PATHS", raising=False)
+    monkeypatch.delenv(SERVED, raising=False)
+    local = model.predict(None, pd.DataFrame({"image": [str(png)]}))
+    monkeypatch.setenv(SERVED, "true")  # what `mlflow models serve` sets in its worker
+    with pytest.raises(ValueError, match="reads no file paths when served"):
+        model.predict(None, pd.DataFrame({"image": [str(png)]}))
+    served = model.predict(None, pd.DataFrame({"image": [base64.b64encode(png.read_bytes()).decode()]}))
+    pd.testing.assert_frame_equal(served, local)
