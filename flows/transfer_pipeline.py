@@ -10,6 +10,7 @@ Prefect's ephemeral API is used unless ``PREFECT_API_URL`` points at a server.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -55,6 +56,22 @@ def _done(fut: PrefectFuture) -> dict:
     return {**res, "cached": True} if fut.state.name == "Cached" else res
 
 
+def settle(futures: list[PrefectFuture]) -> None:
+    """After a failed stage: cancel the tasks that have not started and wait for those that have, so that
+    none is still writing once the flow body has left the project lock (Prefect's runner waits for its
+    tasks only when the flow returns, after the lock is gone). Only the runners built on
+    ``concurrent.futures`` (sequential, threads, processes) can cancel; on Dask every task is waited for."""
+    for f in futures:
+        wrapped = getattr(f, "wrapped_future", None)
+        if isinstance(wrapped, concurrent.futures.Future):
+            wrapped.cancel()  # does nothing to a task already running
+    for f in futures:
+        try:
+            f.wait()
+        except Exception:  # noqa: BLE001 — cancelled or failed: either way it no longer runs
+            pass
+
+
 def _publish(params: Params, root: Path, evaluated: dict) -> None:
     """The comparison table as a Prefect markdown artifact (one per target, so the UI keeps its history)."""
     table = (root / params.paths.reports / "evaluate" / "comparison.md").read_text()
@@ -87,12 +104,16 @@ def transfer_pipeline(params_path: str = "params.yaml", overrides: list[str] | N
         evaluated = task["evaluate"].submit(params, r, wait_for=list(tuned))
         registered = task["register"].submit(params, r, wait_for=[evaluated, augmented])
 
-        results: dict = {"ingest": {role: _done(f) for role, f in ingested.items()}}
-        results.update({"augment": _done(augmented), "pretrain": _done(pretrained), "cache_features": _done(features)})
-        results["finetune"] = {f"{s}[seed={k}]": _done(f) for (s, k), f in zip(pairs, tuned)}
-        results["evaluate"] = _done(evaluated)
-        _publish(params, project, results["evaluate"])
-        results["register"] = _done(registered)
+        try:
+            results: dict = {"ingest": {role: _done(f) for role, f in ingested.items()}}
+            results.update({"augment": _done(augmented), "pretrain": _done(pretrained), "cache_features": _done(features)})
+            results["finetune"] = {f"{s}[seed={k}]": _done(f) for (s, k), f in zip(pairs, tuned)}
+            results["evaluate"] = _done(evaluated)
+            _publish(params, project, results["evaluate"])
+            results["register"] = _done(registered)
+        except Exception:
+            settle([*ingested.values(), augmented, pretrained, features, *tuned, evaluated, registered])
+            raise
 
         blocker = orchestrate.dvc_commit_blocker(project, params_file(params_path, root), overrides) if params.orchestrate.dvc_commit else "orchestrate.dvc_commit is off"
         if blocker is None:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from adaptflow import orchestrate, outputs
 from adaptflow.params import load
@@ -185,3 +186,31 @@ def test_dask_fan_out_reruns_only_finetune_and_after(flow_project, tmp_path):
     assert {"finetune[scratch,k=5,seed=1]", "finetune[source_only,k=5,seed=0]", "ingest[source]", "evaluate[uci_digits,k=5]"} <= names
     artifact = Artifact.get("comparison-adaptflow-uci-digits")
     assert artifact is not None and "scratch" in artifact.data and "source_only" in artifact.data
+
+
+def test_a_failed_finetune_ends_the_run_only_once_its_running_sibling_has_stopped(flow_project, tmp_path, monkeypatch):
+    """Threads runner, two finetunes at once: one fails while the other is still running. The run fails,
+    but the sibling ends while the run still holds the project lock (Prefect's runner alone would wait for
+    it only after the flow body, and so the lock, had gone)."""
+    from flows.transfer_pipeline import run_pipeline
+    from tasks import stages as t
+
+    root = copy_project(flow_project, tmp_path / "project")
+    real, finished = t._run, []
+
+    def run(name, params, where, **kw):
+        if name != "finetune":
+            return real(name, params, where, **kw)
+        if kw["strategy"] == "scratch":
+            time.sleep(1.0)  # the sibling is running by now
+            raise RuntimeError("finetune failed on purpose")
+        time.sleep(6.0)
+        lock = FileLock(str(orchestrate.state_dir(root) / orchestrate.LOCK_NAME), thread_local=False, is_singleton=True)
+        finished.append((kw["strategy"], lock.is_locked))  # the run's own lock object (one per file and process)
+        return {"strategy": kw["strategy"], "seed": kw["seed"]}
+
+    monkeypatch.setattr(t, "_run", run)
+    overrides = ["orchestrate.task_runner=threads", "orchestrate.max_workers=2", "finetune.epochs=1", *SMALL]
+    with pytest.raises(Exception, match="finetune failed on purpose"):
+        run_pipeline("params.yaml", overrides, str(root))
+    assert finished == [("source_only", True)]  # it ended while the run still held the project
