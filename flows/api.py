@@ -16,9 +16,27 @@ import flows  # noqa: F401  (Prefect's offline defaults, before the server proce
 log = logging.getLogger(__name__)
 
 
+class _HoldServerLines(logging.Filter):
+    """Keeps Prefect's "Starting/Stopping temporary server" lines back until the run goes ahead, so a
+    command that stops on a bad params value prints its error alone."""
+
+    LINES = ("Starting temporary server", "Stopping temporary server")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith(self.LINES):
+            self.held.append(record)
+            return False
+        return True
+
+
 def start_in_background() -> Callable[[], None]:
     """Start the ephemeral API server on a thread if this process will need one; returns a ``join`` to call
-    before the flow runs (so the flow never races a half-started server)."""
+    before the flow runs (so the flow never races a half-started server). Until then the server's own log
+    lines are held back; the join prints them."""
 
     def start() -> None:
         try:
@@ -32,7 +50,17 @@ def start_in_background() -> Callable[[], None]:
         except Exception as exc:  # noqa: BLE001 — the flow starts it itself, and reports what is wrong
             log.debug("early Prefect API start skipped: %s", exc)
 
+    prefect_logger = logging.getLogger("prefect")  # the logger Prefect's SubprocessASGIServer writes to
+    hold = _HoldServerLines()
+    prefect_logger.addFilter(hold)
     thread = threading.Thread(target=start, name="prefect-api-start", daemon=True)
     thread.start()
-    return thread.join
+
+    def join() -> None:
+        thread.join()
+        prefect_logger.removeFilter(hold)
+        for record in hold.held:
+            prefect_logger.handle(record)
+
+    return join
 
