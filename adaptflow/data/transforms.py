@@ -12,6 +12,7 @@ the three into one list, so what runs is always a plain spec list that can be pr
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Sequence
 
 import torch
@@ -85,13 +86,18 @@ def role_specs(preset: str, downsample: Sequence[int], transforms: Sequence[dict
     return specs + [dict(t) for t in transforms]
 
 
+def _transform_class(name: Any) -> type[v2.Transform] | None:
+    cls = _CUSTOM.get(name) or getattr(v2, name, None) if isinstance(name, str) else None
+    return cls if isinstance(cls, type) and issubclass(cls, v2.Transform) else None
+
+
 def build_transform(spec: dict[str, Any]) -> v2.Transform:
     spec = dict(spec)
     name = spec.pop("name", None)
     if not isinstance(name, str):
         raise ValueError(f"transform spec {spec} has no 'name'")
-    cls = _CUSTOM.get(name) or getattr(v2, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, v2.Transform)):
+    cls = _transform_class(name)
+    if cls is None:
         raise ValueError(f"{name!r} is not a torchvision.transforms.v2 transform (nor one of adaptflow's: {', '.join(_CUSTOM)})")
     if name in _WRAPPERS:
         spec["transforms"] = [build_transform(t) for t in spec.get("transforms", [])]
@@ -108,22 +114,51 @@ def build_pipeline(specs: list[dict[str, Any]]) -> v2.Transform:
     return v2.Compose([build_transform(s) for s in specs])
 
 
+def _taken(spec: dict[str, Any], option: int) -> dict[str, Any]:
+    """``spec`` with every random branch in it taken: ``p`` at 1 wherever a transform has one (unless it is
+    0), and each ``RandomChoice`` reduced to its ``option``-th possible transform (its last, when it has
+    fewer)."""
+    spec = dict(spec)
+    if spec.get("name") in _WRAPPERS:
+        spec["transforms"] = [_taken(t, option) for t in spec.get("transforms", [])]
+    if spec.get("name") == "RandomChoice":
+        weights = spec.get("p") or [1.0] * len(spec["transforms"])
+        live = [t for t, w in zip(spec["transforms"], weights) if w > 0]
+        return {"name": "Compose", "transforms": [live[min(option, len(live) - 1)]]} if live else {"name": "Identity"}
+    cls = _transform_class(spec.get("name"))
+    p = inspect.signature(cls).parameters.get("p") if cls is not None else None
+    if p is not None and spec.get("p", p.default) not in (0, 0.0, None, inspect.Parameter.empty):
+        spec["p"] = 1.0
+    return spec
+
+
+def _choices(specs: list[dict[str, Any]]) -> int:
+    """The most transforms any ``RandomChoice`` in ``specs`` chooses from (1 when there is none)."""
+    return max([1] + [max(len(s.get("transforms", [])) if s.get("name") == "RandomChoice" else 1, _choices(s.get("transforms", [])))
+                      for s in specs if s.get("name") in _WRAPPERS])
+
+
 def image_problem(specs: list[dict[str, Any]], channels: int, size: int, tries: int = 4) -> str | None:
     """Why a pipeline would break training, or None. Training applies it to batches of stored images (uint8,
     ``channels``×``size``×``size``) exactly as :class:`~adaptflow.data.batch_augment.BatchAugment` does here,
     and must get the same back: normalising and resizing to the network's input side come after, on the
-    device. A check by example: random transforms are drawn ``tries`` times, so a rarely taken branch can slip
-    through."""
+    device. The pipeline runs ``tries`` times as it is, then once with every random branch taken per
+    option of its widest ``RandomChoice`` (:func:`_taken`), so a rarely taken branch is checked too; the
+    values random transforms draw (angles, crops, orders) are still samples."""
     from adaptflow.data.batch_augment import BatchAugment  # it builds on this module
 
-    pipe = build_pipeline(specs)
+    runs = [("", build_pipeline(specs), seed) for seed in range(tries)]
+    n = _choices(specs)
+    for i in range(n):
+        when = f" (with every random branch taken{f', option {i + 1} of each RandomChoice' if n > 1 else ''})"
+        runs.append((when, build_pipeline([_taken(s, i) for s in specs]), tries + i))
     x = torch.randint(0, 256, (2, channels, size, size), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    for seed in range(tries):
+    for when, pipe, seed in runs:
         try:
             y = BatchAugment(pipe, seed)(x)
         except Exception as exc:  # noqa: BLE001 — whatever a transform raises is the user's to see
-            return f"it fails on a batch of uint8 {channels}×{size}×{size} images ({type(exc).__name__}: {exc})"
+            return f"it fails on a batch of uint8 {channels}×{size}×{size} images{when} ({type(exc).__name__}: {exc})"
         if tuple(y.shape) != tuple(x.shape):  # (BatchAugment hands back uint8 whatever the transforms made)
-            return (f"it turns {channels}×{size}×{size} images into {'×'.join(map(str, y.shape[1:]))}; it must give them back at "
+            return (f"it turns {channels}×{size}×{size} images into {'×'.join(map(str, y.shape[1:]))}{when}; it must give them back at "
                     "preprocess.image_size and channels (resizing to pretrain.input_size comes after it, on the device)")
     return None

@@ -179,6 +179,25 @@ def test_pipeline_that_changes_the_images_fails_on_load(params_path, key, spec, 
     assert f"{key}: it " in str(exc.value) and says in str(exc.value)
 
 
+@pytest.mark.parametrize("spec, says", [
+    ("[{name: RandomApply, p: 0.01, transforms: [{name: Resize, size: 64}]}]", "into 1×64×64 (with every random branch taken)"),
+    ("[{name: RandomChoice, p: [0.99, 0.01], transforms: [{name: Resize, size: 32}, {name: CenterCrop, size: 20}]}]",
+     "into 1×20×20 (with every random branch taken, option 2 of each RandomChoice)"),
+    ("[{name: RandomApply, p: 0.02, transforms: [{name: RandomChoice, transforms: [{name: Identity}, {name: Normalize, mean: [0.5], std: [0.5]}]}]}]",
+     "fails on a batch of uint8 1×32×32 images (with every random branch taken, option 2"),
+])
+def test_a_rarely_taken_branch_that_changes_the_images_fails_on_load(params_path, spec, says):
+    """Branches four draws would almost never take are forced once each."""
+    with pytest.raises(P.ParamsError) as exc:
+        P.load(params_path, [f"augment.target.transforms={spec}"])
+    assert "augment.target: it " in str(exc.value) and says in str(exc.value)
+
+
+def test_a_branch_that_never_runs_is_not_held_against_the_pipeline(params_path):
+    never = "[{name: RandomApply, p: 0.0, transforms: [{name: Resize, size: 64}]}, {name: RandomChoice, p: [1.0, 0.0], transforms: [{name: Identity}, {name: Resize, size: 9}]}]"
+    assert P.load(params_path, [f"augment.target.transforms={never}"]).augment.target.transforms
+
+
 def test_model_with_a_fixed_input_size_needs_that_size(params_path):
     """A ViT built for 224 px cannot take the stored 32 px images: refused at load, saying what to set."""
     with pytest.raises(P.ParamsError) as exc:
