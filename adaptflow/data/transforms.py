@@ -103,8 +103,10 @@ def build_transform(spec: dict[str, Any]) -> v2.Transform:
         spec["transforms"] = [build_transform(t) for t in spec.get("transforms", [])]
     try:
         return cls(**spec)
-    except TypeError as exc:
-        raise ValueError(f"{name}: {exc}") from None
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — a bad argument, whatever the constructor raises for it
+        raise ValueError(f"{name}: {type(exc).__name__ + ': ' if not isinstance(exc, TypeError) else ''}{exc}") from None
 
 
 def build_pipeline(specs: list[dict[str, Any]]) -> v2.Transform:

@@ -157,7 +157,8 @@ def test_misspelled_transform_names_dotted_key(params_path):
 
 
 @pytest.mark.parametrize("spec", ["[{name: Resize}]", "[{name: RandomAffine, degreez: 3}]",
-                                  "[{name: RandomChoice, transforms: [{name: Rezise, size: 8}]}]"])
+                                  "[{name: RandomChoice, transforms: [{name: Rezise, size: 8}]}]",
+                                  "[{name: RandomChoice, p: [0], transforms: [{name: RandomInvert}]}]"])
 def test_bad_transform_argument_fails_on_load(params_path, spec):
     with pytest.raises(P.ParamsError, match="augment"):
         P.load(params_path, [f"augment.target={spec}"])
