@@ -287,7 +287,8 @@ def predict(
         raise typer.Exit(2) from None
 
     def frame(batch: list[Path]) -> "pd.DataFrame":
-        return pd.DataFrame({"image": [str(p.resolve()) for p in batch]})
+        # the files' bytes, not their paths: the model then reads no file itself, whatever ADAPTFLOW_READ_PATHS says
+        return pd.DataFrame({"image": [p.read_bytes() for p in batch]})
 
     tables, n_unreadable = [], 0
     for i in range(0, len(files), batch_size):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import socket
 from pathlib import Path
 
@@ -102,7 +103,7 @@ class _FakeModel:
         from PIL import Image
 
         self.calls.append(len(frame))
-        widths = [Image.open(p).width for p in frame["image"]]
+        widths = [Image.open(io.BytesIO(b)).width for b in frame["image"]]  # the CLI hands the model bytes
         return pd.DataFrame({"label": [str(w) for w in widths], "confidence": [1.0] * len(widths)})
 
 

@@ -273,6 +273,13 @@ def test_override_value_is_yaml_typed():
     assert P.parse_override("a=") == (["a"], "")
 
 
+@pytest.mark.parametrize("item", ["finetune.seeds=[0", "augment.target.transforms=[{name: Resize, size: 8]", "finetune.lr=: x: y"])
+def test_override_that_is_not_yaml_names_the_key(item):
+    with pytest.raises(P.ParamsError) as exc:
+        P.parse_override(item)
+    assert str(exc.value).startswith(f"--set {item!r}: {item.split('=')[0]}: the value is not valid YAML (")
+
+
 def test_later_override_wins_and_file_untouched(params_path):
     before = params_path.read_text()
     p = P.load(params_path, ["finetune.lr=0.1", "finetune.lr=0.2"])
