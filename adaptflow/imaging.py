@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 NO_PATHS = "this model reads no file paths when served; send base64-encoded image bytes"
@@ -87,15 +87,41 @@ def _is_file(s: str) -> bool:
 
 
 def _open(src: Any) -> Image.Image:
+    """Decode, turned upright as its EXIF orientation says (a phone photo is stored sideways, with a tag)."""
     im = Image.open(src)
     im.load()
+    try:
+        ImageOps.exif_transpose(im, in_place=True)
+    except Exception:  # noqa: BLE001 — unreadable EXIF: the pixels are still the image, as stored
+        pass
     return im
+
+
+def _opaque(im: Image.Image) -> Image.Image:
+    """``im`` without transparency: its visible pixels over a plain background, white behind dark content
+    and black behind light (by the alpha-weighted mean luminance), so neither a dark stroke nor a light one
+    on a transparent background vanishes into it. An image without transparency is returned as it is."""
+    if not (im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info):
+        return im
+    rgba = im.convert("RGBA")
+    if rgba.getchannel("A").getextrema()[0] == 255:
+        return rgba.convert("RGB")
+    small = rgba.copy()
+    small.thumbnail((128, 128))  # enough to tell dark content from light, at any image size
+    arr = np.asarray(small, dtype=np.float32)
+    alpha = arr[..., 3] / 255.0
+    lum = arr[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)
+    seen = float(alpha.sum())
+    dark = seen == 0.0 or float((lum * alpha).sum()) / seen < 128.0
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255) if dark else (0, 0, 0, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
 
 
 def _to_mode(im: Image.Image, channels: int) -> Image.Image:
     """``im`` as 8-bit grey (1 channel) or RGB (3)."""
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         im = Image.fromarray(to_uint8(np.asarray(im)))
+    im = _opaque(im)
     mode = "L" if channels == 1 else "RGB"
     try:
         return im.convert(mode)

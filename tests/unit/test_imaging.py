@@ -239,3 +239,42 @@ def test_readable_converts_as_the_model_does(tmp_path, monkeypatch, png_bytes):
     monkeypatch.setattr(imaging, "_to_mode", no_conversion)
     good, bad = readable([path])
     assert good == [] and "conversion from" in bad[0][1]
+
+
+@pytest.mark.parametrize("stroke", [0, 255])
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_a_stroke_on_a_transparent_background_stays_visible(stroke, mode):
+    """Alpha is composited over a background that contrasts with the visible pixels, not dropped: a dark or
+    light digit drawn on transparency would otherwise come out as one flat colour."""
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., :3] = stroke  # the hidden pixels share the stroke's colour, as drawing tools leave them
+    rgba[6:10, 2:14, 3] = 255
+    im = Image.fromarray(rgba, "RGBA")
+    if mode == "LA":
+        im = im.convert("LA")
+    elif mode == "P":
+        im = Image.fromarray(np.where(rgba[..., 3] > 0, stroke, 255 - stroke).astype(np.uint8)).convert("P")
+        im.info["transparency"] = im.getpixel((0, 0))
+    out = prepare(im, 16, 1)[0].astype(int)
+    assert abs(out[7, 5] - out[0, 0]) == 255  # stroke against background, full contrast
+    assert out[7, 5] == stroke
+
+
+def test_opaque_alpha_changes_nothing():
+    rgb = RNG.integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    rgba = np.concatenate([rgb, np.full((9, 7, 1), 255, np.uint8)], axis=-1)
+    assert (prepare(Image.fromarray(rgba, "RGBA"), 8, 3) == prepare(rgb, 8, 3)).all()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone stores a portrait photo sideways with an Orientation tag; viewers, ingest and the served
+    model all turn it upright."""
+    im = Image.new("L", (20, 10), 0)
+    im.paste(255, (0, 2, 20, 4))  # a bar along the top of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90° clockwise: the bar runs down the right-hand side
+    path = tmp_path / "phone.jpg"
+    im.save(path, "JPEG", exif=exif)
+    out = prepare(path, 10, 1)[0]
+    assert (out[:, 6:8] > 128).all() and (out[:, :5] < 64).all()
+    assert (prepare(path.read_bytes(), 10, 1) == out).all()
