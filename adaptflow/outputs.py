@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import time
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -251,7 +250,9 @@ def atomic_dir(directory: Path, stage: str, key: str) -> Iterator[Path]:
             str(p.relative_to(tmp)): file_digest(p) for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != MANIFEST
         }
         content = json_digest(files)
-        manifest = {"stage": stage, "key": str(key), "digest": content, "files": files, "created": time.time()}
+        # nothing time- or machine-dependent: the same inputs and files give the same manifest bytes, so DVC
+        # sees a re-run that changed nothing as unchanged and re-runs nothing after it
+        manifest = {"stage": stage, "key": str(key), "digest": content, "files": files}
         if isinstance(key, Key):
             here = directory.resolve()
             manifest["inputs"] = {"params": key.params,

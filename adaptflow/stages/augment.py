@@ -138,13 +138,15 @@ def check_no_overlap(params: Params, root: Path) -> None:
     held = tgt[tgt["split"].isin(["val", "test"])]
     shared = held.merge(src, on="sha1", suffixes=("_target", "_source"))
     path = overlap_path(params, root)
-    if shared.empty:
-        path.unlink(missing_ok=True)
-        return
     pairs = [{"target": r.item_target, "target_split": r.split_target, "source": r.item_source, "source_split": r.split_source,
               "sha1": r.sha1} for r in shared.itertuples()]
-    outputs.atomic_write_text(path, json.dumps({"source": params.source.domain, "target": params.target.domain,
-                                                "n_pairs": len(pairs), "pairs": pairs}, indent=2))
+    # Written when clean too, and then the same bytes whatever the data: pretrain's DVC dependency on the
+    # check (run it first), which new target data or a preview setting leaves unchanged.
+    record = json.dumps({"source": params.source.domain, "target": params.target.domain, "n_pairs": len(pairs), "pairs": pairs}, indent=2)
+    if not (path.is_file() and path.read_text() == record):
+        outputs.atomic_write_text(path, record)
+    if shared.empty:
+        return
     per_split = shared.drop_duplicates("item_target")["split_target"].value_counts().to_dict()
     first = pairs[0]
     raise DataError(
@@ -163,11 +165,11 @@ def input_key(params: Params, root: Path) -> outputs.Key:
 def run(params: Params, root: Path = Path(".")) -> dict:
     out = output_dir(params, root)
     key = input_key(params, root)
+    check_no_overlap(params, root)  # first, and even when up to date: it also writes the record DVC tracks
     if outputs.is_current(out, key):
         log.info("augment: up to date (%s)", out)
         return {"path": str(out), "digest": outputs.digest(out), "cached": True}
     cards = {r: store.read_card(ingested_dir(params, root, r)) for r in ROLES}
-    check_no_overlap(params, root)
     match = class_match(cards["source"]["classes"], cards["target"]["classes"])
     if match["target_unknown_to_source"]:
         log.warning("augment: target class(es) %s are unknown to the source (%s): fine-tuning re-initialises the head; "

@@ -38,3 +38,15 @@ def test_dvc_repro_runs_stages_then_has_nothing_to_do(dvc_project):
     assert "Running stage 'finetune'" in out
     for untouched in ("ingest@source", "ingest@target", "pretrain", "cache_features", "augment"):
         assert f"Running stage '{untouched}'" not in out, untouched
+
+    # A preview setting changes: augment re-runs; its overlap check passes with the same record, so the
+    # source model is not retrained and nothing after it runs (the manifests hold nothing time-dependent).
+    version = json.loads((dvc_project / "reports" / "registry.json").read_text())["version"]
+    params = (dvc_project / "params.yaml").read_text()
+    assert "preview_n: 8" in params
+    (dvc_project / "params.yaml").write_text(params.replace("preview_n: 8", "preview_n: 6"))
+    out = run([str(BIN / "dvc"), "repro"], dvc_project).stdout
+    assert "Running stage 'augment'" in out
+    for untouched in ("ingest@source", "ingest@target", "pretrain", "cache_features", "finetune", "evaluate", "register"):
+        assert f"Running stage '{untouched}'" not in out, untouched
+    assert json.loads((dvc_project / "reports" / "registry.json").read_text())["version"] == version

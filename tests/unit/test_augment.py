@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from adaptflow import params as P
 from adaptflow.data import store
@@ -151,4 +152,13 @@ def test_augment_refuses_a_source_holding_target_val_or_test_images(tmp_path):
     (tmp_path / "src" / "0" / "copied_test.png").unlink()  # a shared target *train* image is fine
     ingest.run(p, tmp_path, "source")
     augment.run(p, tmp_path)
-    assert not (tmp_path / "reports" / "augment_overlap.json").exists()
+    clean = (tmp_path / "reports" / "augment_overlap.json").read_bytes()
+    assert json.loads(clean)["n_pairs"] == 0 and json.loads(clean)["pairs"] == []
+    # the record pretrain depends on under DVC: the same bytes when the target gains images or a preview
+    # setting changes, so neither retrains the source model
+    for cls in ("0", "1"):
+        extra = tmp_path / "tgt" / cls / "extra.png"
+        Image.fromarray(np.random.default_rng(int(cls)).integers(0, 256, (8, 8), dtype=np.uint8)).save(extra)
+    ingest.run(p, tmp_path, "target")
+    augment.run(p.model_copy(update={"augment": p.augment.model_copy(update={"preview_n": 4})}), tmp_path)
+    assert (tmp_path / "reports" / "augment_overlap.json").read_bytes() == clean
