@@ -160,10 +160,19 @@ def class_size_needed(params: Params, role: str) -> int:
     return min_class_size(_fractions(params, role), train_min=max(params.target.k if role == "target" else 0, 1))
 
 
+def _limit_note(params: Params, role: str, listed: int) -> str:
+    """When ``<role>.limit`` dropped images (``listed`` of them were there), the fix to name first."""
+    limit = getattr(params, role).limit
+    if not limit or limit >= listed:
+        return ""
+    return f"raise or remove {role}.limit (it keeps {limit} of the {listed} images), "
+
+
 def check_class_sizes(counts: dict[str, int], params: Params, role: str, lost: dict[str, Counter] | None = None,
-                      what: str = "usable images") -> None:
+                      what: str = "usable images", listed: int = 0) -> None:
     """Every class must fill every split (train keeping ``target.k`` for the labeled subset). ``what`` the
-    counts are: usable images after decoding, or the files listed before (some may turn out unreadable)."""
+    counts are: usable images after decoding, or the files listed before (some may turn out unreadable);
+    ``listed``: how many images the domain has before ``<role>.limit``."""
     fractions = _fractions(params, role)
     k = params.target.k if role == "target" else 0
     need = class_size_needed(params, role)
@@ -177,24 +186,27 @@ def check_class_sizes(counts: dict[str, int], params: Params, role: str, lost: d
         detail.append(f"{c!r}: {n}" + (f" ({why})" if why else ""))
     asks = ", ".join(f"{name}_fraction={f}" for name, f in fractions.items())
     k_txt = f"target.k={k} labeled train images, " if role == "target" else ""
+    fixes = (_limit_note(params, role, listed) + "add images to those classes"
+             + (", lower target.k" if role == "target" and k > 1 else "") + ", or remove the classes.")
     raise DataError(
         f"{role}.domain: class(es) with too few {what} — {'; '.join(detail)}. Each class needs at least {need} "
-        f"({k_txt}at least one image in every split at {asks}). Add images to those classes"
-        + (", lower target.k" if role == "target" and k > 1 else "") + ", or remove the classes."
+        f"({k_txt}at least one image in every split at {asks}). {fixes[0].upper()}{fixes[1:]}"
     )
 
 
-def _given_splits(split: np.ndarray, labels: np.ndarray, classes: list[str], params: Params, role: str) -> None:
+def _given_splits(split: np.ndarray, labels: np.ndarray, classes: list[str], params: Params, role: str, listed: int = 0) -> None:
     """A manifest's own splits: every class needs train images (k of them for the target), and val/test exist."""
     k = max(params.target.k if role == "target" else 0, 1)
     train = {c: int(((labels == i) & (split == "train")).sum()) for i, c in enumerate(classes)}
     short = [f"{c!r}: {n}" for c, n in train.items() if n < k]
+    note = _limit_note(params, role, listed)
     if short:
         raise DataError(f"{role}.domain: the manifest's split column leaves class(es) with fewer than {k} train images ({'; '.join(short)}); "
-                        "move rows to train" + (", lower target.k" if role == "target" else "") + ", or drop the split column to split by fractions.")
+                        f"{note}move rows to train" + (", lower target.k" if role == "target" else "") + ", or drop the split column to split by fractions.")
     for name in ["val"] + (["test"] if role == "target" else []):
         if not (split == name).any():
-            raise DataError(f"{role}.domain: the manifest's split column has no {name!r} rows; add some, or drop the split column to split by fractions.")
+            raise DataError(f"{role}.domain: the manifest's split column has no {name!r} rows{' left' if note else ''}; "
+                            f"{note}add some, or drop the split column to split by fractions.")
 
 
 def _log_items(role: str, what: str, items: list[dict], path: Path) -> None:
@@ -237,9 +249,9 @@ def _check_decoded(dec, domain, index: np.ndarray, labels: np.ndarray, params: P
                         f"{dict(reasons)}); check the files are images Pillow can read")
     if domain.splits is not None:
         split = domain.splits[index].astype(object)
-        _given_splits(split, labels, domain.classes, params, role)
+        _given_splits(split, labels, domain.classes, params, role, len(domain.labels))
         return split
-    check_class_sizes({c: int((labels == i).sum()) for i, c in enumerate(domain.classes)}, params, role, lost)
+    check_class_sizes({c: int((labels == i).sum()) for i, c in enumerate(domain.classes)}, params, role, lost, listed=len(domain.labels))
     k = params.target.k if role == "target" else 0
     return stable_split(labels, dec.content, _fractions(params, role), seed=params.seed, rest_min=max(k, 1))
 
@@ -290,7 +302,7 @@ def run(params: Params, root: Path = Path("."), role: str = "target") -> dict:
     keep_idx = stratified_subset(domain.labels, spec.limit, params.seed, domain.refs)  # keyed by the item's path (or index)
     if domain.splits is None:  # the obvious case fails before decoding anything
         check_class_sizes({c: int((domain.labels[keep_idx] == i).sum()) for i, c in enumerate(domain.classes)}, params, role,
-                          what="images listed (before any is decoded)")
+                          what="images listed (before any is decoded)", listed=len(domain.labels))
     size, channels = params.preprocess.image_size, params.preprocess.channels
     with outputs.atomic_dir(out, "ingest", key) as tmp:
         writer = store.ImageWriter(tmp, (channels, size, size))

@@ -197,6 +197,12 @@ def test_class_too_small_for_the_splits(tmp_path, folder):
     assert not (tmp_path / "data" / "ingested" / "target").exists()
 
 
+def test_classes_left_short_by_limit_name_the_limit_first(tmp_path, folder):
+    with pytest.raises(DataError) as exc:
+        ingest.run(params(f"imagefolder:{folder}", target__limit=12), tmp_path, "target")
+    assert "Raise or remove target.limit (it keeps 12 of the 40 images), add images to those classes" in str(exc.value)
+
+
 def test_class_emptied_by_quarantine_counts_what_was_lost(tmp_path, folder, caplog):
     broken = sorted((folder / "2").iterdir())[4:]
     for p in broken:
