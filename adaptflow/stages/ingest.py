@@ -13,7 +13,8 @@ What can go wrong is answered, never hidden:
 - a bad *file* (unreadable, truncated, empty, not an image, a decompression bomb) is quarantined: listed
   with its reason in the dataset card and in ``reports/ingest_<role>.json``, logged, and the run goes on;
 - an exact duplicate (same preprocessed bytes) is dropped before splitting, so no image sits on both sides
-  of a split; the report counts them, and duplicates whose labels or given splits disagree;
+  of a split; the report counts them, and duplicates whose labels or given splits disagree (a label
+  conflict is logged too: the copy kept, first in order, keeps its label);
 - a problem with the *domain* (missing path, empty folder, malformed manifest, a class too small for the
   requested splits and ``target.k``) raises :class:`DataError` before any training, naming the fix.
 """
@@ -369,6 +370,9 @@ def run(params: Params, root: Path = Path("."), role: str = "target") -> dict:
     _failed_path(report).unlink(missing_ok=True)  # an earlier failure's list no longer applies
     _log_items(role, "quarantined", dec.quarantined, report)
     _log_items(role, "ignored", domain.ignored, report)
+    _log_items(role, "label conflict", [{"item": d["item"], "reason": f"labeled {d['class']!r}, the same image as {d['duplicate_of']} labeled "
+                                         f"{d['conflicting_class']!r}, which was kept with its label: check which is right"}
+                                        for d in dec.duplicates if "conflicting_class" in d], report)
     log.info("ingest %s: %d images of %s → %s (%d quarantined, %d duplicates removed, %d ignored; report %s)", role, len(labels), spec.domain, out,
              len(dec.quarantined), len(dec.duplicates), len(domain.ignored), report)
     return {"role": role, "path": str(out), "digest": outputs.digest(out), "cached": False, "n_images": card["n_images"],

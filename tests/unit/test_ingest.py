@@ -143,11 +143,15 @@ def test_limited_subset_takes_new_images_only_in_place_of_old_ones(tmp_path):
 # --- duplicates: removed before splitting, counted, never straddling a split --------------------------------
 
 
-def test_duplicates_removed_counted_and_never_straddle(tmp_path, folder):
+def test_duplicates_removed_counted_and_never_straddle(tmp_path, folder, caplog):
     pngs = sorted((folder / "0").glob("*.png"))
     shutil.copy(pngs[0], folder / "0" / "z_copy_same_class.png")
     shutil.copy(pngs[0], folder / "1" / "z_copy_other_class.png")
-    ingest.run(params(f"imagefolder:{folder}"), tmp_path, "target")
+    with caplog.at_level(logging.WARNING, logger="adaptflow"):
+        ingest.run(params(f"imagefolder:{folder}"), tmp_path, "target")
+    # the copy whose label disagrees is said out loud, not only counted in the card
+    warned = [r.getMessage() for r in caplog.records if "label conflict" in r.getMessage()]
+    assert len(warned) == 1 and "1/z_copy_other_class.png" in warned[0] and f"0/{pngs[0].name} labeled '0', which was kept" in warned[0]
     meta, card, _ = _meta_card(tmp_path)
     assert card["duplicates"]["removed"] == card["duplicates_removed"] == 2
     assert card["duplicates"]["conflicting_class"] == 1
