@@ -259,10 +259,16 @@ class Finetune(_Section):
     def _known(cls, v: list[str]) -> list[str]:
         from adaptflow.strategies import parse
 
+        seen: dict[tuple, str] = {}
         for s in v:
-            parse(s)  # raises ValueError naming the bad part
-        if len(set(v)) != len(v):
-            raise ValueError("strategies must not repeat")
+            base, objectives = parse(s)  # raises ValueError naming the bad part
+            plain = "+".join(part.strip() for part in s.split("+"))
+            if plain != s:  # the name becomes a folder, a run name and a table row: one spelling
+                raise ValueError(f"{s!r}: write it {plain!r}")
+            same = seen.get((base, frozenset(objectives)))
+            if same is not None:
+                raise ValueError("strategies must not repeat" + (f": {s!r} is the same strategy as {same!r}" if same != s else f" ({s!r})"))
+            seen[(base, frozenset(objectives))] = s
         return v
 
     @field_validator("seeds")

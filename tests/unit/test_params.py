@@ -373,3 +373,17 @@ def test_no_target_labels_refuses_strategies_that_need_them(params_path):
 def test_strategy_names_are_checked_on_load(params_path, bad, message):
     with pytest.raises(P.ParamsError, match=rf"finetune\.strategies: .*{message}"):
         P.load(params_path, overrides=[f"finetune.strategies=[scratch,source_only,{bad}]"])
+
+
+@pytest.mark.parametrize("strategies, says", [
+    ('[scratch, "dann + fixmatch"]', "'dann + fixmatch': write it 'dann+fixmatch'"),
+    ("[dann+fixmatch, fixmatch+dann]", "'fixmatch+dann' is the same strategy as 'dann+fixmatch'"),
+    ("[dann, finetune+dann]", "'finetune+dann' is the same strategy as 'dann'"),
+    ("[scratch, scratch]", "strategies must not repeat ('scratch')"),
+])
+def test_one_strategy_has_one_spelling(params_path, strategies, says):
+    """A strategy's name becomes its output folder, run name and table row: spaces and a second spelling
+    of the same strategy (which would train it twice) are refused."""
+    with pytest.raises(P.ParamsError, match="finetune.strategies") as exc:
+        P.load(params_path, [f"finetune.strategies={strategies}"])
+    assert says in str(exc.value)
