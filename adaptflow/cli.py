@@ -386,6 +386,9 @@ def registry_promote(name: str = typer.Argument(..., help="registered model name
     except PromoteRefused as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
+    if done.get("already"):
+        typer.echo(f"{name}@champion: version {version} already; nothing moved")
+        return
     typer.echo(f"{name}@champion: version {version} (was {done['previous_champion'] or 'none'}); gate: {done['reasons']}")
 
 

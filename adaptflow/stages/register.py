@@ -406,10 +406,13 @@ def promote(name: str, version: str, who: str = "adaptflow registry promote") ->
     if not tracking.version_exists(name, version):
         raise PromoteRefused(f"{name} version {version}: no such registered version")
     tags = tracking.version_tags(name, version)
+    current = tracking.alias_version(name, "champion")
+    if current == str(version):  # asked twice, or promoted by its gate: nothing to move
+        return {"model_name": name, "version": str(version), "previous_champion": current, "already": True,
+                "reasons": tags.get("gate_reasons", "")}
     if tags.get("gate") != HELD:
         raise PromoteRefused(f"{name} version {version}: its gate was {tags.get('gate', 'never run')!r}, and only a version whose gate passed "
                              f"and was held can be promoted by hand ({tags.get('gate_reasons', 'no reasons recorded')})")
-    current = tracking.alias_version(name, "champion")
     against = tags.get(GATED_AGAINST, "none")
     if (current or "none") != against:
         raise PromoteRefused(f"{name} version {version} was gated against champion {against}, but champion is now {current or 'none'}: "
@@ -421,7 +424,7 @@ def promote(name: str, version: str, who: str = "adaptflow registry promote") ->
                             context={"orchestrator": "cli", "promoted_from": "challenger"})
     except aliases.AliasConflict as exc:
         raise PromoteRefused(f"champion moved to version {exc.found or 'none'} meanwhile: nothing promoted") from None
-    tracking.set_version_tags(name, version, {"gate": "promoted"})
+    tracking.set_version_tags(name, version, {"gate": "promoted", "gate_reasons": f"{reasons}; then promoted by hand ({who})"})
     return {"model_name": name, "version": version, "previous_champion": current, "reasons": reasons}
 
 

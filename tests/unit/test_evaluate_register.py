@@ -304,8 +304,14 @@ def test_promote_refuses_what_no_held_gate_stands_behind(monkeypatch):
     moves = []
     monkeypatch.setattr(tracking, "version_exists", lambda name, v: v in tags)
     monkeypatch.setattr(tracking, "version_tags", lambda name, v: tags[v])
-    monkeypatch.setattr(tracking, "alias_version", lambda name, alias: None)
-    monkeypatch.setattr(tracking, "move_alias", lambda name, alias, v, **kw: moves.append((alias, v, kw["expected"])))
+    champion: list[str | None] = [None]
+    monkeypatch.setattr(tracking, "alias_version", lambda name, alias: champion[0])
+
+    def move(name, alias, v, **kw):
+        moves.append((alias, v, kw["expected"]))
+        champion[0] = v
+
+    monkeypatch.setattr(tracking, "move_alias", move)
     monkeypatch.setattr(tracking, "set_version_tags", lambda name, v, t: tags[v].update(t))
     with pytest.raises(register.PromoteRefused, match="no such registered version"):
         register.promote("m", "9")
@@ -313,3 +319,6 @@ def test_promote_refuses_what_no_held_gate_stands_behind(monkeypatch):
         register.promote("m", "1")
     assert register.promote("m", "2")["previous_champion"] is None
     assert moves == [("champion", "2", None)] and tags["2"]["gate"] == "promoted"
+    assert tags["2"]["gate_reasons"] == "no current champion; held: …; then promoted by hand (adaptflow registry promote)"
+    again = register.promote("m", "2")  # already champion: nothing moves, and it says so
+    assert again["already"] and moves == [("champion", "2", None)]
