@@ -100,11 +100,13 @@ def _open(src: Any) -> Image.Image:
 def _opaque(im: Image.Image) -> Image.Image:
     """``im`` without transparency: its visible pixels over a plain background, white behind dark content
     and black behind light (by the alpha-weighted mean luminance), so neither a dark stroke nor a light one
-    on a transparent background vanishes into it. An image without transparency is returned as it is."""
+    on a transparent background vanishes into it. An image without transparency is returned as it is, and
+    one whose alpha is 0 everywhere is taken as its colours (a writer that leaves alpha unset)."""
     if not (im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info):
         return im
     rgba = im.convert("RGBA")
-    if rgba.getchannel("A").getextrema()[0] == 255:
+    lo, hi = rgba.getchannel("A").getextrema()
+    if lo == 255 or hi == 0:  # opaque; or alpha left at 0 everywhere (some TGA/BMP writers): the colours are the image
         return rgba.convert("RGB")
     small = rgba.copy()
     small.thumbnail((128, 128))  # enough to tell dark content from light, at any image size
@@ -112,7 +114,7 @@ def _opaque(im: Image.Image) -> Image.Image:
     alpha = arr[..., 3] / 255.0
     lum = arr[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)
     seen = float(alpha.sum())
-    dark = seen == 0.0 or float((lum * alpha).sum()) / seen < 128.0
+    dark = seen == 0.0 or float((lum * alpha).sum()) / seen < 128.0  # (0 only when the thumbnail lost every visible pixel)
     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255) if dark else (0, 0, 0, 255))
     return Image.alpha_composite(background, rgba).convert("RGB")
 

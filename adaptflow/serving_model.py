@@ -65,12 +65,18 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         return out
 
 
+SWITCH = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def reads_paths() -> bool:
-    """Whether a string input may name a file. ``ADAPTFLOW_READ_PATHS`` decides when set (``0`` no, else
-    yes); otherwise yes, except in a process MLflow serves from."""
+    """Whether a string input may name a file. ``ADAPTFLOW_READ_PATHS`` decides when set (1/true/yes/on or
+    0/false/no/off; any other value is refused, never taken as yes); otherwise yes, except in a process
+    MLflow serves from."""
     switch = os.environ.get("ADAPTFLOW_READ_PATHS")
     if switch is not None:
-        return switch.strip() != "0"
+        if switch.strip().lower() not in SWITCH:
+            raise ValueError(f"ADAPTFLOW_READ_PATHS={switch!r}: use 1 (read file paths) or 0 (base64 and arrays only)")
+        return SWITCH[switch.strip().lower()]
     return os.environ.get("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "").strip().lower() not in ("true", "1")
 
 

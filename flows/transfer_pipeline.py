@@ -57,10 +57,11 @@ def _done(fut: PrefectFuture) -> dict:
 
 
 def settle(futures: list[PrefectFuture]) -> None:
-    """After a failed stage: cancel the tasks that have not started and wait for those that have, so that
-    none is still writing once the flow body has left the project lock (Prefect's runner waits for its
-    tasks only when the flow returns, after the lock is gone). Only the runners built on
-    ``concurrent.futures`` (sequential, threads, processes) can cancel; on Dask every task is waited for."""
+    """After a failed stage: cancel the tasks that have not started and wait for the others, so that none is
+    still writing once the flow body has left the project lock (Prefect's runner waits for its tasks only
+    when the flow returns, after the lock is gone). Only the runners built on ``concurrent.futures``
+    (sequential, threads, processes) can cancel, and the processes runner only a task whose wait for its
+    upstream has not begun; on Dask every task is waited for."""
     for f in futures:
         wrapped = getattr(f, "wrapped_future", None)
         if isinstance(wrapped, concurrent.futures.Future):
@@ -111,7 +112,7 @@ def transfer_pipeline(params_path: str = "params.yaml", overrides: list[str] | N
             results["evaluate"] = _done(evaluated)
             _publish(params, project, results["evaluate"])
             results["register"] = _done(registered)
-        except Exception:
+        except BaseException:  # a failed stage, Ctrl-C or a cancelled flow run: the lock outlives every task
             settle([*ingested.values(), augmented, pretrained, features, *tuned, evaluated, registered])
             raise
 

@@ -144,9 +144,10 @@ def image_problem(specs: list[dict[str, Any]], channels: int, size: int, tries: 
     """Why a pipeline would break training, or None. Training applies it to batches of stored images (uint8,
     ``channels``×``size``×``size``) exactly as :class:`~adaptflow.data.batch_augment.BatchAugment` does here,
     and must get the same back: normalising and resizing to the network's input side come after, on the
-    device. The pipeline runs ``tries`` times as it is, then once with every random branch taken per
-    option of its widest ``RandomChoice`` (:func:`_taken`), so a rarely taken branch is checked too; the
-    values random transforms draw (angles, crops, orders) are still samples."""
+    device. The pipeline runs ``tries`` times as it is, then with every random branch taken (:func:`_taken`),
+    once per option index ``i`` up to its widest ``RandomChoice``, every ``RandomChoice`` taking its
+    ``i``-th option: each option of each choice runs, though not every combination of options of nested
+    choices. The values random transforms draw (angles, crops, orders) are still samples."""
     from adaptflow.data.batch_augment import BatchAugment  # it builds on this module
 
     runs = [("", build_pipeline(specs), seed) for seed in range(tries)]

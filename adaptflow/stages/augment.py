@@ -140,9 +140,10 @@ def check_no_overlap(params: Params, root: Path) -> None:
     path = overlap_path(params, root)
     pairs = [{"target": r.item_target, "target_split": r.split_target, "source": r.item_source, "source_split": r.split_source,
               "sha1": r.sha1} for r in shared.itertuples()]
-    # Written when clean too, and then the same bytes whatever the data: pretrain's DVC dependency on the
-    # check (run it first), which new target data or a preview setting leaves unchanged.
-    record = json.dumps({"source": params.source.domain, "target": params.target.domain, "n_pairs": len(pairs), "pairs": pairs}, indent=2)
+    # Written when clean too, and then the same bytes whatever the data and domains: pretrain's DVC dependency
+    # on the check (run it first), which new target data, another target or a preview setting leaves unchanged.
+    record = json.dumps({"source": params.source.domain, "target": params.target.domain, "n_pairs": len(pairs), "pairs": pairs}
+                        if pairs else {"n_pairs": 0, "pairs": []}, indent=2)
     if not (path.is_file() and path.read_text() == record):
         outputs.atomic_write_text(path, record)
     if shared.empty:

@@ -161,19 +161,25 @@ def class_size_needed(params: Params, role: str) -> int:
     return min_class_size(_fractions(params, role), train_min=max(params.target.k if role == "target" else 0, 1))
 
 
-def _limit_note(params: Params, role: str, listed: int) -> str:
-    """When ``<role>.limit`` dropped images (``listed`` of them were there), the fix to name first."""
+def _limit_note(params: Params, role: str, short: list[str], before: dict[str, int] | None, need: int) -> str:
+    """The fix to name first when ``<role>.limit`` is what left a class short: ``before`` holds each class's
+    images before the limit (or, for a manifest's own splits, its train images)."""
     limit = getattr(params, role).limit
-    if not limit or limit >= listed:
+    cut = [c for c in short if before and before.get(c, 0) >= need]
+    if not limit or not cut:
         return ""
-    return f"raise or remove {role}.limit (it keeps {limit} of the {listed} images), "
+    return f"raise or remove {role}.limit={limit} (before it, {', '.join(repr(c) for c in cut)} had enough), "
+
+
+def _per_class(domain) -> dict[str, int]:
+    return {c: int((domain.labels == i).sum()) for i, c in enumerate(domain.classes)}
 
 
 def check_class_sizes(counts: dict[str, int], params: Params, role: str, lost: dict[str, Counter] | None = None,
-                      what: str = "usable images", listed: int = 0) -> None:
+                      what: str = "usable images", before: dict[str, int] | None = None) -> None:
     """Every class must fill every split (train keeping ``target.k`` for the labeled subset). ``what`` the
     counts are: usable images after decoding, or the files listed before (some may turn out unreadable);
-    ``listed``: how many images the domain has before ``<role>.limit``."""
+    ``before``: each class's images before ``<role>.limit``."""
     fractions = _fractions(params, role)
     k = params.target.k if role == "target" else 0
     need = class_size_needed(params, role)
@@ -187,7 +193,7 @@ def check_class_sizes(counts: dict[str, int], params: Params, role: str, lost: d
         detail.append(f"{c!r}: {n}" + (f" ({why})" if why else ""))
     asks = ", ".join(f"{name}_fraction={f}" for name, f in fractions.items())
     k_txt = f"target.k={k} labeled train images, " if role == "target" else ""
-    fixes = (_limit_note(params, role, listed) + "add images to those classes"
+    fixes = (_limit_note(params, role, list(short), before, need) + "add images to those classes"
              + (", lower target.k" if role == "target" and k > 1 else "") + ", or remove the classes.")
     raise DataError(
         f"{role}.domain: class(es) with too few {what} — {'; '.join(detail)}. Each class needs at least {need} "
@@ -195,19 +201,20 @@ def check_class_sizes(counts: dict[str, int], params: Params, role: str, lost: d
     )
 
 
-def _given_splits(split: np.ndarray, labels: np.ndarray, classes: list[str], params: Params, role: str, listed: int = 0) -> None:
+def _given_splits(split: np.ndarray, labels: np.ndarray, classes: list[str], params: Params, role: str,
+                  before: dict[str, int] | None = None, given: np.ndarray | None = None) -> None:
     """A manifest's own splits: every class needs train images (k of them for the target), and val/test exist."""
     k = max(params.target.k if role == "target" else 0, 1)
     train = {c: int(((labels == i) & (split == "train")).sum()) for i, c in enumerate(classes)}
-    short = [f"{c!r}: {n}" for c, n in train.items() if n < k]
-    note = _limit_note(params, role, listed)
+    short = [c for c, n in train.items() if n < k]
     if short:
-        raise DataError(f"{role}.domain: the manifest's split column leaves class(es) with fewer than {k} train images ({'; '.join(short)}); "
-                        f"{note}move rows to train" + (", lower target.k" if role == "target" else "") + ", or drop the split column to split by fractions.")
+        raise DataError(f"{role}.domain: the manifest's split column leaves class(es) with fewer than {k} train images "
+                        f"({'; '.join(f'{c!r}: {train[c]}' for c in short)}); {_limit_note(params, role, short, before, k)}move rows to train" + (", lower target.k" if role == "target" else "") + ", or drop the split column to split by fractions.")
     for name in ["val"] + (["test"] if role == "target" else []):
         if not (split == name).any():
-            raise DataError(f"{role}.domain: the manifest's split column has no {name!r} rows{' left' if note else ''}; "
-                            f"{note}add some, or drop the split column to split by fractions.")
+            limited = getattr(params, role).limit and given is not None and (given == name).any()
+            raise DataError(f"{role}.domain: the manifest's split column has no {name!r} rows"
+                            + (f" left by {role}.limit; raise or remove it, or " if limited else "; ") + "add some, or drop the split column to split by fractions.")
 
 
 def _log_items(role: str, what: str, items: list[dict], path: Path) -> None:
@@ -250,9 +257,11 @@ def _check_decoded(dec, domain, index: np.ndarray, labels: np.ndarray, params: P
                         f"{dict(reasons)}); check the files are images Pillow can read")
     if domain.splits is not None:
         split = domain.splits[index].astype(object)
-        _given_splits(split, labels, domain.classes, params, role, len(domain.labels))
+        given = domain.splits.astype(object)
+        _given_splits(split, labels, domain.classes, params, role,
+                      {c: int(((domain.labels == i) & (given == "train")).sum()) for i, c in enumerate(domain.classes)}, given)
         return split
-    check_class_sizes({c: int((labels == i).sum()) for i, c in enumerate(domain.classes)}, params, role, lost, listed=len(domain.labels))
+    check_class_sizes({c: int((labels == i).sum()) for i, c in enumerate(domain.classes)}, params, role, lost, before=_per_class(domain))
     k = params.target.k if role == "target" else 0
     return stable_split(labels, dec.content, _fractions(params, role), seed=params.seed, rest_min=max(k, 1))
 
@@ -303,7 +312,7 @@ def run(params: Params, root: Path = Path("."), role: str = "target") -> dict:
     keep_idx = stratified_subset(domain.labels, spec.limit, params.seed, domain.refs)  # keyed by the item's path (or index)
     if domain.splits is None:  # the obvious case fails before decoding anything
         check_class_sizes({c: int((domain.labels[keep_idx] == i).sum()) for i, c in enumerate(domain.classes)}, params, role,
-                          what="images listed (before any is decoded)", listed=len(domain.labels))
+                          what="images listed (before any is decoded)", before=_per_class(domain))
     size, channels = params.preprocess.image_size, params.preprocess.channels
     with outputs.atomic_dir(out, "ingest", key) as tmp:
         writer = store.ImageWriter(tmp, (channels, size, size))

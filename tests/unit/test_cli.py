@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import socket
 from pathlib import Path
 
@@ -103,7 +102,10 @@ class _FakeModel:
         from PIL import Image
 
         self.calls.append(len(frame))
-        widths = [Image.open(io.BytesIO(b)).width for b in frame["image"]]  # the CLI hands the model bytes
+        from adaptflow.serving_model import reads_paths
+
+        assert reads_paths(), "the CLI's model must read the paths it is given"
+        widths = [Image.open(p).width for p in frame["image"]]
         return pd.DataFrame({"label": [str(w) for w in widths], "confidence": [1.0] * len(widths)})
 
 
@@ -112,6 +114,7 @@ def test_predict_goes_a_batch_at_a_time_and_writes_the_csv_once(tmp_path, monkey
 
     fake = _FakeModel()
     monkeypatch.setattr(tracking, "load_model", lambda uri: fake)
+    monkeypatch.setenv("ADAPTFLOW_READ_PATHS", "0")  # meant for a server: the CLI reads the files it was given
     checked = []
     real_to_pil = imaging.to_pil
     monkeypatch.setattr(imaging, "to_pil", lambda f: checked.append(f) or real_to_pil(f))

@@ -260,6 +260,13 @@ def test_a_stroke_on_a_transparent_background_stays_visible(stroke, mode):
     assert out[7, 5] == stroke
 
 
+def test_alpha_at_zero_everywhere_is_taken_as_unset():
+    """Some writers (TGA, 32-bit BMP) leave alpha at 0: the colours are the image, not a blank canvas."""
+    rgb = RNG.integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    rgba = np.concatenate([rgb, np.zeros((9, 7, 1), np.uint8)], axis=-1)
+    assert (prepare(Image.fromarray(rgba, "RGBA"), 8, 3) == prepare(rgb, 8, 3)).all()
+
+
 def test_opaque_alpha_changes_nothing():
     rgb = RNG.integers(0, 256, (9, 7, 3), dtype=np.uint8)
     rgba = np.concatenate([rgb, np.full((9, 7, 1), 255, np.uint8)], axis=-1)

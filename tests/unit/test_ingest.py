@@ -204,7 +204,12 @@ def test_class_too_small_for_the_splits(tmp_path, folder):
 def test_classes_left_short_by_limit_name_the_limit_first(tmp_path, folder):
     with pytest.raises(DataError) as exc:
         ingest.run(params(f"imagefolder:{folder}", target__limit=12), tmp_path, "target")
-    assert "Raise or remove target.limit (it keeps 12 of the 40 images), add images to those classes" in str(exc.value)
+    assert "Raise or remove target.limit=12 (before it, '0', '1', '2', '3' had enough), add images to those classes" in str(exc.value)
+    for p in sorted((folder / "2").iterdir())[3:]:  # a class short with or without the limit: the limit is not blamed
+        p.unlink()
+    with pytest.raises(DataError) as exc:
+        ingest.run(params(f"imagefolder:{folder}", target__limit=36), tmp_path, "target")
+    assert "'2': 3." in str(exc.value) and "limit" not in str(exc.value)
 
 
 def test_class_emptied_by_quarantine_counts_what_was_lost(tmp_path, folder, caplog):

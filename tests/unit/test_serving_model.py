@@ -36,7 +36,7 @@ def png(tmp_path):
 
 @pytest.mark.parametrize(("served", "switch", "reads"), [
     (None, None, True), ("true", None, False), ("True", None, False), ("false", None, True),
-    (None, "0", False), ("true", "1", True), ("true", "0", False),
+    (None, "0", False), ("true", "1", True), ("true", "0", False), ("true", "no", False), (None, " Off ", False), ("true", "yes", True),
 ])
 def test_reads_paths_follows_the_serving_mark_and_the_switch(monkeypatch, served, switch, reads):
     for name, value in ((SERVED, served), ("ADAPTFLOW_READ_PATHS", switch)):
@@ -56,3 +56,11 @@ def test_served_predict_refuses_paths_and_answers_base64(model, png, monkeypatch
         model.predict(None, pd.DataFrame({"image": [str(png)]}))
     served = model.predict(None, pd.DataFrame({"image": [base64.b64encode(png.read_bytes()).decode()]}))
     pd.testing.assert_frame_equal(served, local)
+
+
+@pytest.mark.parametrize("switch", ["false-ish", "", "2"])
+def test_a_switch_value_it_does_not_know_is_refused_not_taken_as_yes(monkeypatch, switch):
+    monkeypatch.setenv(SERVED, "true")
+    monkeypatch.setenv("ADAPTFLOW_READ_PATHS", switch)
+    with pytest.raises(ValueError, match="ADAPTFLOW_READ_PATHS=.*use 1 .* or 0"):
+        serving_model.reads_paths()
