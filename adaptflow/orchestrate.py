@@ -397,26 +397,64 @@ def target_folder_name(params: Params) -> str:
     from adaptflow.data.domains import parse_spec
 
     spec = parse_spec(params.target.domain)
-    return Path(spec.path).stem if spec.is_path else spec.kind
+    if not spec.is_path:
+        return spec.kind
+    path = Path(spec.path)
+    return path.stem if spec.kind == "csv" else path.name  # a folder's dots are part of its name (my.digits.v2)
 
 
 def incoming_dir(params: Params, root: Path) -> Path:
     return Path(root) / params.orchestrate.incoming.format(domain=target_folder_name(params))
 
 
-def _hold_back(files: list[Path], src: Path, dest: Path, need: int, held: list[dict]) -> list[Path]:
-    """The incoming files that may join the dataset; the others are appended to ``held`` with the reason."""
+def _hold_back(files: list[Path], src: Path, dest: Path, params: Params, root: Path, held: list[dict]) -> list[Path]:
+    """The incoming files that may join the dataset; the others are appended to ``held`` with the reason.
+
+    A class the dataset does not have yet joins only when ingest would keep enough of it to fill every split:
+    counted as ingest counts, without copies of images already in the dataset or among the new ones (the
+    same stored pixels), and after ``target.limit`` takes the class's share."""
+    import hashlib
+    from collections import Counter
+
+    import numpy as np
+
     from adaptflow import imaging
+    from adaptflow.data import store
+    from adaptflow.data.files import scan_imagefolder
+    from adaptflow.data.splits import class_quota
+    from adaptflow.stages.ingest import class_size_needed, output_dir
 
     ok, bad = imaging.readable(files)
     held += [{"item": str(f.relative_to(src)), "reason": why} for f, why in bad]
     by_class: dict[str, list[Path]] = {}
     for f in ok:
         by_class.setdefault(f.relative_to(src).parts[0], []).append(f)
-    waiting: set[Path] = set()
+    new = {c: fs for c, fs in by_class.items() if not (dest / c).is_dir()}
+    if not new:
+        return ok
+    need, size, channels = class_size_needed(params, "target"), params.preprocess.image_size, params.preprocess.channels
+    stored = output_dir(params, root, "target")
+    seen = set(store.read_meta(stored, ["sha1"])["sha1"]) if outputs.read_manifest(stored) is not None else set()
+    counts = Counter(scan_imagefolder(dest, "target.domain").class_names) if dest.is_dir() else Counter()  # listed now
     for c, fs in by_class.items():
-        if not (dest / c).is_dir() and len(fs) < need:
-            why = f"class {c!r} is new and has {len(fs)} readable image(s); it joins when it has {need} (one in every split, and target.k labeled)"
+        counts[c] += len(fs)  # and once these arrive
+    names = sorted(counts)
+    limit = params.target.limit
+    share = dict(zip(names, class_quota(np.array([counts[c] for c in names]), limit))) if limit else counts
+    waiting: set[Path] = set()
+    for c, fs in new.items():
+        distinct = 0
+        for f in fs:
+            digest = hashlib.sha1(imaging.prepare(f, size, channels).tobytes()).hexdigest()
+            distinct += digest not in seen
+            seen.add(digest)
+        copies = len(fs) - distinct
+        usable = min(distinct, int(share[c]) - copies)  # at worst the limit keeps every copy
+        if usable < need:
+            why = (f"class {c!r} is new; ingest would keep {max(usable, 0)} of its {len(fs)} readable image(s)"
+                   + (f" ({copies} copies of images already there)" if copies else "")
+                   + (f" (target.limit={limit} takes its share)" if limit and share[c] < len(fs) else "")
+                   + f"; it joins when that reaches {need} (one in every split, and target.k labeled)")
             held += [{"item": str(f.relative_to(src)), "reason": why} for f in fs]
             waiting.update(fs)
     return [f for f in ok if f not in waiting]
@@ -434,7 +472,6 @@ def absorb_incoming(params: Params, root: Path) -> dict:
     the rest next time.
     """
     from adaptflow.data.domains import DataError, parse_spec, resolve
-    from adaptflow.stages.ingest import class_size_needed
 
     src = incoming_dir(params, root)
     report = {"incoming": str(src), "added": 0, "duplicates": 0, "classes": [], "dataset": None, "held": []}
@@ -451,7 +488,7 @@ def absorb_incoming(params: Params, root: Path) -> dict:
         raise DataError(f"incoming: {len(files)} new file(s) in {src}, but target.domain is {params.target.domain!r}; new data can only "
                         f"be added to an imagefolder target (set target.domain: imagefolder:data/raw/NAME and target.raw: data/raw/NAME)")
     dest = resolve(spec, root)
-    files = _hold_back(files, src, dest, class_size_needed(params, "target"), report["held"])
+    files = _hold_back(files, src, dest, params, Path(root), report["held"])
     for h in report["held"]:
         log.warning("incoming: %s stays in %s: %s", h["item"], src, h["reason"])
     classes = set()

@@ -101,6 +101,19 @@ def _first(idx: np.ndarray, u: np.ndarray, n: int) -> np.ndarray:
     return idx[np.argsort(u[idx], kind="stable")[:n]]
 
 
+def class_quota(counts: np.ndarray, limit: int) -> np.ndarray:
+    """How many items of each class (``counts`` of them) a ``limit`` keeps: the class's share of it, the
+    remainders going to the largest fractions (what :func:`stratified_subset` takes)."""
+    counts = np.asarray(counts)
+    if limit >= counts.sum():
+        return counts.copy()
+    quota = counts * (limit / counts.sum())
+    take = np.floor(quota).astype(int)
+    for i in np.argsort(-(quota - take), kind="stable")[: limit - take.sum()]:
+        take[i] += 1
+    return take
+
+
 def stratified_subset(labels: np.ndarray, limit: int | None, seed: int, keys: Sequence[str]) -> np.ndarray:
     """Indices of exactly ``min(limit, N)`` items keeping the class proportions (largest remainder).
 
@@ -115,9 +128,6 @@ def stratified_subset(labels: np.ndarray, limit: int | None, seed: int, keys: Se
         raise ValueError(f"{len(keys)} keys for {len(labels)} labels")
     u = positions(keys, f"limit:{seed}")
     classes, counts = np.unique(labels, return_counts=True)
-    quota = counts * (limit / len(labels))
-    take = np.floor(quota).astype(int)
-    for i in np.argsort(-(quota - take), kind="stable")[: limit - take.sum()]:
-        take[i] += 1
+    take = class_quota(counts, limit)
     picked = [_first(np.flatnonzero(labels == c), u, n) for c, n in zip(classes, take)]
     return np.sort(np.concatenate(picked))

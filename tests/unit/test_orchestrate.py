@@ -144,7 +144,7 @@ def test_absorb_incoming_moves_new_files_into_the_target_folder(tmp_path):
     # held, with the reason: a file that is no image, and a new class too small to fill the splits
     held = {h["item"]: h["reason"] for h in report["held"]}
     assert held["1/notes.png"].startswith("not a readable image")
-    assert held["seven/one.png"].startswith(f"class 'seven' is new and has 1 readable image(s); it joins when it has {need}")
+    assert held["seven/one.png"].startswith(f"class 'seven' is new; ingest would keep 1 of its 1 readable image(s); it joins when that reaches {need}")
     assert not (dest / "seven").exists()
     assert sorted(str(f.relative_to(incoming)) for f in incoming.rglob("*") if f.is_file()) == [
         "1/notes.png", "2/.partial.png", "loose.png", "seven/one.png"]
@@ -152,6 +152,39 @@ def test_absorb_incoming_moves_new_files_into_the_target_folder(tmp_path):
     # the new class joins once it has enough images
     _imagefolder(incoming, {f"seven/more{i}.png": _png(100 + i) for i in range(need - 1)})
     assert orchestrate.absorb_incoming(p, tmp_path)["added"] == need and len(list((dest / "seven").iterdir())) == need
+
+
+def test_a_new_class_is_counted_as_ingest_will_keep_it(tmp_path):
+    """Copies of images already in the dataset, and the share target.limit leaves, do not count towards a new
+    class's minimum: let in short, it would fail every later ingest."""
+    from adaptflow.stages import ingest
+
+    p = _params(target={"domain": "imagefolder:data/raw/digits", "k": 1})
+    need = ingest.class_size_needed(p, "target")
+    dest = tmp_path / "data/raw/digits"
+    _imagefolder(dest, {f"{c}/{i}.png": _png(20 * c + i) for c in range(2) for i in range(need + 4)})
+    ingest.run(p, tmp_path, "target")  # the store knows what the dataset holds
+    incoming = orchestrate.incoming_dir(p, tmp_path)
+    copies = {f"seven/copy{i}.png": _png(i) for i in range(3)}  # the same pixels as class 0's first images
+    _imagefolder(incoming, {**copies, **{f"seven/new{i}.png": _png(200 + i) for i in range(need - 1)}})
+    report = orchestrate.absorb_incoming(p, tmp_path)
+    assert report["added"] == 0 and not (dest / "seven").exists()
+    reason = report["held"][0]["reason"]
+    assert f"ingest would keep {need - 1} of its {need + 2} readable image(s) (3 copies of images already there)" in reason
+    _imagefolder(incoming, {"seven/new_last.png": _png(250)})  # one more distinct image: enough
+    assert orchestrate.absorb_incoming(p, tmp_path)["added"] == need + 3
+    ingest.run(p, tmp_path, "target")  # and ingest agrees
+
+    limited = _params(target={"domain": "imagefolder:data/raw/digits", "k": 1, "limit": 3 * need})
+    _imagefolder(incoming, {f"eight/{i}.png": _png(150 + i) for i in range(need)})
+    report = orchestrate.absorb_incoming(limited, tmp_path)
+    assert report["added"] == 0 and "(target.limit=" in report["held"][0]["reason"]
+
+
+def test_the_watched_folder_keeps_a_dotted_folder_name(tmp_path):
+    p = _params(target={"domain": "imagefolder:data/raw/my.digits.v2"})
+    assert orchestrate.incoming_dir(p, tmp_path) == tmp_path / "data/incoming/my.digits.v2"
+    assert orchestrate.target_folder_name(_params(target={"domain": "csv:data/raw/labels.csv"})) == "labels"
 
 
 def test_absorb_incoming_needs_an_imagefolder_target(tmp_path):
