@@ -80,30 +80,10 @@ def run(
         result = run_pipeline(params_path=str(params), overrides=overrides, root=str(Path.cwd()))
     typer.echo("")
     typer.echo((Path(p.paths.reports) / "evaluate" / "comparison.md").read_text())
-    typer.echo(_registry_line(result["register"]))
+    from adaptflow.stages.register import summary
+
+    typer.echo(summary(result["register"], Path.cwd()))
     _exit_now(0)
-
-
-def _registry_line(reg: dict) -> str:
-    """What register did this run — or, when it was reused, that nothing was registered and where the aliases
-    point now (the stored verdict belongs to the run that made it)."""
-    from adaptflow.stages.register import HELD
-
-    name = reg.get("model_name")
-    verdict = ("promoted to champion" if reg.get("promoted") else
-               "passed the gate, held as challenger (a DVC experiment)" if reg.get("gate") == HELD else "not promoted")
-    if not reg.get("cached"):
-        return f"registry: {name} version {reg.get('version')} {verdict}: {'; '.join(reg.get('reasons', []))}"
-    from adaptflow import tracking
-
-    try:
-        tracking.configure(Path.cwd(), create=False)  # a Prefect cache hit ran nothing here that set MLflow up
-        now = tracking.model_aliases(name) if reg.get("version") else {}
-    except tracking.NoStore:
-        now = {}
-    aliases = ", ".join(f"{a} → version {v}" for a, v in sorted(now.items())) or "none"
-    return (f"registry: nothing new to register (register reused): {name} version {reg.get('version')} came from an "
-            f"earlier run, {verdict} then; aliases now: {aliases}")
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from prefect.schedules import Cron
 
 from adaptflow import orchestrate
 from adaptflow.params import Params, load
+from adaptflow.stages.register import summary
 from flows.transfer_pipeline import params_file, pipeline
 from tasks import stages as t
 
@@ -45,8 +46,7 @@ def scheduled_pipeline(params_path: str = "params.yaml", overrides: list[str] | 
             logger.warning("%s is not a DVC repo: the %d new image(s) in %s are not versioned (run `dvc init` to version data)", project, new["added"], new["dataset"])
         result = pipeline(params)(params_path=params_path, overrides=list(overrides or []), root=str(project))
     reg = result["register"]
-    logger.info("registry: %s version %s %s — %s", reg.get("model_name"), reg.get("version"), "promoted to champion" if reg.get("promoted") else "not promoted",
-                "; ".join(reg.get("reasons") or []))
+    logger.info("%s", summary(reg, project))  # a reused register says so, and where the aliases point now
     return {"incoming": new, "register": reg}
 
 

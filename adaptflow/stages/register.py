@@ -428,6 +428,27 @@ def promote(name: str, version: str, who: str = "adaptflow registry promote") ->
     return {"model_name": name, "version": version, "previous_champion": current, "reasons": reasons}
 
 
+def summary(reg: dict, root: Path) -> str:
+    """One line on what register did this run — or, when it was reused (a cache hit), that nothing was
+    registered and where the aliases point now: the stored verdict belongs to the run that made it. What
+    ``adaptflow run`` prints and a scheduled run logs."""
+    from adaptflow import tracking
+
+    name = reg.get("model_name")
+    verdict = ("promoted to champion" if reg.get("promoted") else
+               "passed the gate, held as challenger (a DVC experiment)" if reg.get("gate") == HELD else "not promoted")
+    if not reg.get("cached"):
+        return f"registry: {name} version {reg.get('version')} {verdict}: {'; '.join(reg.get('reasons', []))}"
+    try:
+        tracking.configure(Path(root), create=False)  # a Prefect cache hit ran nothing here that set MLflow up
+        now = tracking.model_aliases(name) if reg.get("version") else {}
+    except tracking.NoStore:
+        now = {}
+    aliases = ", ".join(f"{a} → version {v}" for a, v in sorted(now.items())) or "none"
+    return (f"registry: nothing new to register (register reused): {name} version {reg.get('version')} came from an "
+            f"earlier run, {verdict} then; aliases now: {aliases}")
+
+
 class PromoteRefused(RuntimeError):
     """``promote`` would put a version in champion without a gate that holds today."""
 

@@ -183,13 +183,14 @@ def test_read_only_commands_create_no_store_where_there_is_none(tmp_path, monkey
 
 
 def test_run_says_when_register_was_reused_and_where_the_aliases_point_now(monkeypatch):
-    from adaptflow import cli, tracking
+    from adaptflow import tracking
+    from adaptflow.stages.register import summary
 
     monkeypatch.setattr(tracking, "configure", lambda root, create=True: "sqlite:///x")
     monkeypatch.setattr(tracking, "model_aliases", lambda name: {"champion": "3", "challenger": "4"})
     fresh = {"model_name": "m", "version": "1", "promoted": True, "reasons": ["beats scratch"], "cached": False}
-    assert cli._registry_line(fresh) == "registry: m version 1 promoted to champion: beats scratch"
-    line = cli._registry_line({**fresh, "cached": True})
+    assert summary(fresh, Path(".")) == "registry: m version 1 promoted to champion: beats scratch"
+    line = summary({**fresh, "cached": True}, Path("."))
     assert line.startswith("registry: nothing new to register (register reused): m version 1 came from an earlier run, promoted to champion then")
     assert line.endswith("aliases now: challenger → version 4, champion → version 3")
 
