@@ -76,6 +76,12 @@ def run(
     from flows.transfer_pipeline import run_pipeline
 
     api_ready()
+    from flows.api import unreachable
+
+    why = unreachable()
+    if why:
+        typer.secho(f"error: {why}", fg="red", err=True)
+        raise typer.Exit(2)
     with _bad_input_exits():
         result = run_pipeline(params_path=str(params), overrides=overrides, root=str(Path.cwd()))
     typer.echo("")

@@ -123,10 +123,11 @@ class NoStore(FileNotFoundError):
 def bad_input() -> tuple[type[Exception], ...]:
     """What bad input raises: corrupt or missing data, too few images (``DataError``); an upstream stage's
     output not there yet, or made from other params (``MissingOutput``); no registry where one was expected
-    (``NoStore``). It ends a command with its message, exit 2, and no traceback."""
+    (``NoStore``); and the project held by another run past ``orchestrate.lock_timeout`` (``ProjectLocked``).
+    It ends a command with its message, exit 2, and no traceback."""
     from adaptflow.data.files import DataError
 
-    return DataError, outputs.MissingOutput, NoStore
+    return DataError, outputs.MissingOutput, NoStore, ProjectLocked
 
 
 class _NoBadInputTraceback(logging.Filter):

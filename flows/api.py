@@ -64,3 +64,20 @@ def start_in_background() -> Callable[[], None]:
 
     return join
 
+
+
+def unreachable() -> str | None:
+    """Why the Prefect server at ``PREFECT_API_URL`` cannot be used, or None: it answers its health check, or
+    the variable is unset (the ephemeral API)."""
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return None
+    with get_client(sync_client=True) as client:
+        failed = client.api_healthcheck()
+    if failed is None:
+        return None
+    return (f"no Prefect server answers at PREFECT_API_URL={url} ({type(failed).__name__}: {failed}): "
+            "start one (`prefect server start --host 127.0.0.1`) or point PREFECT_API_URL at one")

@@ -68,18 +68,16 @@ def schedule(params: Params, cron: str | None = None) -> Cron:
 def require_server() -> None:
     """Schedules live on a Prefect server: the ephemeral API has no scheduler, so nothing would ever run.
     The server at ``PREFECT_API_URL`` must answer its health check."""
-    from prefect import get_client
     from prefect.settings import PREFECT_API_URL
 
-    url = PREFECT_API_URL.value()
-    if not url:
+    from flows.api import unreachable
+
+    if not PREFECT_API_URL.value():
         raise RuntimeError("a schedule lives on a Prefect server, and PREFECT_API_URL is not set: start one "
                            "(`prefect server start --host 127.0.0.1`) and `export PREFECT_API_URL=http://127.0.0.1:4200/api`")
-    with get_client(sync_client=True) as client:
-        failed = client.api_healthcheck()
-    if failed is not None:
-        raise RuntimeError(f"no Prefect server answers at PREFECT_API_URL={url} ({type(failed).__name__}: {failed}): "
-                           "start one (`prefect server start --host 127.0.0.1`) or point PREFECT_API_URL at one")
+    why = unreachable()
+    if why:
+        raise RuntimeError(why)
 
 
 def ensure_work_pool(name: str) -> None:

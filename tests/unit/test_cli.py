@@ -212,3 +212,24 @@ def test_run_option_errors_name_the_option_typed(capsys):
         cli._load(Path(PARAMS), ["target.k=0", *flags], flags)
     err = capsys.readouterr().err
     assert "with --set target.k=0, --task-runner threads, --max-workers 2: finetune.strategies" in err and "orchestrate." not in err
+
+
+def test_run_against_a_prefect_server_that_does_not_answer_says_so(tmp_path):
+    """`adaptflow run` with PREFECT_API_URL at nothing: one error line and exit 2, not Prefect's traceback."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copy(Path(__file__).resolve().parents[2] / "params.yaml", tmp_path / "params.yaml")
+    env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{_free_port()}/api"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "adaptflow"), "run"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: no Prefect server answers at PREFECT_API_URL=" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
