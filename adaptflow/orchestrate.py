@@ -414,7 +414,6 @@ def _hold_back(files: list[Path], src: Path, dest: Path, params: Params, root: P
     A class the dataset does not have yet joins only when ingest would keep enough of it to fill every split:
     counted as ingest counts, without copies of images already in the dataset or among the new ones (the
     same stored pixels), and after ``target.limit`` takes the class's share."""
-    import hashlib
     from collections import Counter
 
     import numpy as np
@@ -423,7 +422,7 @@ def _hold_back(files: list[Path], src: Path, dest: Path, params: Params, root: P
     from adaptflow.data import store
     from adaptflow.data.files import scan_imagefolder
     from adaptflow.data.splits import class_quota
-    from adaptflow.stages.ingest import class_size_needed, output_dir
+    from adaptflow.stages.ingest import class_size_needed, output_dir, stored_digest
 
     ok, bad = imaging.readable(files)
     held += [{"item": str(f.relative_to(src)), "reason": why} for f, why in bad]
@@ -446,7 +445,7 @@ def _hold_back(files: list[Path], src: Path, dest: Path, params: Params, root: P
     for c, fs in new.items():
         distinct = 0
         for f in fs:
-            digest = hashlib.sha1(imaging.prepare(f, size, channels).tobytes()).hexdigest()
+            digest = stored_digest(imaging.prepare(f, size, channels))
             distinct += digest not in seen
             seen.add(digest)
         copies = len(fs) - distinct

@@ -136,8 +136,11 @@ def _taken(spec: dict[str, Any], option: int) -> dict[str, Any]:
 
 def _choices(specs: list[dict[str, Any]]) -> int:
     """The most transforms any ``RandomChoice`` in ``specs`` chooses from (1 when there is none)."""
-    return max([1] + [max(len(s.get("transforms", [])) if s.get("name") == "RandomChoice" else 1, _choices(s.get("transforms", [])))
-                      for s in specs if s.get("name") in _WRAPPERS])
+    most = 1
+    for s in specs:
+        inner = s.get("transforms", []) if s.get("name") in _WRAPPERS else []
+        most = max(most, len(inner) if s.get("name") == "RandomChoice" else 1, _choices(inner))
+    return most
 
 
 def image_problem(specs: list[dict[str, Any]], channels: int, size: int, tries: int = 4) -> str | None:

@@ -95,6 +95,11 @@ def content_key(raw: object) -> str:
     return h.hexdigest()
 
 
+def stored_digest(arr: np.ndarray) -> str:
+    """The identity of an image as stored (prepared pixels): what ingest dedupes on and augment matches."""
+    return hashlib.sha1(arr.tobytes()).hexdigest()
+
+
 def decode(domain: Domain, indices: np.ndarray, size: int, channels: int, writer: store.ImageWriter, label: str = "ingest") -> Decoded:
     """Stream ``indices`` of ``domain`` into ``writer``: prepare, hash, drop bad files and exact duplicates."""
     out = Decoded()
@@ -112,7 +117,7 @@ def decode(domain: Domain, indices: np.ndarray, size: int, channels: int, writer
         except Exception as exc:  # a decoder failure in prepare is still this item's problem, not the run's
             out.quarantined.append({"item": domain.refs[i], "class": domain.classes[domain.labels[i]], "reason": reason(exc)})
             continue
-        digest = hashlib.sha1(arr.tobytes()).hexdigest()
+        digest = stored_digest(arr)
         if digest in first:
             j = first[digest]
             dup = {"item": domain.refs[i], "duplicate_of": domain.refs[j], "class": domain.classes[domain.labels[i]]}
@@ -171,8 +176,9 @@ def _limit_note(params: Params, role: str, short: list[str], before: dict[str, i
     return f"raise or remove {role}.limit={limit} (before it, {', '.join(repr(c) for c in cut)} had enough), "
 
 
-def _per_class(domain) -> dict[str, int]:
-    return {c: int((domain.labels == i).sum()) for i, c in enumerate(domain.classes)}
+def per_class(labels: np.ndarray, classes: list[str]) -> dict[str, int]:
+    """How many of ``labels`` each class has, by name."""
+    return {c: int((labels == i).sum()) for i, c in enumerate(classes)}
 
 
 def check_class_sizes(counts: dict[str, int], params: Params, role: str, lost: dict[str, Counter] | None = None,
@@ -202,17 +208,18 @@ def check_class_sizes(counts: dict[str, int], params: Params, role: str, lost: d
 
 
 def _given_splits(split: np.ndarray, labels: np.ndarray, classes: list[str], params: Params, role: str,
-                  before: dict[str, int] | None = None, given: np.ndarray | None = None) -> None:
+                  all_labels: np.ndarray | None = None, all_splits: np.ndarray | None = None) -> None:
     """A manifest's own splits: every class needs train images (k of them for the target), and val/test exist."""
     k = max(params.target.k if role == "target" else 0, 1)
-    train = {c: int(((labels == i) & (split == "train")).sum()) for i, c in enumerate(classes)}
+    train = per_class(labels[split == "train"], classes)
     short = [c for c, n in train.items() if n < k]
     if short:
+        before = per_class(all_labels[all_splits == "train"], classes) if all_splits is not None else None
         raise DataError(f"{role}.domain: the manifest's split column leaves class(es) with fewer than {k} train images "
                         f"({'; '.join(f'{c!r}: {train[c]}' for c in short)}); {_limit_note(params, role, short, before, k)}move rows to train" + (", lower target.k" if role == "target" else "") + ", or drop the split column to split by fractions.")
     for name in ["val"] + (["test"] if role == "target" else []):
         if not (split == name).any():
-            limited = getattr(params, role).limit and given is not None and (given == name).any()
+            limited = getattr(params, role).limit and all_splits is not None and (all_splits == name).any()
             raise DataError(f"{role}.domain: the manifest's split column has no {name!r} rows"
                             + (f" left by {role}.limit; raise or remove it, or " if limited else "; ") + "add some, or drop the split column to split by fractions.")
 
@@ -257,11 +264,9 @@ def _check_decoded(dec, domain, index: np.ndarray, labels: np.ndarray, params: P
                         f"{dict(reasons)}); check the files are images Pillow can read")
     if domain.splits is not None:
         split = domain.splits[index].astype(object)
-        given = domain.splits.astype(object)
-        _given_splits(split, labels, domain.classes, params, role,
-                      {c: int(((domain.labels == i) & (given == "train")).sum()) for i, c in enumerate(domain.classes)}, given)
+        _given_splits(split, labels, domain.classes, params, role, domain.labels, domain.splits.astype(object))
         return split
-    check_class_sizes({c: int((labels == i).sum()) for i, c in enumerate(domain.classes)}, params, role, lost, before=_per_class(domain))
+    check_class_sizes(per_class(labels, domain.classes), params, role, lost, before=per_class(domain.labels, domain.classes))
     k = params.target.k if role == "target" else 0
     return stable_split(labels, dec.content, _fractions(params, role), seed=params.seed, rest_min=max(k, 1))
 
@@ -311,8 +316,8 @@ def run(params: Params, root: Path = Path("."), role: str = "target") -> dict:
 
     keep_idx = stratified_subset(domain.labels, spec.limit, params.seed, domain.refs)  # keyed by the item's path (or index)
     if domain.splits is None:  # the obvious case fails before decoding anything
-        check_class_sizes({c: int((domain.labels[keep_idx] == i).sum()) for i, c in enumerate(domain.classes)}, params, role,
-                          what="images listed (before any is decoded)", before=_per_class(domain))
+        check_class_sizes(per_class(domain.labels[keep_idx], domain.classes), params, role,
+                          what="images listed (before any is decoded)", before=per_class(domain.labels, domain.classes))
     size, channels = params.preprocess.image_size, params.preprocess.channels
     with outputs.atomic_dir(out, "ingest", key) as tmp:
         writer = store.ImageWriter(tmp, (channels, size, size))
@@ -357,7 +362,7 @@ def run(params: Params, root: Path = Path("."), role: str = "target") -> dict:
             "n_images": int(len(labels)),
             "splits_given": domain.splits is not None,
             "counts": counts,
-            "counts_per_class": {c: int((labels == i).sum()) for i, c in enumerate(domain.classes)},
+            "counts_per_class": per_class(labels, domain.classes),
             "native": _native_card(dec),
             "quarantined": dec.quarantined,
             "ignored": domain.ignored,
