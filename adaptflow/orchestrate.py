@@ -413,7 +413,9 @@ def _hold_back(files: list[Path], src: Path, dest: Path, params: Params, root: P
 
     A class the dataset does not have yet joins only when ingest would keep enough of it to fill every split:
     counted as ingest counts, without copies of images already in the dataset or among the new ones (the
-    same stored pixels), and after ``target.limit`` takes the class's share."""
+    same stored pixels), and after ``target.limit`` takes the class's share. Under the limit the new classes
+    also take their share from the classes already there: while that would cut one of those below the
+    minimum, every new class waits (the one ingest would then fail on is not a new class)."""
     from collections import Counter
 
     import numpy as np
@@ -438,25 +440,49 @@ def _hold_back(files: list[Path], src: Path, dest: Path, params: Params, root: P
     counts = Counter(scan_imagefolder(dest, "target.domain").class_names) if dest.is_dir() else Counter()  # listed now
     for c, fs in by_class.items():
         counts[c] += len(fs)  # and once these arrive
-    names = sorted(counts)
     limit = params.target.limit
-    share = dict(zip(names, class_quota(np.array([counts[c] for c in names]), limit))) if limit else counts
-    waiting: set[Path] = set()
+
+    def shares(classes: set[str]) -> dict[str, int]:  # each class's share of target.limit with ``classes`` in
+        names = sorted(c for c in counts if c in classes or c not in new)
+        return dict(zip(names, (int(n) for n in class_quota(np.array([counts[c] for c in names]), limit)))) if limit else dict(counts)
+
+    distinct: dict[str, int] = {}
     for c, fs in new.items():
-        distinct = 0
+        distinct[c] = 0
         for f in fs:
             digest = stored_digest(imaging.prepare(f, size, channels))
-            distinct += digest not in seen
+            distinct[c] += digest not in seen
             seen.add(digest)
-        copies = len(fs) - distinct
-        usable = min(distinct, int(share[c]) - copies)  # at worst the limit keeps every copy
-        if usable < need:
-            why = (f"class {c!r} is new; ingest would keep {max(usable, 0)} of its {len(fs)} readable image(s)"
-                   + (f" ({copies} copies of images already there)" if copies else "")
-                   + (f" (target.limit={limit} takes its share)" if limit and share[c] < len(fs) else "")
-                   + f"; it joins when that reaches {need} (one in every split, and target.k labeled)")
-            held += [{"item": str(f.relative_to(src)), "reason": why} for f in fs]
-            waiting.update(fs)
+    reasons: dict[str, str] = {}
+    joining = set(new)
+    while joining:  # a class held back leaves a larger share of the limit to the others: ask again
+        share = shares(joining)
+        for c in sorted(joining):
+            fs = new[c]
+            copies = len(fs) - distinct[c]
+            usable = min(distinct[c], share[c] - copies)  # at worst the limit keeps every copy
+            if usable < need:
+                reasons[c] = (f"class {c!r} is new; ingest would keep {max(usable, 0)} of its {len(fs)} readable image(s)"
+                              + (f" ({copies} copies of images already there)" if copies else "")
+                              + (f" (target.limit={limit} takes its share)" if limit and share[c] < len(fs) else "")
+                              + f"; it joins when that reaches {need} (one in every split, and target.k labeled)")
+        if not joining - set(reasons):
+            break
+        if joining & set(reasons):
+            joining -= set(reasons)
+            continue
+        alone = shares(set())  # the classes there now: the new ones must not take their share below the minimum
+        squeezed = {c: n for c, n in share.items() if c not in new and n < need <= alone[c]}
+        if squeezed:
+            names = ", ".join(f"{c!r} to {n}" for c, n in sorted(squeezed.items()))
+            for c in joining:
+                reasons[c] = (f"class {c!r} is new; with it, target.limit={limit} would cut {names} image(s), below the "
+                              f"{need} every class needs; it joins when target.limit is raised or removed")
+        break
+    waiting: set[Path] = set()
+    for c, why in reasons.items():
+        held += [{"item": str(f.relative_to(src)), "reason": why} for f in new[c]]
+        waiting.update(new[c])
     return [f for f in ok if f not in waiting]
 
 
@@ -468,7 +494,8 @@ def absorb_incoming(params: Params, root: Path) -> dict:
     differ. Hidden files (uploads in progress) and files outside a class folder stay where they are. So does
     — *held*, listed with its reason in the report and the log — a file that is not a readable image, and
     every file of a class the dataset does not have yet until that class has enough readable images to fill
-    every split (moved, they would fail every later ingest). Moving is idempotent: a run killed midway moves
+    every split and, under ``target.limit``, leaves every class there its minimum (moved, they would fail
+    every later ingest). Moving is idempotent: a run killed midway moves
     the rest next time.
     """
     from adaptflow.data.domains import DataError, parse_spec, resolve

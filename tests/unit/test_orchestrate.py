@@ -181,6 +181,27 @@ def test_a_new_class_is_counted_as_ingest_will_keep_it(tmp_path):
     assert report["added"] == 0 and "(target.limit=" in report["held"][0]["reason"]
 
 
+def test_a_new_class_may_not_squeeze_a_class_below_its_minimum_under_the_limit(tmp_path):
+    """Under target.limit a new class takes its share from the others: one it would cut below the minimum keeps
+    the new class out, with the reason; without the limit it joins."""
+    from adaptflow.stages import ingest
+
+    p = _params(target={"domain": "imagefolder:data/raw/digits", "k": 1, "limit": None})
+    need = ingest.class_size_needed(p, "target")
+    dest = tmp_path / "data/raw/digits"
+    _imagefolder(dest, {**{f"0/{i}.png": _png(i) for i in range(need)}, **{f"1/{i}.png": _png(50 + i) for i in range(10 * need)}})
+    limited = _params(target={"domain": "imagefolder:data/raw/digits", "k": 1, "limit": 11 * need})
+    ingest.run(limited, tmp_path, "target")  # the limit keeps every image now
+    incoming = orchestrate.incoming_dir(p, tmp_path)
+    _imagefolder(incoming, {f"seven/{i}.png": _png(150 + i) for i in range(10 * need)})
+    report = orchestrate.absorb_incoming(limited, tmp_path)
+    assert report["added"] == 0 and not (dest / "seven").exists()
+    reason = report["held"][0]["reason"]
+    assert f"with it, target.limit={11 * need} would cut '0' to " in reason and f"below the {need} every class needs" in reason
+    assert orchestrate.absorb_incoming(p, tmp_path)["added"] == 10 * need  # no limit: it joins
+    ingest.run(p, tmp_path, "target")
+
+
 def test_the_watched_folder_keeps_a_dotted_folder_name(tmp_path):
     p = _params(target={"domain": "imagefolder:data/raw/my.digits.v2"})
     assert orchestrate.incoming_dir(p, tmp_path) == tmp_path / "data/incoming/my.digits.v2"
