@@ -70,7 +70,7 @@ class AliasMove:
     seq: int
     alias: str
     from_version: str | None
-    to_version: str
+    to_version: str | None  # None: the alias was removed
     time: float  # seconds since the epoch (UTC)
     reason: str
     actor: str  # user@host:pid
@@ -111,7 +111,8 @@ def history(store: AliasStore, name: str, alias: str | None = None) -> list[Alia
 
 
 def holder_at(moves: list[AliasMove], alias: str, when: float) -> AliasMove | None:
-    """The move that put ``alias`` where it pointed at ``when`` (None: it pointed nowhere we recorded)."""
+    """The move that put ``alias`` where it pointed at ``when`` (None: it pointed nowhere we recorded; a move
+    whose ``to_version`` is None: it had been removed)."""
     last = None
     for m in moves:
         if m.alias == alias and m.time <= when:
@@ -130,11 +131,12 @@ def parse_time(text: str) -> float:
     return t.timestamp()
 
 
-def move(store: AliasStore, name: str, alias: str, version: str, *, expected: object, reason: str,
+def move(store: AliasStore, name: str, alias: str, version: str | None, *, expected: object, reason: str,
          context: dict | None = None, clock: Callable[[], float] = time.time) -> AliasMove | None:
-    """Point ``name@alias`` at ``version`` if it still points at ``expected`` (``None``: nowhere; ``ANY``: no
-    check), and append the move to the history. Returns the recorded move, or None when the alias already
-    pointed at ``version`` (nothing moved, nothing recorded). Raises :class:`AliasConflict` otherwise.
+    """Point ``name@alias`` at ``version`` (``None``: remove the alias) if it still points at ``expected``
+    (``None``: nowhere; ``ANY``: no check), and append the move to the history. Returns the recorded move, or
+    None when the alias already pointed at ``version`` (nothing moved, nothing recorded). Raises
+    :class:`AliasConflict` otherwise.
 
     The alias is written first and the history entry second; if the history write fails the alias is put
     back, so the history never misses a move that stuck.
@@ -143,12 +145,16 @@ def move(store: AliasStore, name: str, alias: str, version: str, *, expected: ob
         current = store.get_alias(name, alias)
         if expected is not ANY and current != expected:
             raise AliasConflict(name, alias, expected if isinstance(expected, str) or expected is None else str(expected), current)
+        version = None if version is None else str(version)
         if current == version:
             return None
         moves = history(store, name)
-        entry = AliasMove(seq=(moves[-1].seq + 1) if moves else 1, alias=alias, from_version=current, to_version=str(version),
+        entry = AliasMove(seq=(moves[-1].seq + 1) if moves else 1, alias=alias, from_version=current, to_version=version,
                           time=clock(), reason=reason[:_REASON_MAX], actor=actor(), context=dict(context or {}))
-        store.set_alias(name, alias, str(version))
+        if version is None:
+            store.delete_alias(name, alias)
+        else:
+            store.set_alias(name, alias, version)
         try:
             store.set_model_tag(name, f"{HISTORY_PREFIX}{entry.seq:06d}", entry.to_json())
         except BaseException:

@@ -341,7 +341,8 @@ def registry_history(
         elif held is None:
             typer.echo(f"{name}@{alias or 'champion'}: no version at {at} (no recorded move before then)")
         else:
-            typer.echo(f"{name}@{held.alias} at {at}: version {held.to_version} (since {held.iso_time}, from {held.from_version or 'none'}, by {held.actor})\n  why: {held.reason}")
+            where = f"version {held.to_version}" if held.to_version is not None else "no version (removed)"
+            typer.echo(f"{name}@{held.alias} at {at}: {where} (since {held.iso_time}, from {held.from_version or 'none'}, by {held.actor})\n  why: {held.reason}")
         return
     if as_json:
         typer.echo(json.dumps([{**asdict(m), "iso_time": m.iso_time} for m in moves], indent=2))
@@ -358,7 +359,7 @@ def registry_history(
         return
     for m in moves:
         runs = ", ".join(f"{k}={v}" for k, v in m.context.items() if k in ("parent_run_id", "prefect_flow_run_id", "git_commit"))
-        typer.echo(f"{m.seq:>4}  {m.iso_time}  {m.alias:<11} {m.from_version or '-':>4} → {m.to_version:<4} {m.actor}\n      {m.reason}" + (f"\n      {runs}" if runs else ""))
+        typer.echo(f"{m.seq:>4}  {m.iso_time}  {m.alias:<11} {m.from_version or '-':>4} → {m.to_version or '-':<4} {m.actor}\n      {m.reason}" + (f"\n      {runs}" if runs else ""))
 
 
 @registry_app.command("promote")

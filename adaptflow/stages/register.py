@@ -425,6 +425,11 @@ def promote(name: str, version: str, who: str = "adaptflow registry promote") ->
     except aliases.AliasConflict as exc:
         raise PromoteRefused(f"champion moved to version {exc.found or 'none'} meanwhile: nothing promoted") from None
     tracking.set_version_tags(name, version, {"gate": "promoted", "gate_reasons": f"{reasons}; then promoted by hand ({who})"})
+    try:  # challenger names a version that is not champion; this one now is
+        tracking.move_alias(name, "challenger", None, expected=str(version), reason=f"version {version} promoted to champion by hand ({who})",
+                            context={"orchestrator": "cli"})
+    except aliases.AliasConflict:
+        pass  # challenger has moved on to another version meanwhile: it stays there
     return {"model_name": name, "version": version, "previous_champion": current, "reasons": reasons}
 
 

@@ -185,6 +185,7 @@ def test_an_experiment_never_moves_champion_and_promote_applies_its_held_verdict
     move = tracking.alias_history(name, "champion")[-1]
     assert move.to_version == first["version"] and move.reason.startswith("promoted by hand")
     assert tracking.version_tags(name, first["version"])["gate"] == "promoted"
+    assert tracking.alias_version(name, "challenger") == second["version"]  # it named another version: it stays
     # the second was gated against no champion; there is one now, so its verdict no longer holds
     stale = run([str(BIN / "adaptflow"), "registry", "promote", name, second["version"]], root, check=False)
     assert stale.returncode == 2 and f"gated against champion none, but champion is now {first['version']}" in stale.stderr

@@ -73,6 +73,25 @@ def test_expected_none_fails_when_alias_exists():
         move(s, "m", "champion", "2", expected=None, reason="thought there was none")
 
 
+def test_removing_an_alias_is_a_recorded_move():
+    s = MemoryStore()
+    move(s, "m", "challenger", "2", expected=None, reason="held", clock=lambda: 100.0)
+    with pytest.raises(AliasConflict):
+        move(s, "m", "challenger", None, expected="1", reason="promoted")
+    removed = move(s, "m", "challenger", None, expected="2", reason="promoted", clock=lambda: 200.0)
+    assert s.get_alias("m", "challenger") is None and (removed.from_version, removed.to_version) == ("2", None)
+    assert move(s, "m", "challenger", None, expected=None, reason="again") is None  # already nowhere: nothing recorded
+    assert [AliasMove.from_json(h.to_json()).to_version for h in history(s, "m")] == ["2", None]
+    assert holder_at(history(s, "m"), "challenger", 150.0).to_version == "2"
+    assert holder_at(history(s, "m"), "challenger", 250.0).to_version is None
+    failing = MemoryStore()
+    move(failing, "m", "challenger", "2", expected=None, reason="held")
+    failing.fail_tag_writes = True
+    with pytest.raises(ConnectionError):
+        move(failing, "m", "challenger", None, expected="2", reason="promoted")
+    assert failing.get_alias("m", "challenger") == "2"  # the history could not say so: put back
+
+
 def test_any_moves_unconditionally_but_records():
     s = MemoryStore()
     move(s, "m", "challenger", "1", expected=ANY, reason="rejected")

@@ -182,6 +182,19 @@ def test_read_only_commands_create_no_store_where_there_is_none(tmp_path, monkey
     assert "MLFLOW_TRACKING_URI" in res.output and not (tmp_path / "mlflow.db").exists()
 
 
+def test_registry_history_shows_a_removed_alias(monkeypatch):
+    from adaptflow import aliases, tracking
+
+    moves = [aliases.AliasMove(1, "challenger", None, "2", 100.0, "gate passed, held", "me@here:1"),
+             aliases.AliasMove(2, "challenger", "2", None, 200.0, "version 2 promoted to champion by hand", "me@here:1")]
+    monkeypatch.setattr(tracking, "configure", lambda *a, **k: None)
+    monkeypatch.setattr(tracking, "alias_history", lambda name, alias: moves)
+    res = _invoke(["registry", "history", "m", "--alias", "challenger"])
+    assert res.exit_code == 0 and "   2 → -    me@here:1" in res.output, res.output
+    res = _invoke(["registry", "history", "m", "--alias", "challenger", "--at", "1970-01-01T00:03:20"])
+    assert res.exit_code == 0 and "m@challenger at 1970-01-01T00:03:20: no version (removed)" in res.output, res.output
+
+
 def test_run_says_when_register_was_reused_and_where_the_aliases_point_now(monkeypatch):
     from adaptflow import tracking
     from adaptflow.stages.register import summary

@@ -296,7 +296,7 @@ def test_register_reuse_needs_the_same_key_store_and_a_version(tmp_path, monkeyp
 
 
 def test_promote_refuses_what_no_held_gate_stands_behind(monkeypatch):
-    from adaptflow import tracking
+    from adaptflow import aliases, tracking
     from adaptflow.stages import register
 
     tags = {"1": {"gate": "rejected", "gate_reasons": "does not beat scratch (0.5 vs 0.6, margin 0.0)"},
@@ -304,12 +304,14 @@ def test_promote_refuses_what_no_held_gate_stands_behind(monkeypatch):
     moves = []
     monkeypatch.setattr(tracking, "version_exists", lambda name, v: v in tags)
     monkeypatch.setattr(tracking, "version_tags", lambda name, v: tags[v])
-    champion: list[str | None] = [None]
-    monkeypatch.setattr(tracking, "alias_version", lambda name, alias: champion[0])
+    where = {"champion": None, "challenger": "2"}
+    monkeypatch.setattr(tracking, "alias_version", lambda name, alias: where[alias])
 
     def move(name, alias, v, **kw):
         moves.append((alias, v, kw["expected"]))
-        champion[0] = v
+        if kw["expected"] != where[alias]:
+            raise aliases.AliasConflict(name, alias, kw["expected"], where[alias])
+        where[alias] = v
 
     monkeypatch.setattr(tracking, "move_alias", move)
     monkeypatch.setattr(tracking, "set_version_tags", lambda name, v, t: tags[v].update(t))
@@ -318,7 +320,12 @@ def test_promote_refuses_what_no_held_gate_stands_behind(monkeypatch):
     with pytest.raises(register.PromoteRefused, match=r"its gate was 'rejected'.*does not beat scratch"):
         register.promote("m", "1")
     assert register.promote("m", "2")["previous_champion"] is None
-    assert moves == [("champion", "2", None)] and tags["2"]["gate"] == "promoted"
+    # champion moves, and challenger, which named the same version, is removed
+    assert moves == [("champion", "2", None), ("challenger", None, "2")] and where == {"champion": "2", "challenger": None}
+    assert tags["2"]["gate"] == "promoted"
     assert tags["2"]["gate_reasons"] == "no current champion; held: …; then promoted by hand (adaptflow registry promote)"
     again = register.promote("m", "2")  # already champion: nothing moves, and it says so
-    assert again["already"] and moves == [("champion", "2", None)]
+    assert again["already"] and len(moves) == 2
+    tags["3"] = {"gate": register.HELD, "gate_reasons": "beats version 2", register.GATED_AGAINST: "2"}
+    where["challenger"] = "4"  # challenger moved on to another version: it stays there
+    assert register.promote("m", "3")["previous_champion"] == "2" and where == {"champion": "3", "challenger": "4"}
