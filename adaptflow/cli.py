@@ -72,7 +72,7 @@ def run(
     from adaptflow.stages import ingest
 
     with _bad_input_exits():
-        ingest.check_domains(p, Path.cwd())  # and on a missing data path
+        ingest.check_paths(p, Path.cwd())  # and on a missing data or weights path
     from flows.transfer_pipeline import run_pipeline
 
     api_ready()

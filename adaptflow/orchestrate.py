@@ -154,13 +154,16 @@ class InconsistentUpstream(outputs.MissingOutput):
 
 
 def _raw_now(params: Params, root: Path) -> Callable[[str], str]:
-    """The raw data's fingerprint now, for an ingest output's stage (``ingest:ROLE``), each role looked at once."""
+    """The raw inputs' fingerprint now, for an ingest output's stage (``ingest:ROLE``: the role's data) and
+    for pretrain's (the weights file it starts from), each looked at once."""
     from functools import cache
 
-    from adaptflow.stages import ingest
+    from adaptflow.stages import ingest, pretrain
 
     @cache
     def raw_now(stage: str) -> str:
+        if stage == "pretrain":
+            return pretrain.weights_now(params, root)
         role = stage.partition(":")[2]
         return ingest.open_role(params, root, role).fingerprint if role in ingest.ROLES else ""
 

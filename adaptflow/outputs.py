@@ -126,8 +126,10 @@ def inconsistent_upstream(key: Key, sections: Callable[..., dict], raw_now: Call
         record = (read_manifest(d) or {}).get("inputs")
         if record is None:
             continue
-        if raw_now is not None and any(raw_now(stage) != then for stage, then in record.get("raw", {}).items()):
-            problems.append(f"{_shown(d)} was made from raw data that has changed since")
+        changed = [stage for stage, then in record.get("raw", {}).items() if raw_now is not None and raw_now(stage) != then]
+        if changed:
+            what = "a weights file" if changed == ["pretrain"] else "raw data"  # pretrain's raw input is what it starts from
+            problems.append(f"{_shown(d)} was made from {what} that has changed since")
         now: dict[str, object] = {}
         for name in record["params"]:
             try:

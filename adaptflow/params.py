@@ -175,10 +175,23 @@ class Pretrain(_Section):
     # The side the network sees. null: the stored side (preprocess.image_size). Larger (e.g. 224 for a
     # resnet on a GPU) resizes each uint8 batch on the device: images stay decoded once, small, at ingest.
     input_size: int | None = Field(None, ge=8, le=1024)
-    epochs: int = Field(6, ge=1)
+    # What training starts from. null: a random initialisation. A local file (.safetensors, or a torch state
+    # dict .pth/.pt/.bin; relative to the project root): weights of `model` — e.g. ImageNet weights, or your own
+    # source model (its head is kept when it has one output per source class). `hub`: timm's default
+    # pretrained weights for `model`, which needs the Hugging Face hub.
+    weights: str | None = Field(None, min_length=1)
+    weights_dep: str = Field("adaptflow/models", description="the path `dvc repro` watches for the weights (dvc.yaml pretrain deps): "
+                             "set it to pretrain.weights so a changed file re-runs pretrain")
+    epochs: int = Field(6, ge=0, description="0 with pretrain.weights: the weights are the source model as they are (no training)")
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
+
+    @model_validator(mode="after")
+    def _zero_epochs_need_weights(self) -> "Pretrain":
+        if self.epochs == 0 and self.weights is None:
+            raise ValueError("epochs: 0 trains nothing, so it needs pretrain.weights (the source model as it is)")
+        return self
 
     @field_validator("model")
     @classmethod

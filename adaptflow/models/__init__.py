@@ -8,6 +8,9 @@ from adaptflow.models.factory import (
     load,
     save,
     set_head,
+    start,
+    weights_digest,
+    weights_file,
 )
 
-__all__ = ["ModelConfig", "create", "features", "input_size", "load", "save", "set_head"]
+__all__ = ["ModelConfig", "create", "features", "input_size", "load", "save", "set_head", "start", "weights_digest", "weights_file"]

@@ -38,11 +38,106 @@ class ModelConfig:
         return len(self.classes)
 
 
-def create(cfg: ModelConfig) -> nn.Module:
-    """A randomly initialised timm model for ``cfg`` (weights come from a checkpoint, never a hub)."""
-    model = timm.create_model(cfg.arch, pretrained=False, in_chans=cfg.in_chans, num_classes=cfg.num_classes)
+def create(cfg: ModelConfig, pretrained: bool = False, **overlay: object) -> nn.Module:
+    """A randomly initialised timm model for ``cfg``; ``pretrained`` with ``overlay`` (timm's
+    ``pretrained_cfg_overlay``, e.g. a ``state_dict``) starts it from those weights instead (:func:`start`)."""
+    extra = {"pretrained_cfg_overlay": overlay} if overlay else {}
+    model = timm.create_model(cfg.arch, pretrained=pretrained, in_chans=cfg.in_chans, num_classes=cfg.num_classes, **extra)
     model.adaptflow_input_size = cfg.input_size  # read by input_size(); not a parameter, not saved in weights
     return model
+
+
+HUB = "hub"  # pretrain.weights: timm's default pretrained weights for the architecture, from the Hugging Face hub
+WEIGHTS_KEY = "pretrain.weights"
+
+
+def weights_file(weights: str | None, root: Path) -> Path | None:
+    """``pretrain.weights`` as a file (relative paths against the project ``root``); None for a random start or
+    the hub. A file that is not there raises :class:`DataError` naming the key."""
+    from adaptflow.data.files import DataError
+
+    if weights is None or weights == HUB:
+        return None
+    path = Path(weights) if Path(weights).is_absolute() else Path(root) / weights
+    if not path.is_file():
+        raise DataError(f"{WEIGHTS_KEY}: {path} is not a file; fix the path (relative paths are resolved against the project "
+                        f"root {Path(root).resolve()}), or set {WEIGHTS_KEY}: null to start from a random initialisation")
+    return path
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    from adaptflow.outputs import file_digest
+
+    return file_digest(Path(path))
+
+
+def weights_digest(weights: str | None, root: Path) -> str:
+    """What the start depends on: the weights file's sha256 ("" for a random start, ``hub`` for the hub)."""
+    path = weights_file(weights, root)
+    if path is None:
+        return "" if weights is None else HUB
+    st = path.stat()
+    return _file_digest(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _names(value: object) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value or ())
+
+
+def start(cfg: ModelConfig, weights: str | None, root: Path) -> tuple[nn.Module, dict]:
+    """The model pretraining starts from, and what it was started from.
+
+    ``weights`` None: a random initialisation. A file (safetensors, or a torch checkpoint timm reads: a state
+    dict, or one under ``state_dict``/``model``): timm loads it (``pretrained_cfg_overlay``), converting the
+    first convolution between 1 and 3 input channels. The classifier is kept when it has one output per
+    source class (the file is a source model already; the dataset card's class order is assumed), else it
+    is freshly initialised. ``hub``: timm's default pretrained weights (needs the Hugging Face hub). Any
+    other mismatch (another architecture, weights missing) raises :class:`DataError` naming the key."""
+    from adaptflow.data.files import DataError
+
+    if weights is None:
+        return create(cfg), {"weights": None}
+    if weights == HUB:
+        try:
+            model = create(cfg, pretrained=True)
+        except Exception as exc:  # noqa: BLE001 — no hub, no such weights: the reason is the message
+            raise DataError(f"{WEIGHTS_KEY}={HUB}: timm could not fetch pretrained weights for {cfg.arch} ({type(exc).__name__}: "
+                            f"{str(exc).strip()[:300]}); download them where the hub is reachable and set {WEIGHTS_KEY} to the "
+                            "file") from None
+        return model, {"weights": HUB, "head": "new"}
+    path = weights_file(weights, root)
+    try:
+        state = timm.models.load_state_dict(str(path))
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError("not a state dict of tensors")
+    except Exception as exc:  # noqa: BLE001 — a corrupt or foreign file
+        raise DataError(f"{WEIGHTS_KEY}: {path} is not a weights file timm can read ({type(exc).__name__}: {str(exc).strip()[:200]}); "
+                        "give a .safetensors file or a torch state dict (.pth/.pt/.bin)") from None
+    blank = create(cfg)
+    arch_cfg = blank.pretrained_cfg
+    heads = _names(arch_cfg.get("classifier"))
+    head_rows = {state[f"{h}.weight"].shape[0] for h in heads if f"{h}.weight" in state}
+    keep_head = head_rows == {cfg.num_classes}
+    is_head = tuple(f"{h}." for h in heads)
+    missing = [k for k in blank.state_dict() if k not in state and not k.startswith(is_head)]
+    if missing:
+        raise DataError(f"{WEIGHTS_KEY}: {path} lacks {len(missing)} of {cfg.arch}'s {len(blank.state_dict())} weights (e.g. "
+                        f"{', '.join(missing[:3])}): was it saved from a {cfg.arch}? Set pretrain.model to the architecture it was "
+                        "saved from")
+    convs = _names(arch_cfg.get("first_conv"))
+    file_chans = next((state[f"{c}.weight"].shape[1] for c in convs if f"{c}.weight" in state and state[f"{c}.weight"].ndim == 4), None)
+    overlay: dict = {"state_dict": state, "num_classes": cfg.num_classes if keep_head else -1}
+    if file_chans is not None:
+        overlay["input_size"] = (int(file_chans), *tuple(arch_cfg.get("input_size") or (3, 224, 224))[1:])
+    try:
+        model = create(cfg, pretrained=True, **overlay)
+    except Exception as exc:  # noqa: BLE001 — shapes that do not fit: the reason is the message
+        raise DataError(f"{WEIGHTS_KEY}: {path} does not fit {cfg.arch} with {cfg.in_chans} input channel(s) and "
+                        f"{cfg.num_classes} classes ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); set pretrain.model "
+                        "to the architecture it was saved from") from None
+    return model, {"weights": str(weights), "sha256": weights_digest(weights, root), "head": "kept" if keep_head else "new",
+                   "file_in_chans": None if file_chans is None else int(file_chans)}
 
 
 @functools.lru_cache(maxsize=32)

@@ -1,7 +1,10 @@
-"""pretrain: train a timm backbone on the source domain.
+"""pretrain: train a timm backbone on the source domain, from a random start or from given weights.
 
 Optimises cross-entropy on source train with ``augment.source`` applied on the fly; the checkpoint is the
-epoch with the best source val accuracy. Weights go to safetensors with a JSON config.
+epoch with the best source val accuracy. ``pretrain.weights`` starts from a local weights file (timm's
+``pretrained_cfg_overlay``: e.g. ImageNet weights, or a source model trained elsewhere) or timm's hub
+weights, and then the weights as given compete as epoch 0; with ``pretrain.epochs: 0`` they are the source
+model as they are. Weights go to safetensors with a JSON config that records what training started from.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from pathlib import Path
 
 from adaptflow import outputs
 from adaptflow.data import store
-from adaptflow.models import ModelConfig, create, save
+from adaptflow.data.files import DataError
+from adaptflow.models import ModelConfig, save, start, weights_digest, weights_file
 from adaptflow.params import Params
 from adaptflow.stages.augment import pipeline
 from adaptflow.stages.ingest import output_dir as ingested_dir
@@ -26,9 +30,27 @@ def output_dir(params: Params, root: Path) -> Path:
 
 
 def input_key(params: Params, root: Path) -> outputs.Key:
-    """This stage's identity: pretrain params, seed, the source augmentation and the ingested source."""
+    """This stage's identity: pretrain params, seed, the source augmentation, the ingested source and the
+    content of the weights file it starts from (:func:`weights_now`)."""
     return outputs.input_key("pretrain", params.sections("pretrain", "seed", "augment.source"),
-                             [ingested_dir(params, root, "source")])
+                             [ingested_dir(params, root, "source")], raw=weights_now(params, root))
+
+
+def weights_now(params: Params, root: Path) -> str:
+    """The fingerprint of what training starts from: the weights file's sha256, ``hub``, or "" (random)."""
+    return weights_digest(params.pretrain.weights, root)
+
+
+def check_weights(params: Params, root: Path) -> None:
+    """Warn when ``dvc repro`` would not notice a change to the weights file (outside ``pretrain.weights_dep``)."""
+    p = params.pretrain
+    path = weights_file(p.weights, root)
+    if path is None:
+        return
+    watched = (Path(root) / p.weights_dep).resolve()
+    if not path.resolve().is_relative_to(watched):
+        log.warning("pretrain: %s is outside pretrain.weights_dep (%s): `dvc repro` will not notice changes to that file; "
+                    "set pretrain.weights_dep: %s", path, p.weights_dep, p.weights)
 
 
 def splits(params: Params, root: Path = Path(".")) -> tuple[store.Split, store.Split]:
@@ -49,8 +71,15 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     p = params.pretrain
     cfg = ModelConfig(p.model, card["channels"], card["image_size"], card["classes"], {"domain": card["domain"], "role": "source"},
                       input_size=p.input_size)
+    check_weights(params, root)
     seed_everything(params.seed)  # the initial weights are part of what the seed fixes
-    model = create(cfg)
+    model, began = start(cfg, p.weights, root)
+    if began["weights"] is not None:
+        log.info("pretrain: %s starts from %s (classifier %s)", p.model, p.weights,
+                 "kept: one output per source class" if began["head"] == "kept" else "new")
+    if p.epochs == 0 and began.get("head") != "kept":
+        raise DataError(f"pretrain.epochs: 0 uses pretrain.weights as the source model as they are, but {p.weights} has no classifier "
+                        f"with one output per source class ({len(cfg.classes)}): set pretrain.epochs to train one")
     res = fit(
         model,
         [{"params": model.parameters(), "lr": p.lr}],
@@ -61,9 +90,11 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         transform=pipeline(params, "source"),
         seed=params.seed,
         weight_decay=p.weight_decay,
+        evaluate_start=began["weights"] is not None,  # the given weights compete as epoch 0
         desc="pretrain",
     )
-    cfg.extra.update({"source_val_acc": res.best_val_acc, "best_epoch": res.best_epoch, "selection": "source " + res.selection})
+    cfg.extra.update({"source_val_acc": res.best_val_acc, "best_epoch": res.best_epoch, "selection": "source " + res.selection,
+                      "init": began})
     with outputs.atomic_dir(out, "pretrain", key) as tmp:
         save(model, cfg, tmp)
         (tmp / "history.json").write_text(json.dumps(res.history, indent=2))

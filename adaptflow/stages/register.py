@@ -276,10 +276,12 @@ def _source_model_run(params: Params, root: Path, tags: dict) -> str:
     if found:
         return found
     p = params.to_dict()
+    began = json.loads((src_model / "config.json").read_text()).get("extra", {}).get("init") or {}
+    start = {"started_from": began.get("weights") or "random", **({"started_from_sha256": began["sha256"]} if began.get("sha256") else {})}
     return tracking.record_run(
         f"source_model[{tags['source_domain']}]",
         tags={"adaptflow.kind": "source_model", "source_model_digest": digest, "source_domain": tags["source_domain"],
-              "source_data_hash": tags["source_data_hash"], "git_commit": tags["git_commit"], "git_dirty": tags["git_dirty"]},
+              "source_data_hash": tags["source_data_hash"], "git_commit": tags["git_commit"], "git_dirty": tags["git_dirty"], **start},
         params={"pretrain": p["pretrain"], "preprocess": p["preprocess"], "source": p["source"]},
         history=_history(src_model), artifacts=[src_model / "config.json", src_model / "history.json", src / store.CARD],
     )

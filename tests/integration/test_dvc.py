@@ -50,3 +50,26 @@ def test_dvc_repro_runs_stages_then_has_nothing_to_do(dvc_project):
     for untouched in ("ingest@source", "ingest@target", "pretrain", "cache_features", "finetune", "evaluate", "register"):
         assert f"Running stage '{untouched}'" not in out, untouched
     assert json.loads((dvc_project / "reports" / "registry.json").read_text())["version"] == version
+
+    # The source model is given as a weights file (pretrain.weights, epochs 0): pretrain re-runs and keeps it
+    # as it is; other bytes under the same name are a change `dvc status` sees through pretrain.weights_dep.
+    from safetensors.torch import load_file, save_file
+
+    weights = dvc_project / "weights" / "source.safetensors"
+    weights.parent.mkdir()
+    state = load_file(str(dvc_project / "models" / "source" / "model.safetensors"))
+    save_file(state, str(weights))
+    import yaml
+
+    params = yaml.safe_load((dvc_project / "params.yaml").read_text())
+    params["pretrain"].update({"weights": "weights/source.safetensors", "weights_dep": "weights/source.safetensors", "epochs": 0})
+    (dvc_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run([str(BIN / "dvc"), "repro", "pretrain"], dvc_project).stdout
+    assert "Running stage 'pretrain'" in out and "Running stage 'ingest@source'" not in out
+    kept = load_file(str(dvc_project / "models" / "source" / "model.safetensors"))
+    assert kept.keys() == state.keys() and all((kept[k] == v).all() for k, v in state.items())
+    assert "changed" not in run([str(BIN / "dvc"), "status", "pretrain"], dvc_project).stdout
+    state["fc.bias"] = state["fc.bias"] + 0.5
+    save_file(state, str(weights))
+    status = run([str(BIN / "dvc"), "status", "pretrain"], dvc_project).stdout
+    assert "changed deps" in status and "weights/source.safetensors" in status, status

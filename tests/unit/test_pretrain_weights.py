@@ -1,0 +1,133 @@
+"""pretrain.weights: starting the source model from a local weights file (timm's pretrained_cfg_overlay) or the hub."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+from adaptflow import orchestrate, outputs
+from adaptflow import params as params_mod
+from adaptflow.data import store
+from adaptflow.data.files import DataError
+from adaptflow.models import ModelConfig, start
+from adaptflow.stages import pretrain
+from adaptflow.stages.ingest import output_dir as ingested_dir
+from adaptflow.training import accuracy, predict_logits
+from tests.unit.conftest import CPU, SIZE, class_images
+
+CLASSES = ["0", "1", "2"]
+CFG = ModelConfig("test_resnet", 1, SIZE, CLASSES)
+
+
+def _weights(path, arch="test_resnet", in_chans=1, num_classes=3, wrap=None, seed=1):
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, pretrained=False, in_chans=in_chans, num_classes=num_classes)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(wrap(state) if wrap else state, path)
+    return state
+
+
+def test_a_source_model_file_starts_it_head_and_all(tmp_path):
+    state = _weights(tmp_path / "src.safetensors")
+    model, began = start(CFG, "src.safetensors", tmp_path)
+    assert began["head"] == "kept" and began["weights"] == "src.safetensors" and len(began["sha256"]) == 64
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_imagenet_like_weights_get_a_new_head_and_a_one_channel_stem(tmp_path):
+    """3-channel weights with a 1000-class head into a 1-channel, 3-class model: timm sums the stem over the
+    colour channels; the classifier starts fresh. A torch checkpoint under "state_dict", saved from a
+    DataParallel model ("module."), reads the same."""
+    state = _weights(tmp_path / "in1k.pth", in_chans=3, num_classes=1000, wrap=lambda s: {"state_dict": {f"module.{k}": v for k, v in s.items()}})
+    model, began = start(CFG, str(tmp_path / "in1k.pth"), tmp_path)
+    assert began["head"] == "new" and began["file_in_chans"] == 3
+    sd = model.state_dict()
+    assert torch.allclose(sd["conv1.0.weight"], state["conv1.0.weight"].sum(1, keepdim=True))
+    assert torch.equal(sd["layer1.0.conv1.weight"], state["layer1.0.conv1.weight"]) and sd["fc.weight"].shape == (3, sd["fc.weight"].shape[1])
+    # and one-channel weights into a three-channel model: the stem is spread over the colour channels
+    _weights(tmp_path / "grey.safetensors")
+    rgb, _ = start(ModelConfig("test_resnet", 3, SIZE, CLASSES), "grey.safetensors", tmp_path)
+    assert rgb.state_dict()["conv1.0.weight"].shape[1] == 3
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "pretrain.weights: {root}/nowhere.safetensors is not a file"),
+    ("corrupt", "is not a weights file timm can read"),
+    ("other_arch", "was it saved from a test_resnet? Set pretrain.model"),
+    ("wrong_shape", "does not fit test_resnet with 1 input channel(s) and 3 classes"),
+])
+def test_weights_that_do_not_fit_are_refused_naming_the_key(tmp_path, case, message):
+    name = {"missing": "nowhere.safetensors", "corrupt": "bad.safetensors", "other_arch": "other.safetensors", "wrong_shape": "wide.safetensors"}[case]
+    if case == "corrupt":
+        (tmp_path / name).write_bytes(b"not weights")
+    elif case == "other_arch":
+        _weights(tmp_path / name, arch="test_vit")
+    elif case == "wrong_shape":
+        state = _weights(tmp_path / name)
+        state["layer1.0.conv1.weight"] = torch.zeros(1, 1, 1, 1)
+        save_file(state, str(tmp_path / name))
+    with pytest.raises(DataError, match="^pretrain.weights") as exc:
+        start(CFG, name, tmp_path)
+    assert message.format(root=tmp_path) in str(exc.value)
+
+
+def test_the_hub_out_of_reach_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match=r"pretrain.weights=hub: timm could not fetch pretrained weights for resnet10t .*set pretrain.weights to the file"):
+        start(ModelConfig("resnet10t", 1, SIZE, CLASSES), "hub", tmp_path)
+
+
+def test_zero_epochs_need_weights():
+    with pytest.raises(params_mod.ParamsError, match="epochs: 0 trains nothing, so it needs pretrain.weights"):
+        params_mod.from_dict({"pretrain": {"epochs": 0}})
+
+
+def _project(root, **pretrain_section) -> params_mod.Params:
+    p = params_mod.from_dict({"preprocess": {"image_size": SIZE, "channels": 1}, "augment": {"source": []},
+                              "pretrain": {"model": "test_resnet", "batch_size": 8, **pretrain_section}})
+    labels = np.arange(36) % 3
+    splits = np.array(["train"] * 24 + ["val"] * 12)
+    meta = pd.DataFrame({"label": labels, "class_name": [CLASSES[i] for i in labels], "split": splits,
+                         "labeled": False, "source_index": np.arange(36), "sha1": [str(i) for i in range(36)]})
+    with outputs.atomic_dir(ingested_dir(p, root, "source"), "ingest", "k") as tmp:
+        store.write(tmp, class_images(labels, 3), meta, {"classes": CLASSES, "data_hash": "cafe", "domain": "mnist", "channels": 1,
+                                                         "image_size": SIZE})
+    return p
+
+
+def test_pretrain_from_a_source_model_with_no_epochs_keeps_it_and_records_the_start(tmp_path):
+    state = _weights(tmp_path / "mine.safetensors")
+    p = _project(tmp_path, weights="mine.safetensors", weights_dep="mine.safetensors", epochs=0)
+    res = pretrain.run(p, tmp_path)
+    out = pretrain.output_dir(p, tmp_path)
+    kept = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(kept[k], v) for k, v in state.items())
+    model, _ = start(CFG, "mine.safetensors", tmp_path)
+    val = store.load_split(ingested_dir(p, tmp_path, "source"), "val")
+    assert res["source_val_acc"] == pytest.approx(accuracy(predict_logits(model.eval(), val.images, dev=CPU), val.labels))
+    cfg = ModelConfig(**json.loads((out / "config.json").read_text()))
+    assert cfg.extra["init"]["head"] == "kept" and cfg.extra["best_epoch"] == 0
+    assert pretrain.run(p, tmp_path)["cached"] is True
+    # the same path with other bytes is another start: the stage's key moves, and what was made from the old file is refused
+    _weights(tmp_path / "mine.safetensors", seed=2)
+    assert not outputs.is_current(out, pretrain.input_key(p, tmp_path))
+    downstream = outputs.input_key("cache_features", {}, [out])
+    assert outputs.inconsistent_upstream(downstream, p.sections, orchestrate._raw_now(p, tmp_path)) == [
+        f"{out} was made from a weights file that has changed since"]
+
+
+def test_pretrain_refuses_no_epochs_when_the_head_is_not_the_sources(tmp_path):
+    _weights(tmp_path / "in1k.safetensors", num_classes=1000)
+    p = _project(tmp_path, weights="in1k.safetensors", epochs=0)
+    with pytest.raises(DataError, match=r"pretrain.epochs: 0 uses pretrain.weights .* no classifier with one output per source class \(3\)"):
+        pretrain.run(p, tmp_path)
+    assert not pretrain.output_dir(p, tmp_path).exists()
