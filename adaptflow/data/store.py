@@ -125,6 +125,7 @@ class ImageWriter:
         self._file = open(self._staging, "wb")
         self._buf = np.empty((batch, *self.shape), dtype=np.uint8)
         self._n = 0
+        self._dropped: set[int] = set()
 
     def append(self, image: np.ndarray) -> None:
         if image.shape != self.shape or image.dtype != np.uint8:
@@ -141,14 +142,29 @@ class ImageWriter:
         self._file.write(data)
         self._n = 0
 
+    def drop(self, positions: list[int]) -> None:
+        """Leave out the images appended at ``positions`` (0-based, in append order) when :meth:`finish` writes."""
+        self._dropped.update(int(p) for p in positions)
+
     def finish(self) -> Path:
         self._flush()
         self._file.close()
         path = self.directory / self.name
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": (self.count, *self.shape)}
+        count = self.count - len(self._dropped)
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": (count, *self.shape)}
         with open(path, "wb") as out, open(self._staging, "rb") as staged:
             np.lib.format.write_array_header_1_0(out, header)
-            shutil.copyfileobj(staged, out, 1 << 22)
+            if not self._dropped:
+                shutil.copyfileobj(staged, out, 1 << 22)
+            else:  # stream the kept images, and hash what is kept
+                self.sha256 = hashlib.sha256()
+                size = int(np.prod(self.shape))
+                for pos in range(self.count):
+                    image = staged.read(size)
+                    if pos not in self._dropped:
+                        self.sha256.update(image)
+                        out.write(image)
+        self.count = count
         self._staging.unlink()
         return path
 

@@ -13,8 +13,9 @@ What can go wrong is answered, never hidden:
 - a bad *file* (unreadable, truncated, empty, not an image, a decompression bomb) is quarantined: listed
   with its reason in the dataset card and in ``reports/ingest_<role>.json``, logged, and the run goes on;
 - an exact duplicate (same preprocessed bytes) is dropped before splitting, so no image sits on both sides
-  of a split; the report counts them, and duplicates whose labels or given splits disagree (a label
-  conflict is logged too: the copy kept, first in order, keeps its label);
+  of a split; the report counts them, and duplicates whose given splits disagree (the first copy is kept).
+  An image whose copies carry different labels is a *label conflict*: no label can be trusted, so every
+  copy is excluded, listed and logged;
 - a problem with the *domain* (missing path, empty folder, malformed manifest, a class too small for the
   requested splits and ``target.k``) raises :class:`DataError` before any training, naming the fix.
 """
@@ -73,6 +74,7 @@ class Decoded:
     content: list[str] = field(default_factory=list)  # of the decoded pixels: what splits (content_key)
     quarantined: list[dict] = field(default_factory=list)
     duplicates: list[dict] = field(default_factory=list)
+    conflicts: list[dict] = field(default_factory=list)  # the first copy of each image whose copies' labels disagree
     sizes: list[tuple[int, int]] = field(default_factory=list)
     modes: Counter = field(default_factory=Counter)
     formats: Counter = field(default_factory=Counter)
@@ -105,9 +107,12 @@ def stored_digest(arr: np.ndarray) -> str:
 
 
 def decode(domain: Domain, indices: np.ndarray, size: int, channels: int, writer: store.ImageWriter, label: str = "ingest") -> Decoded:
-    """Stream ``indices`` of ``domain`` into ``writer``: prepare, hash, drop bad files and exact duplicates."""
+    """Stream ``indices`` of ``domain`` into ``writer``: prepare, hash, drop bad files and exact duplicates,
+    and exclude every copy of an image whose copies are labeled differently (``writer`` drops the one kept)."""
     out = Decoded()
     first: dict[str, int] = {}  # sha1 → domain index of the copy kept
+    natives: list[tuple[str, str]] = []  # (mode, format) of each kept image
+    conflicted: dict[str, set[str]] = {}  # sha1 → the other labels its copies carry
     start, every = time.perf_counter(), max(len(indices) // 10, 5000)
     for n, i in enumerate(indices.tolist(), 1):
         try:
@@ -127,6 +132,7 @@ def decode(domain: Domain, indices: np.ndarray, size: int, channels: int, writer
             dup = {"item": domain.refs[i], "duplicate_of": domain.refs[j], "class": domain.classes[domain.labels[i]]}
             if domain.labels[i] != domain.labels[j]:
                 dup["conflicting_class"] = domain.classes[domain.labels[j]]
+                conflicted.setdefault(digest, set()).add(dup["class"])
             if domain.splits is not None and domain.splits[i] != domain.splits[j]:
                 dup["given_splits"] = [str(domain.splits[j]), str(domain.splits[i])]
             out.duplicates.append(dup)
@@ -136,11 +142,25 @@ def decode(domain: Domain, indices: np.ndarray, size: int, channels: int, writer
         out.sha1.append(digest)
         out.content.append(content)
         out.sizes.append((native["h"], native["w"]))
-        out.modes[native["mode"]] += 1
-        out.formats[native["format"]] += 1
+        natives.append((native["mode"], native["format"]))
         writer.append(arr)
         if n % every == 0:
             log.info("%s: %d/%d items (%.0f images/s)", label, n, len(indices), n / (time.perf_counter() - start))
+    drop = [pos for pos, digest in enumerate(out.sha1) if digest in conflicted]
+    for pos in drop:
+        i = out.index[pos]
+        others = sorted(conflicted[out.sha1[pos]])
+        out.conflicts.append({"item": domain.refs[i], "class": domain.classes[domain.labels[i]], "other_classes": others,
+                              "reason": f"labeled {domain.classes[domain.labels[i]]!r}, and copies of the same image are labeled "
+                                        f"{', '.join(repr(c) for c in others)}: every copy is excluded; fix the labels to use it"})
+    if drop:
+        writer.drop(drop)
+        gone = set(drop)
+        keep = [pos for pos in range(len(out.index)) if pos not in gone]
+        out.index, out.sha1, out.content, out.sizes = ([lst[pos] for pos in keep] for lst in (out.index, out.sha1, out.content, out.sizes))
+        natives = [natives[pos] for pos in keep]
+    out.modes.update(m for m, _ in natives)
+    out.formats.update(f for _, f in natives)
     return out
 
 
@@ -261,7 +281,9 @@ def _check_decoded(dec, domain, index: np.ndarray, labels: np.ndarray, params: P
     for it in dec.quarantined:
         lost.setdefault(it["class"], Counter())["quarantined"] += 1
     for it in dec.duplicates:
-        lost.setdefault(it["class"], Counter())["duplicates removed"] += 1
+        lost.setdefault(it["class"], Counter())["duplicates removed" if "conflicting_class" not in it else "excluded for a label conflict"] += 1
+    for it in dec.conflicts:
+        lost.setdefault(it["class"], Counter())["excluded for a label conflict"] += 1
     if not len(index):
         reasons = Counter(q["reason"].split(":")[0] for q in dec.quarantined).most_common(3)
         raise DataError(f"{role}.domain: no usable images in {getattr(params, role).domain} ({len(dec.quarantined)} quarantined: "
@@ -373,6 +395,7 @@ def run(params: Params, root: Path = Path("."), role: str = "target") -> dict:
             "duplicates": {
                 "removed": len(dec.duplicates),
                 "conflicting_class": sum("conflicting_class" in d for d in dec.duplicates),
+                "label_conflicts": dec.conflicts,  # the first copies, excluded with the others
                 "across_given_splits": sum("given_splits" in d for d in dec.duplicates),
                 "items": dec.duplicates,
             },
@@ -388,10 +411,11 @@ def run(params: Params, root: Path = Path("."), role: str = "target") -> dict:
     _failed_path(report).unlink(missing_ok=True)  # an earlier failure's list no longer applies
     _log_items(role, "quarantined", dec.quarantined, report)
     _log_items(role, "ignored", domain.ignored, report)
-    _log_items(role, "label conflict", [{"item": d["item"], "reason": f"labeled {d['class']!r}, the same image as {d['duplicate_of']} labeled "
-                                         f"{d['conflicting_class']!r}, which was kept with its label: check which is right"}
-                                        for d in dec.duplicates if "conflicting_class" in d], report)
-    log.info("ingest %s: %d images of %s → %s (%d quarantined, %d duplicates removed, %d ignored; report %s)", role, len(labels), spec.domain, out,
-             len(dec.quarantined), len(dec.duplicates), len(domain.ignored), report)
+    _log_items(role, "label conflict", dec.conflicts + [
+        {"item": d["item"], "reason": f"labeled {d['class']!r}, the same image as {d['duplicate_of']} labeled {d['conflicting_class']!r}: "
+                                      "every copy is excluded; fix the labels to use it"}
+        for d in dec.duplicates if "conflicting_class" in d], report)
+    log.info("ingest %s: %d images of %s → %s (%d quarantined, %d duplicates removed, %d excluded for a label conflict, %d ignored; report %s)",
+             role, len(labels), spec.domain, out, len(dec.quarantined), len(dec.duplicates), len(dec.conflicts), len(domain.ignored), report)
     return {"role": role, "path": str(out), "digest": outputs.digest(out), "cached": False, "n_images": card["n_images"],
             "quarantined": len(dec.quarantined), "duplicates_removed": len(dec.duplicates), "report": str(report)}

@@ -149,14 +149,20 @@ def test_duplicates_removed_counted_and_never_straddle(tmp_path, folder, caplog)
     shutil.copy(pngs[0], folder / "1" / "z_copy_other_class.png")
     with caplog.at_level(logging.WARNING, logger="adaptflow"):
         ingest.run(params(f"imagefolder:{folder}"), tmp_path, "target")
-    # the copy whose label disagrees is said out loud, not only counted in the card
+    # copies whose labels disagree: no label can be trusted, so every copy is excluded, and said out loud
     warned = [r.getMessage() for r in caplog.records if "label conflict" in r.getMessage()]
-    assert len(warned) == 1 and "1/z_copy_other_class.png" in warned[0] and f"0/{pngs[0].name} labeled '0', which was kept" in warned[0]
+    assert len(warned) == 2 and all("every copy is excluded; fix the labels to use it" in w for w in warned)
+    assert f"0/{pngs[0].name}: labeled '0', and copies of the same image are labeled '1'" in warned[0]
+    assert f"1/z_copy_other_class.png: labeled '1', the same image as 0/{pngs[0].name} labeled '0'" in warned[1]
     meta, card, _ = _meta_card(tmp_path)
     assert card["duplicates"]["removed"] == card["duplicates_removed"] == 2
     assert card["duplicates"]["conflicting_class"] == 1
     conflict = next(d for d in card["duplicates"]["items"] if "conflicting_class" in d)
     assert conflict == {"item": "1/z_copy_other_class.png", "duplicate_of": "0/" + pngs[0].name, "class": "1", "conflicting_class": "0"}
+    [first] = card["duplicates"]["label_conflicts"]
+    assert (first["item"], first["class"], first["other_classes"]) == ("0/" + pngs[0].name, "0", ["1"])
+    assert f"0/{pngs[0].name}" not in set(meta.item) and len(meta) == card["n_images"] == 4 * 10 - 1
+    assert len(np.load(tmp_path / "data/ingested/target" / store.IMAGES, mmap_mode="r")) == len(meta)
     assert meta.sha1.is_unique
     by_split = meta.groupby("split").sha1.apply(set)
     assert all(not (by_split[a] & by_split[b]) for a in by_split.index for b in by_split.index if a < b)
@@ -177,12 +183,18 @@ def test_decode_accounts_for_every_item_and_keeps_unique_bytes(data, n):
         dec = ingest.decode(_array_domain(images, labels), np.arange(n), 4, 1, writer)
         writer.finish()
         stored = np.load(Path(d) / store.IMAGES)
-    assert len(dec.index) + len(dec.duplicates) + len(dec.quarantined) == n
+    assert len(dec.index) + len(dec.duplicates) + len(dec.quarantined) + len(dec.conflicts) == n
     assert len(set(dec.sha1)) == len(dec.sha1) == len(stored)
     assert [im.tobytes() for im in stored] == [images[i][None].tobytes() for i in dec.index]
-    kept = {str(i) for i in dec.index}
-    for dup in dec.duplicates:  # every dropped copy points at a kept image with the same bytes
-        assert dup["duplicate_of"] in kept and images[int(dup["item"])].tobytes() == images[int(dup["duplicate_of"])].tobytes()
+    kept, excluded = {str(i) for i in dec.index}, {c["item"] for c in dec.conflicts}
+    for dup in dec.duplicates:  # every dropped copy points at a kept (or excluded) image with the same bytes
+        assert dup["duplicate_of"] in kept | excluded and images[int(dup["item"])].tobytes() == images[int(dup["duplicate_of"])].tobytes()
+    labels_of: dict[bytes, set[int]] = {}
+    for i in range(n):
+        labels_of.setdefault(images[i].tobytes(), set()).add(int(labels[i]))
+    # an image is stored exactly when all its copies agree on the label; excluded exactly when they do not
+    assert {images[int(i)].tobytes() for i in kept} == {b for b, ls in labels_of.items() if len(ls) == 1}
+    assert {images[int(i)].tobytes() for i in excluded} == {b for b, ls in labels_of.items() if len(ls) > 1}
 
 
 # --- problems with the domain: one clear message, before any work ------------------------------------------
@@ -305,3 +317,19 @@ def test_image_writer_rejects_wrong_shape(tmp_path):
         w.append(np.zeros((1, 5, 5), np.uint8))
     w.abort()
     assert not list(tmp_path.iterdir())
+
+
+def test_image_writer_drops_what_it_is_told_and_hashes_what_it_keeps(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (7, 1, 4, 4), dtype=np.uint8)
+    plain = store.ImageWriter(tmp_path / "plain", (1, 4, 4), batch=3)
+    for i in (0, 2, 3, 6):
+        plain.append(images[i])
+    plain.finish()
+    dropping = store.ImageWriter(tmp_path / "dropping", (1, 4, 4), batch=3)
+    for im in images:
+        dropping.append(im)
+    dropping.drop([1, 4, 5])
+    dropping.finish()
+    assert np.array_equal(np.load(tmp_path / "dropping" / store.IMAGES), images[[0, 2, 3, 6]])
+    assert dropping.count == 4 and dropping.sha256.hexdigest() == plain.sha256.hexdigest()
+    assert sorted(p.name for p in (tmp_path / "dropping").iterdir()) == [store.IMAGES]
