@@ -50,10 +50,15 @@ def to_pil(img: Any, read_paths: bool = True) -> Image.Image:
         return _open(Path(img))
     if isinstance(img, str):
         try:
-            return _open(io.BytesIO(base64.b64decode(img, validate=True)))
-        except (ValueError, OSError):
+            raw = base64.b64decode(img, validate=True)
+        except ValueError:
             what = "not an existing path nor base64 image bytes" if read_paths else f"not base64 image bytes ({NO_PATHS})"
             raise ValueError(f"{what}: {img[:60]!r}") from None
+        try:
+            return _open(io.BytesIO(raw))
+        except (ValueError, OSError) as exc:  # what it says depends on the string alone, never on the server's files
+            what = "not an existing path, and base64 of no readable image" if read_paths else "base64 of no readable image"
+            raise ValueError(f"{what} ({type(exc).__name__}: {exc}): {img[:60]!r}") from None
     arr = np.asarray(img)
     if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
         arr = np.moveaxis(arr, 0, -1)  # C×H×W → H×W×C
@@ -141,9 +146,16 @@ def prepare(img: Any, size: int, channels: int, read_paths: bool = True) -> np.n
 
 
 def prepare_batch(images: Any, size: int, channels: int, read_paths: bool = True) -> np.ndarray:
-    if not len(images):
-        return np.zeros((0, channels, size, size), np.uint8)
-    return np.stack([prepare(im, size, channels, read_paths) for im in images])
+    """:func:`prepare` for each image; one that cannot be used raises ``ValueError`` naming its position."""
+    out = np.empty((len(images), channels, size, size), np.uint8)
+    for n, im in enumerate(images):
+        try:
+            out[n] = prepare(im, size, channels, read_paths)
+        except ValueError as exc:
+            raise ValueError(f"image {n}: {exc}") from exc
+        except (OSError, Image.DecompressionBombError) as exc:
+            raise ValueError(f"image {n}: not a readable image ({type(exc).__name__}: {exc})") from exc
+    return out
 
 
 def normalize(batch: Any) -> Any:

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import timm
 import torch
+from mlflow.exceptions import MlflowException
 from safetensors.torch import load_file
 
 try:  # the copy shipped inside the model wins
@@ -52,7 +53,15 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         else:
             images = list(model_input)
         classes = self.cfg["classes"]
-        batch = imaging.prepare_batch(images, self.cfg["image_size"], self.cfg["in_chans"], read_paths=reads_paths())
+        read_paths = reads_paths()
+        try:
+            batch = imaging.prepare_batch(images, self.cfg["image_size"], self.cfg["in_chans"], read_paths=read_paths)
+        except ValueError as exc:
+            if not serving():
+                raise
+            # MLflow's server answers an MlflowException with its message (a 400) and anything else with a
+            # generic message and the server's stack trace: a client's bad image gets the first
+            raise MlflowException.invalid_parameter_value(str(exc)) from None
         probs = []
         with torch.no_grad():
             for i in range(0, len(batch), 256):
@@ -77,7 +86,12 @@ def reads_paths() -> bool:
         if switch.strip().lower() not in SWITCH:
             raise ValueError(f"ADAPTFLOW_READ_PATHS={switch!r}: use 1 (read file paths) or 0 (base64 and arrays only)")
         return SWITCH[switch.strip().lower()]
-    return os.environ.get("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "").strip().lower() not in ("true", "1")
+    return not serving()
+
+
+def serving() -> bool:
+    """Whether MLflow serves the model from this process (it marks them with ``_MLFLOW_IS_IN_SERVING_ENVIRONMENT``)."""
+    return os.environ.get("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "").strip().lower() in ("true", "1")
 
 
 mlflow.models.set_model(ImageClassifier())

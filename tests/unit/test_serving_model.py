@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from adaptflow import serving_model
@@ -52,8 +53,10 @@ def test_served_predict_refuses_paths_and_answers_base64(model, png, monkeypatch
     monkeypatch.delenv(SERVED, raising=False)
     local = model.predict(None, pd.DataFrame({"image": [str(png)]}))
     monkeypatch.setenv(SERVED, "true")  # what `mlflow models serve` sets in its worker
-    with pytest.raises(ValueError, match="reads no file paths when served"):
+    # an MlflowException: the server answers it with the message and a 400, without its own stack trace
+    with pytest.raises(MlflowException, match="image 0: not base64 image bytes .*reads no file paths when served") as exc:
         model.predict(None, pd.DataFrame({"image": [str(png)]}))
+    assert exc.value.get_http_status_code() == 400
     served = model.predict(None, pd.DataFrame({"image": [base64.b64encode(png.read_bytes()).decode()]}))
     pd.testing.assert_frame_equal(served, local)
 
@@ -64,3 +67,15 @@ def test_a_switch_value_it_does_not_know_is_refused_not_taken_as_yes(monkeypatch
     monkeypatch.setenv("ADAPTFLOW_READ_PATHS", switch)
     with pytest.raises(ValueError, match="ADAPTFLOW_READ_PATHS=.*use 1 .* or 0"):
         serving_model.reads_paths()
+
+
+def test_a_bad_image_is_named_by_its_position(model, png, monkeypatch):
+    monkeypatch.delenv("ADAPTFLOW_READ_PATHS", raising=False)
+    monkeypatch.delenv(SERVED, raising=False)
+    good = base64.b64encode(png.read_bytes()).decode()
+    bad = base64.b64encode(b"not an image at all").decode()
+    with pytest.raises(ValueError, match=r"^image 1: not an existing path, and base64 of no readable image \(UnidentifiedImageError"):
+        model.predict(None, pd.DataFrame({"image": [good, bad]}))  # in the caller's process: the error as it is
+    monkeypatch.setenv(SERVED, "true")
+    with pytest.raises(MlflowException, match=r"image 1: base64 of no readable image \(UnidentifiedImageError"):
+        model.predict(None, pd.DataFrame({"image": [good, bad]}))
