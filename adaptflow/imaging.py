@@ -19,10 +19,22 @@ NO_PATHS = "this model reads no file paths when served; send base64-encoded imag
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:
-    """Bring an array to uint8 0–255: uint8 as is, floats in [0, 1] scaled, other ranges min–max scaled."""
+    """Bring an array to uint8 0–255. By its type first: uint8 as is; 16-bit unsigned (16-bit PNG/TIFF) by
+    the fixed factor 255/65535, so every 16-bit image is scaled alike and agrees with its 8-bit version;
+    booleans to 0/255. Other integers in 0–255 as is, in 0–65535 as 16-bit. Floats in [0, 1] scaled by 255,
+    in (16, 255] as is; any other range min–max scaled (per image)."""
     arr = np.asarray(img)
     if arr.dtype == np.uint8:
         return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if arr.dtype.kind in "ui" and arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        sixteen = arr.dtype.kind == "u" and arr.dtype.itemsize == 2
+        if not sixteen and 0 <= lo and hi <= 255:
+            return arr.astype(np.uint8)
+        if sixteen or (0 <= lo and hi <= 65535):
+            return ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)  # rounded to the nearest
     arr = arr.astype(np.float64)
     lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
     if lo >= 0.0 and hi <= 1.0:

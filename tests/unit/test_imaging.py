@@ -102,6 +102,25 @@ def test_float_ranges_scaled_to_full_uint8():
     assert to_uint8(u8) is u8  # uint8 passes through untouched
 
 
+def test_sixteen_bit_images_are_scaled_alike_and_agree_with_their_8_bit_version():
+    """One fixed factor for 16-bit data (not each image's own range): a dark 16-bit image stays dark, and a
+    16-bit PNG and the 8-bit PNG of the same picture are stored the same."""
+    eight = np.array([[0, 10, 128], [200, 254, 255]], dtype=np.uint8)
+    sixteen = eight.astype(np.uint16) * 257  # the same picture at 16 bits
+    assert to_uint8(sixteen).tolist() == eight.tolist()
+    assert to_uint8(sixteen.astype(">u2")).tolist() == eight.tolist()  # big-endian (I;16B)
+    dark = np.array([[0, 300], [600, 1200]], dtype=np.uint16)
+    assert to_uint8(dark).tolist() == [[0, 1], [2, 5]]  # not stretched to 255
+    assert to_uint8(np.array([[0, 30000]], dtype=np.int32)).tolist() == [[0, 117]]  # Pillow's 32-bit "I" holding 16-bit data
+    assert to_uint8(np.array([[0, 200]], dtype=np.int64)).tolist() == [[0, 200]]  # 8-bit values in a wide integer
+    assert to_uint8(np.array([[False, True]])).tolist() == [[0, 255]]
+    for png in (Image.fromarray(eight), Image.fromarray(sixteen)):
+        buf = io.BytesIO()
+        png.save(buf, format="PNG")
+        assert png.mode in ("L", "I;16")
+        assert (prepare(buf.getvalue(), 3, 1)[0] == prepare(eight, 3, 1)[0]).all()
+
+
 def test_prepare_uci_like_digit_matches_255_scale():
     # an 8×8 float image in 0–16 (UCI digits) ends up 0–255 with its max at 255
     img = np.zeros((8, 8))
