@@ -69,10 +69,12 @@ def run(
     flags = _orchestrate_overrides(task_runner or ("dask" if dask_address else None), max_workers, dask_address)
     overrides = list(set_ or []) + list(flags)
     p = _load(params, overrides, flags)  # fail on a bad params value before Prefect starts
+    from adaptflow.models import check_weights
     from adaptflow.stages import ingest
 
     with _bad_input_exits():
-        ingest.check_paths(p, Path.cwd())  # and on a missing data or weights path
+        ingest.check_domains(p, Path.cwd())  # and on a missing data path
+        check_weights(p.pretrain.model, p.preprocess.channels, p.pretrain.weights, Path.cwd())  # or weights that do not fit
     from flows.transfer_pipeline import run_pipeline
 
     api_ready()

@@ -179,7 +179,7 @@ class Pretrain(_Section):
     # dict .pth/.pt/.bin; relative to the project root): weights of `model` — e.g. ImageNet weights, or your own
     # source model (its head is kept when it has one output per source class). `hub`: timm's default
     # pretrained weights for `model`, which needs the Hugging Face hub.
-    weights: str | None = Field(None, min_length=1)
+    weights: str | None = None
     weights_dep: str = Field("adaptflow/models", description="the path `dvc repro` watches for the weights (dvc.yaml pretrain deps): "
                              "set it to pretrain.weights so a changed file re-runs pretrain")
     epochs: int = Field(6, ge=0, description="0 with pretrain.weights: the weights are the source model as they are (no training)")
@@ -187,10 +187,19 @@ class Pretrain(_Section):
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
 
+    @field_validator("weights")
+    @classmethod
+    def _weights_named(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("empty: name a weights file, `hub`, or null for a random initialisation")
+        return v
+
     @model_validator(mode="after")
     def _zero_epochs_need_weights(self) -> "Pretrain":
         if self.epochs == 0 and self.weights is None:
             raise ValueError("epochs: 0 trains nothing, so it needs pretrain.weights (the source model as it is)")
+        if self.epochs == 0 and self.weights == "hub":
+            raise ValueError("epochs: 0 with weights: hub cannot work: the hub's classifier is not the source's; set epochs ≥ 1")
         return self
 
     @field_validator("model")

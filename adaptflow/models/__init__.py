@@ -2,6 +2,7 @@
 
 from adaptflow.models.factory import (
     ModelConfig,
+    check_weights,
     create,
     features,
     input_size,
@@ -13,4 +14,4 @@ from adaptflow.models.factory import (
     weights_file,
 )
 
-__all__ = ["ModelConfig", "create", "features", "input_size", "load", "save", "set_head", "start", "weights_digest", "weights_file"]
+__all__ = ["ModelConfig", "check_weights", "create", "features", "input_size", "load", "save", "set_head", "start", "weights_digest", "weights_file"]

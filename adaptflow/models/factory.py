@@ -85,6 +85,59 @@ def _names(value: object) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value or ())
 
 
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, as timm reads them (safetensors; a torch checkpoint: the state dict,
+    or the one under ``state_dict``/``model``, ``module.`` prefixes dropped), unpickling no code."""
+    from adaptflow.data.files import DataError
+
+    try:
+        state = timm.models.load_state_dict(str(path))
+        if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError("it holds no state dict of tensors")
+    except Exception as exc:  # noqa: BLE001 — a corrupt or foreign file
+        first = (str(exc).strip().splitlines() or [""])[0]
+        if "weights_only" in first:  # torch's refusal to unpickle anything but tensors
+            first = "torch.load(weights_only=True) refused it: not a state dict of plain tensors, or not a torch file at all"
+        raise DataError(f"{WEIGHTS_KEY}: {path} is not a weights file timm can read ({type(exc).__name__}: {first[:200]}); "
+                        "give a .safetensors file or a torch state dict (.pth/.pt/.bin)") from None
+    return state
+
+
+def _mismatch(arch: str, blank: nn.Module, state: dict[str, torch.Tensor], path: Path) -> str | None:
+    """Why ``state`` is not a ``arch``'s weights, or None. The classifier may differ (it is kept or replaced),
+    and so may the first convolution's input channels (timm converts them); BatchNorm's batch counters may be
+    absent (some exports drop them)."""
+    cfg = blank.pretrained_cfg
+    is_head = tuple(f"{h}." for h in _names(cfg.get("classifier")))
+    stems = {f"{c}.weight" for c in _names(cfg.get("first_conv"))}
+    own = {k: tuple(v.shape) for k, v in blank.state_dict().items() if not k.startswith(is_head)}
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    extra = sorted((k for k in state if k not in own and not k.startswith(is_head)), key=lambda k: k.endswith("num_batches_tracked"))
+    shapes = [k for k, shape in own.items() if k in state and tuple(state[k].shape) != shape
+              and not (k in stems and state[k].ndim == 4 and state[k].shape[0] == shape[0] and state[k].shape[2:] == shape[2:])]
+    if not (missing or extra or shapes):
+        return None
+    said = [f"{len(missing)} of its weights missing (e.g. {', '.join(missing[:3])})" if missing else "",
+            f"{len(extra)} it does not have (e.g. {', '.join(extra[:3])})" if extra else "",
+            f"{len(shapes)} of other shapes (e.g. {shapes[0]}: {tuple(state[shapes[0]].shape)} for {own[shapes[0]]})" if shapes else ""]
+    return (f"{WEIGHTS_KEY}: {path} is not a {arch}'s weights: " + "; ".join(x for x in said if x)
+            + ". Set pretrain.model to the architecture the file was saved from")
+
+
+def check_weights(arch: str, in_chans: int, weights: str | None, root: Path) -> None:
+    """Before any work: ``pretrain.weights`` names a file timm reads holding ``arch``'s weights (the
+    classifier aside). Raises :class:`DataError` naming the key; the hub is not contacted."""
+    from adaptflow.data.files import DataError
+
+    path = weights_file(weights, root)
+    if path is None:
+        return
+    blank = timm.create_model(arch, pretrained=False, in_chans=in_chans, num_classes=2)
+    why = _mismatch(arch, blank, _read_state(path), path)
+    if why:
+        raise DataError(why)
+
+
 def start(cfg: ModelConfig, weights: str | None, root: Path) -> tuple[nn.Module, dict]:
     """The model pretraining starts from, and what it was started from.
 
@@ -92,8 +145,8 @@ def start(cfg: ModelConfig, weights: str | None, root: Path) -> tuple[nn.Module,
     dict, or one under ``state_dict``/``model``): timm loads it (``pretrained_cfg_overlay``), converting the
     first convolution between 1 and 3 input channels. The classifier is kept when it has one output per
     source class (the file is a source model already; the dataset card's class order is assumed), else it
-    is freshly initialised. ``hub``: timm's default pretrained weights (needs the Hugging Face hub). Any
-    other mismatch (another architecture, weights missing) raises :class:`DataError` naming the key."""
+    is freshly initialised. ``hub``: timm's default pretrained weights (needs the Hugging Face hub). A file
+    that is not ``cfg.arch``'s weights (:func:`check_weights`) raises :class:`DataError` naming the key."""
     from adaptflow.data.files import DataError
 
     if weights is None:
@@ -107,24 +160,14 @@ def start(cfg: ModelConfig, weights: str | None, root: Path) -> tuple[nn.Module,
                             "file") from None
         return model, {"weights": HUB, "head": "new"}
     path = weights_file(weights, root)
-    try:
-        state = timm.models.load_state_dict(str(path))
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError("not a state dict of tensors")
-    except Exception as exc:  # noqa: BLE001 — a corrupt or foreign file
-        raise DataError(f"{WEIGHTS_KEY}: {path} is not a weights file timm can read ({type(exc).__name__}: {str(exc).strip()[:200]}); "
-                        "give a .safetensors file or a torch state dict (.pth/.pt/.bin)") from None
+    state = _read_state(path)
     blank = create(cfg)
+    why = _mismatch(cfg.arch, blank, state, path)
+    if why:
+        raise DataError(why)
     arch_cfg = blank.pretrained_cfg
     heads = _names(arch_cfg.get("classifier"))
-    head_rows = {state[f"{h}.weight"].shape[0] for h in heads if f"{h}.weight" in state}
-    keep_head = head_rows == {cfg.num_classes}
-    is_head = tuple(f"{h}." for h in heads)
-    missing = [k for k in blank.state_dict() if k not in state and not k.startswith(is_head)]
-    if missing:
-        raise DataError(f"{WEIGHTS_KEY}: {path} lacks {len(missing)} of {cfg.arch}'s {len(blank.state_dict())} weights (e.g. "
-                        f"{', '.join(missing[:3])}): was it saved from a {cfg.arch}? Set pretrain.model to the architecture it was "
-                        "saved from")
+    keep_head = {state[f"{h}.weight"].shape[0] for h in heads if f"{h}.weight" in state} == {cfg.num_classes}
     convs = _names(arch_cfg.get("first_conv"))
     file_chans = next((state[f"{c}.weight"].shape[1] for c in convs if f"{c}.weight" in state and state[f"{c}.weight"].ndim == 4), None)
     overlay: dict = {"state_dict": state, "num_classes": cfg.num_classes if keep_head else -1}

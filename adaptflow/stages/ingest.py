@@ -55,14 +55,10 @@ def report_path(params: Params, root: Path, role: str) -> Path:
     return Path(root) / params.paths.reports / f"ingest_{role}.json"
 
 
-def check_paths(params: Params, root: Path) -> None:
-    """Fail fast on a missing path — either role's data, or the weights pretrain starts from — before
-    spending minutes ingesting."""
-    from adaptflow.models import weights_file
-
+def check_domains(params: Params, root: Path) -> None:
+    """Fail fast on a missing path in *either* role, before spending minutes ingesting the other one."""
     for r in ROLES:
         check_exists(getattr(params, r).domain, root, f"{r}.domain")
-    weights_file(params.pretrain.weights, root)
 
 
 @dataclass
@@ -312,7 +308,7 @@ def _failed_report(params: Params, root: Path, role: str, dec, domain, exc: Data
 
 def open_role(params: Params, root: Path, role: str):
     """The role's domain, checked (opening reads no image: listing and fingerprinting only)."""
-    check_paths(params, root)
+    check_domains(params, root)
     spec = getattr(params, role)
     allowed = ("train", "val", "test") if role == "target" else ("train", "val")
     return open_domain(spec.domain, spec, root, f"{role}.domain", allowed)

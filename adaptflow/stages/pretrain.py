@@ -3,8 +3,8 @@
 Optimises cross-entropy on source train with ``augment.source`` applied on the fly; the checkpoint is the
 epoch with the best source val accuracy. ``pretrain.weights`` starts from a local weights file (timm's
 ``pretrained_cfg_overlay``: e.g. ImageNet weights, or a source model trained elsewhere) or timm's hub
-weights, and then the weights as given compete as epoch 0; with ``pretrain.epochs: 0`` they are the source
-model as they are. Weights go to safetensors with a JSON config that records what training started from.
+weights. A file whose classifier fits the source classes is a source model already: it competes as epoch 0,
+and with ``pretrain.epochs: 0`` it is the source model as it is. Weights go to safetensors with a JSON config that records what training started from.
 """
 
 from __future__ import annotations
@@ -41,11 +41,12 @@ def weights_now(params: Params, root: Path) -> str:
     return weights_digest(params.pretrain.weights, root)
 
 
-def check_weights(params: Params, root: Path) -> None:
-    """Warn when ``dvc repro`` would not notice a change to the weights file (outside ``pretrain.weights_dep``)."""
+def warn_unwatched(params: Params, root: Path) -> None:
+    """In a DVC project, warn when ``dvc repro`` would not notice a change to the weights file (outside
+    ``pretrain.weights_dep``)."""
     p = params.pretrain
     path = weights_file(p.weights, root)
-    if path is None:
+    if path is None or not (Path(root) / ".dvc").is_dir():
         return
     watched = (Path(root) / p.weights_dep).resolve()
     if not path.resolve().is_relative_to(watched):
@@ -71,7 +72,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     p = params.pretrain
     cfg = ModelConfig(p.model, card["channels"], card["image_size"], card["classes"], {"domain": card["domain"], "role": "source"},
                       input_size=p.input_size)
-    check_weights(params, root)
+    warn_unwatched(params, root)
     seed_everything(params.seed)  # the initial weights are part of what the seed fixes
     model, began = start(cfg, p.weights, root)
     if began["weights"] is not None:
@@ -90,7 +91,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         transform=pipeline(params, "source"),
         seed=params.seed,
         weight_decay=p.weight_decay,
-        evaluate_start=began["weights"] is not None,  # the given weights compete as epoch 0
+        evaluate_start=began.get("head") == "kept",  # a source model given whole competes as epoch 0
         desc="pretrain",
     )
     cfg.extra.update({"source_val_acc": res.best_val_acc, "best_epoch": res.best_epoch, "selection": "source " + res.selection,

@@ -15,7 +15,7 @@ from adaptflow import orchestrate, outputs
 from adaptflow import params as params_mod
 from adaptflow.data import store
 from adaptflow.data.files import DataError
-from adaptflow.models import ModelConfig, start
+from adaptflow.models import ModelConfig, check_weights, start
 from adaptflow.stages import pretrain
 from adaptflow.stages.ingest import output_dir as ingested_dir
 from adaptflow.training import accuracy, predict_logits
@@ -59,25 +59,50 @@ def test_imagenet_like_weights_get_a_new_head_and_a_one_channel_stem(tmp_path):
     assert rgb.state_dict()["conv1.0.weight"].shape[1] == 3
 
 
+class _Code:  # a pickled object: loading it would run code
+    def __reduce__(self):
+        return (print, ("ran",))
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing", "pretrain.weights: {root}/nowhere.safetensors is not a file"),
-    ("corrupt", "is not a weights file timm can read"),
-    ("other_arch", "was it saved from a test_resnet? Set pretrain.model"),
-    ("wrong_shape", "does not fit test_resnet with 1 input channel(s) and 3 classes"),
+    ("corrupt", "is not a weights file timm can read (SafetensorError"),
+    ("pickle", "torch.load(weights_only=True) refused it: not a state dict of plain tensors"),
+    ("other_arch", "is not a test_resnet's weights: 75 of its weights missing (e.g. conv1.0.weight"),
+    ("extra", "is not a test_resnet's weights: 1 it does not have (e.g. layer9.weight). Set pretrain.model"),
+    ("wrong_shape", "is not a test_resnet's weights: 1 of other shapes (e.g. layer1.0.conv1.weight: (1, 1, 1, 1) for (32, 32, 3, 3))"),
 ])
 def test_weights_that_do_not_fit_are_refused_naming_the_key(tmp_path, case, message):
-    name = {"missing": "nowhere.safetensors", "corrupt": "bad.safetensors", "other_arch": "other.safetensors", "wrong_shape": "wide.safetensors"}[case]
+    """Refused before any work (check_weights, what `adaptflow run` asks first) and by pretrain itself (start),
+    also when the classifier would be replaced anyway (timm then loads leniently: a bigger network's file
+    would half-load)."""
+    name = {"missing": "nowhere.safetensors", "corrupt": "bad.safetensors", "pickle": "code.pth", "other_arch": "other.safetensors",
+            "extra": "extra.safetensors", "wrong_shape": "wide.safetensors"}[case]
     if case == "corrupt":
         (tmp_path / name).write_bytes(b"not weights")
+    elif case == "pickle":
+        torch.save({"conv1.0.weight": _Code()}, tmp_path / name)
     elif case == "other_arch":
         _weights(tmp_path / name, arch="test_vit")
-    elif case == "wrong_shape":
-        state = _weights(tmp_path / name)
-        state["layer1.0.conv1.weight"] = torch.zeros(1, 1, 1, 1)
+    elif case in ("extra", "wrong_shape"):
+        state = _weights(tmp_path / name, num_classes=1000)  # the classifier is replaced: only the rest must fit
+        if case == "extra":
+            state["layer9.weight"] = torch.zeros(2)
+        else:
+            state["layer1.0.conv1.weight"] = torch.zeros(1, 1, 1, 1)
         save_file(state, str(tmp_path / name))
-    with pytest.raises(DataError, match="^pretrain.weights") as exc:
-        start(CFG, name, tmp_path)
-    assert message.format(root=tmp_path) in str(exc.value)
+    for check in (lambda: start(CFG, name, tmp_path), lambda: check_weights("test_resnet", 1, name, tmp_path)):
+        with pytest.raises(DataError, match="^pretrain.weights") as exc:
+            check()
+        assert message.format(root=tmp_path) in str(exc.value)
+
+
+def test_batchnorm_counters_may_be_absent(tmp_path):
+    state = _weights(tmp_path / "full.safetensors")
+    save_file({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, str(tmp_path / "lean.safetensors"))
+    check_weights("test_resnet", 1, "lean.safetensors", tmp_path)
+    model, began = start(CFG, "lean.safetensors", tmp_path)
+    assert began["head"] == "kept" and torch.equal(model.state_dict()["fc.weight"], state["fc.weight"])
 
 
 def test_the_hub_out_of_reach_says_what_to_do(tmp_path, monkeypatch):
@@ -86,9 +111,13 @@ def test_the_hub_out_of_reach_says_what_to_do(tmp_path, monkeypatch):
         start(ModelConfig("resnet10t", 1, SIZE, CLASSES), "hub", tmp_path)
 
 
-def test_zero_epochs_need_weights():
+def test_zero_epochs_need_weights_that_hold_a_classifier_and_an_empty_name_is_refused():
     with pytest.raises(params_mod.ParamsError, match="epochs: 0 trains nothing, so it needs pretrain.weights"):
         params_mod.from_dict({"pretrain": {"epochs": 0}})
+    with pytest.raises(params_mod.ParamsError, match="epochs: 0 with weights: hub cannot work"):
+        params_mod.from_dict({"pretrain": {"epochs": 0, "weights": "hub"}})
+    with pytest.raises(params_mod.ParamsError, match="pretrain.weights: .*empty: name a weights file, `hub`, or null"):
+        params_mod.from_dict({"pretrain": {"weights": " "}})
 
 
 def _project(root, **pretrain_section) -> params_mod.Params:
@@ -131,3 +160,13 @@ def test_pretrain_refuses_no_epochs_when_the_head_is_not_the_sources(tmp_path):
     with pytest.raises(DataError, match=r"pretrain.epochs: 0 uses pretrain.weights .* no classifier with one output per source class \(3\)"):
         pretrain.run(p, tmp_path)
     assert not pretrain.output_dir(p, tmp_path).exists()
+
+
+def test_a_new_classifier_never_competes_as_epoch_0(tmp_path):
+    """ImageNet-like weights: the classifier is new (random), so the checkpoint is a trained epoch."""
+    _weights(tmp_path / "in1k.safetensors", num_classes=1000)
+    p = _project(tmp_path, weights="in1k.safetensors", epochs=1)
+    pretrain.run(p, tmp_path)
+    out = pretrain.output_dir(p, tmp_path)
+    assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == [1]
+    assert json.loads((out / "config.json").read_text())["extra"]["best_epoch"] == 1
