@@ -103,7 +103,12 @@ def transfer_pipeline(params_path: str = "params.yaml", overrides: list[str] | N
         tuned = task["finetune"].map(unmapped(params), unmapped(r), [s for s, _ in pairs], [k for _, k in pairs],
                                      wait_for=[ingested["source"], ingested["target"], pretrained, features])
         evaluated = task["evaluate"].submit(params, r, wait_for=list(tuned))
-        registered = task["register"].submit(params, r, wait_for=[evaluated, augmented])
+        blocker = orchestrate.dvc_commit_blocker(project, params_file(params_path, root), overrides) if params.orchestrate.dvc_commit else "orchestrate.dvc_commit is off"
+        upstream = [*ingested.values(), augmented, pretrained, features, *tuned, evaluated]
+        # dvc.lock records the stages before register first, as `dvc repro` would: register's lineage record
+        # and tags then carry this run's dvc.lock hashes, not the previous run's
+        committed = [t.dvc_commit.submit(r, "upstream", wait_for=upstream)] if blocker is None else []
+        registered = task["register"].submit(params, r, wait_for=[evaluated, augmented, *committed])
 
         try:
             results: dict = {"ingest": {role: _done(f) for role, f in ingested.items()}}
@@ -113,12 +118,11 @@ def transfer_pipeline(params_path: str = "params.yaml", overrides: list[str] | N
             _publish(params, project, results["evaluate"])
             results["register"] = _done(registered)
         except BaseException:  # a failed stage, Ctrl-C or a cancelled flow run: the lock outlives every task
-            settle([*ingested.values(), augmented, pretrained, features, *tuned, evaluated, registered])
+            settle([*upstream, *committed, registered])
             raise
 
-        blocker = orchestrate.dvc_commit_blocker(project, params_file(params_path, root), overrides) if params.orchestrate.dvc_commit else "orchestrate.dvc_commit is off"
         if blocker is None:
-            t.dvc_commit(r)
+            t.dvc_commit(r, "register")
             logger.info("dvc.lock now records this run's outputs: `dvc status` is clean")
         elif orchestrate.is_dvc_repo(project):
             logger.info("dvc.lock left as it is: %s", blocker)

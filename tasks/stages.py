@@ -96,7 +96,12 @@ def dvc_add(root: str, path: str) -> str:
     return str(dvc_file)
 
 
-@task(name="dvc_commit", **FS_RETRY)
-def dvc_commit(root: str) -> None:
-    """Record this run's outputs in dvc.lock, so `dvc status` is clean and `dvc repro` has nothing to do."""
-    orchestrate.dvc(Path(root), "commit", "--force")  # not --quiet: a failure must say why
+@task(name="dvc_commit", task_run_name="dvc_commit[{stages}]", **FS_RETRY)
+def dvc_commit(root: str, stages: str = "all") -> None:
+    """Record this run's outputs in dvc.lock, so `dvc status` is clean and `dvc repro` has nothing to do.
+    ``stages``: ``upstream`` (every stage but register: committed before register runs, so the dvc.lock
+    hashes its lineage record reads are this run's, as under ``dvc repro``), ``register``, or ``all``."""
+    targets = {"all": [], "register": ["register"]}.get(stages)
+    if targets is None:
+        targets = [s for s in orchestrate.dvc(Path(root), "stage", "list", "--name-only").split() if s != "register"]
+    orchestrate.dvc(Path(root), "commit", "--force", *targets)  # not --quiet: a failure must say why

@@ -32,6 +32,11 @@ def test_prefect_run_commits_to_dvc_and_dvc_experiments_warm_prefect(dvc_project
     assert (dvc_project / "dvc.lock").is_file()
     assert "up to date" in dvc("status").lower()
     assert "Running stage" not in dvc("repro")
+    # ... and the lineage record carries this run's dvc.lock hashes (committed before register ran), not none
+    from adaptflow.stages.register import dvc_lock_hashes
+
+    lineage = json.loads((dvc_project / "reports/lineage.json").read_text())
+    assert lineage["dvc_lock"]["stages"] == dvc_lock_hashes(dvc_project)["stages"] and "finetune" in lineage["dvc_lock"]["stages"]
 
     # An experiment through DVC changes a metric and is listed.
     before = json.loads((dvc_project / "reports/evaluate/metrics.json").read_text())
