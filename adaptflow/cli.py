@@ -171,6 +171,36 @@ def stage(
 
 
 @app.command()
+def report(
+    params: Path = ParamsOpt,
+    set_: Optional[list[str]] = SetOpt,
+    as_json: bool = typer.Option(False, "--json", help="print metrics.json (the numbers behind the table) instead"),
+) -> None:
+    """Print the last evaluation: the comparison table (every number with its selection rule), whether it is
+    still current for these params and data, and where the one-page HTML report is."""
+    from adaptflow import orchestrate, outputs
+    from adaptflow.stages import evaluate
+
+    p = _load(params, set_)
+    out = evaluate.output_dir(p, Path.cwd())
+    if outputs.read_manifest(out) is None:
+        typer.secho(f"error: no evaluation in {out}: run the pipeline first (adaptflow run, or dvc repro)", fg="red", err=True)
+        raise typer.Exit(2)
+    if as_json:
+        typer.echo((out / "metrics.json").read_text())
+        return
+    typer.echo((out / "comparison.md").read_text())
+    try:
+        current = outputs.is_current(out, orchestrate.identity("evaluate", p, Path.cwd()).key)
+        why = "" if current else "the params or data have changed since: re-run the pipeline for today's numbers"
+    except (outputs.MissingOutput, FileNotFoundError) as exc:
+        current, why = False, f"an output it was made from is missing now ({exc})"
+    if not current:
+        typer.secho(f"note: this evaluation is not current: {why}", fg="yellow", err=True)
+    typer.echo(f"report: {(out / 'report.html').resolve()}")
+
+
+@app.command()
 def deploy(
     name: str = typer.Option("nightly", "--name", "-n", help="deployment name"),
     cron: Optional[str] = typer.Option(None, "--cron", help="schedule, e.g. '0 2 * * *' (default orchestrate.cron, in orchestrate.timezone)"),

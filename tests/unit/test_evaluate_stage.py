@@ -139,3 +139,25 @@ def test_label_free_target_chooses_on_the_pool(tmp_path):
     assert ev["candidate_selection"] == evaluate.SELECTION_LABEL_FREE
     pool = {s: res["metrics"]["strategies"][s]["pool_im"] for s in label_free}
     assert res["metrics"]["candidate"] == max(pool, key=pool.get)  # the label-free score chose, not val accuracy
+
+
+def test_report_command_prints_the_table_and_says_when_it_is_stale(evaluated, monkeypatch, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from adaptflow.cli import app
+
+    root, p, _ = evaluated
+    monkeypatch.chdir(root)
+    (root / "params.yaml").write_text(yaml.safe_dump(p.to_dict()))
+    res = CliRunner().invoke(app, ["report"])
+    assert res.exit_code == 0 and "**(candidate)**" in res.output and "Test accuracy chooses nothing" in res.output, res.output
+    assert "not current" not in res.output and f"report: {(root / 'reports/evaluate/report.html').resolve()}" in res.output
+    stale = CliRunner().invoke(app, ["report", "--set", "evaluate.ece_bins=7"])
+    assert stale.exit_code == 0 and "note: this evaluation is not current: the params or data have changed since" in stale.output
+    numbers = CliRunner().invoke(app, ["report", "--json"])
+    assert json.loads(numbers.output)["candidate"] == "finetune"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("{}\n")
+    none = CliRunner().invoke(app, ["report"])
+    assert none.exit_code == 2 and "error: no evaluation in" in none.output and "run the pipeline first" in none.output
