@@ -135,6 +135,58 @@ def test_partial_keeps_frozen_groups_bit_identical(make_ctx, source_checkpoint):
     assert moved
 
 
+def _last_epoch_wins(ctx) -> None:
+    """Choose the last epoch's weights (a scorer whose score grows with every call), so a test reads trained
+    weights, not the source model that epoch 0 offers."""
+    calls = iter(range(10**6))
+    ctx.scorer = lambda: ((lambda model: {"score": float(next(calls)), "tiebreak": 0.0}), "test: the last epoch")
+
+
+def _bn_stats(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: t.clone() for n, t in model.state_dict().items() if n.endswith(("running_mean", "running_var"))}
+
+
+def test_bn_frozen_keeps_every_source_statistic(make_ctx, source_checkpoint):  # noqa: F811
+    ctx = make_ctx(SOURCE, epochs=2, lr=0.05, bn="frozen")
+    _last_epoch_wins(ctx)
+    adapted = strategies.get("finetune")(ctx)
+    src, _ = load(source_checkpoint)
+    before, after = _bn_stats(src), _bn_stats(adapted.model)
+    assert before and all(torch.equal(after[n], t) for n, t in before.items())
+    assert any(not torch.equal(adapted.model.state_dict()[n], t) for n, t in src.state_dict().items() if n.endswith("weight"))
+
+
+def test_bn_adabn_ends_with_the_targets_own_statistics(make_ctx, source_checkpoint):  # noqa: F811
+    """AdaBN: the statistics are re-estimated on the target images (labeled + pool) for the final weights —
+    not the source's, and a second re-estimation on the same images changes nothing."""
+    from adaptflow.data import store
+    from adaptflow.training import recalibrate_bn
+
+    ctx = make_ctx(SOURCE, epochs=1, lr=0.05, bn="adabn")
+    _last_epoch_wins(ctx)
+    adapted = strategies.get("finetune")(ctx)
+    src, _ = load(source_checkpoint)
+    after = _bn_stats(adapted.model)
+    assert any(not torch.equal(after[n], t) for n, t in _bn_stats(src).items())
+    again = copy.deepcopy(adapted.model)
+    recalibrate_bn(again, store.concat([ctx.labeled.images, ctx.pool.images]))
+    assert all(torch.allclose(_bn_stats(again)[n], t, atol=1e-5) for n, t in after.items())
+
+
+def test_gradual_unfreeze_keeps_all_but_the_head_bit_identical_before_its_first_milestone(make_ctx, source_checkpoint):  # noqa: F811
+    ctx = make_ctx(SOURCE, epochs=1, lr=0.05, gradual_unfreeze={"milestones": [1, 2]})
+    _last_epoch_wins(ctx)
+    adapted = strategies.get("gradual_unfreeze")(ctx)
+    src, _ = load(source_checkpoint)
+    head = {n for n, p in adapted.model.named_parameters() if any(p is q for q in adapted.model.get_classifier().parameters())}
+    head_prefixes = {n.rsplit(".", 1)[0] for n in head}
+    after, before = adapted.model.state_dict(), src.state_dict()
+    for name, tensor in before.items():  # parameters and BatchNorm statistics of every group but the head
+        if name.rsplit(".", 1)[0] not in head_prefixes:
+            assert torch.equal(after[name], tensor), name
+    assert any(not torch.equal(after[n], before[n]) for n in head)
+
+
 def test_set_trainable_never_freezes_the_head():
     model = create(ModelConfig("test_resnet", 1, 16, ["a", "b"]))
     set_trainable(model, 99)
