@@ -414,11 +414,13 @@ def incoming_dir(params: Params, root: Path) -> Path:
 def _hold_back(files: list[Path], src: Path, dest: Path, params: Params, root: Path, held: list[dict]) -> list[Path]:
     """The incoming files that may join the dataset; the others are appended to ``held`` with the reason.
 
-    A class the dataset does not have yet joins only when ingest would keep enough of it to fill every split:
-    counted as ingest counts, without copies of images already in the dataset or among the new ones (the
-    same stored pixels), and after ``target.limit`` takes the class's share. Under the limit the new classes
-    also take their share from the classes already there: while that would cut one of those below the
-    minimum, every new class waits (the one ingest would then fail on is not a new class)."""
+    A file holding an image the dataset (or another incoming class) has under another class is held: moved,
+    it would be a label conflict, and ingest would exclude every copy, the one already there too. A class
+    the dataset does not have yet joins only when ingest would keep enough of it to fill every split:
+    counted as ingest counts, without copies among its own files (the same stored pixels), and after
+    ``target.limit`` takes the class's share. Under the limit the new classes also take their share from
+    the classes already there: while that would cut one of those below the minimum, every new class waits
+    (the one ingest would then fail on is not a new class)."""
     from collections import Counter
 
     import numpy as np
@@ -431,15 +433,32 @@ def _hold_back(files: list[Path], src: Path, dest: Path, params: Params, root: P
 
     ok, bad = imaging.readable(files)
     held += [{"item": str(f.relative_to(src)), "reason": why} for f, why in bad]
-    by_class: dict[str, list[Path]] = {}
-    for f in ok:
-        by_class.setdefault(f.relative_to(src).parts[0], []).append(f)
-    new = {c: fs for c, fs in by_class.items() if not (dest / c).is_dir()}
-    if not new:
-        return ok
     need, size, channels = class_size_needed(params, "target"), params.preprocess.image_size, params.preprocess.channels
     stored = output_dir(params, root, "target")
-    seen = set(store.read_meta(stored, ["sha1"])["sha1"]) if outputs.read_manifest(stored) is not None else set()
+    owner: dict[str, str | None] = {}  # stored digest → the class that holds it (None: excluded as a label conflict)
+    if outputs.read_manifest(stored) is not None:
+        meta = store.read_meta(stored, ["sha1", "class_name"])
+        owner.update(zip(meta["sha1"], meta["class_name"]))
+        owner.update((c["sha1"], None) for c in store.read_card(stored).get("duplicates", {}).get("label_conflicts", []) if "sha1" in c)
+    by_class: dict[str, list[Path]] = {}
+    distinct: Counter = Counter()
+    for f in ok:
+        c = f.relative_to(src).parts[0]
+        digest = stored_digest(imaging.prepare(f, size, channels))
+        there = owner.get(digest, c)
+        if there != c:
+            why = ("the same image is already excluded from the dataset as a label conflict" if there is None else
+                   f"the same image is in class {there!r}")
+            held.append({"item": str(f.relative_to(src)), "reason": f"labeled {c!r}, but {why}: moved, every copy would be excluded "
+                                                                     "as a label conflict; fix the label (or the folder) it is in"})
+            continue
+        distinct[c] += digest not in owner
+        owner[digest] = c
+        by_class.setdefault(c, []).append(f)
+    new = {c: fs for c, fs in by_class.items() if not (dest / c).is_dir()}
+    admitted = [f for fs in by_class.values() for f in fs]
+    if not new:
+        return admitted
     counts = Counter(scan_imagefolder(dest, "target.domain").class_names) if dest.is_dir() else Counter()  # listed now
     for c, fs in by_class.items():
         counts[c] += len(fs)  # and once these arrive
@@ -449,13 +468,6 @@ def _hold_back(files: list[Path], src: Path, dest: Path, params: Params, root: P
         names = sorted(c for c in counts if c in classes or c not in new)
         return dict(zip(names, (int(n) for n in class_quota(np.array([counts[c] for c in names]), limit)))) if limit else dict(counts)
 
-    distinct: dict[str, int] = {}
-    for c, fs in new.items():
-        distinct[c] = 0
-        for f in fs:
-            digest = stored_digest(imaging.prepare(f, size, channels))
-            distinct[c] += digest not in seen
-            seen.add(digest)
     reasons: dict[str, str] = {}
     joining = set(new)
     while joining:  # a class held back leaves a larger share of the limit to the others: ask again
@@ -466,7 +478,7 @@ def _hold_back(files: list[Path], src: Path, dest: Path, params: Params, root: P
             usable = min(distinct[c], share[c] - copies)  # at worst the limit keeps every copy
             if usable < need:
                 reasons[c] = (f"class {c!r} is new; ingest would keep {max(usable, 0)} of its {len(fs)} readable image(s)"
-                              + (f" ({copies} copies of images already there)" if copies else "")
+                              + (f" ({copies} copies among them)" if copies else "")
                               + (f" (target.limit={limit} takes its share)" if limit and share[c] < len(fs) else "")
                               + f"; it joins when that reaches {need} (one in every split, and target.k labeled)")
         if not joining - set(reasons):
@@ -486,7 +498,7 @@ def _hold_back(files: list[Path], src: Path, dest: Path, params: Params, root: P
     for c, why in reasons.items():
         held += [{"item": str(f.relative_to(src)), "reason": why} for f in new[c]]
         waiting.update(new[c])
-    return [f for f in ok if f not in waiting]
+    return [f for f in admitted if f not in waiting]
 
 
 def absorb_incoming(params: Params, root: Path) -> dict:

@@ -71,6 +71,7 @@ class Decoded:
     quarantined: list[dict] = field(default_factory=list)
     duplicates: list[dict] = field(default_factory=list)
     conflicts: list[dict] = field(default_factory=list)  # the first copy of each image whose copies' labels disagree
+    conflict_log: list[dict] = field(default_factory=list)  # every copy excluded for a label conflict, with the reason
     sizes: list[tuple[int, int]] = field(default_factory=list)
     modes: Counter = field(default_factory=Counter)
     formats: Counter = field(default_factory=Counter)
@@ -108,7 +109,8 @@ def decode(domain: Domain, indices: np.ndarray, size: int, channels: int, writer
     out = Decoded()
     first: dict[str, int] = {}  # sha1 → domain index of the copy kept
     natives: list[tuple[str, str]] = []  # (mode, format) of each kept image
-    conflicted: dict[str, set[str]] = {}  # sha1 → the other labels its copies carry
+    conflicted: dict[str, set[str]] = {}  # sha1 → every label its copies carry, where they disagree
+    dup_sha1: list[str] = []  # of each entry of out.duplicates
     start, every = time.perf_counter(), max(len(indices) // 10, 5000)
     for n, i in enumerate(indices.tolist(), 1):
         try:
@@ -127,11 +129,11 @@ def decode(domain: Domain, indices: np.ndarray, size: int, channels: int, writer
             j = first[digest]
             dup = {"item": domain.refs[i], "duplicate_of": domain.refs[j], "class": domain.classes[domain.labels[i]]}
             if domain.labels[i] != domain.labels[j]:
-                dup["conflicting_class"] = domain.classes[domain.labels[j]]
-                conflicted.setdefault(digest, set()).add(dup["class"])
+                conflicted.setdefault(digest, {domain.classes[domain.labels[j]]}).add(dup["class"])
             if domain.splits is not None and domain.splits[i] != domain.splits[j]:
                 dup["given_splits"] = [str(domain.splits[j]), str(domain.splits[i])]
             out.duplicates.append(dup)
+            dup_sha1.append(digest)
             continue
         first[digest] = i
         out.index.append(i)
@@ -142,13 +144,20 @@ def decode(domain: Domain, indices: np.ndarray, size: int, channels: int, writer
         writer.append(arr)
         if n % every == 0:
             log.info("%s: %d/%d items (%.0f images/s)", label, n, len(indices), n / (time.perf_counter() - start))
+    def excluded(item: str, cls: str, digest: str) -> list[str]:  # the other labels; logged with the reason
+        others = sorted(conflicted[digest] - {cls})
+        out.conflict_log.append({"item": item, "reason": f"labeled {cls!r}, and copies of the same image are labeled "
+                                                         f"{', '.join(repr(c) for c in others)}: every copy is excluded; fix the labels to use it"})
+        return others
+
     drop = [pos for pos, digest in enumerate(out.sha1) if digest in conflicted]
     for pos in drop:
-        i = out.index[pos]
-        others = sorted(conflicted[out.sha1[pos]])
-        out.conflicts.append({"item": domain.refs[i], "class": domain.classes[domain.labels[i]], "other_classes": others,
-                              "reason": f"labeled {domain.classes[domain.labels[i]]!r}, and copies of the same image are labeled "
-                                        f"{', '.join(repr(c) for c in others)}: every copy is excluded; fix the labels to use it"})
+        i, digest = out.index[pos], out.sha1[pos]
+        cls = domain.classes[domain.labels[i]]
+        out.conflicts.append({"item": domain.refs[i], "class": cls, "other_classes": excluded(domain.refs[i], cls, digest), "sha1": digest})
+    for dup, digest in zip(out.duplicates, dup_sha1):
+        if digest in conflicted:  # every copy, also one labeled as the first copy is
+            dup["conflicting_class"] = ", ".join(excluded(dup["item"], dup["class"], digest))
     if drop:
         writer.drop(drop)
         gone = set(drop)
@@ -407,10 +416,7 @@ def run(params: Params, root: Path = Path("."), role: str = "target") -> dict:
     _failed_path(report).unlink(missing_ok=True)  # an earlier failure's list no longer applies
     _log_items(role, "quarantined", dec.quarantined, report)
     _log_items(role, "ignored", domain.ignored, report)
-    _log_items(role, "label conflict", dec.conflicts + [
-        {"item": d["item"], "reason": f"labeled {d['class']!r}, the same image as {d['duplicate_of']} labeled {d['conflicting_class']!r}: "
-                                      "every copy is excluded; fix the labels to use it"}
-        for d in dec.duplicates if "conflicting_class" in d], report)
+    _log_items(role, "label conflict", dec.conflict_log, report)
     log.info("ingest %s: %d images of %s → %s (%d quarantined, %d duplicates removed, %d excluded for a label conflict, %d ignored; report %s)",
              role, len(labels), spec.domain, out, len(dec.quarantined), len(dec.duplicates), len(dec.conflicts), len(domain.ignored), report)
     return {"role": role, "path": str(out), "digest": outputs.digest(out), "cached": False, "n_images": card["n_images"],

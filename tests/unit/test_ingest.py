@@ -151,14 +151,16 @@ def test_duplicates_removed_counted_and_never_straddle(tmp_path, folder, caplog)
         ingest.run(params(f"imagefolder:{folder}"), tmp_path, "target")
     # copies whose labels disagree: no label can be trusted, so every copy is excluded, and said out loud
     warned = [r.getMessage() for r in caplog.records if "label conflict" in r.getMessage()]
-    assert len(warned) == 2 and all("every copy is excluded; fix the labels to use it" in w for w in warned)
+    assert len(warned) == 3 and all("every copy is excluded; fix the labels to use it" in w for w in warned)
     assert f"0/{pngs[0].name}: labeled '0', and copies of the same image are labeled '1'" in warned[0]
-    assert f"1/z_copy_other_class.png: labeled '1', the same image as 0/{pngs[0].name} labeled '0'" in warned[1]
+    assert "0/z_copy_same_class.png: labeled '0', and copies of the same image are labeled '1'" in warned[1]  # the same label as the first
+    assert "1/z_copy_other_class.png: labeled '1', and copies of the same image are labeled '0'" in warned[2]
     meta, card, _ = _meta_card(tmp_path)
     assert card["duplicates"]["removed"] == card["duplicates_removed"] == 2
-    assert card["duplicates"]["conflicting_class"] == 1
-    conflict = next(d for d in card["duplicates"]["items"] if "conflicting_class" in d)
-    assert conflict == {"item": "1/z_copy_other_class.png", "duplicate_of": "0/" + pngs[0].name, "class": "1", "conflicting_class": "0"}
+    assert card["duplicates"]["conflicting_class"] == 2
+    assert card["duplicates"]["items"] == [
+        {"item": "0/z_copy_same_class.png", "duplicate_of": "0/" + pngs[0].name, "class": "0", "conflicting_class": "1"},
+        {"item": "1/z_copy_other_class.png", "duplicate_of": "0/" + pngs[0].name, "class": "1", "conflicting_class": "0"}]
     [first] = card["duplicates"]["label_conflicts"]
     assert (first["item"], first["class"], first["other_classes"]) == ("0/" + pngs[0].name, "0", ["1"])
     assert f"0/{pngs[0].name}" not in set(meta.item) and len(meta) == card["n_images"] == 4 * 10 - 1

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from adaptflow import orchestrate
+from adaptflow.data import store
 from adaptflow.data.domains import DataError
 from adaptflow.params import Params, ParamsError, from_dict
 
@@ -155,8 +156,10 @@ def test_absorb_incoming_moves_new_files_into_the_target_folder(tmp_path):
 
 
 def test_a_new_class_is_counted_as_ingest_will_keep_it(tmp_path):
-    """Copies of images already in the dataset, and the share target.limit leaves, do not count towards a new
-    class's minimum: let in short, it would fail every later ingest."""
+    """Copies among a new class's own files do not count towards its minimum, nor does the share
+    target.limit leaves it: let in short, it would fail every later ingest. A file holding an image the
+    dataset has under another class stays out whatever its class: moved, it would be a label conflict, and
+    ingest would exclude every copy, the one already there too."""
     from adaptflow.stages import ingest
 
     p = _params(target={"domain": "imagefolder:data/raw/digits", "k": 1})
@@ -165,20 +168,27 @@ def test_a_new_class_is_counted_as_ingest_will_keep_it(tmp_path):
     _imagefolder(dest, {f"{c}/{i}.png": _png(20 * c + i) for c in range(2) for i in range(need + 4)})
     ingest.run(p, tmp_path, "target")  # the store knows what the dataset holds
     incoming = orchestrate.incoming_dir(p, tmp_path)
-    copies = {f"seven/copy{i}.png": _png(i) for i in range(3)}  # the same pixels as class 0's first images
-    _imagefolder(incoming, {**copies, **{f"seven/new{i}.png": _png(200 + i) for i in range(need - 1)}})
+    conflicts = {f"seven/copy{i}.png": _png(i) for i in range(3)}  # the same pixels as class 0's first images
+    twins = {"seven/twin_a.png": _png(199), "seven/twin_b.png": _png(199)}  # a copy among its own files
+    _imagefolder(incoming, {**conflicts, **twins, "1/copy_of_0.png": _png(0),
+                            **{f"seven/new{i}.png": _png(200 + i) for i in range(need - 2)}})
     report = orchestrate.absorb_incoming(p, tmp_path)
+    held = {h["item"]: h["reason"] for h in report["held"]}
     assert report["added"] == 0 and not (dest / "seven").exists()
-    reason = report["held"][0]["reason"]
-    assert f"ingest would keep {need - 1} of its {need + 2} readable image(s) (3 copies of images already there)" in reason
+    for item in [*conflicts, "1/copy_of_0.png"]:  # an existing class's file too
+        assert held[item].endswith("but the same image is in class '0': moved, every copy would be excluded as a label conflict; "
+                                   "fix the label (or the folder) it is in"), held[item]
+    assert f"ingest would keep {need - 1} of its {need} readable image(s) (1 copies among them)" in held["seven/new0.png"]
     _imagefolder(incoming, {"seven/new_last.png": _png(250)})  # one more distinct image: enough
-    assert orchestrate.absorb_incoming(p, tmp_path)["added"] == need + 3
-    ingest.run(p, tmp_path, "target")  # and ingest agrees
+    assert orchestrate.absorb_incoming(p, tmp_path)["added"] == need + 1
+    assert sorted(str(f.relative_to(incoming)) for f in incoming.rglob("*.png")) == sorted([*conflicts, "1/copy_of_0.png"])
+    ingest.run(p, tmp_path, "target")  # and ingest agrees: no label conflict, every class big enough
+    assert not store.read_card(ingest.output_dir(p, tmp_path, "target"))["duplicates"]["label_conflicts"]
 
     limited = _params(target={"domain": "imagefolder:data/raw/digits", "k": 1, "limit": 3 * need})
     _imagefolder(incoming, {f"eight/{i}.png": _png(150 + i) for i in range(need)})
     report = orchestrate.absorb_incoming(limited, tmp_path)
-    assert report["added"] == 0 and "(target.limit=" in report["held"][0]["reason"]
+    assert report["added"] == 0 and "(target.limit=" in {h["item"]: h["reason"] for h in report["held"]}["eight/0.png"]
 
 
 def test_a_new_class_may_not_squeeze_a_class_below_its_minimum_under_the_limit(tmp_path):
