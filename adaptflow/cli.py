@@ -181,22 +181,26 @@ def report(
     from adaptflow import orchestrate, outputs
     from adaptflow.stages import evaluate
 
+    from adaptflow.data.files import DataError
+
     p = _load(params, set_)
-    out = evaluate.output_dir(p, Path.cwd())
+    root = Path.cwd()
+    out = evaluate.output_dir(p, root)
     if outputs.read_manifest(out) is None:
         typer.secho(f"error: no evaluation in {out}: run the pipeline first (adaptflow run, or dvc repro)", fg="red", err=True)
         raise typer.Exit(2)
+    try:  # what check_upstream asks, all the way up: params, upstream outputs, raw data and weights files
+        why = [] if outputs.is_current(out, orchestrate.identity("evaluate", p, root).key) else ["evaluate's own params or inputs differ"]
+        why += orchestrate.upstream_problems("evaluate", p, root)
+    except (outputs.MissingOutput, FileNotFoundError, DataError) as exc:
+        why = [f"an input it was made from is missing or unreadable now ({exc})"]
+    if why:
+        typer.secho("note: this evaluation is not current for these params and data (re-run the pipeline for today's numbers):\n  "
+                    + "\n  ".join(why), fg="yellow", err=True)
     if as_json:
         typer.echo((out / "metrics.json").read_text())
         return
     typer.echo((out / "comparison.md").read_text())
-    try:
-        current = outputs.is_current(out, orchestrate.identity("evaluate", p, Path.cwd()).key)
-        why = "" if current else "the params or data have changed since: re-run the pipeline for today's numbers"
-    except (outputs.MissingOutput, FileNotFoundError) as exc:
-        current, why = False, f"an output it was made from is missing now ({exc})"
-    if not current:
-        typer.secho(f"note: this evaluation is not current: {why}", fg="yellow", err=True)
     typer.echo(f"report: {(out / 'report.html').resolve()}")
 
 

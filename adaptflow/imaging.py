@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,12 @@ from PIL import Image, ImageOps
 NO_PATHS = "this model reads no file paths when served; send base64-encoded image bytes"
 
 
-def to_uint8(img: np.ndarray) -> np.ndarray:
+def to_uint8(img: np.ndarray, sixteen_bit: bool = False) -> np.ndarray:
     """Bring an array to uint8 0–255. By its type first: uint8 as is; 16-bit unsigned (16-bit PNG/TIFF) by
     the fixed factor 255/65535, so every 16-bit image is scaled alike and agrees with its 8-bit version;
-    booleans to 0/255. Other integers in 0–255 as is, in 0–65535 as 16-bit. Floats in [0, 1] scaled by 255,
-    in (16, 255] as is; any other range min–max scaled (per image)."""
+    booleans to 0/255. Other integers in 0–255 as is (``sixteen_bit``: as 16-bit, e.g. Pillow's 32-bit "I"
+    images of 16-bit files), in 0–65535 as 16-bit. Floats in [0, 1] scaled by 255, in (16, 255] as is; any
+    other range min–max scaled (per image)."""
     arr = np.asarray(img)
     if arr.dtype == np.uint8:
         return arr
@@ -30,7 +32,7 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
         return arr.astype(np.uint8) * 255
     if arr.dtype.kind in "ui" and arr.size:
         lo, hi = int(arr.min()), int(arr.max())
-        sixteen = arr.dtype.kind == "u" and arr.dtype.itemsize == 2
+        sixteen = (arr.dtype.kind == "u" and arr.dtype.itemsize == 2) or (sixteen_bit and 0 <= lo and hi <= 65535)
         if not sixteen and 0 <= lo and hi <= 255:
             return arr.astype(np.uint8)
         if sixteen or (0 <= lo and hi <= 65535):
@@ -70,14 +72,14 @@ def to_pil(img: Any, read_paths: bool = True) -> Image.Image:
             return _open(io.BytesIO(raw))
         except (ValueError, OSError) as exc:  # what it says depends on the string alone, never on the server's files
             what = "not an existing path, and base64 of no readable image" if read_paths else "base64 of no readable image"
-            raise ValueError(f"{what} ({type(exc).__name__}: {exc}): {img[:60]!r}") from None
+            raise ValueError(f"{what} ({_why(exc)}): {img[:60]!r}") from None
     arr = np.asarray(img)
     if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
         arr = np.moveaxis(arr, 0, -1)  # C×H×W → H×W×C
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
-    if arr.ndim not in (2, 3):
-        raise ValueError(f"expected an H×W or H×W×C image, got shape {arr.shape}")
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+        raise ValueError(f"expected an H×W or H×W×C image with 1, 3 or 4 channels, got shape {arr.shape}")
     return Image.fromarray(to_uint8(arr))
 
 
@@ -138,8 +140,8 @@ def _opaque(im: Image.Image) -> Image.Image:
 
 def _to_mode(im: Image.Image, channels: int) -> Image.Image:
     """``im`` as 8-bit grey (1 channel) or RGB (3)."""
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        im = Image.fromarray(to_uint8(np.asarray(im)))
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # "I": what Pillow opens 16-bit PGM/PPM (and older Pillows PNG) as
+        im = Image.fromarray(to_uint8(np.asarray(im), sixteen_bit=im.mode != "F"))
     im = _opaque(im)
     mode = "L" if channels == 1 else "RGB"
     try:
@@ -165,9 +167,14 @@ def prepare_batch(images: Any, size: int, channels: int, read_paths: bool = True
             out[n] = prepare(im, size, channels, read_paths)
         except ValueError as exc:
             raise ValueError(f"image {n}: {exc}") from exc
-        except (OSError, Image.DecompressionBombError) as exc:
-            raise ValueError(f"image {n}: not a readable image ({type(exc).__name__}: {exc})") from exc
+        except (OSError, TypeError, Image.DecompressionBombError) as exc:  # TypeError: an array Pillow has no mode for
+            raise ValueError(f"image {n}: not a readable image ({_why(exc)})") from exc
     return out
+
+
+def _why(exc: BaseException) -> str:
+    """An exception as ``Type: message``, without the in-memory object's address Pillow puts in some."""
+    return f"{type(exc).__name__}: {re.sub(r'<_io.BytesIO object at 0x[0-9a-fA-F]+>', 'the bytes given', str(exc))}"
 
 
 def normalize(batch: Any) -> Any:

@@ -170,15 +170,9 @@ def _raw_now(params: Params, root: Path) -> Callable[[str], str]:
     return raw_now
 
 
-def check_upstream(stage: str, params: Params, root: Path, **which: object) -> None:
-    """Before ``stage`` runs on its own (``adaptflow stage``, what DVC calls): refuse upstream outputs made
-    from params other than the current ones, from an output that has changed since, or (outside DVC, which
-    compares them by content) from raw data that has changed since (an imagefolder's files, a CSV
-    manifest), all the way up.
-    ``which``: for finetune, ``strategy``/``seed`` narrow the runs checked. Raises :class:`InconsistentUpstream`
-    listing each difference, or :class:`MissingOutput` when an upstream output is not there."""
-    if stage == "ingest":  # reads raw data only
-        return
+def upstream_problems(stage: str, params: Params, root: Path, **which: object) -> list[str]:
+    """Why the outputs ``stage`` reads would not be made as they are now (:func:`outputs.inconsistent_upstream`
+    for its key, all the way up); empty when all follow. Raises :class:`MissingOutput` when one is not there."""
     if stage == "finetune":
         from adaptflow.stages import finetune
 
@@ -191,6 +185,19 @@ def check_upstream(stage: str, params: Params, root: Path, **which: object) -> N
     problems: list[str] = []
     for key in keys:
         problems += [p for p in outputs.inconsistent_upstream(key, params.sections, raw_now) if p not in problems]
+    return problems
+
+
+def check_upstream(stage: str, params: Params, root: Path, **which: object) -> None:
+    """Before ``stage`` runs on its own (``adaptflow stage``, what DVC calls): refuse upstream outputs made
+    from params other than the current ones, from an output that has changed since, or (outside DVC, which
+    compares them by content) from raw data that has changed since (an imagefolder's files, a CSV
+    manifest), all the way up.
+    ``which``: for finetune, ``strategy``/``seed`` narrow the runs checked. Raises :class:`InconsistentUpstream`
+    listing each difference, or :class:`MissingOutput` when an upstream output is not there."""
+    if stage == "ingest":  # reads raw data only
+        return
+    problems = upstream_problems(stage, params, root, **which)
     if problems:
         raise InconsistentUpstream(
             f"{stage} would read outputs that the current params would not make:\n  " + "\n  ".join(problems)

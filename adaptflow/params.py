@@ -198,7 +198,9 @@ class Pretrain(_Section):
     def _zero_epochs_need_weights(self) -> "Pretrain":
         if self.epochs == 0 and self.weights is None:
             raise ValueError("epochs: 0 trains nothing, so it needs pretrain.weights (the source model as it is)")
-        if self.epochs == 0 and self.weights == "hub":
+        from adaptflow.models.factory import HUB
+
+        if self.epochs == 0 and self.weights == HUB:
             raise ValueError("epochs: 0 with weights: hub cannot work: the hub's classifier is not the source's; set epochs ≥ 1")
         return self
 

@@ -407,7 +407,7 @@ def move_alias(name: str, alias: str, version: str, *, expected: object, reason:
     """Compare-and-set ``name@alias`` → ``version`` and record the move (see :func:`adaptflow.aliases.move`)."""
     move = aliases.move(MlflowAliasStore(), name, alias, version, expected=expected, reason=reason, context=context)
     if move is not None:
-        log.info("registry: %s@%s %s → %s (%s)", name, alias, move.from_version or "none", move.to_version, reason[:200])
+        log.info("registry: %s@%s %s → %s (%s)", name, alias, move.from_version or "none", move.to_version or "none (removed)", reason[:200])
     return move
 
 

@@ -116,6 +116,8 @@ def transfer_pipeline(params_path: str = "params.yaml", overrides: list[str] | N
             results["finetune"] = {f"{s}[seed={k}]": _done(f) for (s, k), f in zip(pairs, tuned)}
             results["evaluate"] = _done(evaluated)
             _publish(params, project, results["evaluate"])
+            for f in committed:  # a failed dvc commit is what stopped register: say that, not "upstream failed"
+                f.result()
             results["register"] = _done(registered)
         except BaseException:  # a failed stage, Ctrl-C or a cancelled flow run: the lock outlives every task
             settle([*upstream, *committed, registered])

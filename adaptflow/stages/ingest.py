@@ -260,16 +260,22 @@ def _log_items(role: str, what: str, items: list[dict], path: Path) -> None:
         log.warning("ingest %s: … and %d more %s (all listed in %s)", role, len(items) - _LOG_ITEMS, what, path)
 
 
+def warn_unwatched(what: str, path: Path, key: str, watched: str, fix: str, root: Path) -> None:
+    """In a DVC project, warn when ``dvc repro`` would not notice a change to ``path``: it is outside the path
+    ``key`` names (``watched``), the stage's dependency in dvc.yaml."""
+    if not (Path(root) / ".dvc").is_dir():
+        return
+    data, dep = Path(path).resolve(), (Path(root) / watched).resolve()
+    if data != dep and dep not in data.parents:
+        log.warning("%s: %s is outside %s (%s): `dvc repro` will not notice changes to it; set %s: %s", what, data, key, watched, key, fix)
+
+
 def _warn_unwatched(params: Params, root: Path, role: str) -> None:
     """DVC re-runs ingest when ``<role>.raw`` changes; a data path outside it would go unnoticed."""
     spec = getattr(params, role)
     parsed = parse_spec(spec.domain)
-    if not parsed.is_path:
-        return
-    data, watched = resolve(parsed, root).resolve(), (Path(root) / spec.raw).resolve()
-    if data != watched and watched not in data.parents:
-        log.warning("ingest %s: %s is outside %s.raw (%s): `dvc repro` will not notice changes to those files; set %s.raw: %s",
-                    role, data, role, spec.raw, role, parsed.path)
+    if parsed.is_path:
+        warn_unwatched(f"ingest {role}", resolve(parsed, root), f"{role}.raw", spec.raw, parsed.path, root)
 
 
 def write_report(params: Params, root: Path, role: str, card: dict) -> Path:

@@ -20,6 +20,7 @@ from adaptflow.models import ModelConfig, save, start, weights_digest, weights_f
 from adaptflow.params import Params
 from adaptflow.stages.augment import pipeline
 from adaptflow.stages.ingest import output_dir as ingested_dir
+from adaptflow.stages.ingest import warn_unwatched
 from adaptflow.training import fit, seed_everything
 
 log = logging.getLogger(__name__)
@@ -30,28 +31,16 @@ def output_dir(params: Params, root: Path) -> Path:
 
 
 def input_key(params: Params, root: Path) -> outputs.Key:
-    """This stage's identity: pretrain params, seed, the source augmentation, the ingested source and the
-    content of the weights file it starts from (:func:`weights_now`)."""
-    return outputs.input_key("pretrain", params.sections("pretrain", "seed", "augment.source"),
+    """This stage's identity: pretrain params (not ``weights_dep``, which only tells DVC what to watch), seed,
+    the source augmentation, the ingested source and the content of the weights file it starts from
+    (:func:`weights_now`)."""
+    return outputs.input_key("pretrain", params.sections("pretrain", "seed", "augment.source", exclude=("pretrain.weights_dep",)),
                              [ingested_dir(params, root, "source")], raw=weights_now(params, root))
 
 
 def weights_now(params: Params, root: Path) -> str:
     """The fingerprint of what training starts from: the weights file's sha256, ``hub``, or "" (random)."""
     return weights_digest(params.pretrain.weights, root)
-
-
-def warn_unwatched(params: Params, root: Path) -> None:
-    """In a DVC project, warn when ``dvc repro`` would not notice a change to the weights file (outside
-    ``pretrain.weights_dep``)."""
-    p = params.pretrain
-    path = weights_file(p.weights, root)
-    if path is None or not (Path(root) / ".dvc").is_dir():
-        return
-    watched = (Path(root) / p.weights_dep).resolve()
-    if not path.resolve().is_relative_to(watched):
-        log.warning("pretrain: %s is outside pretrain.weights_dep (%s): `dvc repro` will not notice changes to that file; "
-                    "set pretrain.weights_dep: %s", path, p.weights_dep, p.weights)
 
 
 def splits(params: Params, root: Path = Path(".")) -> tuple[store.Split, store.Split]:
@@ -72,7 +61,9 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     p = params.pretrain
     cfg = ModelConfig(p.model, card["channels"], card["image_size"], card["classes"], {"domain": card["domain"], "role": "source"},
                       input_size=p.input_size)
-    warn_unwatched(params, root)
+    path = weights_file(p.weights, root)
+    if path is not None:
+        warn_unwatched("pretrain", path, "pretrain.weights_dep", p.weights_dep, p.weights, root)
     seed_everything(params.seed)  # the initial weights are part of what the seed fixes
     model, began = start(cfg, p.weights, root)
     if began["weights"] is not None:

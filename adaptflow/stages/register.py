@@ -409,7 +409,8 @@ def promote(name: str, version: str, who: str = "adaptflow registry promote") ->
         raise PromoteRefused(f"{name} version {version}: no such registered version")
     tags = tracking.version_tags(name, version)
     current = tracking.alias_version(name, "champion")
-    if current == str(version):  # asked twice, or promoted by its gate: nothing to move
+    if current == str(version):  # asked twice, or promoted by its gate: nothing to move (but a challenger left behind)
+        _retire_challenger(name, str(version), who)
         return {"model_name": name, "version": str(version), "previous_champion": current, "already": True,
                 "reasons": tags.get("gate_reasons", "")}
     if tags.get("gate") != HELD:
@@ -427,12 +428,20 @@ def promote(name: str, version: str, who: str = "adaptflow registry promote") ->
     except aliases.AliasConflict as exc:
         raise PromoteRefused(f"champion moved to version {exc.found or 'none'} meanwhile: nothing promoted") from None
     tracking.set_version_tags(name, version, {"gate": "promoted", "gate_reasons": f"{reasons}; then promoted by hand ({who})"})
-    try:  # challenger names a version that is not champion; this one now is
-        tracking.move_alias(name, "challenger", None, expected=str(version), reason=f"version {version} promoted to champion by hand ({who})",
+    _retire_challenger(name, str(version), who)
+    return {"model_name": name, "version": version, "previous_champion": current, "reasons": reasons}
+
+
+def _retire_challenger(name: str, version: str, who: str) -> None:
+    """``challenger`` names a version that is not champion: remove it where it names ``version``, champion now
+    (also on a retry after a promotion that stopped before this step)."""
+    from adaptflow import aliases, tracking
+
+    try:
+        tracking.move_alias(name, "challenger", None, expected=version, reason=f"version {version} promoted to champion by hand ({who})",
                             context={"orchestrator": "cli"})
     except aliases.AliasConflict:
-        pass  # challenger has moved on to another version meanwhile: it stays there
-    return {"model_name": name, "version": version, "previous_champion": current, "reasons": reasons}
+        pass  # challenger names another version (or none): it stays
 
 
 def summary(reg: dict, root: Path) -> str:

@@ -325,7 +325,9 @@ def test_promote_refuses_what_no_held_gate_stands_behind(monkeypatch):
     assert tags["2"]["gate"] == "promoted"
     assert tags["2"]["gate_reasons"] == "no current champion; held: …; then promoted by hand (adaptflow registry promote)"
     again = register.promote("m", "2")  # already champion: nothing moves, and it says so
-    assert again["already"] and len(moves) == 2
+    assert again["already"] and len(moves) == 3 and moves[-1] == ("challenger", None, "2") and where["challenger"] is None
+    where["challenger"] = "2"  # a promotion that stopped before removing challenger: the retry finishes it
+    assert register.promote("m", "2")["already"] and where["challenger"] is None
     tags["3"] = {"gate": register.HELD, "gate_reasons": "beats version 2", register.GATED_AGAINST: "2"}
     where["challenger"] = "4"  # challenger moved on to another version: it stays there
     assert register.promote("m", "3")["previous_champion"] == "2" and where == {"champion": "3", "challenger": "4"}

@@ -154,7 +154,16 @@ def test_report_command_prints_the_table_and_says_when_it_is_stale(evaluated, mo
     assert res.exit_code == 0 and "**(candidate)**" in res.output and "Test accuracy chooses nothing" in res.output, res.output
     assert "not current" not in res.output and f"report: {(root / 'reports/evaluate/report.html').resolve()}" in res.output
     stale = CliRunner().invoke(app, ["report", "--set", "evaluate.ece_bins=7"])
-    assert stale.exit_code == 0 and "note: this evaluation is not current: the params or data have changed since" in stale.output
+    assert stale.exit_code == 0 and "note: this evaluation is not current for these params and data" in stale.output
+    assert "evaluate's own params or inputs differ" in stale.output
+    # a change further up (the adapted models were made with another lr) is noted too, also with --json:
+    # one adapted model's manifest records the finetune params it was made from, as finetune writes it
+    made = root / "models/adapted/finetune/seed0" / outputs.MANIFEST
+    manifest = json.loads(made.read_text())
+    made.write_text(json.dumps({**manifest, "inputs": {"params": p.sections("finetune"), "upstream": {}}}))
+    assert CliRunner().invoke(app, ["report"]).output.count("not current") == 0  # the same params: current
+    upstream = CliRunner().invoke(app, ["report", "--json", "--set", "finetune.lr=0.5"])
+    assert upstream.exit_code == 0 and "was made with finetune.lr=" in upstream.output, upstream.output
     numbers = CliRunner().invoke(app, ["report", "--json"])
     assert json.loads(numbers.output)["candidate"] == "finetune"
     monkeypatch.chdir(tmp_path)

@@ -114,11 +114,12 @@ def test_sixteen_bit_images_are_scaled_alike_and_agree_with_their_8_bit_version(
     assert to_uint8(np.array([[0, 30000]], dtype=np.int32)).tolist() == [[0, 117]]  # Pillow's 32-bit "I" holding 16-bit data
     assert to_uint8(np.array([[0, 200]], dtype=np.int64)).tolist() == [[0, 200]]  # 8-bit values in a wide integer
     assert to_uint8(np.array([[False, True]])).tolist() == [[0, 255]]
-    for png in (Image.fromarray(eight), Image.fromarray(sixteen)):
+    for image, fmt, mode in ((Image.fromarray(eight), "PNG", "L"), (Image.fromarray(sixteen), "PNG", "I;16"),
+                             (Image.fromarray(sixteen), "PPM", "I")):  # Pillow opens a 16-bit PGM as 32-bit "I"
         buf = io.BytesIO()
-        png.save(buf, format="PNG")
-        assert png.mode in ("L", "I;16")
-        assert (prepare(buf.getvalue(), 3, 1)[0] == prepare(eight, 3, 1)[0]).all()
+        image.save(buf, format=fmt)
+        assert Image.open(io.BytesIO(buf.getvalue())).mode == mode
+        assert (prepare(buf.getvalue(), 3, 1)[0] == prepare(eight, 3, 1)[0]).all(), (fmt, mode)
 
 
 def test_prepare_uci_like_digit_matches_255_scale():

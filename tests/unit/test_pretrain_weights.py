@@ -54,9 +54,10 @@ def test_imagenet_like_weights_get_a_new_head_and_a_one_channel_stem(tmp_path):
     assert torch.allclose(sd["conv1.0.weight"], state["conv1.0.weight"].sum(1, keepdim=True))
     assert torch.equal(sd["layer1.0.conv1.weight"], state["layer1.0.conv1.weight"]) and sd["fc.weight"].shape == (3, sd["fc.weight"].shape[1])
     # and one-channel weights into a three-channel model: the stem is spread over the colour channels
-    _weights(tmp_path / "grey.safetensors")
+    grey = _weights(tmp_path / "grey.safetensors")["conv1.0.weight"]
     rgb, _ = start(ModelConfig("test_resnet", 3, SIZE, CLASSES), "grey.safetensors", tmp_path)
-    assert rgb.state_dict()["conv1.0.weight"].shape[1] == 3
+    # the grey filter a third on each colour: a grey picture (R = G = B) gives the same response as before
+    assert torch.allclose(rgb.state_dict()["conv1.0.weight"], grey.repeat(1, 3, 1, 1) / 3)
 
 
 class _Code:  # a pickled object: loading it would run code
