@@ -179,9 +179,8 @@ def report(
     """Print the last evaluation: the comparison table (every number with its selection rule), whether it is
     still current for these params and data, and where the one-page HTML report is."""
     from adaptflow import orchestrate, outputs
-    from adaptflow.stages import evaluate
-
     from adaptflow.data.files import DataError
+    from adaptflow.stages import evaluate
 
     p = _load(params, set_)
     root = Path.cwd()

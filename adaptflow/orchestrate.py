@@ -582,6 +582,23 @@ def dvc(root: Path, *args: str, timeout: float = 900) -> str:
     return proc.stdout
 
 
+def dvc_stage_names(root: Path) -> list[str]:
+    """The stages of ``root``'s dvc.yaml as DVC names them (a ``foreach`` stage over a mapping or a list of
+    strings: ``NAME@KEY``), read from the file; other forms ask ``dvc stage list``."""
+    import yaml
+
+    names: list[str] = []
+    for name, stage in (yaml.safe_load((Path(root) / "dvc.yaml").read_text()) or {}).get("stages", {}).items():
+        each = stage.get("foreach") if isinstance(stage, dict) else None
+        if each is None:
+            names.append(name)
+        elif isinstance(each, dict) or (isinstance(each, list) and all(isinstance(k, str) for k in each)):
+            names += [f"{name}@{k}" for k in each]
+        else:  # a templated list or other forms: DVC resolves them
+            return dvc(Path(root), "stage", "list", "--name-only").split()
+    return names
+
+
 def dvc_commit_blocker(root: Path, params_path: str, overrides: list[str] | None) -> str | None:
     """Why a Prefect run's outputs must not be committed to ``dvc.lock`` (None: they may).
 

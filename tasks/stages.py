@@ -103,5 +103,5 @@ def dvc_commit(root: str, stages: str = "all") -> None:
     hashes its lineage record reads are this run's, as under ``dvc repro``), ``register``, or ``all``."""
     targets = {"all": [], "register": ["register"]}.get(stages)
     if targets is None:
-        targets = [s for s in orchestrate.dvc(Path(root), "stage", "list", "--name-only").split() if s != "register"]
+        targets = [s for s in orchestrate.dvc_stage_names(Path(root)) if s != "register"]
     orchestrate.dvc(Path(root), "commit", "--force", *targets)  # not --quiet: a failure must say why

@@ -322,3 +322,12 @@ def test_stage_command_reports_bad_data_without_a_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     assert "nope" in proc.stderr
     assert not (tmp_path / "data" / "ingested" / "target").exists()
+
+
+def test_dvc_stage_names_as_dvc_names_them(tmp_path):
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n"
+        "  ingest:\n    foreach: {source: 1, target: 2}\n    do:\n      cmd: echo ${key}\n"
+        "  shard:\n    foreach: [a, b]\n    do:\n      cmd: echo ${item}\n"
+        "  register: {cmd: echo r}\n")
+    assert orchestrate.dvc_stage_names(tmp_path) == ["ingest@source", "ingest@target", "shard@a", "shard@b", "register"]
