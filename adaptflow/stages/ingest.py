@@ -144,6 +144,7 @@ def decode(domain: Domain, indices: np.ndarray, size: int, channels: int, writer
         writer.append(arr)
         if n % every == 0:
             log.info("%s: %d/%d items (%.0f images/s)", label, n, len(indices), n / (time.perf_counter() - start))
+
     def excluded(item: str, cls: str, digest: str) -> list[str]:  # the other labels; logged with the reason
         others = sorted(conflicted[digest] - {cls})
         out.conflict_log.append({"item": item, "reason": f"labeled {cls!r}, and copies of the same image are labeled "
