@@ -93,9 +93,17 @@ def readable(files: list[Any]) -> tuple[list[Any], list[tuple[Any, str]]]:
             for channels in (1, 3):  # whatever the model takes
                 _to_mode(im, channels)
             good.append(f)
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            bad.append((f, f"not a readable image ({type(exc).__name__}: {exc})"))
+        except UNREADABLE as exc:
+            bad.append((f, unreadable(exc)))
     return good, bad
+
+
+UNREADABLE = (OSError, ValueError, TypeError, Image.DecompressionBombError)  # TypeError: an array Pillow has no mode for
+
+
+def unreadable(exc: BaseException) -> str:
+    """Why an image could not be used, as ingest's quarantine, ``adaptflow predict`` and the incoming folder say it."""
+    return f"not a readable image ({_why(exc)})"
 
 
 def _is_file(s: str) -> bool:
@@ -167,8 +175,8 @@ def prepare_batch(images: Any, size: int, channels: int, read_paths: bool = True
             out[n] = prepare(im, size, channels, read_paths)
         except ValueError as exc:
             raise ValueError(f"image {n}: {exc}") from exc
-        except (OSError, TypeError, Image.DecompressionBombError) as exc:  # TypeError: an array Pillow has no mode for
-            raise ValueError(f"image {n}: not a readable image ({_why(exc)})") from exc
+        except UNREADABLE as exc:
+            raise ValueError(f"image {n}: {unreadable(exc)}") from exc
     return out
 
 

@@ -438,8 +438,6 @@ def _hold_back(files: list[Path], src: Path, dest: Path, params: Params, root: P
     from adaptflow.data.splits import class_quota
     from adaptflow.stages.ingest import class_size_needed, output_dir, stored_digest
 
-    ok, bad = imaging.readable(files)
-    held += [{"item": str(f.relative_to(src)), "reason": why} for f, why in bad]
     need, size, channels = class_size_needed(params, "target"), params.preprocess.image_size, params.preprocess.channels
     stored = output_dir(params, root, "target")
     owner: dict[str, str | None] = {}  # stored digest → the class that holds it (None: excluded as a label conflict)
@@ -449,9 +447,13 @@ def _hold_back(files: list[Path], src: Path, dest: Path, params: Params, root: P
         owner.update((c["sha1"], None) for c in store.read_card(stored).get("duplicates", {}).get("label_conflicts", []) if "sha1" in c)
     by_class: dict[str, list[Path]] = {}
     distinct: Counter = Counter()
-    for f in ok:
+    for f in files:
         c = f.relative_to(src).parts[0]
-        digest = stored_digest(imaging.prepare(f, size, channels))
+        try:  # decoded once, as ingest will decode it
+            digest = stored_digest(imaging.prepare(f, size, channels))
+        except imaging.UNREADABLE as exc:
+            held.append({"item": str(f.relative_to(src)), "reason": imaging.unreadable(exc)})
+            continue
         there = owner.get(digest, c)
         if there != c:
             why = ("the same image is already excluded from the dataset as a label conflict" if there is None else

@@ -124,18 +124,25 @@ def _mismatch(arch: str, blank: nn.Module, state: dict[str, torch.Tensor], path:
             + ". Set pretrain.model to the architecture the file was saved from")
 
 
+def _fitting_state(arch: str, in_chans: int, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The file's tensors and the architecture's timm config, once the file is known to hold ``arch``'s
+    weights (the classifier aside); else :class:`DataError` naming the key."""
+    from adaptflow.data.files import DataError
+
+    state = _read_state(path)
+    blank = timm.create_model(arch, pretrained=False, in_chans=in_chans, num_classes=2)
+    why = _mismatch(arch, blank, state, path)
+    if why:
+        raise DataError(why)
+    return state, blank.pretrained_cfg
+
+
 def check_weights(arch: str, in_chans: int, weights: str | None, root: Path) -> None:
     """Before any work: ``pretrain.weights`` names a file timm reads holding ``arch``'s weights (the
     classifier aside). Raises :class:`DataError` naming the key; the hub is not contacted."""
-    from adaptflow.data.files import DataError
-
     path = weights_file(weights, root)
-    if path is None:
-        return
-    blank = timm.create_model(arch, pretrained=False, in_chans=in_chans, num_classes=2)
-    why = _mismatch(arch, blank, _read_state(path), path)
-    if why:
-        raise DataError(why)
+    if path is not None:
+        _fitting_state(arch, in_chans, path)
 
 
 def start(cfg: ModelConfig, weights: str | None, root: Path) -> tuple[nn.Module, dict]:
@@ -160,12 +167,7 @@ def start(cfg: ModelConfig, weights: str | None, root: Path) -> tuple[nn.Module,
                             "file") from None
         return model, {"weights": HUB, "head": "new"}
     path = weights_file(weights, root)
-    state = _read_state(path)
-    blank = create(cfg)
-    why = _mismatch(cfg.arch, blank, state, path)
-    if why:
-        raise DataError(why)
-    arch_cfg = blank.pretrained_cfg
+    state, arch_cfg = _fitting_state(cfg.arch, cfg.in_chans, path)
     heads = _names(arch_cfg.get("classifier"))
     keep_head = {state[f"{h}.weight"].shape[0] for h in heads if f"{h}.weight" in state} == {cfg.num_classes}
     convs = _names(arch_cfg.get("first_conv"))

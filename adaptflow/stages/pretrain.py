@@ -4,7 +4,8 @@ Optimises cross-entropy on source train with ``augment.source`` applied on the f
 epoch with the best source val accuracy. ``pretrain.weights`` starts from a local weights file (timm's
 ``pretrained_cfg_overlay``: e.g. ImageNet weights, or a source model trained elsewhere) or timm's hub
 weights. A file whose classifier fits the source classes is a source model already: it competes as epoch 0,
-and with ``pretrain.epochs: 0`` it is the source model as it is. Weights go to safetensors with a JSON config that records what training started from.
+and with ``pretrain.epochs: 0`` it is the source model as it is. Weights go to safetensors with a JSON
+config that records what training started from.
 """
 
 from __future__ import annotations
