@@ -1,13 +1,19 @@
 """Start Prefect's ephemeral API server early, while the rest of ``adaptflow run`` is still importing.
 
 Without ``PREFECT_API_URL`` every run starts a temporary local server (a subprocess, 5–7 s) the moment
-the flow is first called — after torch, timm and the params have loaded. Starting it on a thread at the top
-of the command overlaps the two, which is most of what stands between a warm re-run and a 15 s budget.
+the flow is first called — after torch, timm and the params have loaded. Starting it at the top of the
+command overlaps the two, which is most of what stands between a warm re-run and a 15 s budget.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import random
+import socket
+import subprocess
+import sys
 import threading
 from typing import Callable
 
@@ -33,6 +39,72 @@ class _HoldServerLines(logging.Filter):
         return True
 
 
+def uvicorn_command(port: int) -> tuple[list[str], dict[str, str]]:
+    """The command and environment Prefect's ``SubprocessASGIServer`` runs its ephemeral server with (a
+    unit test holds the two equal), built without importing Prefect's server package."""
+    import prefect
+    from prefect.settings import get_current_settings
+
+    args = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+            "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
+            "--lifespan", "on"]
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+           **get_current_settings().to_environment_variables(exclude_unset=True)}
+    return args, env
+
+
+def _free_port() -> int:
+    """A port in Prefect's ephemeral range that nothing listens on now (a race is caught by Prefect: the
+    server exits 3 and Prefect starts another on a new port)."""
+    for _ in range(20):
+        port = random.randrange(8000, 9000)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port in 8000-8999 for Prefect's ephemeral API server")
+
+
+def _stop_unadopted(proc: subprocess.Popen) -> None:
+    """At exit: stop the early server process if Prefect never took it over (it stops the ones it has)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _start_early() -> None:
+    """Spawn the ephemeral server's process first, then hand it to Prefect's own ``SubprocessASGIServer``.
+
+    Prefect would spawn it only after importing its server package here (≈2.5 s, sharing the interpreter
+    lock with torch's import); the process then needs ≈3.5 s more to answer. Spawned first, it boots on the
+    other core meanwhile. Prefect adopts it: ``start`` waits for the health check, starts another on a new
+    port if this one was taken, and stops it at exit."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    port = _free_port()
+    args, env = uvicorn_command(port)
+    proc = subprocess.Popen(args, env=env)
+    atexit.register(_stop_unadopted, proc)  # the command may stop (bad params) before Prefect adopts it
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the instance the flow's client will find running
+    if server.running:  # started already in this process (a second run in one interpreter)
+        _stop_unadopted(proc)
+        return
+    server.port = port
+    spawned = [proc]
+    server._run_uvicorn_command = lambda: spawned.pop() if spawned else SubprocessASGIServer._run_uvicorn_command(server)
+    server.start()
+
+
 def start_in_background() -> Callable[[], None]:
     """Start the ephemeral API server on a thread if this process will need one; returns a ``join`` to call
     before the flow runs (so the flow never races a half-started server). Until then the server's own log
@@ -40,13 +112,7 @@ def start_in_background() -> Callable[[], None]:
 
     def start() -> None:
         try:
-            from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-            if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-                return
-            from prefect.server.api.server import SubprocessASGIServer
-
-            SubprocessASGIServer().start()  # the instance the flow's client will find running
+            _start_early()
         except Exception as exc:  # noqa: BLE001 — the flow starts it itself, and reports what is wrong
             log.debug("early Prefect API start skipped: %s", exc)
 

@@ -1,8 +1,12 @@
-"""`adaptflow run` starts Prefect's API early, but its log lines wait until the params have passed."""
+"""`adaptflow run` starts Prefect's API early: its process is spawned before Prefect's server package is
+imported, Prefect adopts that very process, and its log lines wait until the params have passed."""
 
 from __future__ import annotations
 
 import logging
+import subprocess
+
+import pytest
 
 from flows import api
 
@@ -17,9 +21,7 @@ class _Collect(logging.Handler):
 
 
 def test_server_lines_are_held_until_the_join_and_dropped_without_it(monkeypatch):
-    from prefect.server.api.server import SubprocessASGIServer
-
-    monkeypatch.setattr(SubprocessASGIServer, "start", lambda self, timeout=None: None)  # no real server here
+    monkeypatch.setattr(api, "_start_early", lambda: None)  # no real server here
     prefect_logger, seen = logging.getLogger("prefect"), _Collect()
     prefect_logger.addHandler(seen)
     level, before = prefect_logger.level, list(prefect_logger.filters)
@@ -41,3 +43,109 @@ def test_server_lines_are_held_until_the_join_and_dropped_without_it(monkeypatch
         prefect_logger.setLevel(level)
         for f in [f for f in prefect_logger.filters if f not in before]:
             prefect_logger.removeFilter(f)
+
+
+def test_the_early_command_is_the_one_prefect_runs(monkeypatch):
+    """The command is built without Prefect's server package: it must stay what Prefect itself would run."""
+    import prefect.server.api.server as server_mod
+
+    seen = {}
+
+    def popen(args, env=None, **kw):
+        seen.update(args=args, env=env, kw=kw)
+        return None
+
+    monkeypatch.setattr(server_mod.subprocess, "Popen", popen)
+    monkeypatch.setenv("PREFECT_API_URL", "")  # a setting made where Prefect exports it to the server's env
+    server_mod.SubprocessASGIServer(port=8123)._run_uvicorn_command()
+    server_mod.SubprocessASGIServer._instances.pop(8123, None)
+    args, env = api.uvicorn_command(8123)
+    assert args == seen["args"] and env == seen["env"] and not seen["kw"]
+
+
+class _Proc:
+    """Stands in for the early server process."""
+
+    def __init__(self) -> None:
+        self.terminated = False
+
+    def poll(self):
+        return 0 if self.terminated else None
+
+    def terminate(self) -> None:
+        self.terminated = True
+
+    def wait(self, timeout=None) -> int:
+        return 0
+
+
+@pytest.fixture
+def fresh_server(monkeypatch):
+    """Prefect's ephemeral-server registry emptied for the test, the real one put back after."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setattr(SubprocessASGIServer, "_instances", {})
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # no server configured (another test may have one)
+        yield SubprocessASGIServer
+
+
+def test_prefect_adopts_the_early_process_and_stops_it_at_exit(monkeypatch, fresh_server):
+    spawned, exits, started = [], [], []
+
+    def popen(args, env):
+        spawned.append(_Proc())
+        spawned[-1].port = int(args[args.index("--port") + 1])
+        return spawned[-1]
+
+    monkeypatch.setattr(api.subprocess, "Popen", popen)
+    monkeypatch.setattr(api.atexit, "register", lambda fn, *a: exits.append((fn, a)))
+    monkeypatch.setattr(fresh_server, "start", lambda self, timeout=None: started.append(self._run_uvicorn_command()))
+    api._start_early()
+    server = fresh_server()
+    assert started == spawned and len(spawned) == 1  # Prefect's start got the early process, spawned once
+    assert server.port == spawned[0].port  # and knows the port it listens on
+    # a second spawn (the port was taken: Prefect retries on a new one) is Prefect's own
+    calls = []
+    monkeypatch.setattr(fresh_server, "_run_uvicorn_command", lambda self: calls.append(self) or "prefect's")
+    assert server._run_uvicorn_command() == "prefect's" and calls == [server]
+    # at exit the early process is stopped if Prefect never took it over, left to Prefect otherwise
+    (fn, (proc,)), = exits
+    fn(proc)
+    assert proc.terminated
+
+
+def test_the_early_process_is_stopped_when_the_command_ends_first(monkeypatch, fresh_server):
+    """A bad params value ends the command before Prefect adopts the process: the exit hook stops it."""
+    spawned, exits = [], []
+    monkeypatch.setattr(api.subprocess, "Popen", lambda args, env: spawned.append(_Proc()) or spawned[-1])
+    monkeypatch.setattr(api.atexit, "register", lambda fn, *a: exits.append((fn, a)))
+    fresh_server().running = True  # as if this interpreter had started one already: the early one is not needed
+    api._start_early()
+    assert spawned and spawned[0].terminated
+
+
+def test_no_early_server_when_a_server_is_configured(monkeypatch, fresh_server):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    spawned = []
+    monkeypatch.setattr(api.subprocess, "Popen", lambda *a, **k: spawned.append(a))
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        api._start_early()
+    assert spawned == []
+
+
+@pytest.mark.integration
+def test_a_real_early_server_answers_and_stops(fresh_server):
+    """The real thing: the process spawned early is the one Prefect health-checks, and it stops."""
+    import httpx
+
+    api._start_early()
+    server = fresh_server()
+    try:
+        assert server.running and isinstance(server.server_process, subprocess.Popen)
+        assert httpx.get(f"{server.api_url}/health", timeout=10).status_code == 200
+        proc = server.server_process
+    finally:
+        server.stop()
+    assert proc.poll() is not None
