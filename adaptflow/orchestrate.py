@@ -165,7 +165,7 @@ def _raw_now(params: Params, root: Path) -> Callable[[str], str]:
         if stage == "pretrain":
             return pretrain.weights_now(params, root)
         role = stage.partition(":")[2]
-        return ingest.open_role(params, root, role).fingerprint if role in ingest.ROLES else ""
+        return ingest.raw_fingerprint(params, root, role) if role in ingest.ROLES else ""
 
     return raw_now
 

@@ -29,12 +29,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
 from adaptflow import outputs
-from adaptflow.data import store
+from adaptflow.data import domains, store
 from adaptflow.data.domains import DataError, Domain, check_exists, open_domain, parse_spec, resolve
 from adaptflow.data.files import BadItem, describe, reason
 from adaptflow.data.splits import k_shot, min_class_size, stable_split, stratified_subset
@@ -322,18 +323,24 @@ def _failed_report(params: Params, root: Path, role: str, dec, domain, exc: Data
     return path
 
 
-def open_role(params: Params, root: Path, role: str):
-    """The role's domain, checked (opening reads no image: listing and fingerprinting only)."""
+def open_role(params: Params, root: Path, role: str, opener: Callable[..., Any] = open_domain):
+    """The role's domain, checked (opening reads no image: listing and fingerprinting only); with
+    ``opener=domains.fingerprint``, its fingerprint alone."""
     check_domains(params, root)
     spec = getattr(params, role)
     allowed = ("train", "val", "test") if role == "target" else ("train", "val")
-    return open_domain(spec.domain, spec, root, f"{role}.domain", allowed)
+    return opener(spec.domain, spec, root, f"{role}.domain", allowed)
+
+
+def raw_fingerprint(params: Params, root: Path, role: str) -> str:
+    """The fingerprint of the role's raw data now (a built-in dataset is not loaded for it)."""
+    return open_role(params, root, role, domains.fingerprint)
 
 
 def input_key(params: Params, root: Path, role: str, domain=None) -> outputs.Key:
     """This stage's identity for ``role``: its params sections and the fingerprint of the raw data."""
-    domain = domain or open_role(params, root, role)
-    return outputs.input_key(f"ingest:{role}", params.sections(role, "preprocess", "seed"), raw=domain.fingerprint)
+    raw = domain.fingerprint if domain is not None else raw_fingerprint(params, root, role)
+    return outputs.input_key(f"ingest:{role}", params.sections(role, "preprocess", "seed"), raw=raw)
 
 
 def run(params: Params, root: Path = Path("."), role: str = "target") -> dict:

