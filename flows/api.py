@@ -15,11 +15,15 @@ import socket
 import subprocess
 import sys
 import threading
+import warnings
 from typing import Callable
 
 import flows  # noqa: F401  (Prefect's offline defaults, before the server process inherits the environment)
 
 log = logging.getLogger(__name__)
+
+# torch's own filter for this warning, in torch/_native/__init__.py
+TORCH_OVERRIDE_WARNING = r"Warning only once for all operators,  other operators may also be overridden\."
 
 
 class _HoldServerLines(logging.Filter):
@@ -116,6 +120,12 @@ def start_in_background() -> Callable[[], None]:
         except Exception as exc:  # noqa: BLE001 — the flow starts it itself, and reports what is wrong
             log.debug("early Prefect API start skipped: %s", exc)
 
+    # Warning filters are process-wide and `catch_warnings` is not thread-safe: an import on this thread that
+    # leaves a `catch_warnings` block restores the filters it found, dropping the one torch's import sets
+    # meanwhile on the main thread around its kernel overrides (about 1 run in 7 then printed torch's
+    # "Overriding a previously registered kernel" warning). The same filter, set before the thread starts,
+    # is in every list a restore puts back.
+    warnings.filterwarnings("ignore", message=TORCH_OVERRIDE_WARNING, category=UserWarning)
     prefect_logger = logging.getLogger("prefect")  # the logger Prefect's SubprocessASGIServer writes to
     hold = _HoldServerLines()
     prefect_logger.addFilter(hold)

@@ -149,3 +149,21 @@ def test_a_real_early_server_answers_and_stops(fresh_server):
     finally:
         server.stop()
     assert proc.poll() is not None
+
+
+def test_torch_override_warning_stays_silent_when_the_other_thread_restores_the_filters(monkeypatch):
+    """torch's import silences its kernel-override warning inside `catch_warnings`; an import on the early
+    server's thread that leaves its own `catch_warnings` meanwhile puts back a list without that filter."""
+    import warnings
+
+    monkeypatch.setattr(api, "_start_early", lambda: None)
+    with warnings.catch_warnings(record=True) as seen:  # the test's filters come back after
+        warnings.simplefilter("always")
+        api.start_in_background()()
+        captured_by_the_other_thread = list(warnings.filters)
+        with warnings.catch_warnings():  # torch's import, on the main thread
+            warnings.filterwarnings("ignore", message=api.TORCH_OVERRIDE_WARNING, category=UserWarning)
+            warnings.filters[:] = captured_by_the_other_thread  # the other thread's block ends
+            warnings._filters_mutated()
+            warnings.warn("Warning only once for all operators,  other operators may also be overridden.", UserWarning)
+    assert not [w for w in seen if "other operators" in str(w.message)]
