@@ -71,8 +71,7 @@ def _free_port() -> int:
     raise RuntimeError("no free port in 8000-8999 for Prefect's ephemeral API server")
 
 
-def _stop_unadopted(proc: subprocess.Popen) -> None:
-    """At exit: stop the early server process if Prefect never took it over (it stops the ones it has)."""
+def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -82,30 +81,61 @@ def _stop_unadopted(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+class _Early:
+    """The server processes this command spawned early, and whether it is exiting. The exit hook is
+    registered on the main thread before the spawning thread starts, so it runs whenever the command ends —
+    during the spawn too: the lock orders the two, and nothing is spawned once it has run."""
+
+    lock = threading.Lock()
+    closing = False
+    spawned: list[subprocess.Popen] = []
+    hooked = False
+
+    @classmethod
+    def at_exit(cls) -> None:
+        """Stop every early process still running: one Prefect never adopted (the command ended first, on a
+        bad params value); an adopted one is stopped by Prefect's own hook, registered later and so run
+        earlier, and is gone by now."""
+        with cls.lock:
+            cls.closing = True
+            procs, cls.spawned = cls.spawned, []
+        for proc in procs:
+            _stop(proc)
+
+
+def _running_server() -> bool:
+    """Prefect's ephemeral server already runs in this interpreter (an in-process caller's second run)."""
+    mod = sys.modules.get("prefect.server.api.server")
+    return mod is not None and getattr(mod.SubprocessASGIServer._instances.get(None), "running", False)
+
+
 def _start_early() -> None:
     """Spawn the ephemeral server's process first, then hand it to Prefect's own ``SubprocessASGIServer``.
 
     Prefect would spawn it only after importing its server package here (≈2.5 s, sharing the interpreter
-    lock with torch's import); the process then needs ≈3.5 s more to answer. Spawned first, it boots on the
-    other core meanwhile. Prefect adopts it: ``start`` waits for the health check, starts another on a new
-    port if this one was taken, and stops it at exit."""
+    lock with torch's import); the process then needs ≈3.5 s more to answer. Spawned as soon as Prefect's
+    settings have loaded, it boots on the other core meanwhile. Prefect adopts it: ``start`` waits for the
+    health check, starts another on a new port if this one was taken, and stops it at exit."""
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value() or _running_server():
         return
     port = _free_port()
     args, env = uvicorn_command(port)
-    proc = subprocess.Popen(args, env=env)
-    atexit.register(_stop_unadopted, proc)  # the command may stop (bad params) before Prefect adopts it
+    with _Early.lock:
+        if _Early.closing:  # the command is exiting: spawn nothing its exit hook would not see
+            return
+        proc = subprocess.Popen(args, env=env)
+        _Early.spawned = [p for p in _Early.spawned if p.poll() is None] + [proc]
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()  # the instance the flow's client will find running
-    if server.running:  # started already in this process (a second run in one interpreter)
-        _stop_unadopted(proc)
+    if server.running:  # started meanwhile by another caller in this interpreter
+        _stop(proc)
         return
     server.port = port
-    spawned = [proc]
-    server._run_uvicorn_command = lambda: spawned.pop() if spawned else SubprocessASGIServer._run_uvicorn_command(server)
+    first = [proc]
+    server._run_uvicorn_command = lambda: first.pop() if first else SubprocessASGIServer._run_uvicorn_command(server)
     server.start()
 
 
@@ -124,8 +154,12 @@ def start_in_background() -> Callable[[], None]:
     # leaves a `catch_warnings` block restores the filters it found, dropping the one torch's import sets
     # meanwhile on the main thread around its kernel overrides (about 1 run in 7 then printed torch's
     # "Overriding a previously registered kernel" warning). The same filter, set before the thread starts,
-    # is in every list a restore puts back.
+    # is in every list a restore puts back. It stays for the process (an in-process caller keeps it too); other filters set that way by the main
+    # thread's imports could be dropped the same way, none has been seen printing.
     warnings.filterwarnings("ignore", message=TORCH_OVERRIDE_WARNING, category=UserWarning)
+    if not _Early.hooked:
+        atexit.register(_Early.at_exit)
+        _Early.hooked = True
     prefect_logger = logging.getLogger("prefect")  # the logger Prefect's SubprocessASGIServer writes to
     hold = _HoldServerLines()
     prefect_logger.addFilter(hold)

@@ -56,7 +56,6 @@ def test_the_early_command_is_the_one_prefect_runs(monkeypatch):
         return None
 
     monkeypatch.setattr(server_mod.subprocess, "Popen", popen)
-    monkeypatch.setenv("PREFECT_API_URL", "")  # a setting made where Prefect exports it to the server's env
     server_mod.SubprocessASGIServer(port=8123)._run_uvicorn_command()
     server_mod.SubprocessASGIServer._instances.pop(8123, None)
     args, env = api.uvicorn_command(8123)
@@ -81,25 +80,33 @@ class _Proc:
 
 @pytest.fixture
 def fresh_server(monkeypatch):
-    """Prefect's ephemeral-server registry emptied for the test, the real one put back after."""
+    """Prefect's ephemeral-server registry and the early spawns emptied for the test, the real ones put back after."""
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     monkeypatch.setattr(SubprocessASGIServer, "_instances", {})
+    monkeypatch.setattr(api._Early, "spawned", [])
+    monkeypatch.setattr(api._Early, "closing", False)
     with temporary_settings(restore_defaults={PREFECT_API_URL}):  # no server configured (another test may have one)
         yield SubprocessASGIServer
 
 
-def test_prefect_adopts_the_early_process_and_stops_it_at_exit(monkeypatch, fresh_server):
-    spawned, exits, started = [], [], []
+@pytest.fixture
+def spawned(monkeypatch) -> list[_Proc]:
+    """Stand-ins for the processes ``_start_early`` spawns, each knowing its ``--port``."""
+    procs: list[_Proc] = []
 
     def popen(args, env):
-        spawned.append(_Proc())
-        spawned[-1].port = int(args[args.index("--port") + 1])
-        return spawned[-1]
+        procs.append(_Proc())
+        procs[-1].port = int(args[args.index("--port") + 1])
+        return procs[-1]
 
     monkeypatch.setattr(api.subprocess, "Popen", popen)
-    monkeypatch.setattr(api.atexit, "register", lambda fn, *a: exits.append((fn, a)))
+    return procs
+
+
+def test_prefect_adopts_the_early_process(monkeypatch, fresh_server, spawned):
+    started = []
     monkeypatch.setattr(fresh_server, "start", lambda self, timeout=None: started.append(self._run_uvicorn_command()))
     api._start_early()
     server = fresh_server()
@@ -109,27 +116,31 @@ def test_prefect_adopts_the_early_process_and_stops_it_at_exit(monkeypatch, fres
     calls = []
     monkeypatch.setattr(fresh_server, "_run_uvicorn_command", lambda self: calls.append(self) or "prefect's")
     assert server._run_uvicorn_command() == "prefect's" and calls == [server]
-    # at exit the early process is stopped if Prefect never took it over, left to Prefect otherwise
-    (fn, (proc,)), = exits
-    fn(proc)
-    assert proc.terminated
 
 
-def test_the_early_process_is_stopped_when_the_command_ends_first(monkeypatch, fresh_server):
-    """A bad params value ends the command before Prefect adopts the process: the exit hook stops it."""
-    spawned, exits = [], []
-    monkeypatch.setattr(api.subprocess, "Popen", lambda args, env: spawned.append(_Proc()) or spawned[-1])
-    monkeypatch.setattr(api.atexit, "register", lambda fn, *a: exits.append((fn, a)))
-    fresh_server().running = True  # as if this interpreter had started one already: the early one is not needed
+def test_the_early_process_is_stopped_when_the_command_ends_before_it_answers(monkeypatch, fresh_server, spawned):
+    """The command ends (a bad params value) while Prefect still waits for the server: the exit hook stops it
+    (once Prefect has it, Prefect's own hook, registered later and so run first, has stopped it already)."""
+    monkeypatch.setattr(fresh_server, "start", lambda self, timeout=None: api._Early.at_exit())
     api._start_early()
-    assert spawned and spawned[0].terminated
+    assert len(spawned) == 1 and spawned[0].terminated and api._Early.spawned == []
 
 
-def test_no_early_server_when_a_server_is_configured(monkeypatch, fresh_server):
+def test_nothing_is_spawned_once_the_command_is_exiting(fresh_server, spawned):
+    api._Early.at_exit()  # the exit hook ran while the thread was still importing Prefect's settings
+    api._start_early()
+    assert spawned == []
+
+
+def test_no_early_server_when_one_runs_in_this_interpreter_already(fresh_server, spawned):
+    fresh_server().running = True  # an in-process caller's earlier run started it
+    api._start_early()
+    assert spawned == []
+
+
+def test_no_early_server_when_a_server_is_configured(fresh_server, spawned):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    spawned = []
-    monkeypatch.setattr(api.subprocess, "Popen", lambda *a, **k: spawned.append(a))
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
         api._start_early()
     assert spawned == []
@@ -143,12 +154,12 @@ def test_a_real_early_server_answers_and_stops(fresh_server):
     api._start_early()
     server = fresh_server()
     try:
-        assert server.running and isinstance(server.server_process, subprocess.Popen)
+        (early,) = api._Early.spawned
+        assert server.running and server.server_process is early  # adopted, not a second one Prefect spawned
         assert httpx.get(f"{server.api_url}/health", timeout=10).status_code == 200
-        proc = server.server_process
     finally:
         server.stop()
-    assert proc.poll() is not None
+    assert early.poll() is not None
 
 
 def test_torch_override_warning_stays_silent_when_the_other_thread_restores_the_filters(monkeypatch):
