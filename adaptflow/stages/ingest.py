@@ -324,8 +324,9 @@ def _failed_report(params: Params, root: Path, role: str, dec, domain, exc: Data
 
 
 def open_role(params: Params, root: Path, role: str, opener: Callable[..., Any] = open_domain):
-    """The role's domain, checked (opening reads no image: listing and fingerprinting only); with
-    ``opener=domains.fingerprint``, its fingerprint alone."""
+    """The role's domain, checked: a folder or manifest is listed and fingerprinted, no image read; a built-in
+    dataset is loaded (rendered lazily for synth_digits). With ``opener=domains.fingerprint``, its
+    fingerprint alone, no built-in dataset loaded."""
     check_domains(params, root)
     spec = getattr(params, role)
     allowed = ("train", "val", "test") if role == "target" else ("train", "val")
@@ -347,14 +348,14 @@ def run(params: Params, root: Path = Path("."), role: str = "target") -> dict:
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     spec = getattr(params, role)
-    domain = open_role(params, root, role)
     out = output_dir(params, root, role)
-    key = input_key(params, root, role, domain)
-    if outputs.is_current(out, key):
+    if outputs.is_current(out, input_key(params, root, role)):  # a built-in dataset is not loaded for this
         log.info("ingest %s: up to date (%s)", role, out)
         if not report_path(params, root, role).is_file():
             write_report(params, root, role, store.read_card(out))
         return {"role": role, "path": str(out), "digest": outputs.digest(out), "cached": True}
+    domain = open_role(params, root, role)
+    key = input_key(params, root, role, domain)  # from the listing that is ingested
     _warn_unwatched(params, root, role)
     if len(domain.classes) < 2:
         raise DataError(f"{role}.domain: {spec.domain} has {len(domain.classes)} class(es) {domain.classes}; a classifier needs at least two")

@@ -91,6 +91,14 @@ def test_cache_follows_the_files_and_restores_the_report(tmp_path, folder):
     assert not again["cached"] and again["quarantined"] == 1
 
 
+def test_a_current_builtin_output_is_reused_without_loading_the_dataset(tmp_path, monkeypatch):
+    p = params()
+    first = ingest.run(p, tmp_path, "target")
+    monkeypatch.setattr("sklearn.datasets.load_digits", lambda *a, **k: pytest.fail("the dataset was loaded"))
+    again = ingest.run(p, tmp_path, "target")
+    assert again["cached"] and again["digest"] == first["digest"]
+
+
 # --- splits: keyed by content, so new data moves no image already split ---------------------------------------
 
 
