@@ -11,11 +11,11 @@ from adaptflow.accel import runtime, settings
 
 
 def test_defaults_when_unset():
-    assert settings({}) == {"device": "auto", "amp": "auto", "compile": False, "threads": None}
+    assert settings({}) == {"device": "auto", "amp": "auto", "channels_last": "auto", "compile": False, "threads": None}
 
 
 @pytest.mark.parametrize("var,value", [("ADAPTFLOW_DEVICE", "gpu"), ("ADAPTFLOW_DEVICE", "cuda:x"), ("ADAPTFLOW_AMP", "fp8"),
-                                       ("ADAPTFLOW_COMPILE", "yes"), ("ADAPTFLOW_THREADS", "0"), ("ADAPTFLOW_THREADS", "two")])
+                                       ("ADAPTFLOW_CHANNELS_LAST", "on"), ("ADAPTFLOW_COMPILE", "yes"), ("ADAPTFLOW_THREADS", "0"), ("ADAPTFLOW_THREADS", "two")])
 def test_bad_value_names_the_variable(var, value):
     with pytest.raises(ValueError, match=var):
         settings({var: value})
@@ -32,6 +32,9 @@ def test_runtime_takes_the_environment(monkeypatch):
         assert rt.device.type == "cpu" and rt.amp_dtype == torch.bfloat16 and rt.compile
         assert torch.get_num_threads() == 1
         assert not runtime(amp="off", compile=False).compile  # an explicit argument wins
+        assert rt.channels_last  # auto: on, on CPU too
+        monkeypatch.setenv("ADAPTFLOW_CHANNELS_LAST", "0")
+        assert not runtime().channels_last and runtime(channels_last=True).channels_last
     finally:
         torch.set_num_threads(before)
 
