@@ -135,7 +135,20 @@ def _start_early() -> None:
         return
     server.port = port
     first = [proc]
-    server._run_uvicorn_command = lambda: first.pop() if first else SubprocessASGIServer._run_uvicorn_command(server)
+
+    def run_command() -> subprocess.Popen:
+        """The early process first; a new one (Prefect's retry on a taken port) is Prefect's command, spawned
+        under the exit hook's eyes like the early one."""
+        if first:
+            return first.pop()
+        with _Early.lock:
+            if _Early.closing:
+                raise RuntimeError("adaptflow is exiting: no new Prefect API server")
+            again = SubprocessASGIServer._run_uvicorn_command(server)
+            _Early.spawned.append(again)
+            return again
+
+    server._run_uvicorn_command = run_command
     server.start()
 
 

@@ -112,10 +112,17 @@ def test_prefect_adopts_the_early_process(monkeypatch, fresh_server, spawned):
     server = fresh_server()
     assert started == spawned and len(spawned) == 1  # Prefect's start got the early process, spawned once
     assert server.port == spawned[0].port  # and knows the port it listens on
-    # a second spawn (the port was taken: Prefect retries on a new one) is Prefect's own
+    # a second spawn (the port was taken: Prefect retries on a new one) is Prefect's own command, and the
+    # exit hook knows it; once the command is exiting, nothing more is spawned
     calls = []
-    monkeypatch.setattr(fresh_server, "_run_uvicorn_command", lambda self: calls.append(self) or "prefect's")
-    assert server._run_uvicorn_command() == "prefect's" and calls == [server]
+    monkeypatch.setattr(fresh_server, "_run_uvicorn_command", lambda self: calls.append(self) or _Proc())
+    again = server._run_uvicorn_command()
+    assert calls == [server] and api._Early.spawned == [spawned[0], again]
+    api._Early.at_exit()
+    assert again.terminated and spawned[0].terminated
+    with pytest.raises(RuntimeError, match="exiting"):
+        server._run_uvicorn_command()
+    assert calls == [server]
 
 
 def test_the_early_process_is_stopped_when_the_command_ends_before_it_answers(monkeypatch, fresh_server, spawned):
