@@ -186,6 +186,14 @@ def check_exists(spec_str: str, root: Path, key: str) -> None:
         raise DataError(f"{key}: {spec.kind} path {resolve(spec, root)} does not exist; fix the path (relative paths are resolved against the project root {Path(root).resolve()})")
 
 
+def ships_as_file(spec_str: str) -> bool:
+    """A built-in dataset that a package ships as one file: :func:`fingerprint` reads only that file."""
+    try:
+        return parse_spec(spec_str).kind in _SHIPPED
+    except ValueError:
+        return False
+
+
 def fingerprint(spec_str: str, cfg: Any, root: Path = Path("."), key: str = "domain", allowed_splits: tuple[str, ...] = ("train", "val", "test")) -> str:
     """``open_domain(...).fingerprint``, without loading a built-in dataset that ships as a file: what a
     cache check (is ingest's output still current?) needs."""

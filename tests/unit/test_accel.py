@@ -28,6 +28,7 @@ def test_runtime_takes_the_environment(monkeypatch):
         monkeypatch.setenv("ADAPTFLOW_THREADS", "1")
         monkeypatch.setenv("ADAPTFLOW_AMP", "bf16")
         monkeypatch.setenv("ADAPTFLOW_COMPILE", "1")
+        monkeypatch.delenv("ADAPTFLOW_CHANNELS_LAST", raising=False)
         rt = runtime()
         assert rt.device.type == "cpu" and rt.amp_dtype == torch.bfloat16 and rt.compile
         assert torch.get_num_threads() == 1
@@ -35,6 +36,8 @@ def test_runtime_takes_the_environment(monkeypatch):
         assert rt.channels_last  # auto: on, on CPU too
         monkeypatch.setenv("ADAPTFLOW_CHANNELS_LAST", "0")
         assert not runtime().channels_last and runtime(channels_last=True).channels_last
+        with pytest.raises(ValueError, match="channels_last='on'"):
+            runtime(channels_last="on")
     finally:
         torch.set_num_threads(before)
 
