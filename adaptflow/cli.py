@@ -26,13 +26,16 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _load(path: Path, overrides: Optional[list[str]], flags: Optional[dict[str, str]] = None) -> params_mod.Params:
+def _load(path: Path, overrides: Optional[list[str]], flags: Optional[dict[str, str]] = None, plain_only: bool = False) -> params_mod.Params:
     """Params and this machine's ``ADAPTFLOW_*`` runtime settings, validated before any work. ``flags``: the
-    command-line option each override came from (an error names the option the user typed)."""
-    from adaptflow import accel
-
+    command-line option each override came from (an error names the option the user typed). ``plain_only``:
+    the params' plain checks alone (:func:`params.load`), no torch import: a first look in well under a second."""
     try:
-        p = params_mod.load(path, overrides)
+        p = params_mod.load(path, overrides, plain_only=plain_only)
+        if plain_only:
+            return p
+        from adaptflow import accel  # torch: after the params, whose plain checks need none
+
         accel.runtime()  # resolves the ADAPTFLOW_* settings for this machine, as every stage will
         return p
     except (params_mod.ParamsError, ValueError) as exc:
@@ -64,11 +67,12 @@ def run(
     """Run the whole pipeline as a Prefect flow and print the comparison table."""
     from flows.api import start_in_background  # the orchestrator lives outside the core
 
-    api_ready = start_in_background()  # Prefect's local API server starts while torch and the params load
-    _setup_logging(verbose)
     flags = _orchestrate_overrides(task_runner or ("dask" if dask_address else None), max_workers, dask_address)
     overrides = list(set_ or []) + list(flags)
-    p = _load(params, overrides, flags)  # fail on a bad params value before Prefect starts
+    _load(params, overrides, flags, plain_only=True)  # a typo in a plain value fails at once, before any server starts
+    api_ready = start_in_background()  # Prefect's local API server starts while torch and the params load
+    _setup_logging(verbose)
+    p = _load(params, overrides, flags)  # fail on a bad params value (the checks that need torch) before Prefect's API is used
     from adaptflow.models import check_weights
     from adaptflow.stages import ingest
 
@@ -149,10 +153,10 @@ def stage(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run one stage in this process (what `dvc repro` calls); waits while a pipeline run holds the project."""
-    from adaptflow import orchestrate, stages
-
     _setup_logging(verbose)
     p = _load(params, set_)
+    from adaptflow import orchestrate, stages
+
     try:
         fn = stages.get(name)
         _check_stage_options(name, p, role, strategy, seed)
@@ -178,11 +182,11 @@ def report(
 ) -> None:
     """Print the last evaluation: the comparison table (every number with its selection rule), whether it is
     still current for these params and data, and where the one-page HTML report is."""
+    p = _load(params, set_)
     from adaptflow import orchestrate, outputs
     from adaptflow.data.files import DataError
     from adaptflow.stages import evaluate
 
-    p = _load(params, set_)
     root = Path.cwd()
     out = evaluate.output_dir(p, root)
     if outputs.read_manifest(out) is None:

@@ -246,3 +246,14 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_run_refuses_a_plain_typo_before_starting_prefect(tmp_path, monkeypatch):
+    """`adaptflow run` with a bad plain value: the error, exit 2, and no Prefect API server started for nothing."""
+    import flows.api
+
+    started = []
+    monkeypatch.setattr(flows.api, "start_in_background", lambda: started.append(1) or (lambda: None))
+    res = _invoke(["run", "--params", PARAMS, "--set", "finetune.epochs=0"])
+    assert res.exit_code == 2 and "finetune.epochs: Input should be greater than or equal to 1" in res.output
+    assert started == []

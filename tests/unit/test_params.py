@@ -387,3 +387,37 @@ def test_one_strategy_has_one_spelling(params_path, strategies, says):
     with pytest.raises(P.ParamsError, match="finetune.strategies") as exc:
         P.load(params_path, [f"finetune.strategies={strategies}"])
     assert says in str(exc.value)
+
+
+def test_a_plain_typo_is_reported_before_torch_loads(params_path):
+    """A bad plain value (a number, a strategy name, a key) fails without importing torch, torchvision or timm:
+    the first of the two validation passes needs none of them."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom adaptflow import params\n"
+            "for override in ('pretrain.batch_size=-5', 'finetune.strategies=[scratch,source_only,dann+bogus]', 'finetune.l2sp.alfa=1'):\n"
+            "    try:\n        params.load(sys.argv[1], [override])\n    except params.ParamsError as exc:\n        print(exc)\n"
+            "print('heavy:', sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(params_path)], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "pretrain.batch_size: Input should be greater than or equal to 1" in out
+    assert "finetune.strategies: unknown strategy part(s) ['bogus']" in out
+    assert "finetune.l2sp.alfa: unknown key" in out
+    assert out.rstrip().endswith("heavy: []"), out
+
+
+def test_plain_only_leaves_the_checks_that_need_torch_to_the_full_load(params_path):
+    """``plain_only`` is a first look: a model name or a transform it cannot check passes it, the full load refuses."""
+    for override, says in [("pretrain.model=resnet10tt", "pretrain.model: 'resnet10tt' is not a timm model name"),
+                           ("augment.target.transforms=[{name: RandomAfine}]", "augment.target"),
+                           ("augment.source.preset=digitz", "augment.source.preset: unknown preset 'digitz'")]:
+        assert P.load(params_path, [override], plain_only=True)  # not checked here
+        with pytest.raises(P.ParamsError, match=says.replace("(", r"\(").replace("[", r"\[")):
+            P.load(params_path, [override])
+
+
+def test_a_plain_error_is_reported_first(params_path):
+    """With a plain and a torch-needing error at once, the plain one comes (the other after it is fixed)."""
+    with pytest.raises(P.ParamsError) as err:
+        P.load(params_path, ["pretrain.model=resnet10tt", "pretrain.lr=-1"])
+    assert "pretrain.lr" in str(err.value) and "resnet10tt" not in str(err.value)
