@@ -137,9 +137,58 @@ def _fitting_state(arch: str, in_chans: int, path: Path) -> tuple[dict[str, torc
     return state, blank.pretrained_cfg
 
 
+def hub_problem(arch: str) -> str | None:
+    """Why timm cannot fetch ``arch``'s pretrained weights from the Hugging Face hub here, found in seconds
+    rather than after the hub client's retries (about a minute offline), or None: timm knows no weights for
+    it, or they are not in the local cache and the hub cannot be reached (``HF_HUB_OFFLINE`` is set, or its
+    host does not resolve or take a connection within 5 s). Nothing is downloaded; behind a proxy
+    (``HTTPS_PROXY``…) the hub is not probed, and weights timm fetches from a plain URL are not either."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        return f"timm has no pretrained weights for {arch}"
+    if not cfg.hf_hub_id:
+        return None
+    repo, _, revision = cfg.hf_hub_id.partition("@")
+    # What timm's load_state_dict_from_hf asks for: the configured file, else pytorch_model.bin, and the
+    # safetensors file it looks for first.
+    names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    if any(isinstance(try_to_load_from_cache(repo, n, cache_dir=constants.HF_HUB_CACHE, revision=revision or None), str) for n in names):
+        return None
+    missing = f"{repo}'s weights are not in the local Hugging Face cache ({constants.HF_HUB_CACHE})"
+    if constants.HF_HUB_OFFLINE:
+        return f"{missing} and HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as exc:
+        return f"{missing} and the hub at {host}:{port} cannot be reached ({exc})"
+    return None
+
+
+def _check_hub(arch: str) -> None:
+    from adaptflow.data.files import DataError
+
+    why = hub_problem(arch)
+    if why:
+        raise DataError(f"{WEIGHTS_KEY}={HUB}: {why}; download them where the hub is reachable and set {WEIGHTS_KEY} to the "
+                        "file, or set pretrain.weights: null to start from a random initialisation")
+
+
 def check_weights(arch: str, in_chans: int, weights: str | None, root: Path) -> None:
     """Before any work: ``pretrain.weights`` names a file timm reads holding ``arch``'s weights (the
-    classifier aside). Raises :class:`DataError` naming the key; the hub is not contacted."""
+    classifier aside), or, for ``hub``, weights timm can fetch (:func:`hub_problem`: the local cache, or a
+    hub that answers). Raises :class:`DataError` naming the key."""
+    if weights == HUB:
+        return _check_hub(arch)
     path = weights_file(weights, root)
     if path is not None:
         _fitting_state(arch, in_chans, path)
@@ -159,6 +208,7 @@ def start(cfg: ModelConfig, weights: str | None, root: Path) -> tuple[nn.Module,
     if weights is None:
         return create(cfg), {"weights": None}
     if weights == HUB:
+        _check_hub(cfg.arch)
         try:
             model = create(cfg, pretrained=True)
         except Exception as exc:  # noqa: BLE001 — no hub, no such weights: the reason is the message

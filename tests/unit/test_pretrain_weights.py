@@ -106,9 +106,85 @@ def test_batchnorm_counters_may_be_absent(tmp_path):
     assert began["head"] == "kept" and torch.equal(model.state_dict()["fc.weight"], state["fc.weight"])
 
 
-def test_the_hub_out_of_reach_says_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(DataError, match=r"pretrain.weights=hub: timm could not fetch pretrained weights for resnet10t .*set pretrain.weights to the file"):
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, no proxy, the hub client online; the test sets the endpoint. timm must not
+    be asked to download (it would retry for about a minute offline)."""
+    from huggingface_hub import constants
+
+    from adaptflow.models import factory
+
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def no_download(cfg, pretrained=False, **overlay):
+        raise AssertionError("timm was asked to download")
+
+    monkeypatch.setattr(factory, "create", no_download)
+    return constants
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("why, setup", [
+    ("HF_HUB_OFFLINE is set", lambda c, mp: mp.setattr(c, "HF_HUB_OFFLINE", True)),
+    (r"the hub at 127.0.0.1:\d+ cannot be reached \(.*refused", lambda c, mp: mp.setattr(c, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")),
+])
+def test_the_hub_out_of_reach_is_refused_before_any_download(hub, monkeypatch, tmp_path, why, setup):
+    """Weights not in the local cache and a hub that cannot answer: refused by `adaptflow run`'s first check and
+    by pretrain, at once, naming the key and what to do — not after the hub client's minute of retries."""
+    setup(hub, monkeypatch)
+    says = rf"pretrain.weights=hub: timm/resnet10t\.\w+'s weights are not in the local Hugging Face cache .* {why}.*set pretrain.weights to the file"
+    with pytest.raises(DataError, match=says):
+        check_weights("resnet10t", 1, "hub", tmp_path)
+    with pytest.raises(DataError, match=says):
+        start(ModelConfig("resnet10t", 1, SIZE, CLASSES), "hub", tmp_path)
+
+
+def test_weights_in_the_local_cache_or_a_hub_that_answers_are_not_refused(hub, monkeypatch, tmp_path):
+    import socket
+
+    from adaptflow.models.factory import hub_problem
+
+    with socket.create_server(("127.0.0.1", 0)) as server:  # a hub that takes the connection
+        monkeypatch.setattr(hub, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert hub_problem("resnet10t") is None
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    assert "HF_HUB_OFFLINE is set" in hub_problem("resnet10t")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")  # not probed behind a proxy... unless offline
+    assert "HF_HUB_OFFLINE is set" in hub_problem("resnet10t")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    assert hub_problem("resnet10t") is None
+    monkeypatch.delenv("HTTPS_PROXY")
+    # The cache's layout (models--org--name/refs/main → snapshots/<commit>/file): timm finds it offline.
+    repo = timm.models.get_pretrained_cfg("resnet10t").hf_hub_id
+    entry = tmp_path / "hf-cache" / ("models--" + repo.replace("/", "--"))
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text("0" * 40)
+    (entry / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (entry / "snapshots" / ("0" * 40) / "model.safetensors").write_bytes(b"")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    assert hub_problem("resnet10t") is None
+
+
+def test_a_fetch_that_fails_anyway_says_what_to_do(hub, monkeypatch, tmp_path):
+    from adaptflow.models import factory
+
+    monkeypatch.setattr(factory, "hub_problem", lambda arch: None)
+
+    def refused(cfg, pretrained=False, **overlay):
+        raise OSError("401 Client Error")
+
+    monkeypatch.setattr(factory, "create", refused)
+    with pytest.raises(DataError, match=r"pretrain.weights=hub: timm could not fetch pretrained weights for resnet10t \(OSError: 401 .*set pretrain.weights to the file"):
         start(ModelConfig("resnet10t", 1, SIZE, CLASSES), "hub", tmp_path)
 
 
