@@ -34,6 +34,7 @@ ROLES = ("source", "target")
 # Single-word strategies (bases, and objectives which start from finetune); combine with "+": dann+fixmatch.
 STRATEGIES = BASES + OBJECTIVES
 BASELINES = ("scratch", "source_only")
+HUB = "hub"  # pretrain.weights: timm's default pretrained weights for the architecture, from the Hugging Face hub
 
 
 class ParamsError(ValueError):
@@ -175,8 +176,10 @@ class RoleAugment(_Section):
 
 
 class Augment(_Section):
-    source: RoleAugment = Field(default_factory=RoleAugment)
-    target: RoleAugment = Field(default_factory=RoleAugment)
+    # Not validated when left out (the default, preset none, is sound): a validated default would build its
+    # pipeline, importing torch in the plain pass. The full pass checks every pipeline (_pipelines_keep_images).
+    source: RoleAugment = Field(default_factory=RoleAugment.model_construct)
+    target: RoleAugment = Field(default_factory=RoleAugment.model_construct)
     n_views: int = Field(0, ge=0, le=256, description="augmented copies of the labeled target set that the augment stage materialises")
     preview_n: int = Field(64, ge=1, le=1024)
 
@@ -211,8 +214,6 @@ class Pretrain(_Section):
             return self
         if self.weights is None:
             raise ValueError("epochs: 0 trains nothing, so it needs pretrain.weights (the source model as it is)")
-        from adaptflow.models.factory import HUB
-
         if self.weights == HUB:
             raise ValueError("epochs: 0 with weights: hub cannot work: the hub's classifier is not the source's; set epochs ≥ 1")
         return self

@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from adaptflow.params import HUB  # noqa: F401  (pretrain.weights' name for the hub; re-exported)
+
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
@@ -47,7 +49,6 @@ def create(cfg: ModelConfig, pretrained: bool = False, **overlay: object) -> nn.
     return model
 
 
-HUB = "hub"  # pretrain.weights: timm's default pretrained weights for the architecture, from the Hugging Face hub
 WEIGHTS_KEY = "pretrain.weights"
 
 
@@ -141,8 +142,9 @@ def hub_problem(arch: str) -> str | None:
     """Why timm cannot fetch ``arch``'s pretrained weights from the Hugging Face hub here, found in seconds
     rather than after the hub client's retries (about a minute offline), or None: timm knows no weights for
     it, or they are not in the local cache and the hub cannot be reached (``HF_HUB_OFFLINE`` is set, or its
-    host does not resolve or take a connection within 5 s). Nothing is downloaded; behind a proxy
-    (``HTTPS_PROXY``…) the hub is not probed, and weights timm fetches from a plain URL are not either."""
+    host does not resolve, or takes no connection within 5 s per address). Nothing is downloaded; behind a
+    proxy (``HTTPS_PROXY``…) the hub is not probed, and weights timm fetches from a plain URL are not either.
+    Weights in the cache pass: timm may still ask the hub for a newer revision before using them."""
     import os
     import socket
     from urllib.parse import urlparse
@@ -155,17 +157,19 @@ def hub_problem(arch: str) -> str | None:
     if not cfg.hf_hub_id:
         return None
     repo, _, revision = cfg.hf_hub_id.partition("@")
-    # What timm's load_state_dict_from_hf asks for: the configured file, else pytorch_model.bin, and the
-    # safetensors file it looks for first.
-    names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    # What timm's load_state_dict_from_hf asks for: the configured file (default pytorch_model.bin) and the
+    # safetensors file it looks for first (x.bin → x.safetensors; pytorch_model.bin → model.safetensors).
+    name = cfg.hf_hub_filename or "pytorch_model.bin"
+    safe = {"pytorch_model.bin": "model.safetensors", "open_clip_pytorch_model.bin": "open_clip_model.safetensors"}
+    names = [name, safe.get(name, name.removesuffix(".bin") + ".safetensors")]
     if any(isinstance(try_to_load_from_cache(repo, n, cache_dir=constants.HF_HUB_CACHE, revision=revision or None), str) for n in names):
         return None
     missing = f"{repo}'s weights are not in the local Hugging Face cache ({constants.HF_HUB_CACHE})"
     if constants.HF_HUB_OFFLINE:
         return f"{missing} and HF_HUB_OFFLINE is set"
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None
     url = urlparse(constants.ENDPOINT)
+    if any(os.environ.get(v) for v in (f"{url.scheme.upper()}_PROXY", f"{url.scheme}_proxy", "ALL_PROXY", "all_proxy")):
+        return None
     host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
     try:
         socket.create_connection((host, port), timeout=5).close()

@@ -421,3 +421,17 @@ def test_a_plain_error_is_reported_first(params_path):
     with pytest.raises(P.ParamsError) as err:
         P.load(params_path, ["pretrain.model=resnet10tt", "pretrain.lr=-1"])
     assert "pretrain.lr" in str(err.value) and "resnet10tt" not in str(err.value)
+
+
+@pytest.mark.parametrize("data", [{}, {"augment": {"source": {"preset": "digits"}}},
+                                  {"pretrain": {"epochs": 0, "weights": "w.safetensors"}}])
+def test_the_plain_pass_needs_no_torch_for_defaults_or_a_source_model_file(data):
+    """Sections left out (augmentation defaults) and `epochs: 0` with a file take the plain pass without torch."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys\nfrom adaptflow import params\nparams.from_dict(json.loads(sys.argv[1]), plain_only=True)\n"
+            "print(sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(data)], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip() == "[]"

@@ -157,6 +157,7 @@ def test_weights_in_the_local_cache_or_a_hub_that_answers_are_not_refused(hub, m
     with socket.create_server(("127.0.0.1", 0)) as server:  # a hub that takes the connection
         monkeypatch.setattr(hub, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
         assert hub_problem("resnet10t") is None
+    monkeypatch.setattr(hub, "ENDPOINT", "https://huggingface.co")
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
     assert "HF_HUB_OFFLINE is set" in hub_problem("resnet10t")
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")  # not probed behind a proxy... unless offline
