@@ -20,6 +20,7 @@ from adaptflow.params import HUB  # noqa: F401  (pretrain.weights' name for the 
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+CLASSES_METADATA = "adaptflow.classes"  # the classifier's classes, in output order, in the weights file's own metadata
 
 
 @dataclass
@@ -187,6 +188,32 @@ def _check_hub(arch: str) -> None:
                         "file, or set pretrain.weights: null to start from a random initialisation")
 
 
+def file_classes(path: Path) -> list[str] | None:
+    """The classes a weights file's classifier outputs, in order, where the file says: an adaptflow checkpoint's
+    safetensors metadata, or the ``config.json`` beside its ``model.safetensors`` (older checkpoints). None for a
+    file that does not say (ImageNet weights, a foreign checkpoint)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            named = (f.metadata() or {}).get(CLASSES_METADATA)
+        if named:
+            return [str(c) for c in json.loads(named)]
+    beside = path.parent / CONFIG
+    if path.name == WEIGHTS and beside.is_file():
+        try:
+            classes = json.loads(beside.read_text()).get("classes")
+        except (ValueError, AttributeError):
+            return None
+        if isinstance(classes, list):
+            return [str(c) for c in classes]
+    return None
+
+
+def _few(names: list[str], n: int = 6) -> str:
+    return ", ".join(names[:n]) + (f", … ({len(names)} in all)" if len(names) > n else "")
+
+
 def check_weights(arch: str, in_chans: int, weights: str | None, root: Path) -> None:
     """Before any work: ``pretrain.weights`` names a file timm reads holding ``arch``'s weights (the
     classifier aside), or, for ``hub``, weights timm can fetch (:func:`hub_problem`: the local cache, or a
@@ -204,8 +231,9 @@ def start(cfg: ModelConfig, weights: str | None, root: Path) -> tuple[nn.Module,
     ``weights`` None: a random initialisation. A file (safetensors, or a torch checkpoint timm reads: a state
     dict, or one under ``state_dict``/``model``): timm loads it (``pretrained_cfg_overlay``), converting the
     first convolution between 1 and 3 input channels. The classifier is kept when it has one output per
-    source class (the file is a source model already; the dataset card's class order is assumed), else it
-    is freshly initialised. ``hub``: timm's default pretrained weights (needs the Hugging Face hub). A file
+    source class (the file is a source model already) and, where the file names its classes
+    (:func:`file_classes`), they are the source's: its rows are then put in the dataset card's order; a file
+    that names no classes is taken to be in the card's order. Otherwise the classifier is freshly initialised. ``hub``: timm's default pretrained weights (needs the Hugging Face hub). A file
     that is not ``cfg.arch``'s weights (:func:`check_weights`) raises :class:`DataError` naming the key."""
     from adaptflow.data.files import DataError
 
@@ -224,6 +252,13 @@ def start(cfg: ModelConfig, weights: str | None, root: Path) -> tuple[nn.Module,
     state, arch_cfg = _fitting_state(cfg.arch, cfg.in_chans, path)
     heads = _names(arch_cfg.get("classifier"))
     keep_head = {state[f"{h}.weight"].shape[0] for h in heads if f"{h}.weight" in state} == {cfg.num_classes}
+    named, head_why = file_classes(path), ""
+    if keep_head and named is not None and sorted(named) != sorted(cfg.classes):
+        keep_head = False
+        head_why = f"the file's classes ({_few(named)}) are not the source's ({_few(cfg.classes)})"
+    elif keep_head and named is not None and named != list(cfg.classes):
+        order = torch.tensor([named.index(c) for c in cfg.classes])  # row i: the card's class i
+        state = {k: v[order] if k in {f"{h}.{w}" for h in heads for w in ("weight", "bias")} else v for k, v in state.items()}
     convs = _names(arch_cfg.get("first_conv"))
     file_chans = next((state[f"{c}.weight"].shape[1] for c in convs if f"{c}.weight" in state and state[f"{c}.weight"].ndim == 4), None)
     overlay: dict = {"state_dict": state, "num_classes": cfg.num_classes if keep_head else -1}
@@ -235,8 +270,13 @@ def start(cfg: ModelConfig, weights: str | None, root: Path) -> tuple[nn.Module,
         raise DataError(f"{WEIGHTS_KEY}: {path} does not fit {cfg.arch} with {cfg.in_chans} input channel(s) and "
                         f"{cfg.num_classes} classes ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); set pretrain.model "
                         "to the architecture it was saved from") from None
-    return model, {"weights": str(weights), "sha256": weights_digest(weights, root), "head": "kept" if keep_head else "new",
-                   "file_in_chans": None if file_chans is None else int(file_chans)}
+    began = {"weights": str(weights), "sha256": weights_digest(weights, root), "head": "kept" if keep_head else "new",
+             "file_in_chans": None if file_chans is None else int(file_chans)}
+    if keep_head:
+        began["head_classes"] = "by count (the file names no classes)" if named is None else "by name"
+    elif head_why:
+        began["head_why"] = head_why
+    return model, began
 
 
 @functools.lru_cache(maxsize=32)
@@ -272,7 +312,8 @@ def save(model: nn.Module, cfg: ModelConfig, directory: Path) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS))
+    # The classes travel inside the file too: a model.safetensors copied alone still says what its outputs mean.
+    save_file(state, str(directory / WEIGHTS), metadata={CLASSES_METADATA: json.dumps(list(cfg.classes))})
     (directory / CONFIG).write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True))
 
 

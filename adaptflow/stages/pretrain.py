@@ -69,10 +69,12 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     model, began = start(cfg, p.weights, root)
     if began["weights"] is not None:
         log.info("pretrain: %s starts from %s (classifier %s)", p.model, p.weights,
-                 "kept: one output per source class" if began["head"] == "kept" else "new")
+                 f"kept: one output per source class, matched {began['head_classes']}" if began["head"] == "kept"
+                 else "new" + (f": {began['head_why']}" if began.get("head_why") else ""))
     if p.epochs == 0 and began.get("head") != "kept":
         raise DataError(f"pretrain.epochs: 0 uses pretrain.weights as the source model as they are, but {p.weights} has no classifier "
-                        f"with one output per source class ({len(cfg.classes)}): set pretrain.epochs to train one")
+                        f"with one output per source class ({len(cfg.classes)})" + (f": {began['head_why']}" if began.get("head_why") else "")
+                        + "; set pretrain.epochs to train one")
     res = fit(
         model,
         [{"params": model.parameters(), "lr": p.lr}],

@@ -43,6 +43,44 @@ def test_a_source_model_file_starts_it_head_and_all(tmp_path):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+def test_a_checkpoint_that_names_its_classes_is_matched_by_name(tmp_path):
+    """An adaptflow checkpoint names its classes (safetensors metadata): the same classes in another order keep
+    the classifier with its rows in the card's order, so each class keeps its own row; other classes of the same
+    count get a fresh classifier, not the rows of some other class."""
+    from adaptflow.models import save
+    from adaptflow.models.factory import file_classes
+
+    torch.manual_seed(3)
+    src = timm.create_model("test_resnet", pretrained=False, in_chans=1, num_classes=3)
+    save(src, ModelConfig("test_resnet", 1, SIZE, ["2", "0", "1"]), tmp_path / "src")
+    path = tmp_path / "src" / "model.safetensors"
+    assert file_classes(path) == ["2", "0", "1"]
+    (tmp_path / "src" / "config.json").unlink()  # the file alone says it
+    model, began = start(CFG, str(path), tmp_path)
+    assert began["head"] == "kept" and began["head_classes"] == "by name"
+    x = torch.randn(4, 1, SIZE, SIZE)
+    with torch.no_grad():
+        before, after = src.eval()(x), model.eval()(x)
+    assert torch.allclose(after, before[:, [1, 2, 0]], atol=1e-5)  # the card's "0", "1", "2"
+    save(src, ModelConfig("test_resnet", 1, SIZE, ["a", "b", "c"]), tmp_path / "other")
+    model, began = start(CFG, str(tmp_path / "other" / "model.safetensors"), tmp_path)
+    assert began["head"] == "new" and began["head_why"] == "the file's classes (a, b, c) are not the source's (0, 1, 2)"
+    assert not torch.equal(model.state_dict()["fc.weight"], src.state_dict()["fc.weight"])
+
+
+def test_an_older_checkpoint_names_its_classes_in_the_config_beside_it_and_a_foreign_file_by_count_only(tmp_path):
+    from adaptflow.models.factory import file_classes
+
+    _weights(tmp_path / "model.safetensors")  # no metadata
+    assert file_classes(tmp_path / "model.safetensors") is None
+    _, began = start(CFG, "model.safetensors", tmp_path)
+    assert began["head"] == "kept" and began["head_classes"] == "by count (the file names no classes)"
+    (tmp_path / "config.json").write_text(json.dumps({"classes": ["x", "y", "z"]}))
+    assert file_classes(tmp_path / "model.safetensors") == ["x", "y", "z"]
+    _, began = start(CFG, "model.safetensors", tmp_path)
+    assert began["head"] == "new" and "(x, y, z) are not the source's" in began["head_why"]
+
+
 def test_imagenet_like_weights_get_a_new_head_and_a_one_channel_stem(tmp_path):
     """3-channel weights with a 1000-class head into a 1-channel, 3-class model: timm sums the stem over the
     colour channels; the classifier starts fresh. A torch checkpoint under "state_dict", saved from a
@@ -236,6 +274,16 @@ def test_pretrain_refuses_no_epochs_when_the_head_is_not_the_sources(tmp_path):
     _weights(tmp_path / "in1k.safetensors", num_classes=1000)
     p = _project(tmp_path, weights="in1k.safetensors", epochs=0)
     with pytest.raises(DataError, match=r"pretrain.epochs: 0 uses pretrain.weights .* no classifier with one output per source class \(3\)"):
+        pretrain.run(p, tmp_path)
+    assert not pretrain.output_dir(p, tmp_path).exists()
+    # three outputs, but of three other classes: refused too, naming both lists
+    from adaptflow.models import save
+
+    save(timm.create_model("test_resnet", pretrained=False, in_chans=1, num_classes=3), ModelConfig("test_resnet", 1, SIZE, ["7", "8", "9"]),
+         tmp_path / "other")
+    p = _project(tmp_path, weights="other/model.safetensors", epochs=0)
+    with pytest.raises(DataError, match=r"no classifier with one output per source class \(3\): the file's classes \(7, 8, 9\) are not the "
+                                        r"source's \(0, 1, 2\); set pretrain.epochs"):
         pretrain.run(p, tmp_path)
     assert not pretrain.output_dir(p, tmp_path).exists()
 
