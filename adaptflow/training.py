@@ -185,7 +185,11 @@ def fit(
     extra = [p for o in objectives for p in o.parameters() if p.requires_grad]
     if extra:
         groups.append({"params": extra, "lr": max(g["lr"] for g in param_groups)})
-    opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
+    # Fused: one kernel per parameter instead of a dozen elementwise passes (CPU and CUDA have one). On a
+    # 2-core CPU resnet10t's AdamW step took 9 ms fused against 41 ms with the default per-tensor loop. The
+    # model is placed (memory format included) before the optimizer exists, so every gradient and state
+    # tensor has its parameter's layout, which the fused CPU kernel assumes.
+    opt = torch.optim.AdamW(groups, weight_decay=weight_decay, fused=True if dev.type in ("cpu", "cuda") else None)
     has_labels = train is not None and len(train) > 0
     if steps_per_epoch is None:
         if not has_labels:

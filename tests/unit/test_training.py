@@ -244,3 +244,37 @@ def test_recalibrate_bn_averages_the_statistics_of_the_given_images():
     # equal batches: the mean of their means is the mean of all 8 images, whatever the batch size
     assert torch.allclose(means[0], means[1], atol=1e-5)
     assert not torch.allclose(means[0], torch.zeros_like(means[0]))
+
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fit_steps_with_fused_adamw_as_the_per_tensor_loop_would(channels_last, monkeypatch):
+    """fit's AdamW is fused. The fused CPU kernel assumes each gradient and state tensor has its parameter's
+    layout: placed as fit places it (channels-last included), three steps match the default loop's."""
+    import copy
+
+    from adaptflow.accel import runtime
+
+    real = torch.optim.AdamW
+    rt = runtime(device="cpu", channels_last=channels_last)
+    model = rt.place(_model())
+    twin = copy.deepcopy(model)
+    x = torch.randn(8, 1, 8, 8).to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    y = torch.randint(0, 2, (8,))
+    opts = [real(m.parameters(), lr=1e-2, weight_decay=1e-4, fused=fused) for m, fused in ((model, True), (twin, None))]
+    for _ in range(3):  # the same gradients, as autograd laid them out, for both (Adam amplifies rounding in them)
+        for opt in opts:
+            opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        for a, b in zip(model.parameters(), twin.parameters()):
+            b.grad = a.grad.clone()
+        for opt in opts:
+            opt.step()
+    moved = [float((a - b).detach().abs().max()) for a, b in zip(model.parameters(), _model().parameters())]
+    assert max(moved) > 1e-3  # the steps did move the weights
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(a, b, atol=1e-5), name
+    asked = []
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **kw: asked.append(kw.get("fused")) or real(*a, **kw))
+    _fit(_model(), bright_dark(16, 0), bright_dark(8, 1), epochs=1)
+    assert asked == [True]
