@@ -191,22 +191,34 @@ def _check_hub(arch: str) -> None:
 def file_classes(path: Path) -> list[str] | None:
     """The classes a weights file's classifier outputs, in order, where the file says: an adaptflow checkpoint's
     safetensors metadata, or the ``config.json`` beside its ``model.safetensors`` (older checkpoints). None for a
-    file that does not say (ImageNet weights, a foreign checkpoint)."""
+    file that does not say (ImageNet weights, a foreign checkpoint). Metadata that is there but is no list of
+    class names raises :class:`DataError` naming the key; a ``config.json`` without one is not read."""
+    from adaptflow.data.files import DataError
+
+    def names(value: object) -> list[str] | None:
+        ok = isinstance(value, list) and value and all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in value)
+        return [str(c) for c in value] if ok else None
+
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
             named = (f.metadata() or {}).get(CLASSES_METADATA)
-        if named:
-            return [str(c) for c in json.loads(named)]
+        if named is not None:
+            try:
+                classes = names(json.loads(named))
+            except ValueError:
+                classes = None
+            if classes is None:
+                raise DataError(f"{WEIGHTS_KEY}: {path}: its metadata {CLASSES_METADATA} is not a list of class names "
+                                f"({named[:80]!r}); re-save the checkpoint, or drop the metadata to match its classifier by count")
+            return classes
     beside = path.parent / CONFIG
     if path.name == WEIGHTS and beside.is_file():
         try:
-            classes = json.loads(beside.read_text()).get("classes")
+            return names(json.loads(beside.read_text()).get("classes"))
         except (ValueError, AttributeError):
             return None
-        if isinstance(classes, list):
-            return [str(c) for c in classes]
     return None
 
 
@@ -253,11 +265,12 @@ def start(cfg: ModelConfig, weights: str | None, root: Path) -> tuple[nn.Module,
     heads = _names(arch_cfg.get("classifier"))
     keep_head = {state[f"{h}.weight"].shape[0] for h in heads if f"{h}.weight" in state} == {cfg.num_classes}
     named, head_why = file_classes(path), ""
-    if keep_head and named is not None and sorted(named) != sorted(cfg.classes):
+    card = [str(c) for c in cfg.classes]
+    if keep_head and named is not None and sorted(named) != sorted(card):
         keep_head = False
-        head_why = f"the file's classes ({_few(named)}) are not the source's ({_few(cfg.classes)})"
-    elif keep_head and named is not None and named != list(cfg.classes):
-        order = torch.tensor([named.index(c) for c in cfg.classes])  # row i: the card's class i
+        head_why = f"the file's classes ({_few(named)}) are not the source's ({_few(card)})"
+    elif keep_head and named is not None and named != card:
+        order = torch.tensor([named.index(c) for c in card])  # row i: the card's class i
         state = {k: v[order] if k in {f"{h}.{w}" for h in heads for w in ("weight", "bias")} else v for k, v in state.items()}
     convs = _names(arch_cfg.get("first_conv"))
     file_chans = next((state[f"{c}.weight"].shape[1] for c in convs if f"{c}.weight" in state and state[f"{c}.weight"].ndim == 4), None)

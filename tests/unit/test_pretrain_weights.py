@@ -81,6 +81,14 @@ def test_an_older_checkpoint_names_its_classes_in_the_config_beside_it_and_a_for
     assert began["head"] == "new" and "(x, y, z) are not the source's" in began["head_why"]
 
 
+@pytest.mark.parametrize("metadata", ['"012"', "{", '{"0": 1}', "[]", "[true, false, true]"])
+def test_class_metadata_that_is_not_a_list_of_names_is_refused_naming_it(tmp_path, metadata):
+    state = _weights(tmp_path / "w.safetensors")
+    save_file(state, str(tmp_path / "w.safetensors"), metadata={"adaptflow.classes": metadata})
+    with pytest.raises(DataError, match=r"pretrain.weights: .*w.safetensors: its metadata adaptflow.classes is not a list of class names"):
+        start(CFG, "w.safetensors", tmp_path)
+
+
 def test_imagenet_like_weights_get_a_new_head_and_a_one_channel_stem(tmp_path):
     """3-channel weights with a 1000-class head into a 1-channel, 3-class model: timm sums the stem over the
     colour channels; the classifier starts fresh. A torch checkpoint under "state_dict", saved from a

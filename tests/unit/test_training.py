@@ -246,11 +246,11 @@ def test_recalibrate_bn_averages_the_statistics_of_the_given_images():
     assert not torch.allclose(means[0], torch.zeros_like(means[0]))
 
 
-
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fit_steps_with_fused_adamw_as_the_per_tensor_loop_would(channels_last, monkeypatch):
-    """fit's AdamW is fused. The fused CPU kernel assumes each gradient and state tensor has its parameter's
-    layout: placed as fit places it (channels-last included), three steps match the default loop's."""
+    """fit asks for a fused AdamW. The fused CPU kernel assumes each gradient and state tensor has its
+    parameter's layout: for a model placed as fit places it (``rt.place``, channels-last included) and
+    gradients as autograd lays them out, three fused steps match torch's per-tensor loop."""
     import copy
 
     from adaptflow.accel import runtime
