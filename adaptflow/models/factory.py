@@ -271,7 +271,8 @@ def start(cfg: ModelConfig, weights: str | None, root: Path) -> tuple[nn.Module,
         head_why = f"the file's classes ({_few(named)}) are not the source's ({_few(card)})"
     elif keep_head and named is not None and named != card:
         order = torch.tensor([named.index(c) for c in card])  # row i: the card's class i
-        state = {k: v[order] if k in {f"{h}.{w}" for h in heads for w in ("weight", "bias")} else v for k, v in state.items()}
+        rows = {f"{h}.{w}" for h in heads for w in ("weight", "bias")}
+        state = {k: v[order] if k in rows else v for k, v in state.items()}
     convs = _names(arch_cfg.get("first_conv"))
     file_chans = next((state[f"{c}.weight"].shape[1] for c in convs if f"{c}.weight" in state and state[f"{c}.weight"].ndim == 4), None)
     overlay: dict = {"state_dict": state, "num_classes": cfg.num_classes if keep_head else -1}

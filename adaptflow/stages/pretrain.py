@@ -67,14 +67,13 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         warn_unwatched("pretrain", path, "pretrain.weights_dep", p.weights_dep, p.weights, root)
     seed_everything(params.seed)  # the initial weights are part of what the seed fixes
     model, began = start(cfg, p.weights, root)
+    why_new = f": {began['head_why']}" if began.get("head_why") else ""  # a file of other classes says which
     if began["weights"] is not None:
         log.info("pretrain: %s starts from %s (classifier %s)", p.model, p.weights,
-                 f"kept: one output per source class, matched {began['head_classes']}" if began["head"] == "kept"
-                 else "new" + (f": {began['head_why']}" if began.get("head_why") else ""))
+                 f"kept: one output per source class, matched {began['head_classes']}" if began["head"] == "kept" else "new" + why_new)
     if p.epochs == 0 and began.get("head") != "kept":
         raise DataError(f"pretrain.epochs: 0 uses pretrain.weights as the source model as they are, but {p.weights} has no classifier "
-                        f"with one output per source class ({len(cfg.classes)})" + (f": {began['head_why']}" if began.get("head_why") else "")
-                        + "; set pretrain.epochs to train one")
+                        f"with one output per source class ({len(cfg.classes)}){why_new}; set pretrain.epochs to train one")
     res = fit(
         model,
         [{"params": model.parameters(), "lr": p.lr}],
