@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from adaptflow import distributed
 from adaptflow.imaging import normalize, resize
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ ENV = {
     "ADAPTFLOW_AMP": "auto | bf16 | off (default auto: bf16 on CUDA, off on CPU)",
     "ADAPTFLOW_CHANNELS_LAST": "auto | 0 | 1 (default auto: on; on a 2-core CPU adaptflow's fit ran 1.1-1.3x and cache_features 1.4-1.6x faster with it)",
     "ADAPTFLOW_COMPILE": "0 | 1 (default 0): torch.compile the model in training and cache_features",
-    "ADAPTFLOW_THREADS": "CPU threads per process (default: one per core this process may use)",
+    "ADAPTFLOW_THREADS": "CPU threads per process (default: one per core this process may use, shared among the processes torchrun starts on the machine)",
 }
 
 
@@ -229,10 +230,15 @@ def runtime(device: str = "auto", amp: str = "auto", channels_last: str | bool =
     env = settings()
     if device == "auto":
         device = env["device"]
+        if device.startswith("cuda:") and distributed.launched() > 1:
+            raise ValueError(f"ADAPTFLOW_DEVICE={device!r}: under torchrun each process takes the GPU of its LOCAL_RANK; "
+                             f"use auto or cuda")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"ADAPTFLOW_DEVICE / device {device!r}: no CUDA device is available")
+    if device == "cuda" and distributed.launched() > 1:
+        device = f"cuda:{distributed.local_rank()}"  # each process its own GPU
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -242,7 +248,8 @@ def runtime(device: str = "auto", amp: str = "auto", channels_last: str | bool =
             torch.set_num_threads(num_threads or env["threads"])
     else:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(num_threads or env["threads"] or cores)
+        procs = distributed.local_processes()  # the processes a launcher started on this machine share its cores
+        torch.set_num_threads(num_threads or env["threads"] or max(1, cores // procs))
     if amp == "auto":
         amp = env["amp"]
     if amp == "auto":

@@ -152,26 +152,39 @@ def stage(
     seed: Optional[int] = typer.Option(None, help="finetune only: one seed of finetune.seeds (default: all)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Run one stage in this process (what `dvc repro` calls); waits while a pipeline run holds the project."""
+    """Run one stage in this process (what `dvc repro` calls); waits while a pipeline run holds the project.
+
+    pretrain and finetune also train in several processes, one per GPU, under torch's launcher:
+    `torchrun --nproc_per_node 4 -m adaptflow stage finetune`."""
     _setup_logging(verbose)
     p = _load(params, set_)
-    from adaptflow import orchestrate, stages
+    from adaptflow import accel, distributed, orchestrate, stages
 
     try:
         fn = stages.get(name)
         _check_stage_options(name, p, role, strategy, seed)
+        if distributed.launched() > 1 and name not in distributed.STAGES:
+            raise ValueError(f"stage {name} runs in one process; of the stages only {' and '.join(distributed.STAGES)} "
+                             f"train in several (torchrun started {distributed.launched()})")
     except ValueError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
-    with _bad_input_exits(), orchestrate.project_lock(Path.cwd(), what=f"adaptflow stage {name}", timeout=p.orchestrate.lock_timeout):
-        orchestrate.check_upstream(name, p, Path.cwd(), **({"strategy": strategy, "seed": seed} if name == "finetune" else {}))
-        if name == "ingest":
-            for r in [role] if role else list(params_mod.ROLES):
-                fn(p, Path.cwd(), role=r)
-        elif name == "finetune":
-            fn(p, Path.cwd(), strategy=strategy, seed=seed)
-        else:
-            fn(p, Path.cwd())
+    if distributed.launched_rank() > 0:
+        logging.getLogger().setLevel(logging.WARNING)  # the first process reports; the others only what goes wrong
+    distributed.init(cuda=accel.runtime().cuda)
+    lock = orchestrate.project_lock(Path.cwd(), what=f"adaptflow stage {name}", timeout=p.orchestrate.lock_timeout)
+    try:
+        with _bad_input_exits(), distributed.main_first(lock):  # several processes: one holds the project for all
+            orchestrate.check_upstream(name, p, Path.cwd(), **({"strategy": strategy, "seed": seed} if name == "finetune" else {}))
+            if name == "ingest":
+                for r in [role] if role else list(params_mod.ROLES):
+                    fn(p, Path.cwd(), role=r)
+            elif name == "finetune":
+                fn(p, Path.cwd(), strategy=strategy, seed=seed)
+            else:
+                fn(p, Path.cwd())
+    finally:
+        distributed.finish()
 
 
 @app.command()

@@ -17,9 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
+from adaptflow import distributed
 from adaptflow.accel import Prefetcher, Runtime, runtime, slices
 from adaptflow.data.store import Split
 from adaptflow.data.batch_augment import BatchAugment
+from adaptflow.data.files import DataError
 from adaptflow.models import input_size
 
 log = logging.getLogger(__name__)
@@ -81,15 +83,22 @@ def val_scorer(val: Split, dev: torch.device) -> Scorer:
 
 def stream(split: Split, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless shuffled host batches (raw uint8 images as stored, labels), reshuffled every pass: one
-    sorted fancy-index read of the (memory-mapped) store per batch, nothing decoded."""
-    n = len(split)
+    sorted fancy-index read of the (memory-mapped) store per batch, nothing decoded.
+
+    In one of several processes (:mod:`adaptflow.distributed`) every process draws the same order and
+    reads its share of each batch of ``batch_size``, so together they cover the batch one process would."""
+    n, procs = len(split), distributed.world()
+    if procs > 1 and n < 2 * procs:
+        raise DataError(f"{n} training images cannot be shared by {procs} processes (BatchNorm needs at least 2 "
+                        f"per process and batch): run in fewer processes")
     labels = torch.from_numpy(split.labels)
     while True:
         order = rng.permutation(n)
         for i in range(0, n, batch_size):
             idx = np.sort(order[i : i + batch_size])
-            if len(idx) < 2 and n >= 2:
-                break  # BatchNorm cannot train on a batch of one
+            if len(idx) < 2 * procs and n >= 2:
+                break  # BatchNorm cannot train on a batch of one (in any of the processes)
+            idx = distributed.shard(idx)
             yield torch.from_numpy(np.ascontiguousarray(split.images[idx])), labels[idx]
 
 
@@ -100,8 +109,9 @@ def views(split: Split, batch_size: int, pipelines: list[v2.Transform], seed: in
     travel with the batch; the device only applies them. A pipeline with a per-image transform
     (AutoAugment, TrivialAugmentWide, …) runs whole on the host, in the loader, so the device never waits on
     thousands of tiny per-image kernels. Pipeline ``i`` draws from a generator seeded with ``seed + i``;
-    the data order is seeded with ``seed``."""
-    augs = [BatchAugment(p, seed + i) for i, p in enumerate(pipelines)]
+    the data order is seeded with ``seed`` (in several processes: the same order in each, and each its own
+    augmentation draws, :func:`adaptflow.distributed.seed`)."""
+    augs = [BatchAugment(p, distributed.seed(seed + i)) for i, p in enumerate(pipelines)]
     need_raw = any(a.batched for a in augs)
 
     def host(source: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple]:
@@ -181,6 +191,7 @@ def fit(
     rt.place(model)
     forward = rt.forward_fn(model, input_size(model))
     objectives = [o.to(dev) for o in objectives or []]
+    distributed.broadcast_state([model, *objectives])  # in several processes: every copy starts as the first's
     groups = list(param_groups)
     extra = [p for o in objectives for p in o.parameters() if p.requires_grad]
     if extra:
@@ -209,7 +220,7 @@ def fit(
         nonlocal best_key, best_state
         if before_score is not None:
             before_score(model)
-        s = scorer(model)
+        s = distributed.from_main(scorer(model))  # in several processes, one verdict: all keep the same epoch
         row = {"epoch": epoch, **logs, **{k: v for k, v in s.items() if k not in ("score", "tiebreak")}}
         result.history.append(row)
         key = (s["score"], s["tiebreak"])
@@ -238,6 +249,7 @@ def fit(
 
     if evaluate_start:
         consider(0, {"train_loss": float("nan")})
+    trained = [p for g in opt.param_groups for p in g["params"]]
     step = 0
     for epoch in range(1, epochs + 1):
         if epoch_hook is not None:
@@ -254,13 +266,15 @@ def fit(
                 if not forward.fall_back(exc):  # the compiler's failure: once more, eagerly; anything else: raised
                     raise
                 loss, logs = backward(batch, step)
-            if loss.requires_grad:
+            if distributed.average_gradients(trained):  # alone: whether there is a gradient to apply
                 opt.step()
             sched.step()
             step += 1
             logs["train_loss"] = loss.detach()
             for k, v in logs.items():  # device tensors summed without a sync per step
                 sums[k] = sums.get(k, 0.0) + v
+        distributed.average_buffers([model, *objectives])
+        sums = distributed.mean_across(sums)
         consider(epoch, {k: float(v) / steps_per_epoch for k, v in sums.items()})
         row = result.history[-1]
         log.info("%s epoch %d/%d train_loss %.4f score %s", desc, epoch, epochs, row["train_loss"],

@@ -2,7 +2,8 @@
 
 One output directory per strategy and seed (``<adapted>/<strategy>/seed<N>/``), each complete or absent,
 so runs can go in parallel (Prefect maps over them) or in one process (``adaptflow stage finetune``, which
-DVC runs). Checkpoints are chosen on target val; target test is not loaded here.
+DVC runs). Each run can also train in several processes, one per GPU, under ``torchrun``
+(:mod:`adaptflow.distributed`). Checkpoints are chosen on target val; target test is not loaded here.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-from adaptflow import outputs, strategies
+from adaptflow import distributed, outputs, strategies
 from adaptflow.data import store
 from adaptflow.models import save
 from adaptflow.params import Params
@@ -73,9 +74,12 @@ def run_one(params: Params, root: Path, strategy: str, seed: int) -> dict:
     adapted = strategies.get(strategy)(ctx)
     adapted.config.extra.update({"seed": seed, "selection": adapted.selection, "val_acc": adapted.val_acc,
                                  "selection_score": adapted.score, "best_epoch": adapted.best_epoch})
-    with outputs.atomic_dir(out, "finetune", key) as tmp:
-        save(adapted.model.cpu(), adapted.config, tmp)
-        (tmp / "history.json").write_text(json.dumps(adapted.history, indent=2))
+    adapted.config.extra["processes"] = distributed.world()
+    if distributed.is_main():  # in several processes (torchrun) every copy holds the same model: one writes
+        with outputs.atomic_dir(out, "finetune", key) as tmp:
+            save(adapted.model.cpu(), adapted.config, tmp)
+            (tmp / "history.json").write_text(json.dumps(adapted.history, indent=2))
+    distributed.barrier()
     log.info("%s: target val acc %.4f (%s)", label, adapted.val_acc, adapted.selection)
     return {"strategy": strategy, "seed": seed, "path": str(out), "digest": outputs.digest(out), "cached": False, "val_acc": adapted.val_acc}
 

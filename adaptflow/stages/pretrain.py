@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from adaptflow import outputs
+from adaptflow import distributed, outputs
 from adaptflow.data import store
 from adaptflow.data.files import DataError
 from adaptflow.models import ModelConfig, save, start, weights_digest, weights_file
@@ -89,8 +89,11 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     )
     cfg.extra.update({"source_val_acc": res.best_val_acc, "best_epoch": res.best_epoch, "selection": "source " + res.selection,
                       "init": began})
-    with outputs.atomic_dir(out, "pretrain", key) as tmp:
-        save(model, cfg, tmp)
-        (tmp / "history.json").write_text(json.dumps(res.history, indent=2))
+    cfg.extra["processes"] = distributed.world()
+    if distributed.is_main():  # in several processes (torchrun) every copy holds the same model: one writes
+        with outputs.atomic_dir(out, "pretrain", key) as tmp:
+            save(model, cfg, tmp)
+            (tmp / "history.json").write_text(json.dumps(res.history, indent=2))
+    distributed.barrier()
     log.info("pretrain: %s source val acc %.4f (epoch %d)", p.model, res.best_val_acc, res.best_epoch)
     return {"path": str(out), "digest": outputs.digest(out), "cached": False, "source_val_acc": res.best_val_acc}

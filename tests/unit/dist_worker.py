@@ -1,0 +1,90 @@
+"""One process of a training run, alone or under ``torchrun``, for tests/unit/test_distributed.py.
+
+``python dist_worker.py OUT`` (alone) or ``torchrun --standalone --nproc_per_node 2 dist_worker.py OUT``: each
+process writes ``OUT/rank<R>.pt`` with what it trained and the batches it read.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.transforms import v2
+
+from adaptflow import distributed
+from adaptflow.accel import runtime
+from adaptflow.data.store import Split
+from adaptflow.models import ModelConfig, create
+from adaptflow.training import Objective, batches, fit, stream
+
+SIDE = 8
+
+
+def split(n: int, seed: int) -> Split:
+    """n images in 3 classes whose brightness tells the class; the label of image i is its class."""
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n) % 3).astype(np.int64)
+    images = np.clip(40 + 80 * labels[:, None, None, None] + rng.integers(-30, 31, (n, 1, SIDE, SIDE)), 0, 255).astype(np.uint8)
+    return Split(images, labels, ["a", "b", "c"])
+
+
+def plain_net() -> nn.Module:
+    """No BatchNorm, no dropout: one process with batch B and two with B/2 each compute the same gradient."""
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+class Calibrate(Objective):
+    """An objective with parameters of its own, drawing its own (augmented) batches, as DANN's does."""
+
+    def __init__(self, pool: Split, rt):
+        super().__init__()
+        self.scale = nn.Linear(3, 3)
+        self._pool = batches(pool, 6, v2.RandomAffine(degrees=20), 11, rt)
+
+    def forward(self, model: nn.Module, progress: float):
+        x, _ = next(self._pool)
+        logits = self.scale(model(x.float() / 255))
+        loss = -(logits.softmax(1) * logits.log_softmax(1)).sum(1).mean()
+        return 0.1 * loss, {"entropy": loss.detach()}
+
+
+def main(out: Path) -> None:
+    distributed.init(cuda=False)
+    rt = runtime(device="cpu", channels_last=False)
+    r = distributed.rank()
+    train, val = split(48, 0), split(30, 1)
+    record: dict = {"world": distributed.world(), "threads": torch.get_num_threads()}
+
+    # 1. the batches: every process reads its share of the batch one process would read
+    feed = stream(Split(train.images, np.arange(48), train.classes), 8, np.random.default_rng(5))
+    record["batches"] = [next(feed)[1].tolist() for _ in range(9)]
+
+    # 2. a net without BatchNorm, no augmentation: the same training as one process
+    net = plain_net()
+    res = fit(net, [{"params": net.parameters(), "lr": 0.05}], train, val, epochs=3, batch_size=8,
+              transform=v2.Identity(), seed=0, rt=rt, desc="plain")
+    record["plain"] = {k: v.clone() for k, v in net.state_dict().items()}
+    record["plain_history"] = res.history
+
+    # 3. BatchNorm, augmentation, an objective with parameters: the copies stay equal
+    cfg = ModelConfig("test_resnet", 1, SIDE, list(train.classes), {})
+    torch.manual_seed(4)
+    model = create(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    extra = Calibrate(split(40, 2), rt)
+    res = fit(model, [{"params": model.parameters(), "lr": 0.01}], train, val, epochs=2, batch_size=8,
+              transform=v2.RandomAffine(degrees=10, translate=(0.1, 0.1)), seed=0, rt=rt, objectives=[extra], desc="bn")
+    record["bn_before"] = before
+    record["bn"] = {k: v.clone() for k, v in model.state_dict().items()}
+    record["objective"] = {k: v.clone() for k, v in extra.state_dict().items()}
+    record["bn_history"] = res.history
+    torch.save(record, out / f"rank{r}.pt")
+    distributed.finish()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

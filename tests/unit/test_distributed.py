@@ -1,0 +1,124 @@
+"""Training in several processes (adaptflow.distributed): two real processes under torchrun, gloo on the CPU."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from adaptflow import distributed
+from adaptflow.accel import runtime
+from adaptflow.data.files import DataError
+from adaptflow.data.store import Split
+from adaptflow.training import stream
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+
+
+def _run(cmd: list[str], out: Path) -> dict[int, dict]:
+    proc = subprocess.run(cmd + [str(WORKER), str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {int(p.stem[4:]): torch.load(p) for p in sorted(out.glob("rank*.pt"))}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, dict[int, dict]]:
+    """The same training alone and in two processes (one torchrun, gloo, one thread each on this CPU)."""
+    alone, two = tmp_path_factory.mktemp("alone"), tmp_path_factory.mktemp("two")
+    return {
+        "alone": _run([sys.executable], alone),
+        "two": _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], two),
+    }
+
+
+def test_two_processes_share_each_batch_one_process_reads(runs):
+    alone, (r0, r1) = runs["alone"][0], (runs["two"][0], runs["two"][1])
+    assert (alone["world"], r0["world"], r1["world"]) == (1, 2, 2)
+    for whole, a, b in zip(alone["batches"], r0["batches"], r1["batches"]):
+        assert sorted(a + b) == whole and not set(a) & set(b)
+        assert len(a) == len(b) == len(whole) // 2
+
+
+def test_two_processes_train_as_one_process_would(runs):
+    """No BatchNorm, no augmentation: the averaged gradient of two half batches is the whole batch's, so
+    the weights and every epoch's validation match one process's (to rounding)."""
+    alone, r0, r1 = runs["alone"][0], runs["two"][0], runs["two"][1]
+    for k, v in alone["plain"].items():
+        torch.testing.assert_close(r0["plain"][k], v, atol=1e-5, rtol=1e-4)
+        assert torch.equal(r0["plain"][k], r1["plain"][k])
+    assert [h["epoch"] for h in r0["plain_history"]] == [1, 2, 3]
+    for h_alone, h_two in zip(alone["plain_history"], r0["plain_history"]):
+        assert h_two["val_acc"] == h_alone["val_acc"]
+        assert h_two["train_loss"] == pytest.approx(h_alone["train_loss"], rel=1e-4)
+        assert h_two["val_loss"] == pytest.approx(h_alone["val_loss"], rel=1e-4)
+
+
+def test_copies_stay_equal_with_batchnorm_augmentation_and_an_objective(runs):
+    r0, r1 = runs["two"][0], runs["two"][1]
+    assert r0["bn"].keys() == r1["bn"].keys()
+    for k in r0["bn"]:
+        assert torch.equal(r0["bn"][k], r1["bn"][k]), k  # parameters and BatchNorm statistics alike
+    for k in r0["objective"]:
+        assert torch.equal(r0["objective"][k], r1["objective"][k]), k  # the objective's own parameters too
+    moved = [k for k, v in r0["bn"].items() if v.is_floating_point() and not torch.equal(v, r0["bn_before"][k])]
+    assert any(k.endswith("running_mean") for k in moved) and any(k.endswith("weight") for k in moved)
+    assert r0["bn_history"] == r1["bn_history"]  # one verdict per epoch, the same checkpoint kept
+
+
+def test_each_process_takes_its_share_of_the_cores(runs):
+    assert runs["two"][0]["threads"] == max(1, runtime_cores() // 2)
+
+
+def runtime_cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def test_alone_everything_is_a_no_op():
+    assert (distributed.world(), distributed.rank(), distributed.is_main()) == (1, 0, True)
+    assert distributed.seed(7) == 7
+    idx = np.arange(5)
+    assert distributed.shard(idx) is idx
+    assert distributed.from_main({"a": 1}) == {"a": 1}
+    p = torch.nn.Parameter(torch.ones(2))
+    assert distributed.average_gradients([p]) is False
+    p.grad = torch.full((2,), 3.0)
+    assert distributed.average_gradients([p]) is True and torch.equal(p.grad, torch.full((2,), 3.0))
+
+
+def test_too_few_images_for_the_processes_is_refused(monkeypatch):
+    monkeypatch.setattr(distributed, "world", lambda: 3)
+    tiny = Split(np.zeros((5, 1, 4, 4), np.uint8), np.zeros(5, np.int64), ["a"])
+    with pytest.raises(DataError, match="5 training images cannot be shared by 3 processes"):
+        next(stream(tiny, 4, np.random.default_rng(0)))
+
+
+def test_threads_and_gpu_per_process_under_a_launcher(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.delenv("ADAPTFLOW_THREADS", raising=False)
+    try:
+        runtime(device="cpu")
+        assert torch.get_num_threads() == max(1, runtime_cores() // 2)
+    finally:
+        torch.set_num_threads(1)
+    monkeypatch.setenv("ADAPTFLOW_DEVICE", "cuda:1")
+    with pytest.raises(ValueError, match="ADAPTFLOW_DEVICE='cuda:1': under torchrun each process takes the GPU of its LOCAL_RANK"):
+        runtime()
+
+
+@pytest.mark.parametrize("name", ["ingest", "augment", "cache_features", "evaluate", "register"])
+def test_stages_that_do_not_train_refuse_several_processes(monkeypatch, tmp_path, params_path, name):
+    from adaptflow.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    res = CliRunner().invoke(app, ["stage", name, "--params", str(params_path)])
+    assert res.exit_code == 2
+    assert f"stage {name} runs in one process; of the stages only pretrain and finetune train in several (torchrun started 2)" in res.output
