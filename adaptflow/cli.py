@@ -65,6 +65,10 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run the whole pipeline as a Prefect flow and print the comparison table."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # started by torchrun (read here without importing torch)
+        typer.secho("error: adaptflow run is one process that runs the pipeline; under torchrun run the stages that "
+                    "train in several: adaptflow stage pretrain, adaptflow stage finetune", fg="red", err=True)
+        raise typer.Exit(2)
     from flows.api import start_in_background  # the orchestrator lives outside the core
 
     flags = _orchestrate_overrides(task_runner or ("dask" if dask_address else None), max_workers, dask_address)

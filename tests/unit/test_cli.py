@@ -257,3 +257,16 @@ def test_run_refuses_a_plain_typo_before_starting_prefect(tmp_path, monkeypatch)
     res = _invoke(["run", "--params", PARAMS, "--set", "finetune.epochs=0"])
     assert res.exit_code == 2 and "finetune.epochs: Input should be greater than or equal to 1" in res.output
     assert started == []
+
+
+def test_run_under_torchrun_says_which_commands_train_in_several_processes(monkeypatch):
+    """`torchrun … adaptflow run` would start one whole pipeline per process: refused, before any server starts."""
+    import flows.api
+
+    started = []
+    monkeypatch.setattr(flows.api, "start_in_background", lambda: started.append(1) or (lambda: None))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    res = _invoke(["run", "--params", PARAMS])
+    assert res.exit_code == 2
+    assert "adaptflow run is one process that runs the pipeline; under torchrun run the stages that train in several" in res.output
+    assert started == []
