@@ -237,8 +237,13 @@ def runtime(device: str = "auto", amp: str = "auto", channels_last: str | bool =
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"ADAPTFLOW_DEVICE / device {device!r}: no CUDA device is available")
-    if device == "cuda" and distributed.launched() > 1:
-        device = f"cuda:{distributed.local_rank()}"  # each process its own GPU
+    if device == "cuda" and distributed.launched() > 1:  # each process its own GPU, made current before any use
+        gpus, r = torch.cuda.device_count(), distributed.local_rank()
+        if r >= gpus:
+            raise ValueError(f"LOCAL_RANK {r}: this machine shows {gpus} GPU(s); start at most {gpus} processes per "
+                             f"machine (torchrun --nproc_per_node)")
+        torch.cuda.set_device(r)
+        device = f"cuda:{r}"
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -170,6 +170,9 @@ def stage(
         if distributed.launched() > 1 and name not in distributed.STAGES:
             raise ValueError(f"stage {name} runs in one process; of the stages only {' and '.join(distributed.STAGES)} "
                              f"train in several (torchrun started {distributed.launched()})")
+        sizes = {"pretrain": {"pretrain.batch_size": p.pretrain.batch_size},
+                 "finetune": {"finetune.batch_size": p.finetune.batch_size, "finetune.unlabeled_batch_size": p.finetune.unlabeled_batch_size}}
+        distributed.check_batches(sizes.get(name, {}), distributed.launched())
     except ValueError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None

@@ -3,19 +3,25 @@
 ``torchrun --nproc_per_node 4 -m adaptflow stage finetune`` (or ``stage pretrain``) runs the stage in four
 processes, each with a copy of the model:
 
-- each takes its share of every batch: ``batch_size`` in params stays the batch of one optimizer step, so
-  steps per epoch and the learning-rate schedule are those of one process (:func:`shard`);
+- each takes an equal share of every batch: ``batch_size`` in params stays the batch of one optimizer step,
+  so steps per epoch and the learning-rate schedule are those of one process (:func:`shard`; batch sizes
+  must split evenly, :func:`check_batches`);
 - after each backward the gradients of every trained parameter, the model's and an objective's (DANN's
   discriminator), are averaged across the processes in one all-reduce (:func:`average_gradients`): every
   process applies the same update and the copies stay equal;
+- the alignment objectives (DANN, CORAL, MMD) compare the features of the whole batch, every process's
+  gathered (:func:`gather`), not each process's share: CORAL's covariance and MMD's kernel means are
+  statistics of the batch;
 - BatchNorm's running statistics are averaged at the end of each epoch (:func:`average_buffers`);
 - every process scores each epoch and keeps the first process's verdict (:func:`from_main`), so all keep
   the same checkpoint; only the first process writes the stage's output (:func:`is_main`).
 
 It is not ``DistributedDataParallel``: a step here runs the model several times before its one backward
 (the labeled batch, DANN's source and target batches, FixMatch's two views) and trains parameters outside
-the model. Averaging after backward is exact for any such step; what it gives up is DDP's overlap of the
-all-reduce with the backward pass.
+the model. Averaging after backward handles any such step; what it gives up is DDP's overlap of the
+all-reduce with the backward pass. With equal shares the averaged gradient is the whole batch's, except
+that BatchNorm normalises over each process's share, and each process draws its own augmentation and
+dropout.
 
 Alone (no ``torchrun``, or ``--nproc_per_node 1``) every function here is a no-op, and nothing is imported
 beyond torch.
@@ -95,9 +101,17 @@ def barrier() -> None:
 
 @contextlib.contextmanager
 def main_first(ctx: contextlib.AbstractContextManager) -> Iterator[None]:
-    """``ctx`` held by the first process alone (the project lock), the others starting once it holds it."""
+    """``ctx`` held by the first process alone (the project lock), the others starting once it holds it.
+
+    The others wait in a barrier of their own, on a CPU group whose timeout is a year rather than the
+    training group's hour: the first may wait for the project as long as another run holds it."""
+    if not active():
+        with ctx:
+            yield
+        return
+    waiting = dist.new_group(backend="gloo", timeout=timedelta(days=365))
     with ctx if is_main() else contextlib.nullcontext():
-        barrier()
+        dist.barrier(group=waiting)
         yield
 
 
@@ -128,10 +142,33 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def _reduce_flat(tensors: list[torch.Tensor], extra: torch.Tensor | None = None) -> torch.Tensor:
-    """One all-reduce (sum) of ``tensors`` (and ``extra``) packed into a float32 vector; the summed vector."""
+def check_batches(sizes: dict[str, int], procs: int) -> None:
+    """Each batch size (params key → value) must split evenly into ``procs`` shares of at least 2 images
+    (BatchNorm): equal shares make the averaged gradient the whole batch's, and let the alignment objectives
+    gather every process's features. Raises ValueError naming the key."""
+    for key, n in sizes.items():
+        if procs > 1 and (n % procs or n < 2 * procs):
+            raise ValueError(f"{key}: {n} does not split into {procs} equal shares of at least 2 images, one per "
+                             f"process; use a multiple of {procs} (at least {2 * procs}) or fewer processes")
+
+
+def gather(t: torch.Tensor) -> torch.Tensor:
+    """Every process's ``t`` (equal shapes), concatenated along the first dimension in rank order, in each
+    process; gradients flow back to each process's own rows. A loss on the gathered batch, computed alike in
+    every process, then yields (after :func:`average_gradients`) the gradient of that loss on the whole batch:
+    the backward sums each row's gradient over the processes' copies of the loss, the average divides by
+    their number."""
+    if not active():
+        return t
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(t))
+
+
+def _reduce_flat(tensors: list[torch.Tensor], extra: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One all-reduce (sum) of ``tensors`` (and ``extra``) packed into one vector of ``dtype``; the summed vector."""
     dev = _device()
-    parts = [t.detach().reshape(-1).to(dev, torch.float32) for t in tensors] + ([extra.to(dev)] if extra is not None else [])
+    parts = [t.detach().reshape(-1).to(dev, dtype) for t in tensors] + ([extra.to(dev, dtype)] if extra is not None else [])
     flat = torch.cat(parts)
     dist.all_reduce(flat)
     return flat
@@ -168,14 +205,15 @@ def average_gradients(params: list[nn.Parameter]) -> bool:
 
 def average_buffers(modules: Iterable[nn.Module]) -> None:
     """Floating buffers (BatchNorm's running mean and variance) averaged across the processes, the others
-    (BatchNorm's batch counter) taken from the first: every copy scores and saves the same statistics."""
+    (BatchNorm's batch counter) taken from the first: every copy scores and saves the same statistics.
+    Summed in float64, so that equal values (a frozen BatchNorm's) come back bit for bit."""
     if not active():
         return
     bufs = [b for m in modules for b in m.buffers()]
     floats = [b for b in bufs if b.is_floating_point()]
     others = [b for b in bufs if not b.is_floating_point()]
     if floats:
-        _unpack(_reduce_flat(floats), floats, 1.0 / world())
+        _unpack(_reduce_flat(floats, dtype=torch.float64), floats, 1.0 / world())
     if others:
         packed = torch.cat([b.detach().reshape(-1).to(_device(), torch.float64) for b in others])
         dist.broadcast(packed, src=0)

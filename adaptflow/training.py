@@ -86,11 +86,14 @@ def stream(split: Split, batch_size: int, rng: np.random.Generator) -> Iterator[
     sorted fancy-index read of the (memory-mapped) store per batch, nothing decoded.
 
     In one of several processes (:mod:`adaptflow.distributed`) every process draws the same order and
-    reads its share of each batch of ``batch_size``, so together they cover the batch one process would."""
+    reads an equal share of each batch of ``batch_size``, so together they cover the batch one process
+    would; of a pass's last, shorter batch, the few images (fewer than the processes) that would make the
+    shares unequal are left for the next pass."""
     n, procs = len(split), distributed.world()
     if procs > 1 and n < 2 * procs:
         raise DataError(f"{n} training images cannot be shared by {procs} processes (BatchNorm needs at least 2 "
                         f"per process and batch): run in fewer processes")
+    distributed.check_batches({"batch size": batch_size}, procs)
     labels = torch.from_numpy(split.labels)
     while True:
         order = rng.permutation(n)
@@ -98,7 +101,7 @@ def stream(split: Split, batch_size: int, rng: np.random.Generator) -> Iterator[
             idx = np.sort(order[i : i + batch_size])
             if len(idx) < 2 * procs and n >= 2:
                 break  # BatchNorm cannot train on a batch of one (in any of the processes)
-            idx = distributed.shard(idx)
+            idx = distributed.shard(idx[: len(idx) - len(idx) % procs])
             yield torch.from_numpy(np.ascontiguousarray(split.images[idx])), labels[idx]
 
 
@@ -191,7 +194,9 @@ def fit(
     rt.place(model)
     forward = rt.forward_fn(model, input_size(model))
     objectives = [o.to(dev) for o in objectives or []]
-    distributed.broadcast_state([model, *objectives])  # in several processes: every copy starts as the first's
+    if distributed.world() > 1:
+        distributed.broadcast_state([model, *objectives])  # every copy starts as the first's,
+        torch.manual_seed(distributed.seed(seed))  # then draws its own dropout
     groups = list(param_groups)
     extra = [p for o in objectives for p in o.parameters() if p.requires_grad]
     if extra:

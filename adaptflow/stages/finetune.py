@@ -54,7 +54,7 @@ def run_one(params: Params, root: Path, strategy: str, seed: int) -> dict:
     src_data = ingested_dir(params, root, "source")
     key = input_key(params, root, strategy, seed)
     label = f"finetune[{strategy},seed={seed}]"
-    if outputs.is_current(out, key):
+    if distributed.from_main(outputs.is_current(out, key)):  # several processes: the first one's reading
         log.info("%s: up to date", label)
         return {"strategy": strategy, "seed": seed, "path": str(out), "digest": outputs.digest(out), "cached": True}
     ctx = strategies.Context(

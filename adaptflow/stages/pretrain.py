@@ -54,7 +54,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     out = output_dir(params, root)
     src = ingested_dir(params, root, "source")
     key = input_key(params, root)
-    if outputs.is_current(out, key):
+    if distributed.from_main(outputs.is_current(out, key)):  # several processes: the first one's reading
         log.info("pretrain: up to date (%s)", out)
         return {"path": str(out), "digest": outputs.digest(out), "cached": True}
     card = store.read_card(src)

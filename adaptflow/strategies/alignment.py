@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptflow import distributed
 from adaptflow.models import features
 from adaptflow.strategies.base import Context
 from adaptflow.training import Objective, batches, net_input
@@ -39,7 +40,8 @@ class AlignmentObjective(Objective):
         f = features(model, net_input(model, torch.cat([xs, xt]), self.rt))
         f_s, f_t = f[: len(xs)], f[len(xs) :]
         ce = F.cross_entropy(model.get_classifier()(f_s), ys)
-        a = self.align(f_s, f_t, progress)
+        # in several processes, aligned on the whole batch: every process's features (distributed.gather)
+        a = self.align(distributed.gather(f_s), distributed.gather(f_t), progress)
         # logged as device tensors: fit sums them without a host sync per step
         return self.source_weight * ce + a, {"source_ce": ce.detach(), f"{self.name}_loss": a.detach()}
 

@@ -70,9 +70,9 @@ def main(out: Path) -> None:
     record["plain"] = {k: v.clone() for k, v in net.state_dict().items()}
     record["plain_history"] = res.history
 
-    # 3. BatchNorm, augmentation, an objective with parameters: the copies stay equal
+    # 3. BatchNorm, augmentation, an objective with parameters: the copies stay equal (started unequal)
     cfg = ModelConfig("test_resnet", 1, SIDE, list(train.classes), {})
-    torch.manual_seed(4)
+    torch.manual_seed(4 + r)
     model = create(cfg)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     extra = Calibrate(split(40, 2), rt)
@@ -82,6 +82,38 @@ def main(out: Path) -> None:
     record["bn"] = {k: v.clone() for k, v in model.state_dict().items()}
     record["objective"] = {k: v.clone() for k, v in extra.state_dict().items()}
     record["bn_history"] = res.history
+
+    # 4. a scorer whose verdict differs by process: all keep the first process's
+    calls = []
+
+    def contrary(m: nn.Module) -> dict:
+        calls.append(1)
+        return {"score": float(len(calls) if r == 0 else -len(calls)), "tiebreak": 0.0, "which": float(r)}
+
+    net = plain_net()
+    res = fit(net, [{"params": net.parameters(), "lr": 0.05}], train, None, epochs=3, batch_size=8,
+              transform=v2.Identity(), seed=0, rt=rt, scorer=contrary, evaluate_start=True)
+    record["contrary"] = {"best_epoch": res.best_epoch, "history": res.history}
+
+    # 5. the pieces, directly
+    record["seed"] = distributed.seed(5)
+    p1, p2, p3, p4 = (nn.Parameter(torch.zeros(3)) for _ in range(4))
+    p4.requires_grad_(False)
+    p1.grad = torch.full((3,), float(r + 1))
+    if r == 1:
+        p2.grad = torch.full((3,), 4.0)
+    record["stepped"] = distributed.average_gradients([p1, p2, p3, p4])
+    record["grads"] = [None if p.grad is None else p.grad.clone() for p in (p1, p2, p3, p4)]
+    bn = nn.BatchNorm2d(2)
+    bn.running_mean.fill_(float(r))
+    bn.running_var.fill_(0.1)  # equal everywhere, not a float32 that halves exactly
+    bn.num_batches_tracked.fill_(7 + r)
+    distributed.average_buffers([bn])
+    record["bn_buffers"] = {k: v.clone() for k, v in bn.state_dict().items()}
+    x = torch.full((2, 3), float(r + 1), requires_grad=True)
+    g = distributed.gather(x)
+    (g**2).sum().backward()
+    record["gathered"], record["gather_grad"] = g.detach().clone(), x.grad.clone()
     torch.save(record, out / f"rank{r}.pt")
     distributed.finish()
 

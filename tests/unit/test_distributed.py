@@ -70,6 +70,31 @@ def test_copies_stay_equal_with_batchnorm_augmentation_and_an_objective(runs):
     assert r0["bn_history"] == r1["bn_history"]  # one verdict per epoch, the same checkpoint kept
 
 
+def test_every_process_keeps_the_first_ones_verdict(runs):
+    r0, r1 = runs["two"][0]["contrary"], runs["two"][1]["contrary"]
+    assert r0["best_epoch"] == r1["best_epoch"] == 3  # the first process's scorer prefers the last epoch
+    assert r0["history"][1:] == r1["history"][1:]  # (epoch 0's train_loss is nan: not equal to itself)
+    assert [h["which"] for h in r1["history"]] == [0.0] * 4
+
+
+def test_the_pieces(runs):
+    r0, r1 = runs["two"][0], runs["two"][1]
+    assert r0["seed"] == 5 and r1["seed"] != 5  # the first process draws as one process would; the others their own
+    for r in (r0, r1):
+        assert r["stepped"] is True
+        g1, g2, g3, g4 = r["grads"]
+        assert torch.equal(g1, torch.full((3,), 1.5))  # (1 + 2) / 2
+        assert torch.equal(g2, torch.full((3,), 2.0))  # missing in the first process: counted as zero there
+        assert g3 is None and g4 is None  # no gradient anywhere / frozen: the optimizer skips them
+        assert torch.equal(r["bn_buffers"]["running_mean"], torch.full((2,), 0.5))
+        assert torch.equal(r["bn_buffers"]["running_var"], torch.full((2,), 0.1))  # equal values come back bit for bit
+        assert int(r["bn_buffers"]["num_batches_tracked"]) == 7  # the first process's counter
+        assert torch.equal(r["gathered"], torch.cat([torch.full((2, 3), 1.0), torch.full((2, 3), 2.0)]))
+    # each process's copy of the loss sends its rows a gradient 2x: summed over the two copies, 4x
+    assert torch.equal(r0["gather_grad"], torch.full((2, 3), 4.0))
+    assert torch.equal(r1["gather_grad"], torch.full((2, 3), 8.0))
+
+
 def test_each_process_takes_its_share_of_the_cores(runs):
     assert runs["two"][0]["threads"] == max(1, runtime_cores() // 2)
 
@@ -111,6 +136,27 @@ def test_threads_and_gpu_per_process_under_a_launcher(monkeypatch):
     monkeypatch.setenv("ADAPTFLOW_DEVICE", "cuda:1")
     with pytest.raises(ValueError, match="ADAPTFLOW_DEVICE='cuda:1': under torchrun each process takes the GPU of its LOCAL_RANK"):
         runtime()
+
+
+def test_batches_that_do_not_split_evenly_are_refused_naming_the_key(monkeypatch, tmp_path, params_path):
+    from adaptflow.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    res = CliRunner().invoke(app, ["stage", "finetune", "--params", str(params_path), "--set", "finetune.batch_size=33"])
+    assert res.exit_code == 2
+    assert "finetune.batch_size: 33 does not split into 2 equal shares of at least 2 images" in res.output
+    res = CliRunner().invoke(app, ["stage", "pretrain", "--params", str(params_path), "--set", "pretrain.batch_size=2"])
+    assert res.exit_code == 2 and "pretrain.batch_size: 2 does not split into 2 equal shares" in res.output
+
+
+def test_a_short_last_batch_leaves_out_what_would_make_shares_unequal(monkeypatch):
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    monkeypatch.setattr(distributed, "shard", lambda idx: idx)  # the whole batch, before it is shared
+    labels = np.arange(11)
+    feed = stream(Split(np.zeros((11, 1, 4, 4), np.uint8), labels, ["a"]), 6, np.random.default_rng(0))
+    sizes = [len(next(feed)[1]) for _ in range(3)]
+    assert sizes == [6, 4, 6]  # 11 = 6 + 5: of the 5, the odd one is left for the next pass
 
 
 @pytest.mark.parametrize("name", ["ingest", "augment", "cache_features", "evaluate", "register"])
