@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import BIN, run, shrunk_params, write_params
+from tests.integration.conftest import BIN, env_with_venv, run, shrunk_params, write_params
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +26,18 @@ def test_pretrain_and_finetune_in_two_processes(tmp_path):
     adaptflow = [str(BIN / "adaptflow")]
     run(adaptflow + ["stage", "ingest"], root)
     run(adaptflow + ["stage", "augment"], root)
-    run(TORCHRUN + ["stage", "pretrain"], root)
+    # while another run holds the project, the processes wait (the first for the lock, the others for it)
+    from adaptflow import orchestrate
+
+    with orchestrate.project_lock(root, what="a test holding the project"):
+        waiting = subprocess.Popen(TORCHRUN + ["stage", "pretrain"], cwd=root, env=env_with_venv(), text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        time.sleep(12)
+        assert waiting.poll() is None
+        assert not (root / params["paths"]["source_model"]).exists()
+    log, _ = waiting.communicate(timeout=300)
+    assert waiting.returncode == 0, log[-3000:]
+    assert "a test holding the project" in log
     run(adaptflow + ["stage", "cache_features"], root)
     out = run(TORCHRUN + ["stage", "finetune", "--strategy", "dann+fixmatch"], root)
 
