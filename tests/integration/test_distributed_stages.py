@@ -32,12 +32,16 @@ def test_pretrain_and_finetune_in_two_processes(tmp_path):
     with orchestrate.project_lock(root, what="a test holding the project"):
         waiting = subprocess.Popen(TORCHRUN + ["stage", "pretrain"], cwd=root, env=env_with_venv(), text=True,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        time.sleep(12)
-        assert waiting.poll() is None
+        seen, deadline = [], time.monotonic() + 120
+        while time.monotonic() < deadline and waiting.poll() is None:  # until the first process says it waits
+            seen.append(waiting.stdout.readline())
+            if "locked by" in seen[-1] and "a test holding the project" in seen[-1]:
+                break
+        assert waiting.poll() is None, "".join(seen)[-3000:]
+        time.sleep(2)  # had any process gone on without the lock, pretrain (about 1 s here) would be writing
         assert not (root / params["paths"]["source_model"]).exists()
     log, _ = waiting.communicate(timeout=300)
-    assert waiting.returncode == 0, log[-3000:]
-    assert "a test holding the project" in log
+    assert waiting.returncode == 0, ("".join(seen) + log)[-3000:]
     run(adaptflow + ["stage", "cache_features"], root)
     out = run(TORCHRUN + ["stage", "finetune", "--strategy", "dann+fixmatch"], root)
 
