@@ -239,7 +239,9 @@ def runtime(device: str = "auto", amp: str = "auto", channels_last: str | bool =
         raise ValueError(f"ADAPTFLOW_DEVICE / device {device!r}: no CUDA device is available")
     if device == "cuda" and distributed.launched() > 1:  # each process its own GPU, made current before any use
         gpus, r = torch.cuda.device_count(), distributed.local_rank()
-        if r >= gpus:
+        if gpus == 1 and os.environ.get("CUDA_VISIBLE_DEVICES", "").strip():
+            r = 0  # a launcher that shows each process its own GPU
+        elif r >= gpus:
             raise ValueError(f"LOCAL_RANK {r}: this machine shows {gpus} GPU(s); start at most {gpus} processes per "
                              f"machine (torchrun --nproc_per_node)")
         torch.cuda.set_device(r)

@@ -162,7 +162,7 @@ def stage(
     `torchrun --nproc_per_node 4 -m adaptflow stage finetune`."""
     _setup_logging(verbose)
     p = _load(params, set_)
-    from adaptflow import accel, distributed, orchestrate, stages
+    from adaptflow import accel, distributed, orchestrate, stages, strategy_names
 
     try:
         fn = stages.get(name)
@@ -170,15 +170,17 @@ def stage(
         if distributed.launched() > 1 and name not in distributed.STAGES:
             raise ValueError(f"stage {name} runs in one process; of the stages only {' and '.join(distributed.STAGES)} "
                              f"train in several (torchrun started {distributed.launched()})")
-        sizes = {"pretrain": {"pretrain.batch_size": p.pretrain.batch_size},
-                 "finetune": {"finetune.batch_size": p.finetune.batch_size, "finetune.unlabeled_batch_size": p.finetune.unlabeled_batch_size}}
+        sizes = {"pretrain": {"pretrain.batch_size": p.pretrain.batch_size}, "finetune": {"finetune.batch_size": p.finetune.batch_size}}
+        if name == "finetune" and any(strategy_names.uses_pool(s) for s in ([strategy] if strategy else p.finetune.strategies)):
+            sizes["finetune"]["finetune.unlabeled_batch_size"] = p.finetune.unlabeled_batch_size
         distributed.check_batches(sizes.get(name, {}), distributed.launched())
     except ValueError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
     if distributed.launched_rank() > 0:
         logging.getLogger().setLevel(logging.WARNING)  # the first process reports; the others only what goes wrong
-    distributed.init(cuda=accel.runtime().cuda)
+    if distributed.launched() > 1:
+        distributed.init(cuda=accel.runtime().cuda)
     lock = orchestrate.project_lock(Path.cwd(), what=f"adaptflow stage {name}", timeout=p.orchestrate.lock_timeout)
     try:
         with _bad_input_exits(), distributed.main_first(lock):  # several processes: one holds the project for all

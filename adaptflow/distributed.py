@@ -157,12 +157,15 @@ def gather(t: torch.Tensor) -> torch.Tensor:
     process; gradients flow back to each process's own rows. A loss on the gathered batch, computed alike in
     every process, then yields (after :func:`average_gradients`) the gradient of that loss on the whole batch:
     the backward sums each row's gradient over the processes' copies of the loss, the average divides by
-    their number."""
+    their number. (A loss with dropout, DANN's discriminator, differs a little in each copy: the average is
+    then the mean of the copies' gradients.)"""
     if not active():
         return t
-    from torch.distributed.nn.functional import all_gather
+    # (what torch.distributed.nn.functional.all_gather's deprecation points to); float32, so that the backward's
+    # sum over the processes is not rounded to bf16 under mixed precision
+    from torch.distributed._functional_collectives import all_gather_single_autograd
 
-    return torch.cat(all_gather(t))
+    return all_gather_single_autograd(t.float().contiguous(), 0, dist.group.WORLD)
 
 
 def _reduce_flat(tensors: list[torch.Tensor], extra: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:

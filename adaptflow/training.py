@@ -88,7 +88,7 @@ def stream(split: Split, batch_size: int, rng: np.random.Generator) -> Iterator[
     In one of several processes (:mod:`adaptflow.distributed`) every process draws the same order and
     reads an equal share of each batch of ``batch_size``, so together they cover the batch one process
     would; of a pass's last, shorter batch, the few images (fewer than the processes) that would make the
-    shares unequal are left for the next pass."""
+    shares unequal are skipped: the next pass reshuffles all."""
     n, procs = len(split), distributed.world()
     if procs > 1 and n < 2 * procs:
         raise DataError(f"{n} training images cannot be shared by {procs} processes (BatchNorm needs at least 2 "
@@ -268,7 +268,13 @@ def fit(
             try:
                 loss, logs = backward(batch, step)
             except Exception as exc:
-                if not forward.fall_back(exc):  # the compiler's failure: once more, eagerly; anything else: raised
+                # the compiler's failure: once more, eagerly; anything else: raised. Not in one of several processes:
+                # its retry would draw batches and gather features the others do not, and the processes would part
+                if distributed.world() > 1 and forward.compiled:
+                    log.error("a compiled training step failed in one of %d processes; they cannot retry it eagerly "
+                              "in step: run with ADAPTFLOW_COMPILE=0", distributed.world())
+                    raise
+                if not forward.fall_back(exc):
                     raise
                 loss, logs = backward(batch, step)
             if distributed.average_gradients(trained):  # alone: whether there is a gradient to apply

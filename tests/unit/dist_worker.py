@@ -37,6 +37,21 @@ def plain_net() -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
 
 
+class Spread(Objective):
+    """A statistic of the whole unlabeled batch (the variance of its outputs), as CORAL's covariance is:
+    every process's outputs gathered first, so that several processes compute what one would."""
+
+    def __init__(self, pool: Split, rt):
+        super().__init__()
+        self._pool = batches(pool, 6, v2.Identity(), 11, rt)
+
+    def forward(self, model: nn.Module, progress: float):
+        x, _ = next(self._pool)
+        out = distributed.gather(model(x.float() / 255))
+        loss = out.var(0).mean()
+        return 0.5 * loss, {"spread": loss.detach()}
+
+
 class Calibrate(Objective):
     """An objective with parameters of its own, drawing its own (augmented) batches, as DANN's does."""
 
@@ -63,10 +78,11 @@ def main(out: Path) -> None:
     feed = stream(Split(train.images, np.arange(48), train.classes), 8, np.random.default_rng(5))
     record["batches"] = [next(feed)[1].tolist() for _ in range(9)]
 
-    # 2. a net without BatchNorm, no augmentation: the same training as one process
+    # 2. a net without BatchNorm or dropout, no augmentation, an objective on a statistic of the whole batch:
+    #    the same training as one process
     net = plain_net()
     res = fit(net, [{"params": net.parameters(), "lr": 0.05}], train, val, epochs=3, batch_size=8,
-              transform=v2.Identity(), seed=0, rt=rt, desc="plain")
+              transform=v2.Identity(), seed=0, rt=rt, desc="plain", objectives=[Spread(split(40, 2), rt)])
     record["plain"] = {k: v.clone() for k, v in net.state_dict().items()}
     record["plain_history"] = res.history
 

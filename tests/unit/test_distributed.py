@@ -150,13 +150,32 @@ def test_batches_that_do_not_split_evenly_are_refused_naming_the_key(monkeypatch
     assert res.exit_code == 2 and "pretrain.batch_size: 2 does not split into 2 equal shares" in res.output
 
 
+def test_the_unlabeled_batch_is_checked_only_for_strategies_that_read_the_pool(monkeypatch, tmp_path, params_path):
+    from adaptflow.cli import app
+
+    class Reached(Exception):
+        pass
+
+    def init(cuda: bool) -> bool:
+        raise Reached
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed, "init", init)
+    odd = ["--params", str(params_path), "--set", "finetune.unlabeled_batch_size=33"]
+    res = CliRunner().invoke(app, ["stage", "finetune", "--strategy", "dann+fixmatch", *odd])
+    assert res.exit_code == 2 and "finetune.unlabeled_batch_size: 33 does not split into 2 equal shares" in res.output
+    res = CliRunner().invoke(app, ["stage", "finetune", "--strategy", "finetune", *odd])
+    assert isinstance(res.exception, Reached)  # past the checks: finetune alone reads no unlabeled batch
+
+
 def test_a_short_last_batch_leaves_out_what_would_make_shares_unequal(monkeypatch):
     monkeypatch.setattr(distributed, "world", lambda: 2)
     monkeypatch.setattr(distributed, "shard", lambda idx: idx)  # the whole batch, before it is shared
     labels = np.arange(11)
     feed = stream(Split(np.zeros((11, 1, 4, 4), np.uint8), labels, ["a"]), 6, np.random.default_rng(0))
     sizes = [len(next(feed)[1]) for _ in range(3)]
-    assert sizes == [6, 4, 6]  # 11 = 6 + 5: of the 5, the odd one is left for the next pass
+    assert sizes == [6, 4, 6]  # 11 = 6 + 5: of the 5, the odd one is skipped (the next pass reshuffles all)
 
 
 @pytest.mark.parametrize("name", ["ingest", "augment", "cache_features", "evaluate", "register"])
