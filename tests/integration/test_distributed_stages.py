@@ -25,7 +25,6 @@ def test_pretrain_and_finetune_in_two_processes(tmp_path):
     write_params(root, params)
     adaptflow = [str(BIN / "adaptflow")]
     run(adaptflow + ["stage", "ingest"], root)
-    run(adaptflow + ["stage", "augment"], root)
     # while another run holds the project, the processes wait (the first for the lock, the others for it)
     from adaptflow import orchestrate
 
@@ -42,7 +41,6 @@ def test_pretrain_and_finetune_in_two_processes(tmp_path):
         assert not (root / params["paths"]["source_model"]).exists()
     log, _ = waiting.communicate(timeout=300)
     assert waiting.returncode == 0, ("".join(seen) + log)[-3000:]
-    run(adaptflow + ["stage", "cache_features"], root)
     out = run(TORCHRUN + ["stage", "finetune", "--strategy", "dann+fixmatch"], root)
 
     source = root / params["paths"]["source_model"]
