@@ -78,13 +78,12 @@ def is_main() -> bool:
 
 
 def init(cuda: bool, timeout_s: float = 3600.0) -> bool:
-    """Join the process group the launcher described (NCCL on CUDA, each process on its ``LOCAL_RANK``'s GPU;
-    gloo on CPU). Whether this process is one of several; alone, nothing happens."""
+    """Join the process group the launcher described: NCCL on CUDA, on the GPU :func:`adaptflow.accel.runtime`
+    made this process's current one (its ``LOCAL_RANK``'s, or the one GPU it is shown); gloo on CPU.
+    Whether this process is one of several; alone, nothing happens."""
     if launched() <= 1:
         return False
     if not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(local_rank())
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     return active()
 
