@@ -216,22 +216,23 @@ def average_buffers(modules: Iterable[nn.Module]) -> None:
     others = [b for b in bufs if not b.is_floating_point()]
     if floats:
         _unpack(_reduce_flat(floats, dtype=torch.float64), floats, 1.0 / world())
-    if others:
-        packed = torch.cat([b.detach().reshape(-1).to(_device(), torch.float64) for b in others])
-        dist.broadcast(packed, src=0)
-        _unpack(packed, others, 1.0)
+    _from_first(others)
 
 
-def broadcast_state(modules: Iterable[nn.Module]) -> None:
-    """Parameters and buffers as the first process has them, in every process: the copies start equal."""
-    if not active():
-        return
-    tensors = [t for m in modules for t in [*m.parameters(), *m.buffers()]]
+def _from_first(tensors: list[torch.Tensor]) -> None:
+    """``tensors`` overwritten, in place, with the first process's values: one broadcast of them packed in float64
+    (exact for float32 values and for counters)."""
     if tensors:
         packed = torch.cat([t.detach().reshape(-1).to(_device(), torch.float64) for t in tensors])
         dist.broadcast(packed, src=0)
         with torch.no_grad():
             _unpack(packed, tensors, 1.0)
+
+
+def broadcast_state(modules: Iterable[nn.Module]) -> None:
+    """Parameters and buffers as the first process has them, in every process: the copies start equal."""
+    if active():
+        _from_first([t for m in modules for t in [*m.parameters(), *m.buffers()]])
 
 
 def mean_across(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

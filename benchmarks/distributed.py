@@ -42,9 +42,7 @@ def sh(cmd: list[str], cwd: Path) -> float:
 
 
 def commit() -> str:
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    return rev + ("-dirty" if dirty else "")
+    return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
 
 def main() -> None:
