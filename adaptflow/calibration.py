@@ -91,6 +91,21 @@ def per_class_recall(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> np
         return np.where(support > 0, hits / support, np.nan)
 
 
+def confusion(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts of (true class, predicted class): row i, column j is how many of class i were called j."""
+    pred, labels = np.asarray(pred, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+    return np.bincount(labels * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def macro_f1(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> float:
+    """The unweighted mean over all ``n_classes`` of each class's F1 = 2·TP / (2·TP + FP + FN); a class
+    never true nor predicted scores 0 (scikit-learn's ``average="macro", zero_division=0``)."""
+    c = confusion(pred, labels, n_classes).astype(np.float64)
+    tp = np.diag(c)
+    denom = c.sum(0) + c.sum(1)  # (TP + FP) + (TP + FN)
+    return float(np.mean(np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)))
+
+
 def nll(probs: np.ndarray, labels: np.ndarray) -> float:
     """Mean negative log-likelihood of the true class (probabilities clipped at 1e-12)."""
     probs, labels = _check(probs, labels)

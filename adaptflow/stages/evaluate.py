@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import confusion_matrix, f1_score
 
 from adaptflow import calibration, outputs, report
 from adaptflow.data import store
@@ -162,13 +161,13 @@ def score_run(model: torch.nn.Module, test: Split, val: Split, pool: Split | Non
         "val_ece": calibration.expected_calibration_error(pv, val.labels, n_bins) if len(val) else float("nan"),
         "val_nll": calibration.nll(pv, val.labels) if len(val) else float("nan"),
         "test_acc": float((pred == test.labels).mean()),
-        "test_macro_f1": float(f1_score(test.labels, pred, average="macro", labels=range(n_classes), zero_division=0)),
+        "test_macro_f1": calibration.macro_f1(pred, test.labels, n_classes),
         "test_ece": rel.ece,
         "test_nll": calibration.nll(pt, test.labels),
         "pool_im": calibration.information_maximisation(_probs(model, pool.images)) if pool is not None and len(pool) else None,
         "recall": {c: _clean(r) for c, r in zip(test.classes, recall)},
     }
-    return m, confusion_matrix(test.labels, pred, labels=range(n_classes)), rel
+    return m, calibration.confusion(pred, test.labels, n_classes), rel
 
 
 def _clean(v: float | None) -> float | None:

@@ -13,6 +13,8 @@ from adaptflow.calibration import (
     expected_calibration_error,
     information_maximisation,
     nll,
+    confusion,
+    macro_f1,
     per_class_recall,
     reliability,
 )
@@ -88,6 +90,18 @@ def test_per_class_recall():
     r = per_class_recall(pred, y, 4)
     assert r[:3] == pytest.approx([0.5, 2 / 3, 0.0])
     assert math.isnan(r[3])  # no true example of class 3
+
+
+def test_confusion_and_macro_f1_agree_with_scikit_learn():
+    from sklearn.metrics import confusion_matrix, f1_score
+
+    rng = np.random.default_rng(0)
+    for n, size in ((2, 7), (5, 40), (10, 300)):
+        y, pred = rng.integers(0, n, size), rng.integers(0, n - 1, size)  # class n-1 never predicted
+        y[y == 0] = 1  # class 0 never true
+        assert np.array_equal(confusion(pred, y, n), confusion_matrix(y, pred, labels=range(n)))
+        assert macro_f1(pred, y, n) == pytest.approx(f1_score(y, pred, average="macro", labels=range(n), zero_division=0))
+    assert macro_f1(np.array([0, 0]), np.array([0, 0]), 3) == pytest.approx(1 / 3)  # classes 1, 2: neither true nor predicted
 
 
 def test_nll():
