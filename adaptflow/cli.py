@@ -81,7 +81,7 @@ def run(
     from adaptflow.stages import ingest
 
     with _bad_input_exits():
-        ingest.check_domains(p, Path.cwd())  # and on a missing data path
+        ingest.check_inputs(p, Path.cwd())  # and on a missing data path or too few images listed for target.k
         check_weights(p.pretrain.model, p.preprocess.channels, p.pretrain.weights, Path.cwd())  # or weights that do not fit
     from flows.transfer_pipeline import run_pipeline
 

@@ -62,6 +62,28 @@ def check_domains(params: Params, root: Path) -> None:
         check_exists(getattr(params, r).domain, root, f"{r}.domain")
 
 
+def check_listing(params: Params, role: str, domain: Domain) -> np.ndarray:
+    """What the listing alone can refuse, before any image is decoded: fewer than two classes, or (where the
+    data brings no splits of its own) a class with too few images for ``target.k`` and every split. Returns
+    the items kept under ``<role>.limit``."""
+    spec = getattr(params, role)
+    if len(domain.classes) < 2:
+        raise DataError(f"{role}.domain: {spec.domain} has {len(domain.classes)} class(es) {domain.classes}; a classifier needs at least two")
+    keep_idx = stratified_subset(domain.labels, spec.limit, params.seed, domain.refs)  # keyed by the item's path (or index)
+    if domain.splits is None:
+        check_class_sizes(per_class(domain.labels[keep_idx], domain.classes), params, role,
+                          what="images listed (before any is decoded)", before=per_class(domain.labels, domain.classes))
+    return keep_idx
+
+
+def check_inputs(params: Params, root: Path) -> None:
+    """Before a pipeline run starts anything: every data path exists, and each role's listing passes
+    :func:`check_listing` (a built-in dataset is read, a folder or manifest listed; no image is decoded)."""
+    check_domains(params, root)
+    for r in ROLES:
+        check_listing(params, r, open_role(params, root, r))
+
+
 @dataclass
 class Decoded:
     """What the streaming pass kept (domain indices, in store order) and what it turned away."""
@@ -359,13 +381,7 @@ def run(params: Params, root: Path = Path("."), role: str = "target") -> dict:
         return {"role": role, "path": str(out), "digest": outputs.digest(out), "cached": True}
     domain = domain or open_role(params, root, role)
     _warn_unwatched(params, root, role)
-    if len(domain.classes) < 2:
-        raise DataError(f"{role}.domain: {spec.domain} has {len(domain.classes)} class(es) {domain.classes}; a classifier needs at least two")
-
-    keep_idx = stratified_subset(domain.labels, spec.limit, params.seed, domain.refs)  # keyed by the item's path (or index)
-    if domain.splits is None:  # the obvious case fails before decoding anything
-        check_class_sizes(per_class(domain.labels[keep_idx], domain.classes), params, role,
-                          what="images listed (before any is decoded)", before=per_class(domain.labels, domain.classes))
+    keep_idx = check_listing(params, role, domain)
     size, channels = params.preprocess.image_size, params.preprocess.channels
     with outputs.atomic_dir(out, "ingest", key) as tmp:
         writer = store.ImageWriter(tmp, (channels, size, size))

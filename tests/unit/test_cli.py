@@ -270,3 +270,19 @@ def test_run_under_torchrun_says_which_commands_train_in_several_processes(monke
     assert res.exit_code == 2
     assert "adaptflow run is one process that runs the pipeline; under torchrun run the stages that train in several" in res.output
     assert started == []
+
+
+def test_run_refuses_too_few_images_for_target_k_before_the_flow_starts(tmp_path, monkeypatch):
+    """`adaptflow run --set target.k=300` on 1,797 UCI digits: refused from the listing, naming the classes and
+    target.k, before the flow (and its Prefect run) starts; nothing is ingested."""
+    import flows.api
+    import flows.transfer_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(flows.api, "start_in_background", lambda: (lambda: None))
+    monkeypatch.setattr(flows.transfer_pipeline, "run_pipeline", lambda **k: pytest.fail("the flow started"))
+    res = _invoke(["run", "--params", PARAMS, "--set", "target.k=300"])
+    assert res.exit_code == 2, res.output
+    assert "target.domain: class(es) with too few images listed (before any is decoded)" in res.output
+    assert "target.k=300 labeled train images" in res.output
+    assert not (tmp_path / "data").exists()
