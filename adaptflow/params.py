@@ -386,6 +386,13 @@ with warnings.catch_warnings():
     class _ParamsBase(_Section):
         register: Register = Field(default_factory=Register)
 
+        @model_validator(mode="before")
+        @classmethod
+        def _register_section(cls, data: Any) -> Any:
+            # The shadowed name makes pydantic take ABCMeta.register as the default, not the factory's Register():
+            # a params file without a register section gets the section's defaults here instead.
+            return {**data, "register": {}} if isinstance(data, dict) and "register" not in data else data
+
 
 class Params(_ParamsBase):
     seed: int = 0

@@ -350,6 +350,13 @@ def test_round_trip_through_dict(params_path):
         assert q.section_hash(name) == p.section_hash(name)
 
 
+def test_a_params_file_without_a_register_section_gets_its_defaults():
+    """`register` shadows a name of pydantic's base class: its default must still be the Register section."""
+    for p in (P.Params(), P.from_dict({"seed": 1})):
+        assert p.register == P.Register() and p.registered_model_name() == "adaptflow-uci_digits"
+        assert P.from_dict(p.to_dict()) == p
+
+
 def test_registered_model_name(params_path):
     p = P.load(params_path, ["register.model_name=af-{target}", "target.domain=uci_digits"])
     assert p.registered_model_name() == "af-uci_digits"
