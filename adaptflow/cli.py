@@ -158,7 +158,8 @@ def stage(
 ) -> None:
     """Run one stage in this process (what `dvc repro` calls); waits while a pipeline run holds the project.
 
-    pretrain and finetune also train in several processes, one per GPU, under torch's launcher:
+    pretrain and finetune also train in several processes, one per GPU, under torch's launcher: with
+    `--set orchestrate.train_processes=4` (or in params.yaml) this command starts them, as does
     `torchrun --nproc_per_node 4 -m adaptflow stage finetune`."""
     _setup_logging(verbose)
     p = _load(params, set_)
@@ -173,10 +174,21 @@ def stage(
         sizes = {"pretrain": {"pretrain.batch_size": p.pretrain.batch_size}, "finetune": {"finetune.batch_size": p.finetune.batch_size}}
         if name == "finetune" and any(strategy_names.uses_pool(s) for s in ([strategy] if strategy else p.finetune.strategies)):
             sizes["finetune"]["finetune.unlabeled_batch_size"] = p.finetune.unlabeled_batch_size
-        distributed.check_batches(sizes.get(name, {}), distributed.launched())
+        procs = p.orchestrate.train_processes if name in distributed.STAGES and distributed.launched() == 1 else distributed.launched()
+        distributed.check_batches(sizes.get(name, {}), procs)
     except ValueError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
+    which = {"strategy": strategy, "seed": seed} if name == "finetune" else {}
+    if procs > distributed.launched():  # orchestrate.train_processes: this command starts the processes
+        with _bad_input_exits():
+            orchestrate.check_upstream(name, p, Path.cwd(), **which)
+            try:
+                if orchestrate.launch_training(name, p, Path.cwd(), lambda line: typer.echo(line, err=True), **which):
+                    return
+            except orchestrate.LaunchFailed as exc:
+                typer.secho(f"error: {exc}", fg="red", err=True)
+                raise typer.Exit(1) from None
     if distributed.launched_rank() > 0:
         logging.getLogger().setLevel(logging.WARNING)  # the first process reports; the others only what goes wrong
     if distributed.launched() > 1:
@@ -184,7 +196,7 @@ def stage(
     lock = orchestrate.project_lock(Path.cwd(), what=f"adaptflow stage {name}", timeout=p.orchestrate.lock_timeout)
     try:
         with _bad_input_exits(), distributed.main_first(lock):  # several processes: one holds the project for all
-            orchestrate.check_upstream(name, p, Path.cwd(), **({"strategy": strategy, "seed": seed} if name == "finetune" else {}))
+            orchestrate.check_upstream(name, p, Path.cwd(), **which)
             if name == "ingest":
                 for r in [role] if role else list(params_mod.ROLES):
                     fn(p, Path.cwd(), role=r)

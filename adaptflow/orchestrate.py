@@ -11,6 +11,8 @@ The core never imports Prefect; Prefect's tasks (``tasks/``) and flows (``flows/
   run waits (saying who holds the lock) instead of interleaving writes with the first. The lock is an OS
   file lock, so a run killed with SIGKILL releases it with its process. A ``dvc repro`` holds it from its
   first stage until it exits, so nothing runs between two of its stages.
+- **Training processes** (:func:`launch_training`): pretrain and finetune in ``orchestrate.train_processes``
+  processes, one per GPU, under torch's launcher; the caller's project lock holds for them.
 - **Incoming data** (:func:`absorb_incoming`): the scheduled run's new target images, moved from a watched
   folder into the target's image folder.
 - **DVC in step** (:func:`dvc`, :func:`dvc_commit_blocker`): after a Prefect run, ``dvc commit`` records what
@@ -254,6 +256,91 @@ def remove_stale_outputs(params: Params, root: Path) -> list[Path]:
     return [p for top in sorted(tops) for p in outputs.remove_stale_tree(top)]
 
 
+# ------------------------------------------------------------------------------------ several processes
+TRAINING = ("pretrain", "finetune")  # the stages that may train in several processes (adaptflow.distributed)
+
+
+class LaunchFailed(RuntimeError):
+    """A training stage run under torch's launcher ended with an error of its own (its output says which)."""
+
+
+def _pending(stage: str, params: Params, root: Path, strategy: str | None = None, seed: int | None = None) -> bool:
+    """Whether ``stage`` (one finetune run, or all that params ask for) has anything left to train."""
+    if stage == "pretrain":
+        return not is_current(identity(stage, params, root), root)
+    from adaptflow.stages.finetune import selected
+
+    return any(not is_current(identity(stage, params, root, strategy=s, seed=k), root) for s, k in selected(params, strategy, seed))
+
+
+def _die_with_parent() -> None:
+    """In the launcher's process, before it starts: SIGTERM when the process that started it dies (Linux), so
+    a killed pipeline run leaves no training behind that holds no lock. torchrun passes SIGTERM on to its
+    processes."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def launch_training(stage: str, params: Params, root: Path, echo: Callable[[str], None], strategy: str | None = None,
+                    seed: int | None = None) -> bool:
+    """Run a training stage in ``orchestrate.train_processes`` processes, one per GPU, under torch's own launcher
+    (``torchrun --standalone``) with exactly these params; whether it did. Not when ``train_processes`` is 1,
+    when already running under a launcher, or when the output is current (nothing to train): the caller runs
+    the stage in its own process then.
+
+    The processes run ``adaptflow stage`` in ``root`` on a copy of the params written for them; their
+    output lines go to ``echo``. Whoever holds the project lock here holds it for them (:func:`project_lock`).
+    A refusal they print (``error: …``: bad input) is raised as ``DataError`` with their words; any other
+    failure as :class:`LaunchFailed`."""
+    import tempfile
+
+    import yaml
+
+    n = params.orchestrate.train_processes
+    if stage not in TRAINING or n <= 1 or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 or not _pending(stage, params, root, strategy, seed):
+        return False
+    d = state_dir(root) / "launch"
+    d.mkdir(exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=d, prefix=f"{stage}-", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(params.to_dict(), f, sort_keys=False)
+    which = [a for k, v in (("--strategy", strategy), ("--seed", seed)) if v is not None for a in (k, str(v))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+           "-m", "adaptflow", "stage", stage, "--params", f.name, *which]
+    log.info("%s in %d processes: %s", stage, n, " ".join(cmd[2:]))
+    refused: list[str] = []
+    try:
+        env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n)),  # (torchrun's default is 1)
+               **os.environ, "PYTHONUNBUFFERED": "1", HOLDER_ENV: str(os.getpid())}
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        try:
+            for line in proc.stdout:  # type: ignore[union-attr]
+                line = line.rstrip()
+                if not line.startswith("error: "):
+                    echo(line)
+                elif line[7:] not in refused:  # said once, by the exception below (each process may say it)
+                    refused.append(line[7:])
+            code = proc.wait()
+        except BaseException:  # interrupted or cancelled: the launcher stops its processes on SIGTERM
+            proc.terminate()
+            proc.wait(timeout=60)
+            raise
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    if code == 0:
+        return True
+    if refused:
+        from adaptflow.data.files import DataError
+
+        raise DataError("; ".join(refused))
+    raise LaunchFailed(f"{stage} in {n} processes (torchrun) exited {code}; its output above says why")
+
+
 # ------------------------------------------------------------------------------------------------- lock
 class ProjectLocked(RuntimeError):
     """Another run holds this project's lock for longer than the caller would wait."""
@@ -328,13 +415,33 @@ def dvc_run_in_progress(root: Path) -> dict | None:
     return None if rec["pid"] in mine else rec
 
 
+HOLDER_ENV = "ADAPTFLOW_LOCK_HOLDER"  # set by launch_training: the pid of the process that started the training processes
+
+
+def _held_by_ancestor(info: Path) -> bool:
+    """Whether the project lock is held for this process by the one that launched it to train a stage
+    (:func:`launch_training`, from a pipeline run): the holder named in ``ADAPTFLOW_LOCK_HOLDER``, on this
+    machine, one of this process's ancestors. Its record is written once the lock is taken and removed
+    before it is let go, so a live holder's is there."""
+    import psutil
+
+    try:
+        holder = int(os.environ.get(HOLDER_ENV, "0"))
+        rec = json.loads(info.read_text())
+        if not holder or rec.get("host") != socket.gethostname() or int(rec["pid"]) != holder:
+            return False
+        return holder in {p.pid for p in psutil.Process().parents()}
+    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+        return False
+
+
 @contextmanager
 def project_lock(root: Path, what: str = "adaptflow", timeout: float | None = None, remind_every: float = 30.0,
                  poll: float = 2.0) -> Iterator[None]:
     """Hold ``root``'s project lock for the block: one pipeline run (or DVC stage) writes a project at a time.
 
-    Re-entrant within a process (a scheduled flow holds it around the pipeline flow it calls). A second
-    process waits, logging who holds the lock and reminding every ``remind_every`` seconds; with a
+    Re-entrant within a process (a scheduled flow holds it around the pipeline flow it calls), and held for
+    the processes a holder starts to train a stage (:func:`launch_training`). Any other process waits, logging who holds the lock and reminding every ``remind_every`` seconds; with a
     ``timeout`` (seconds) it gives up with :class:`ProjectLocked`. The OS releases the lock of a killed
     process, so a crashed run never blocks the next one.
 
@@ -344,8 +451,11 @@ def project_lock(root: Path, what: str = "adaptflow", timeout: float | None = No
     between two of its stages and ``dvc.lock`` records one consistent pipeline.
     """
     d = state_dir(root)
-    lock = FileLock(str(d / LOCK_NAME), thread_local=False, is_singleton=True)
     info = d / (LOCK_NAME + ".json")
+    if _held_by_ancestor(info):  # a pipeline run that launched this stage's processes holds it for them
+        yield
+        return
+    lock = FileLock(str(d / LOCK_NAME), thread_local=False, is_singleton=True)
     started = time.monotonic()
 
     def left() -> float | None:

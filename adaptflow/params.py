@@ -347,8 +347,9 @@ TASK_RUNNERS = ("sequential", "threads", "processes", "dask")
 
 
 class Orchestrate(_Section):
-    """How the Prefect flow runs the stages — never what they compute: no stage reads this section, so
-    changing it re-runs nothing (and DVC, whose dvc.yaml lists no orchestrate key, agrees)."""
+    """How the stages are run (the Prefect flow's task runner, the lock, the schedule, the training processes) —
+    never what they compute: no stage reads this section, so changing it re-runs nothing (and DVC, whose
+    dvc.yaml lists no orchestrate key, agrees)."""
 
     task_runner: Literal["sequential", "threads", "processes", "dask"] = Field(
         "sequential", description="how finetune runs (strategy × seed) fan out: sequential (deterministic), threads (parallel, but torch's "
@@ -361,6 +362,16 @@ class Orchestrate(_Section):
     timezone: str = "UTC"
     work_pool: str = Field("adaptflow", description="the Prefect work pool `adaptflow deploy` registers the deployment with")
     dvc_commit: bool = Field(True, description="after a Prefect run in a DVC repo, `dvc commit` its outputs so dvc.lock agrees")
+    train_processes: int = Field(1, ge=1, description="processes for each training stage (pretrain, finetune), one per GPU, started with "
+                                 "torch's launcher (torchrun --standalone) by the flow and by `adaptflow stage`; 1: in the calling process")
+
+    @model_validator(mode="after")
+    def _one_trainer_at_a_time(self) -> "Orchestrate":
+        if self.train_processes > 1 and self.task_runner != "sequential":
+            raise ValueError(f"train_processes: {self.train_processes} runs each training stage on {self.train_processes} processes "
+                             f"(the machine's GPUs); task_runner must then be sequential, not {self.task_runner!r}, so that one stage at a "
+                             "time holds them")
+        return self
 
     @field_validator("timezone")
     @classmethod

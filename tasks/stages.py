@@ -39,8 +39,13 @@ REMOTE_RETRY = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff
 
 
 def _run(name: str, params: Params, root: str, **kw: object) -> dict:
-    result = stages.get(name)(params, Path(root), **kw)
-    get_run_logger().info("%s%s: %s", name, "".join(f" {v}" for v in kw.values()), "up to date, reused" if result.get("cached") else "done")
+    logger = get_run_logger()
+    launched = orchestrate.launch_training(name, params, Path(root), logger.info, **kw) if name in orchestrate.TRAINING else False
+    result = stages.get(name)(params, Path(root), **kw)  # after a launch: finds what the processes wrote
+    if launched:
+        result = {**result, "cached": False, "runs": [{**r, "cached": False} for r in result["runs"]]} if "runs" in result else {**result, "cached": False}
+    logger.info("%s%s: %s", name, "".join(f" {v}" for v in kw.values()),
+                f"done in {params.orchestrate.train_processes} processes" if launched else "up to date, reused" if result.get("cached") else "done")
     return result
 
 

@@ -41,7 +41,9 @@ def test_pretrain_and_finetune_in_two_processes(tmp_path):
         assert not (root / params["paths"]["source_model"]).exists()
     log, _ = waiting.communicate(timeout=300)
     assert waiting.returncode == 0, ("".join(seen) + log)[-3000:]
-    out = run(TORCHRUN + ["stage", "finetune", "--strategy", "dann+fixmatch"], root)
+    # orchestrate.train_processes: `adaptflow stage` (what dvc repro runs) starts the two processes itself
+    out = run(adaptflow + ["stage", "finetune", "--strategy", "dann+fixmatch", "--set", "orchestrate.train_processes=2"], root)
+    assert "finetune in 2 processes: torch.distributed.run --standalone --nproc_per_node 2" in out.stderr
 
     source = root / params["paths"]["source_model"]
     adapted = root / params["paths"]["adapted"] / "dann+fixmatch" / "seed0"
@@ -61,3 +63,29 @@ def test_pretrain_and_finetune_in_two_processes(tmp_path):
     # the outputs are the stages' own: one process, same params, finds them up to date
     again = run(adaptflow + ["stage", "finetune", "--strategy", "dann+fixmatch"], root)
     assert "finetune[dann+fixmatch,seed=0]: up to date" in again.stderr
+    # and with train_processes set, nothing to train starts no processes
+    again = run(adaptflow + ["stage", "finetune", "--strategy", "dann+fixmatch", "--set", "orchestrate.train_processes=2"], root)
+    assert "up to date" in again.stderr and "processes:" not in again.stderr
+
+
+def test_the_flow_trains_in_two_processes_under_its_own_lock(tmp_path, prefect_harness):
+    """A pipeline run with orchestrate.train_processes: 2 starts pretrain's and finetune's processes; it holds the
+    project for them (were they to wait for its lock, lock_timeout would fail the run)."""
+    from flows.transfer_pipeline import transfer_pipeline
+
+    root = tmp_path / "project"
+    root.mkdir()
+    params = shrunk_params()
+    params["source"]["limit"], params["target"]["limit"] = 400, 400
+    params["finetune"].update({"strategies": ["dann+fixmatch"], "epochs": 2})
+    params["evaluate"]["baselines"], params["register"]["require_baselines"] = [], False
+    params["orchestrate"].update({"train_processes": 2, "lock_timeout": 30})
+    write_params(root, params)
+    result = transfer_pipeline(params_path="params.yaml", root=str(root))
+
+    assert result["pretrain"]["cached"] is False and result["finetune"]["dann+fixmatch[seed=0]"]["cached"] is False
+    source = root / params["paths"]["source_model"]
+    adapted = root / params["paths"]["adapted"] / "dann+fixmatch" / "seed0"
+    assert [json.loads((d / "config.json").read_text())["extra"]["processes"] for d in (source, adapted)] == [2, 2]
+    assert result["register"]["version"] == "1"
+    assert not list((root / ".adaptflow" / "launch").iterdir())  # the params copies the processes read are gone

@@ -150,6 +150,27 @@ def test_batches_that_do_not_split_evenly_are_refused_naming_the_key(monkeypatch
     assert res.exit_code == 2 and "pretrain.batch_size: 2 does not split into 2 equal shares" in res.output
 
 
+def test_train_processes_makes_the_stage_command_launch_them_after_the_same_checks(monkeypatch, tmp_path, params_path):
+    """orchestrate.train_processes: 2 and no launcher: the batch sizes are checked against 2 before anything
+    starts, then (its upstream there) the command hands the stage to launch_training."""
+    from adaptflow import orchestrate
+    from adaptflow.cli import app
+
+    launched = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(orchestrate, "launch_training", lambda *a, **k: launched.append((a[0], k)) or True)
+    two = ["--params", str(params_path), "--set", "orchestrate.train_processes=2"]
+    res = CliRunner().invoke(app, ["stage", "finetune", *two, "--set", "finetune.batch_size=33"])
+    assert res.exit_code == 2 and "finetune.batch_size: 33 does not split into 2 equal shares" in res.output
+    res = CliRunner().invoke(app, ["stage", "finetune", *two, "--strategy", "finetune"])
+    assert res.exit_code == 2 and "data/ingested/target: no complete stage output here (run the upstream stage first)" in res.output
+    assert launched == []  # no upstream yet: refused before any process starts
+    monkeypatch.setattr(orchestrate, "check_upstream", lambda *a, **k: None)
+    res = CliRunner().invoke(app, ["stage", "finetune", *two, "--strategy", "finetune", "--seed", "0"])
+    assert res.exit_code == 0 and launched == [("finetune", {"strategy": "finetune", "seed": 0})]
+
+
 def test_the_unlabeled_batch_is_checked_only_for_strategies_that_read_the_pool(monkeypatch, tmp_path, params_path):
     from adaptflow.cli import app
 

@@ -44,6 +44,23 @@ def test_second_process_waits_then_gives_up_naming_the_holder(tmp_path):
     assert free.returncode == 0 and "GOT" in free.stdout
 
 
+def test_the_holder_holds_the_project_for_the_training_processes_it_launches(tmp_path):
+    """A child named by ADAPTFLOW_LOCK_HOLDER (what launch_training sets) goes in while its parent holds the
+    lock; a child without it, or naming a process that does not hold the lock, waits as any other."""
+    code = (f"from adaptflow import orchestrate\nwith orchestrate.project_lock({str(tmp_path)!r}, timeout=0.5): print('GOT')\n")
+
+    def child(holder: str | None) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != orchestrate.HOLDER_ENV}
+        env.update({orchestrate.HOLDER_ENV: holder} if holder else {})
+        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+    with orchestrate.project_lock(tmp_path, what="a pipeline run"):
+        assert "GOT" in child(str(os.getpid())).stdout
+        for holder in (None, str(os.getppid())):
+            refused = child(holder)
+            assert refused.returncode != 0 and "GOT" not in refused.stdout and "still locked" in refused.stderr
+
+
 def test_a_dvc_run_holds_the_project_between_its_stages(tmp_path):
     """A real process tree: a `dvc` process runs a stage through a shell (as DVC does, with DVC_STAGE set),
     then sits between stages. Another run is kept out until that dvc process exits; its own next stage is not."""
@@ -247,6 +264,74 @@ def test_orchestrate_params_validate():
         _params(orchestrate={"task_runner": "ray"})
     with pytest.raises(ParamsError, match="orchestrate.cron"):
         _params(orchestrate={"cron": "nightly"})
+    assert Params().orchestrate.train_processes == 1
+    with pytest.raises(ParamsError, match="train_processes: 2 runs each training stage on 2 processes .* task_runner must then be sequential, not 'threads'"):
+        _params(orchestrate={"train_processes": 2, "task_runner": "threads"})
+    with pytest.raises(ParamsError, match="orchestrate.train_processes"):
+        _params(orchestrate={"train_processes": 0})
+
+
+class _FakeLauncher:
+    """Stands in for torchrun: records the command and the params file it was given, prints ``lines``."""
+
+    def __init__(self, lines: list[str], code: int):
+        self.lines, self.code, self.seen = lines, code, {}
+
+    def __call__(self, cmd, cwd, env, **kw):
+        self.seen = {"cmd": cmd, "cwd": cwd, "env": env, "params": Path(cmd[cmd.index("--params") + 1]).read_text()}
+        self.stdout = iter(line + "\n" for line in self.lines)
+        return self
+
+    def wait(self, timeout=None):
+        return self.code
+
+
+@pytest.fixture
+def pending(monkeypatch):
+    monkeypatch.setattr(orchestrate, "_pending", lambda *a, **k: True)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+
+def test_launch_training_starts_torchrun_with_these_params_and_says_what_it_says(tmp_path, monkeypatch, pending):
+    import yaml
+
+    params = _params(orchestrate={"train_processes": 3}, finetune={"lr": 0.123})
+    fake = _FakeLauncher(["epoch 1/2", "epoch 2/2"], 0)
+    monkeypatch.setattr(orchestrate.subprocess, "Popen", fake)
+    said: list[str] = []
+    assert orchestrate.launch_training("finetune", params, tmp_path, said.append, strategy="dann", seed=1)
+    cmd = fake.seen["cmd"]
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3"]
+    assert cmd[6:10] == ["-m", "adaptflow", "stage", "finetune"] and cmd[-4:] == ["--strategy", "dann", "--seed", "1"]
+    assert from_dict(yaml.safe_load(fake.seen["params"])) == params  # exactly these params, overrides included
+    assert fake.seen["cwd"] == tmp_path and fake.seen["env"][orchestrate.HOLDER_ENV] == str(os.getpid())
+    assert said == ["epoch 1/2", "epoch 2/2"]
+    assert not list((tmp_path / orchestrate.STATE_DIR / "launch").iterdir())  # the params copy is removed
+
+
+def test_launch_training_raises_what_the_processes_refused_and_other_failures(tmp_path, monkeypatch, pending):
+    params = _params(orchestrate={"train_processes": 2})
+    monkeypatch.setattr(orchestrate.subprocess, "Popen", _FakeLauncher(["starting", "error: finetune.batch_size: 33 does not split", "error: finetune.batch_size: 33 does not split"], 1))
+    said: list[str] = []
+    with pytest.raises(DataError) as exc:
+        orchestrate.launch_training("pretrain", params, tmp_path, said.append)
+    assert str(exc.value) == "finetune.batch_size: 33 does not split" and said == ["starting"]  # said once, by the exception
+    monkeypatch.setattr(orchestrate.subprocess, "Popen", _FakeLauncher(["Traceback ...", "RuntimeError: NCCL"], 1))
+    with pytest.raises(orchestrate.LaunchFailed, match="pretrain in 2 processes .torchrun. exited 1"):
+        orchestrate.launch_training("pretrain", params, tmp_path, said.append)
+    assert not list((tmp_path / orchestrate.STATE_DIR / "launch").iterdir())
+
+
+def test_launch_training_leaves_to_the_caller_what_needs_no_launch(tmp_path, monkeypatch, pending):
+    monkeypatch.setattr(orchestrate.subprocess, "Popen", lambda *a, **k: pytest.fail("launched"))
+    assert not orchestrate.launch_training("finetune", _params(), tmp_path, print)  # train_processes: 1
+    two = _params(orchestrate={"train_processes": 2})
+    assert not orchestrate.launch_training("evaluate", two, tmp_path, print)  # not a training stage
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not orchestrate.launch_training("finetune", two, tmp_path, print)  # already one of the launched processes
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setattr(orchestrate, "_pending", lambda *a, **k: False)
+    assert not orchestrate.launch_training("finetune", two, tmp_path, print)  # current: nothing to train
 
 
 def test_identity_unknown_stage_and_missing_upstream(tmp_path):
