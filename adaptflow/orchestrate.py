@@ -332,6 +332,8 @@ def launch_training(stage: str, params: Params, root: Path, echo: Callable[[str]
             raise
     finally:
         Path(f.name).unlink(missing_ok=True)
+    if code == 0 and _pending(stage, params, root, strategy, seed):
+        raise LaunchFailed(f"{stage} in {n} processes (torchrun) exited 0 but left no current output")
     if code == 0:
         return True
     if refused:

@@ -272,10 +272,14 @@ def test_orchestrate_params_validate():
 
 
 class _FakeLauncher:
-    """Stands in for torchrun: records the command and the params file it was given, prints ``lines``."""
+    """Stands in for torchrun: records the command and the params file it was given, prints ``lines``, exits
+    ``code`` having trained (the output is then current) unless ``trains`` is False."""
 
-    def __init__(self, lines: list[str], code: int):
-        self.lines, self.code, self.seen = lines, code, {}
+    trained = False
+
+    def __init__(self, lines: list[str], code: int, trains: bool = True):
+        self.lines, self.code, self.trains, self.seen = lines, code, trains, {}
+        _FakeLauncher.trained = False
 
     def __call__(self, cmd, cwd, env, **kw):
         self.seen = {"cmd": cmd, "cwd": cwd, "env": env, "params": Path(cmd[cmd.index("--params") + 1]).read_text()}
@@ -283,12 +287,13 @@ class _FakeLauncher:
         return self
 
     def wait(self, timeout=None):
+        _FakeLauncher.trained = self.code == 0 and self.trains
         return self.code
 
 
 @pytest.fixture
 def pending(monkeypatch):
-    monkeypatch.setattr(orchestrate, "_pending", lambda *a, **k: True)
+    monkeypatch.setattr(orchestrate, "_pending", lambda *a, **k: not _FakeLauncher.trained)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
 
 
@@ -318,6 +323,9 @@ def test_launch_training_raises_what_the_processes_refused_and_other_failures(tm
     assert str(exc.value) == "finetune.batch_size: 33 does not split" and said == ["starting"]  # said once, by the exception
     monkeypatch.setattr(orchestrate.subprocess, "Popen", _FakeLauncher(["Traceback ...", "RuntimeError: NCCL"], 1))
     with pytest.raises(orchestrate.LaunchFailed, match="pretrain in 2 processes .torchrun. exited 1"):
+        orchestrate.launch_training("pretrain", params, tmp_path, said.append)
+    monkeypatch.setattr(orchestrate.subprocess, "Popen", _FakeLauncher([], 0, trains=False))
+    with pytest.raises(orchestrate.LaunchFailed, match="exited 0 but left no current output"):  # not trained again in one process
         orchestrate.launch_training("pretrain", params, tmp_path, said.append)
     assert not list((tmp_path / orchestrate.STATE_DIR / "launch").iterdir())
 
