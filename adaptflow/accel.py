@@ -223,6 +223,14 @@ def settings(environ: dict | None = None) -> dict:
     return out
 
 
+def check_train_processes(n: int) -> None:
+    """``orchestrate.train_processes`` on this machine: on CUDA, one GPU per process. (On a CPU the processes
+    split the cores.) Raises ValueError naming the key."""
+    if n > 1 and runtime().cuda and n > torch.cuda.device_count():
+        raise ValueError(f"orchestrate.train_processes: {n} processes, one per GPU, but this machine shows "
+                         f"{torch.cuda.device_count()} GPU(s)")
+
+
 def runtime(device: str = "auto", amp: str = "auto", channels_last: str | bool = "auto", compile: bool | None = None,
             prefetch: int = 3, num_threads: int | None = None) -> Runtime:
     """Resolve ``auto`` choices for this machine: an argument left at ``auto``/None takes its
@@ -243,7 +251,7 @@ def runtime(device: str = "auto", amp: str = "auto", channels_last: str | bool =
             r = 0  # a launcher that shows each process its own GPU
         elif r >= gpus:
             raise ValueError(f"LOCAL_RANK {r}: this machine shows {gpus} GPU(s); start at most {gpus} processes per "
-                             f"machine (torchrun --nproc_per_node)")
+                             f"machine (orchestrate.train_processes, or torchrun --nproc_per_node)")
         torch.cuda.set_device(r)
         device = f"cuda:{r}"
     dev = torch.device(device)

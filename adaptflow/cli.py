@@ -26,6 +26,13 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _error(msg: str) -> None:
+    """Print ``error: msg``; in a process started by a pipeline run to train (``orchestrate.launch_training``),
+    hand it to that run instead, which raises it once for all its processes."""
+    if not orchestrate.refuse(msg):
+        typer.secho(f"error: {msg}", fg="red", err=True)
+
+
 def _load(path: Path, overrides: Optional[list[str]], flags: Optional[dict[str, str]] = None, plain_only: bool = False) -> params_mod.Params:
     """Params and this machine's ``ADAPTFLOW_*`` runtime settings, validated before any work. ``flags``: the
     command-line option each override came from (an error names the option the user typed). ``plain_only``:
@@ -42,7 +49,7 @@ def _load(path: Path, overrides: Optional[list[str]], flags: Optional[dict[str, 
         msg = str(exc)
         for override, flag in (flags or {}).items():  # "--set X: …", or "… with --set A, X" where the file is blamed
             msg = msg.replace(f"--set {override}", flag).replace(override, flag)
-        typer.secho(f"error: {msg}", fg="red", err=True)
+        _error(msg)
         raise typer.Exit(2) from None
 
 
@@ -83,6 +90,13 @@ def run(
     with _bad_input_exits():
         ingest.check_inputs(p, Path.cwd())  # and on a missing data path or too few images listed for target.k
         check_weights(p.pretrain.model, p.preprocess.channels, p.pretrain.weights, Path.cwd())  # or weights that do not fit
+    try:
+        from adaptflow import accel
+
+        accel.check_train_processes(p.orchestrate.train_processes)  # or more training processes than GPUs
+    except ValueError as exc:
+        _error(str(exc))
+        raise typer.Exit(2) from None
     from flows.transfer_pipeline import run_pipeline
 
     api_ready()
@@ -109,7 +123,7 @@ def _bad_input_exits() -> Iterator[None]:
     try:
         yield
     except orchestrate.bad_input() as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
+        _error(str(exc))
         _exit_now(2)
         raise typer.Exit(2) from None
 
@@ -162,8 +176,10 @@ def stage(
     `--set orchestrate.train_processes=4` (or in params.yaml) this command starts them, as does
     `torchrun --nproc_per_node 4 -m adaptflow stage finetune`."""
     _setup_logging(verbose)
+    with _bad_input_exits():
+        orchestrate.check_held_for_me(Path.cwd())  # launched for a run that no longer holds the project: all refuse, at once
     p = _load(params, set_)
-    from adaptflow import accel, distributed, orchestrate, stages, strategy_names
+    from adaptflow import accel, distributed, stages
 
     try:
         fn = stages.get(name)
@@ -171,24 +187,14 @@ def stage(
         if distributed.launched() > 1 and name not in distributed.STAGES:
             raise ValueError(f"stage {name} runs in one process; of the stages only {' and '.join(distributed.STAGES)} "
                              f"train in several (torchrun started {distributed.launched()})")
-        sizes = {"pretrain": {"pretrain.batch_size": p.pretrain.batch_size}, "finetune": {"finetune.batch_size": p.finetune.batch_size}}
-        if name == "finetune" and any(strategy_names.uses_pool(s) for s in ([strategy] if strategy else p.finetune.strategies)):
-            sizes["finetune"]["finetune.unlabeled_batch_size"] = p.finetune.unlabeled_batch_size
         procs = p.orchestrate.train_processes if name in distributed.STAGES and distributed.launched() == 1 else distributed.launched()
-        distributed.check_batches(sizes.get(name, {}), procs)
+        distributed.check_batches(p.training_batches(name, strategy) if name in distributed.STAGES else {}, procs)
+        accel.check_train_processes(procs if procs > distributed.launched() else 1)
     except ValueError as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
+        _error(str(exc))
         raise typer.Exit(2) from None
     which = {"strategy": strategy, "seed": seed} if name == "finetune" else {}
-    if procs > distributed.launched():  # orchestrate.train_processes: this command starts the processes
-        with _bad_input_exits():
-            orchestrate.check_upstream(name, p, Path.cwd(), **which)
-            try:
-                if orchestrate.launch_training(name, p, Path.cwd(), lambda line: typer.echo(line, err=True), **which):
-                    return
-            except orchestrate.LaunchFailed as exc:
-                typer.secho(f"error: {exc}", fg="red", err=True)
-                raise typer.Exit(1) from None
+    launcher = procs > distributed.launched()  # orchestrate.train_processes: this command starts the processes
     if distributed.launched_rank() > 0:
         logging.getLogger().setLevel(logging.WARNING)  # the first process reports; the others only what goes wrong
     if distributed.launched() > 1:
@@ -196,7 +202,14 @@ def stage(
     lock = orchestrate.project_lock(Path.cwd(), what=f"adaptflow stage {name}", timeout=p.orchestrate.lock_timeout)
     try:
         with _bad_input_exits(), distributed.main_first(lock):  # several processes: one holds the project for all
-            orchestrate.check_upstream(name, p, Path.cwd(), **which)
+            if not os.environ.get(orchestrate.HOLDER_ENV):  # (started by a run that holds the project: it checked)
+                orchestrate.check_upstream(name, p, Path.cwd(), **which)
+            try:
+                if launcher and orchestrate.launch_training(name, p, Path.cwd(), lambda line: typer.echo(line, err=True), **which):
+                    return
+            except orchestrate.LaunchFailed as exc:
+                typer.secho(f"error: {exc}", fg="red", err=True)
+                raise typer.Exit(1) from None
             if name == "ingest":
                 for r in [role] if role else list(params_mod.ROLES):
                     fn(p, Path.cwd(), role=r)

@@ -39,6 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from adaptflow.params import check_batches  # noqa: F401  (torch-free: params validation checks the same)
+
 STAGES = ("pretrain", "finetune")  # the stages that train, and so may run in several processes
 
 
@@ -139,16 +141,6 @@ def seed(base: int) -> int:
 def _device() -> torch.device:
     """Where the process group's collectives take their tensors: this process's GPU under NCCL, else the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def check_batches(sizes: dict[str, int], procs: int) -> None:
-    """Each batch size (params key → value) must split evenly into ``procs`` shares of at least 2 images
-    (BatchNorm): equal shares make the averaged gradient the whole batch's, and let the alignment objectives
-    gather every process's features. Raises ValueError naming the key."""
-    for key, n in sizes.items():
-        if procs > 1 and (n % procs or n < 2 * procs):
-            raise ValueError(f"{key}: {n} does not split into {procs} equal shares of at least 2 images, one per "
-                             f"process; use a multiple of {procs} (at least {2 * procs}) or fewer processes")
 
 
 def gather(t: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -39,6 +39,7 @@ from filelock import FileLock, Timeout
 
 from adaptflow import outputs
 from adaptflow.params import Params
+from adaptflow.strategy_names import parse as parse_strategy
 
 log = logging.getLogger(__name__)
 
@@ -253,94 +254,135 @@ def state_dir(root: Path) -> Path:
 def remove_stale_outputs(params: Params, root: Path) -> list[Path]:
     """Delete what writers killed mid-stage left under the stages' output roots (their PIDs are gone)."""
     tops = {Path(root) / Path(p).parts[0] for p in params.paths.model_dump().values()}
-    return [p for top in sorted(tops) for p in outputs.remove_stale_tree(top)]
+    return [p for top in sorted(tops) for p in outputs.remove_stale_tree(top)] + remove_stale_launches(root)
 
 
 # ------------------------------------------------------------------------------------ several processes
 TRAINING = ("pretrain", "finetune")  # the stages that may train in several processes (adaptflow.distributed)
+HOLDER_ENV = "ADAPTFLOW_LOCK_HOLDER"  # set by launch_training: the pid of the process that holds the lock for them
+REFUSAL_ENV = "ADAPTFLOW_REFUSAL"  # set by launch_training: where a launched process writes why it refused
+_LAUNCHES: set[subprocess.Popen] = set()  # the launchers running now (stop_launches)
 
 
 class LaunchFailed(RuntimeError):
     """A training stage run under torch's launcher ended with an error of its own (its output says which)."""
 
 
+def _trains(stage: str, params: Params, strategy: str) -> bool:
+    """Whether the run trains anything: source_only keeps the source model, and pretrain with no epochs the
+    weights it was given."""
+    return params.pretrain.epochs > 0 if stage == "pretrain" else parse_strategy(strategy)[0] != "source_only"
+
+
 def _pending(stage: str, params: Params, root: Path, strategy: str | None = None, seed: int | None = None) -> bool:
-    """Whether ``stage`` (one finetune run, or all that params ask for) has anything left to train."""
+    """Whether ``stage`` (one finetune run, or all that params ask for) has something to train that is not
+    trained yet."""
     if stage == "pretrain":
-        return not is_current(identity(stage, params, root), root)
+        return _trains(stage, params, "") and not is_current(identity(stage, params, root), root)
     from adaptflow.stages.finetune import selected
 
-    return any(not is_current(identity(stage, params, root, strategy=s, seed=k), root) for s, k in selected(params, strategy, seed))
+    return any(_trains(stage, params, s) and not is_current(identity(stage, params, root, strategy=s, seed=k), root)
+               for s, k in selected(params, strategy, seed))
 
 
-def _die_with_parent() -> None:
-    """In the launcher's process, before it starts: SIGTERM when the process that started it dies (Linux), so
-    a killed pipeline run leaves no training behind that holds no lock. torchrun passes SIGTERM on to its
-    processes."""
-    import ctypes
+def refuse(message: str) -> bool:
+    """In a process :func:`launch_training` started: write why it refuses (bad input) for the launcher to raise,
+    the first process's words only; whether this process was launched so (it need not print it then)."""
+    path = os.environ.get(REFUSAL_ENV)
+    if not path:
+        return False
+    try:
+        with open(path, "x", encoding="utf-8") as f:  # the first writer wins: every process may refuse alike
+            f.write(message)
+    except FileExistsError:
+        pass
+    return True
+
+
+def stop_launches() -> None:
+    """Stop every training launcher this process started that is still running (a failed or cancelled run):
+    SIGTERM to its process group, which torchrun passes on to its processes."""
     import signal
 
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    for proc in list(_LAUNCHES):
+        with suppress(OSError):
+            os.killpg(proc.pid, signal.SIGTERM)
 
 
 def launch_training(stage: str, params: Params, root: Path, echo: Callable[[str], None], strategy: str | None = None,
                     seed: int | None = None) -> bool:
     """Run a training stage in ``orchestrate.train_processes`` processes, one per GPU, under torch's own launcher
     (``torchrun --standalone``) with exactly these params; whether it did. Not when ``train_processes`` is 1,
-    when already running under a launcher, or when the output is current (nothing to train): the caller runs
-    the stage in its own process then.
+    when already running under a launcher, or when nothing is left to train: the caller runs the stage in its
+    own process then.
 
-    The processes run ``adaptflow stage`` in ``root`` on a copy of the params written for them; their
-    output lines go to ``echo``. Whoever holds the project lock here holds it for them (:func:`project_lock`).
-    A refusal they print (``error: …``: bad input) is raised as ``DataError`` with their words; any other
-    failure as :class:`LaunchFailed`."""
-    import tempfile
-
-    import yaml
-
+    The caller holds the project lock: it holds it for the processes (:func:`project_lock`), which stop should
+    the caller die. They run ``adaptflow stage`` in ``root`` on a copy of the params written for them; their
+    output goes to ``echo``, line by line. Their refusal (bad input, :func:`refuse`) is raised as ``DataError``
+    with their words; any other failure as :class:`LaunchFailed`."""
     n = params.orchestrate.train_processes
     if stage not in TRAINING or n <= 1 or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 or not _pending(stage, params, root, strategy, seed):
         return False
+    import signal
+
+    import yaml
+
     d = state_dir(root) / "launch"
     d.mkdir(exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=d, prefix=f"{stage}-", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(params.to_dict(), f, sort_keys=False)
+    base = d / f"{stage}-{os.getpid()}-{time.time_ns()}"  # the pid: remove_stale_launches knows a dead launcher's
+    copy, refusal = base.with_suffix(".yaml"), base.with_suffix(".refusal")
     which = [a for k, v in (("--strategy", strategy), ("--seed", seed)) if v is not None for a in (k, str(v))]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-           "-m", "adaptflow", "stage", stage, "--params", f.name, *which]
+           "-m", "adaptflow", "stage", stage, "--params", str(copy), *which]
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n)),  # (torchrun's default is 1)
+           **os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8", HOLDER_ENV: str(os.getpid()), REFUSAL_ENV: str(refusal)}
     log.info("%s in %d processes: %s", stage, n, " ".join(cmd[2:]))
-    refused: list[str] = []
     try:
-        env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n)),  # (torchrun's default is 1)
-               **os.environ, "PYTHONUNBUFFERED": "1", HOLDER_ENV: str(os.getpid())}
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        outputs.atomic_write_text(copy, yaml.safe_dump(params.to_dict(), sort_keys=False))
+        # its own process group: stopped as one (stop_launches), apart from the caller's terminal signals
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                encoding="utf-8", errors="replace", start_new_session=True)
+        _LAUNCHES.add(proc)
         try:
             for line in proc.stdout:  # type: ignore[union-attr]
-                line = line.rstrip()
-                if not line.startswith("error: "):
-                    echo(line)
-                elif line[7:] not in refused:  # said once, by the exception below (each process may say it)
-                    refused.append(line[7:])
+                echo(line.rstrip())
             code = proc.wait()
         except BaseException:  # interrupted or cancelled: the launcher stops its processes on SIGTERM
-            proc.terminate()
-            proc.wait(timeout=60)
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.communicate(timeout=60)  # (reading what they still say, so none blocks on a full pipe)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
             raise
+        finally:
+            _LAUNCHES.discard(proc)
+        why = refusal.read_text(encoding="utf-8") if refusal.is_file() else None
     finally:
-        Path(f.name).unlink(missing_ok=True)
-    if code == 0 and _pending(stage, params, root, strategy, seed):
-        raise LaunchFailed(f"{stage} in {n} processes (torchrun) exited 0 but left no current output")
-    if code == 0:
-        return True
-    if refused:
+        copy.unlink(missing_ok=True)
+        refusal.unlink(missing_ok=True)
+    if why is not None:
         from adaptflow.data.files import DataError
 
-        raise DataError("; ".join(refused))
-    raise LaunchFailed(f"{stage} in {n} processes (torchrun) exited {code}; its output above says why")
+        raise DataError(why)
+    if code != 0:
+        raise LaunchFailed(f"{stage} in {n} processes (torchrun) exited {code}; its output above says why")
+    if _pending(stage, params, root, strategy, seed):
+        raise LaunchFailed(f"{stage} in {n} processes (torchrun) exited 0 but left no current output")
+    return True
+
+
+def remove_stale_launches(root: Path) -> list[Path]:
+    """The params copies (and refusal notes) of launchers that were killed: their pid is in the name."""
+    import psutil
+
+    gone = []
+    for f in sorted((state_dir(root) / "launch").glob("*-*-*.*")):
+        pid = f.stem.split("-")[-2]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            f.unlink(missing_ok=True)
+            gone.append(f)
+    return gone
 
 
 # ------------------------------------------------------------------------------------------------- lock
@@ -417,24 +459,49 @@ def dvc_run_in_progress(root: Path) -> dict | None:
     return None if rec["pid"] in mine else rec
 
 
-HOLDER_ENV = "ADAPTFLOW_LOCK_HOLDER"  # set by launch_training: the pid of the process that started the training processes
+def check_held_for_me(root: Path) -> None:
+    """In a process launched to train for a lock holder: raise ProjectLocked now, in every process, unless that
+    holder holds the project (see :func:`_held_for_me`); elsewhere nothing."""
+    _held_for_me(Path(root).resolve() / STATE_DIR / (LOCK_NAME + ".json"))  # (state_dir would create it)
 
 
-def _held_by_ancestor(info: Path) -> bool:
+def _held_for_me(info: Path) -> bool:
     """Whether the project lock is held for this process by the one that launched it to train a stage
-    (:func:`launch_training`, from a pipeline run): the holder named in ``ADAPTFLOW_LOCK_HOLDER``, on this
-    machine, one of this process's ancestors. Its record is written once the lock is taken and removed
-    before it is let go, so a live holder's is there."""
+    (:func:`launch_training`): the holder named in ``ADAPTFLOW_LOCK_HOLDER``, one of this process's ancestors,
+    holds it (its record is written once the lock is taken and removed before it is let go). False when no
+    holder is named; a named holder that does not hold the lock is an error: waiting for the lock would wait
+    for the very process that waits for this one."""
     import psutil
 
-    try:
-        holder = int(os.environ.get(HOLDER_ENV, "0"))
-        rec = json.loads(info.read_text())
-        if not holder or rec.get("host") != socket.gethostname() or int(rec["pid"]) != holder:
-            return False
-        return holder in {p.pid for p in psutil.Process().parents()}
-    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+    named = os.environ.get(HOLDER_ENV)
+    if not named:
         return False
+    try:
+        holder = int(named)
+        mine = holder in {p.pid for p in psutil.Process().parents()}
+        rec = json.loads(info.read_text())
+        if mine and int(rec["pid"]) == holder:
+            return True
+    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+        pass
+    raise ProjectLocked(f"launched by pid {named} to train for it, but that process does not hold the project lock "
+                        f"(any more): {_holder(info)} does")
+
+
+def _end_with(holder: int, poll: float = 5.0) -> None:
+    """End this process should ``holder``, whose lock it works under, die: a lock holder killed mid-run
+    leaves no training behind that writes without the lock. (The launcher stops its other processes.)"""
+    import threading
+
+    import psutil
+
+    def watch() -> None:
+        while holder in {p.pid for p in psutil.Process().parents()}:
+            time.sleep(poll)
+        log.error("pid %d, which holds the project lock for this process, is gone: stopping", holder)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="lock-holder-watch", daemon=True).start()
 
 
 @contextmanager
@@ -454,7 +521,8 @@ def project_lock(root: Path, what: str = "adaptflow", timeout: float | None = No
     """
     d = state_dir(root)
     info = d / (LOCK_NAME + ".json")
-    if _held_by_ancestor(info):  # a pipeline run that launched this stage's processes holds it for them
+    if _held_for_me(info):  # a pipeline run that launched this stage's processes holds it for them
+        _end_with(int(os.environ[HOLDER_ENV]))
         yield
         return
     lock = FileLock(str(d / LOCK_NAME), thread_local=False, is_singleton=True)

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from adaptflow.data.domains import BUILTIN_DOMAINS  # noqa: F401  (re-exported: the domain registry's one list)
 from adaptflow.outputs import json_digest
-from adaptflow.strategy_names import BASES, OBJECTIVES, needs_labels, parse
+from adaptflow.strategy_names import BASES, OBJECTIVES, needs_labels, parse, uses_pool
 
 # Validation context of the first, plain pass (:func:`from_dict`): the checks that need torch, torchvision or
 # timm (transform pipelines, model names and inputs) wait for the second pass, so a typo in a plain value is
@@ -347,9 +347,11 @@ TASK_RUNNERS = ("sequential", "threads", "processes", "dask")
 
 
 class Orchestrate(_Section):
-    """How the stages are run (the Prefect flow's task runner, the lock, the schedule, the training processes) —
-    never what they compute: no stage reads this section, so changing it re-runs nothing (and DVC, whose
-    dvc.yaml lists no orchestrate key, agrees)."""
+    """How the stages are run (the Prefect flow's task runner, the lock, the schedule, the training processes),
+    not what they compute: no stage reads this section, so changing it re-runs nothing (and DVC, whose
+    dvc.yaml lists no orchestrate key, agrees). Training in several processes does change the weights a
+    little (BatchNorm over each share, each process's own augmentation draws); its output still stands for
+    the same stage inputs."""
 
     task_runner: Literal["sequential", "threads", "processes", "dask"] = Field(
         "sequential", description="how finetune runs (strategy × seed) fan out: sequential (deterministic), threads (parallel, but torch's "
@@ -436,6 +438,21 @@ class Params(_ParamsBase):
         return self
 
     @model_validator(mode="after")
+    def _batches_split(self) -> "Params":
+        check_batches(self.training_batches(), self.orchestrate.train_processes)  # before any stage, not when one launches
+        return self
+
+    def training_batches(self, stage: str | None = None, strategy: str | None = None) -> dict[str, int]:
+        """The batch sizes (params key → value) that training in several processes shares out: pretrain's,
+        finetune's, and its unlabeled batch where a strategy (``strategy``, else any in params) reads the pool."""
+        sizes = {"pretrain.batch_size": self.pretrain.batch_size} if stage in (None, "pretrain") else {}
+        if stage in (None, "finetune"):
+            sizes["finetune.batch_size"] = self.finetune.batch_size
+            if any(uses_pool(s) for s in ([strategy] if strategy else self.finetune.strategies)):
+                sizes["finetune.unlabeled_batch_size"] = self.finetune.unlabeled_batch_size
+        return sizes
+
+    @model_validator(mode="after")
     def _model_takes_its_input(self, info: ValidationInfo) -> "Params":
         if _plain(info):
             return self
@@ -492,6 +509,16 @@ class Params(_ParamsBase):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def check_batches(sizes: dict[str, int], procs: int) -> None:
+    """Each batch size (params key → value) must split evenly into ``procs`` shares of at least 2 images
+    (BatchNorm): equal shares make the averaged gradient the whole batch's, and let the alignment objectives
+    gather every process's features. Raises ValueError naming the key."""
+    for key, n in sizes.items():
+        if procs > 1 and (n % procs or n < 2 * procs):
+            raise ValueError(f"{key}: {n} does not split into {procs} equal shares of at least 2 images, one per "
+                             f"process; use a multiple of {procs} (at least {2 * procs}) or fewer processes")
 
 
 def _dump(v: Any) -> Any:

@@ -61,7 +61,9 @@ def settle(futures: list[PrefectFuture]) -> None:
     still writing once the flow body has left the project lock (Prefect's runner waits for its tasks only
     when the flow returns, after the lock is gone). Only the runners built on ``concurrent.futures``
     (sequential, threads, processes) can cancel, and the processes runner only a task whose wait for its
-    upstream has not begun; on Dask every task is waited for."""
+    upstream has not begun; on Dask every task is waited for. A stage training in several processes
+    (``orchestrate.train_processes``) has them stopped."""
+    orchestrate.stop_launches()  # a stage training in several processes: they stop (and its task then ends)
     for f in futures:
         wrapped = getattr(f, "wrapped_future", None)
         if isinstance(wrapped, concurrent.futures.Future):

@@ -40,7 +40,13 @@ REMOTE_RETRY = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff
 
 def _run(name: str, params: Params, root: str, **kw: object) -> dict:
     logger = get_run_logger()
-    launched = orchestrate.launch_training(name, params, Path(root), logger.info, **kw) if name in orchestrate.TRAINING else False
+    launched = False
+    if name in orchestrate.TRAINING and params.orchestrate.train_processes > 1:
+        import torch
+
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()  # what this process's earlier stages cached on GPU 0 goes back to the processes
+        launched = orchestrate.launch_training(name, params, Path(root), logger.info, **kw)
     result = stages.get(name)(params, Path(root), **kw)  # after a launch: finds what the processes wrote
     if launched:
         result = {**result, "cached": False, "runs": [{**r, "cached": False} for r in result["runs"]]} if "runs" in result else {**result, "cached": False}

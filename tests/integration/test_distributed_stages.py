@@ -60,6 +60,18 @@ def test_pretrain_and_finetune_in_two_processes(tmp_path):
     model, cfg = load(adapted)
     assert cfg.extra["strategy"] == "dann+fixmatch" and cfg.extra["best_epoch"] >= 1
 
+    # launched by a process that does not hold the project: refused at once (not a wait for that very process),
+    # in the processes' own words, raised once by the launcher
+    from adaptflow.data.files import DataError
+    from adaptflow.params import load as load_params
+
+    pending = load_params(root / "params.yaml", ["orchestrate.train_processes=2", "finetune.lr=0.01"])
+    said: list[str] = []
+    with pytest.raises(DataError, match=r"launched by pid \d+ to train for it, but that process does not hold the project lock"):
+        orchestrate.launch_training("finetune", pending, root, said.append, strategy="dann+fixmatch", seed=0)
+    # (torchrun reports its processes' exit 2; none of them printed a traceback, nor the message)
+    assert not [line for line in said if "does not hold the project lock" in line or line.startswith("[rank")], said
+
     # the outputs are the stages' own: the same params find them up to date, in this one process (with
     # train_processes set, nothing to train starts no processes)
     again = run(adaptflow + ["stage", "finetune", "--strategy", "dann+fixmatch", "--set", "orchestrate.train_processes=2"], root)

@@ -169,3 +169,16 @@ def test_to_input_under_autocast_hands_over_the_amp_dtype_cpu():
 def test_to_input_under_autocast_hands_over_the_amp_dtype_cuda():
     out, ref = _amp_input_matches_the_float32_resize("cuda")
     assert torch.equal(out, ref)  # CUDA interpolates in float32 and rounds once: bit for bit
+
+
+def test_train_processes_need_a_gpu_each_on_cuda(monkeypatch):
+    from types import SimpleNamespace
+
+    from adaptflow import accel
+
+    accel.check_train_processes(4)  # on a CPU the processes split the cores: no limit here
+    monkeypatch.setattr(accel, "runtime", lambda: SimpleNamespace(cuda=True))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    accel.check_train_processes(2)
+    with pytest.raises(ValueError, match="orchestrate.train_processes: 4 processes, one per GPU, but this machine shows 2 GPU"):
+        accel.check_train_processes(4)

@@ -44,9 +44,10 @@ def test_second_process_waits_then_gives_up_naming_the_holder(tmp_path):
     assert free.returncode == 0 and "GOT" in free.stdout
 
 
-def test_the_holder_holds_the_project_for_the_training_processes_it_launches(tmp_path):
-    """A child named by ADAPTFLOW_LOCK_HOLDER (what launch_training sets) goes in while its parent holds the
-    lock; a child without it, or naming a process that does not hold the lock, waits as any other."""
+def test_the_holder_holds_the_project_for_the_training_processes_it_launches(tmp_path, monkeypatch):
+    """A child naming its holder in ADAPTFLOW_LOCK_HOLDER (what launch_training sets) goes in while the holder
+    holds the lock. A child without it waits as any other; one naming a process that does not hold the lock
+    for it is refused at once (waiting would wait for the process waiting for it)."""
     code = (f"from adaptflow import orchestrate\nwith orchestrate.project_lock({str(tmp_path)!r}, timeout=0.5): print('GOT')\n")
 
     def child(holder: str | None) -> subprocess.CompletedProcess:
@@ -56,9 +57,32 @@ def test_the_holder_holds_the_project_for_the_training_processes_it_launches(tmp
 
     with orchestrate.project_lock(tmp_path, what="a pipeline run"):
         assert "GOT" in child(str(os.getpid())).stdout
-        for holder in (None, str(os.getppid())):
-            refused = child(holder)
-            assert refused.returncode != 0 and "GOT" not in refused.stdout and "still locked" in refused.stderr
+        waited = child(None)
+        assert waited.returncode != 0 and "GOT" not in waited.stdout and "still locked" in waited.stderr
+        refused = child(str(os.getppid()))  # an ancestor, but not the holder
+        assert "GOT" not in refused.stdout and f"launched by pid {os.getppid()} to train for it, but that process does not hold" in refused.stderr
+        monkeypatch.setenv(orchestrate.HOLDER_ENV, str(os.getpid()))  # the holder, but not an ancestor of itself
+        with pytest.raises(orchestrate.ProjectLocked, match="does not hold the project lock"):
+            orchestrate._held_for_me(tmp_path / orchestrate.STATE_DIR / (orchestrate.LOCK_NAME + ".json"))
+
+
+def test_a_process_working_under_a_holders_lock_ends_when_the_holder_dies(tmp_path):
+    """The holder (here a stand-in that exits at once) dies: what it launched stops within the watch's poll."""
+    inner = ("import os, time\nfrom adaptflow import orchestrate\norchestrate._end_with(os.getppid(), poll=0.1)\n"
+             "print('WATCHING', flush=True)\ntime.sleep(60)\nprint('STILL HERE', flush=True)\n")
+    holder = ("import subprocess, sys, time\n"
+              f"c = subprocess.Popen([sys.executable, '-c', {inner!r}], stdout=open({str(tmp_path / 'out')!r}, 'w'), stderr=subprocess.STDOUT)\n"
+              "print(c.pid, flush=True)\n"
+              f"while 'WATCHING' not in open({str(tmp_path / 'out')!r}).read(): time.sleep(0.05)\n")
+    import psutil
+
+    pid = int(subprocess.run([sys.executable, "-c", holder], cwd=ROOT, capture_output=True, text=True, timeout=120).stdout.split()[0])
+    try:
+        psutil.Process(pid).wait(timeout=30)  # (ends long before its 60 s sleep)
+    except psutil.NoSuchProcess:
+        pass
+    out = (tmp_path / "out").read_text()
+    assert "WATCHING" in out and "is gone: stopping" in out and "STILL HERE" not in out
 
 
 def test_a_dvc_run_holds_the_project_between_its_stages(tmp_path):
@@ -269,20 +293,30 @@ def test_orchestrate_params_validate():
         _params(orchestrate={"train_processes": 2, "task_runner": "threads"})
     with pytest.raises(ParamsError, match="orchestrate.train_processes"):
         _params(orchestrate={"train_processes": 0})
+    # every batch the processes share must split: checked when params load, before any stage runs
+    with pytest.raises(ParamsError, match="pretrain.batch_size: 128 does not split into 3 equal shares of at least 2 images"):
+        _params(orchestrate={"train_processes": 3})
+    odd = {"strategies": ["scratch", "source_only", "finetune"], "unlabeled_batch_size": 33}
+    assert _params(orchestrate={"train_processes": 2}, finetune=odd).orchestrate.train_processes == 2  # no strategy reads the pool
+    with pytest.raises(ParamsError, match="finetune.unlabeled_batch_size: 33 does not split into 2"):
+        _params(orchestrate={"train_processes": 2}, finetune={**odd, "strategies": [*odd["strategies"], "finetune+fixmatch"]})
 
 
 class _FakeLauncher:
-    """Stands in for torchrun: records the command and the params file it was given, prints ``lines``, exits
-    ``code`` having trained (the output is then current) unless ``trains`` is False."""
+    """Stands in for torchrun: records the command, environment and params file it was given, prints
+    ``lines``, writes ``refusal`` where a refusing process would, exits ``code`` having trained (the output is
+    then current) unless ``trains`` is False."""
 
     trained = False
 
-    def __init__(self, lines: list[str], code: int, trains: bool = True):
-        self.lines, self.code, self.trains, self.seen = lines, code, trains, {}
+    def __init__(self, lines: list[str], code: int, trains: bool = True, refusal: str | None = None):
+        self.lines, self.code, self.trains, self.refusal, self.seen = lines, code, trains, refusal, {}
         _FakeLauncher.trained = False
 
     def __call__(self, cmd, cwd, env, **kw):
-        self.seen = {"cmd": cmd, "cwd": cwd, "env": env, "params": Path(cmd[cmd.index("--params") + 1]).read_text()}
+        self.seen = {"cmd": cmd, "cwd": cwd, "env": env, "kw": kw, "params": Path(cmd[cmd.index("--params") + 1]).read_text()}
+        if self.refusal:
+            Path(env[orchestrate.REFUSAL_ENV]).write_text(self.refusal)
         self.stdout = iter(line + "\n" for line in self.lines)
         return self
 
@@ -300,27 +334,29 @@ def pending(monkeypatch):
 def test_launch_training_starts_torchrun_with_these_params_and_says_what_it_says(tmp_path, monkeypatch, pending):
     import yaml
 
-    params = _params(orchestrate={"train_processes": 3}, finetune={"lr": 0.123})
+    params = _params(orchestrate={"train_processes": 2}, finetune={"lr": 0.123})
     fake = _FakeLauncher(["epoch 1/2", "epoch 2/2"], 0)
     monkeypatch.setattr(orchestrate.subprocess, "Popen", fake)
     said: list[str] = []
     assert orchestrate.launch_training("finetune", params, tmp_path, said.append, strategy="dann", seed=1)
     cmd = fake.seen["cmd"]
-    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3"]
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     assert cmd[6:10] == ["-m", "adaptflow", "stage", "finetune"] and cmd[-4:] == ["--strategy", "dann", "--seed", "1"]
     assert from_dict(yaml.safe_load(fake.seen["params"])) == params  # exactly these params, overrides included
     assert fake.seen["cwd"] == tmp_path and fake.seen["env"][orchestrate.HOLDER_ENV] == str(os.getpid())
+    assert fake.seen["kw"]["start_new_session"] and fake.seen["kw"]["encoding"] == "utf-8"
     assert said == ["epoch 1/2", "epoch 2/2"]
     assert not list((tmp_path / orchestrate.STATE_DIR / "launch").iterdir())  # the params copy is removed
 
 
 def test_launch_training_raises_what_the_processes_refused_and_other_failures(tmp_path, monkeypatch, pending):
     params = _params(orchestrate={"train_processes": 2})
-    monkeypatch.setattr(orchestrate.subprocess, "Popen", _FakeLauncher(["starting", "error: finetune.batch_size: 33 does not split", "error: finetune.batch_size: 33 does not split"], 1))
+    why = "target.domain: class(es) with too few usable images —\n  '3': 1 (2 unreadable)"
+    monkeypatch.setattr(orchestrate.subprocess, "Popen", _FakeLauncher(["starting"], 1, refusal=why))
     said: list[str] = []
     with pytest.raises(DataError) as exc:
         orchestrate.launch_training("pretrain", params, tmp_path, said.append)
-    assert str(exc.value) == "finetune.batch_size: 33 does not split" and said == ["starting"]  # said once, by the exception
+    assert str(exc.value) == why and said == ["starting"]  # every line of it, said once, by the exception
     monkeypatch.setattr(orchestrate.subprocess, "Popen", _FakeLauncher(["Traceback ...", "RuntimeError: NCCL"], 1))
     with pytest.raises(orchestrate.LaunchFailed, match="pretrain in 2 processes .torchrun. exited 1"):
         orchestrate.launch_training("pretrain", params, tmp_path, said.append)
@@ -328,6 +364,16 @@ def test_launch_training_raises_what_the_processes_refused_and_other_failures(tm
     with pytest.raises(orchestrate.LaunchFailed, match="exited 0 but left no current output"):  # not trained again in one process
         orchestrate.launch_training("pretrain", params, tmp_path, said.append)
     assert not list((tmp_path / orchestrate.STATE_DIR / "launch").iterdir())
+
+
+def test_a_killed_launchers_params_copy_is_removed_with_the_stale_outputs(tmp_path):
+    launch = tmp_path / orchestrate.STATE_DIR / "launch"
+    launch.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (launch / f"finetune-{dead}-1.yaml").write_text("seed: 0\n")
+    (launch / f"finetune-{os.getpid()}-2.yaml").write_text("seed: 0\n")  # a launch of this live process
+    assert orchestrate.remove_stale_outputs(Params(), tmp_path) == [launch / f"finetune-{dead}-1.yaml"]
+    assert [f.name for f in launch.iterdir()] == [f"finetune-{os.getpid()}-2.yaml"]
 
 
 def test_launch_training_leaves_to_the_caller_what_needs_no_launch(tmp_path, monkeypatch, pending):
@@ -340,6 +386,18 @@ def test_launch_training_leaves_to_the_caller_what_needs_no_launch(tmp_path, mon
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.setattr(orchestrate, "_pending", lambda *a, **k: False)
     assert not orchestrate.launch_training("finetune", two, tmp_path, print)  # current: nothing to train
+
+
+def test_nothing_to_train_launches_nothing(tmp_path, monkeypatch):
+    """source_only keeps the source model, pretrain with no epochs the weights it was given: in one process."""
+    two = _params(orchestrate={"train_processes": 2}, finetune={"strategies": ["source_only", "finetune"]}, evaluate={"baselines": ["source_only"]},
+                  register={"require_baselines": False})
+    monkeypatch.setattr(orchestrate, "is_current", lambda ident, root: False)
+    monkeypatch.setattr(orchestrate, "identity", lambda *a, **k: None)
+    assert not orchestrate._pending("finetune", two, tmp_path, strategy="source_only", seed=0)
+    assert orchestrate._pending("finetune", two, tmp_path, strategy="finetune", seed=0) and orchestrate._pending("finetune", two, tmp_path)
+    assert orchestrate._pending("pretrain", two, tmp_path)
+    assert not orchestrate._pending("pretrain", from_dict({**two.to_dict(), "pretrain": {"epochs": 0, "weights": "w.safetensors"}}), tmp_path)
 
 
 def test_identity_unknown_stage_and_missing_upstream(tmp_path):
