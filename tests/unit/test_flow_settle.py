@@ -37,3 +37,27 @@ def test_settle_returns_for_tasks_that_already_failed():
         time.sleep(0.1)
         settle(futures)
         assert all(f.wrapped_future.done() for f in futures)
+
+
+def test_settle_stops_a_stage_training_in_several_processes():
+    """A task waiting on launched training processes (orchestrate.launch_training) ends once settle has stopped
+    them: the flow leaves the lock with nothing of that stage still running."""
+    import subprocess
+    import sys
+
+    from adaptflow import orchestrate
+
+    # a stand-in for torchrun and its process: a group of two sleepers
+    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    orchestrate._LAUNCHES.add(proc)
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            waiting = PrefectConcurrentFuture(uuid.uuid4(), pool.submit(proc.wait))
+            t0 = time.monotonic()
+            settle([waiting])
+            assert waiting.wrapped_future.result() != 0 and time.monotonic() - t0 < 30
+    finally:
+        orchestrate._LAUNCHES.discard(proc)
+        if proc.poll() is None:
+            proc.kill()
