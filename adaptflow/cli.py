@@ -204,6 +204,8 @@ def stage(
         with _bad_input_exits(), distributed.main_first(lock):  # several processes: one holds the project for all
             if not os.environ.get(orchestrate.HOLDER_ENV):  # (started by a run that holds the project: it checked)
                 orchestrate.check_upstream(name, p, Path.cwd(), **which)
+            if launcher:
+                orchestrate.remove_stale_launches(Path.cwd())  # params copies of launchers that were killed
             try:
                 if launcher and orchestrate.launch_training(name, p, Path.cwd(), lambda line: typer.echo(line, err=True), **which):
                     return

@@ -29,6 +29,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -39,7 +40,6 @@ from filelock import FileLock, Timeout
 
 from adaptflow import outputs
 from adaptflow.params import Params
-from adaptflow.strategy_names import parse as parse_strategy
 
 log = logging.getLogger(__name__)
 
@@ -268,45 +268,75 @@ class LaunchFailed(RuntimeError):
     """A training stage run under torch's launcher ended with an error of its own (its output says which)."""
 
 
-def _trains(stage: str, params: Params, strategy: str) -> bool:
-    """Whether the run trains anything: source_only keeps the source model, and pretrain with no epochs the
-    weights it was given."""
-    return params.pretrain.epochs > 0 if stage == "pretrain" else parse_strategy(strategy)[0] != "source_only"
-
-
 def _pending(stage: str, params: Params, root: Path, strategy: str | None = None, seed: int | None = None) -> bool:
     """Whether ``stage`` (one finetune run, or all that params ask for) has something to train that is not
     trained yet."""
     if stage == "pretrain":
-        return _trains(stage, params, "") and not is_current(identity(stage, params, root), root)
+        return params.trains(stage) and not is_current(identity(stage, params, root), root)
     from adaptflow.stages.finetune import selected
 
-    return any(_trains(stage, params, s) and not is_current(identity(stage, params, root, strategy=s, seed=k), root)
+    return any(params.trains(stage, s) and not is_current(identity(stage, params, root, strategy=s, seed=k), root)
                for s, k in selected(params, strategy, seed))
 
 
 def refuse(message: str) -> bool:
-    """In a process :func:`launch_training` started: write why it refuses (bad input) for the launcher to raise,
-    the first process's words only; whether this process was launched so (it need not print it then)."""
+    """In a process :func:`launch_training` started: leave why it refuses (bad input) for the launcher to raise,
+    the first process's words only; whether it was left so (the process need not print it then)."""
     path = os.environ.get(REFUSAL_ENV)
-    if not path:
+    if not path or not os.environ.get(HOLDER_ENV):
         return False
+    tmp = Path(f"{path}.{os.getpid()}")
     try:
-        with open(path, "x", encoding="utf-8") as f:  # the first writer wins: every process may refuse alike
-            f.write(message)
+        tmp.write_text(message, encoding="utf-8")
+        os.link(tmp, path)  # whole or not at all; the first process's wins (every process may refuse alike)
     except FileExistsError:
         pass
+    except OSError:
+        return False  # no note: the message is printed instead
+    finally:
+        tmp.unlink(missing_ok=True)
     return True
 
 
-def stop_launches() -> None:
-    """Stop every training launcher this process started that is still running (a failed or cancelled run):
-    SIGTERM to its process group, which torchrun passes on to its processes."""
+_STOPPING = threading.Event()  # stop_launches was called: no launch starts until the next run clears it
+_LAUNCH_LOCK = threading.Lock()
+
+
+def _signal(proc: subprocess.Popen, kill: bool = False) -> None:
+    """SIGTERM (or SIGKILL) to a launcher's process group; where there are no process groups (Windows), to it.
+    ``kill`` also reaches the processes it started, which torchrun puts in sessions of their own."""
     import signal
 
-    for proc in list(_LAUNCHES):
-        with suppress(OSError):
-            os.killpg(proc.pid, signal.SIGTERM)
+    if proc.poll() is not None:
+        return
+    tree = []
+    if kill:
+        import psutil
+
+        with suppress(psutil.Error):
+            tree = psutil.Process(proc.pid).children(recursive=True)
+    with suppress(ProcessLookupError, PermissionError):
+        if hasattr(os, "killpg"):
+            os.killpg(proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
+        else:
+            proc.kill() if kill else proc.terminate()
+    for child in tree:
+        with suppress(Exception):
+            child.kill()
+
+
+def stop_launches() -> None:
+    """Stop the training launchers this process started that still run, and start no other until
+    :func:`allow_launches` (a failed or cancelled run): torchrun passes SIGTERM on to its processes."""
+    with _LAUNCH_LOCK:
+        _STOPPING.set()
+        for proc in list(_LAUNCHES):
+            _signal(proc)
+
+
+def allow_launches() -> None:
+    """A new run begins: :func:`launch_training` may start processes again."""
+    _STOPPING.clear()
 
 
 def launch_training(stage: str, params: Params, root: Path, echo: Callable[[str], None], strategy: str | None = None,
@@ -319,12 +349,10 @@ def launch_training(stage: str, params: Params, root: Path, echo: Callable[[str]
     The caller holds the project lock: it holds it for the processes (:func:`project_lock`), which stop should
     the caller die. They run ``adaptflow stage`` in ``root`` on a copy of the params written for them; their
     output goes to ``echo``, line by line. Their refusal (bad input, :func:`refuse`) is raised as ``DataError``
-    with their words; any other failure as :class:`LaunchFailed`."""
+    with their words; any other failure as :class:`LaunchFailed`, as is a launch after :func:`stop_launches`."""
     n = params.orchestrate.train_processes
     if stage not in TRAINING or n <= 1 or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 or not _pending(stage, params, root, strategy, seed):
         return False
-    import signal
-
     import yaml
 
     d = state_dir(root) / "launch"
@@ -339,21 +367,25 @@ def launch_training(stage: str, params: Params, root: Path, echo: Callable[[str]
     log.info("%s in %d processes: %s", stage, n, " ".join(cmd[2:]))
     try:
         outputs.atomic_write_text(copy, yaml.safe_dump(params.to_dict(), sort_keys=False))
-        # its own process group: stopped as one (stop_launches), apart from the caller's terminal signals
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                encoding="utf-8", errors="replace", start_new_session=True)
-        _LAUNCHES.add(proc)
+        with _LAUNCH_LOCK:  # (a stop_launches now sees this one, or this one sees it)
+            if _STOPPING.is_set():
+                raise LaunchFailed(f"{stage}: not started, the run is stopping")
+            # its own process group: stopped as one, apart from the caller's terminal signals
+            proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    encoding="utf-8", errors="replace", start_new_session=True)
+            _LAUNCHES.add(proc)
         try:
             for line in proc.stdout:  # type: ignore[union-attr]
                 echo(line.rstrip())
             code = proc.wait()
         except BaseException:  # interrupted or cancelled: the launcher stops its processes on SIGTERM
-            os.killpg(proc.pid, signal.SIGTERM)
+            _signal(proc)
             try:
                 proc.communicate(timeout=60)  # (reading what they still say, so none blocks on a full pipe)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.communicate()
+                _signal(proc, kill=True)
+                with suppress(subprocess.TimeoutExpired):
+                    proc.communicate(timeout=30)
             raise
         finally:
             _LAUNCHES.discard(proc)
@@ -361,7 +393,7 @@ def launch_training(stage: str, params: Params, root: Path, echo: Callable[[str]
     finally:
         copy.unlink(missing_ok=True)
         refusal.unlink(missing_ok=True)
-    if why is not None:
+    if why:
         from adaptflow.data.files import DataError
 
         raise DataError(why)
@@ -461,8 +493,11 @@ def dvc_run_in_progress(root: Path) -> dict | None:
 
 def check_held_for_me(root: Path) -> None:
     """In a process launched to train for a lock holder: raise ProjectLocked now, in every process, unless that
-    holder holds the project (see :func:`_held_for_me`); elsewhere nothing."""
-    _held_for_me(Path(root).resolve() / STATE_DIR / (LOCK_NAME + ".json"))  # (state_dir would create it)
+    holder holds the project (see :func:`_held_for_me`), and end the process should it stop holding it
+    (:func:`_end_with`); elsewhere nothing."""
+    info = Path(root).resolve() / STATE_DIR / (LOCK_NAME + ".json")  # (state_dir would create the folder)
+    if _held_for_me(info):
+        _end_with(int(os.environ[HOLDER_ENV]), info)
 
 
 def _held_for_me(info: Path) -> bool:
@@ -488,17 +523,29 @@ def _held_for_me(info: Path) -> bool:
                         f"(any more): {_holder(info)} does")
 
 
-def _end_with(holder: int, poll: float = 5.0) -> None:
-    """End this process should ``holder``, whose lock it works under, die: a lock holder killed mid-run
-    leaves no training behind that writes without the lock. (The launcher stops its other processes.)"""
-    import threading
+_WATCHING: list[int] = []  # the holder this process watches (one watch per process)
 
+
+def _end_with(holder: int, info: Path, poll: float = 1.0) -> None:
+    """End this process once ``holder``, whose lock it works under, has died or no longer holds the project: a
+    lock holder killed mid-run leaves no training behind that writes without the lock. Every launched process
+    watches (torchrun puts each in a session of its own)."""
     import psutil
 
+    if _WATCHING:
+        return
+    _WATCHING.append(holder)
+
+    def holds() -> bool:
+        try:
+            return holder in {p.pid for p in psutil.Process().parents()} and int(json.loads(info.read_text())["pid"]) == holder
+        except Exception:  # noqa: BLE001 — a record that cannot be read, a process that cannot be seen: gone
+            return False
+
     def watch() -> None:
-        while holder in {p.pid for p in psutil.Process().parents()}:
+        while holds():
             time.sleep(poll)
-        log.error("pid %d, which holds the project lock for this process, is gone: stopping", holder)
+        log.error("pid %d, which held the project lock for this process, no longer does: stopping", holder)
         os._exit(3)
 
     threading.Thread(target=watch, name="lock-holder-watch", daemon=True).start()
@@ -522,7 +569,7 @@ def project_lock(root: Path, what: str = "adaptflow", timeout: float | None = No
     d = state_dir(root)
     info = d / (LOCK_NAME + ".json")
     if _held_for_me(info):  # a pipeline run that launched this stage's processes holds it for them
-        _end_with(int(os.environ[HOLDER_ENV]))
+        _end_with(int(os.environ[HOLDER_ENV]), info)
         yield
         return
     lock = FileLock(str(d / LOCK_NAME), thread_local=False, is_singleton=True)

@@ -442,11 +442,19 @@ class Params(_ParamsBase):
         check_batches(self.training_batches(), self.orchestrate.train_processes)  # before any stage, not when one launches
         return self
 
+    def trains(self, stage: str, strategy: str | None = None) -> bool:
+        """Whether ``stage`` trains anything: pretrain with epochs > 0 (0: the weights file is the source model);
+        finetune when a strategy (``strategy``, else any in params) is not source_only, which keeps the source model."""
+        if stage == "pretrain":
+            return self.pretrain.epochs > 0
+        return stage == "finetune" and any(parse(s)[0] != "source_only" for s in ([strategy] if strategy else self.finetune.strategies))
+
     def training_batches(self, stage: str | None = None, strategy: str | None = None) -> dict[str, int]:
-        """The batch sizes (params key → value) that training in several processes shares out: pretrain's,
-        finetune's, and its unlabeled batch where a strategy (``strategy``, else any in params) reads the pool."""
-        sizes = {"pretrain.batch_size": self.pretrain.batch_size} if stage in (None, "pretrain") else {}
-        if stage in (None, "finetune"):
+        """The batch sizes (params key → value) that training in several processes shares out: of pretrain and
+        finetune when they train (:meth:`trains`), and finetune's unlabeled batch where a strategy (``strategy``,
+        else any in params) reads the pool."""
+        sizes = {"pretrain.batch_size": self.pretrain.batch_size} if stage in (None, "pretrain") and self.trains("pretrain") else {}
+        if stage in (None, "finetune") and self.trains("finetune", strategy):
             sizes["finetune.batch_size"] = self.finetune.batch_size
             if any(uses_pool(s) for s in ([strategy] if strategy else self.finetune.strategies)):
                 sizes["finetune.unlabeled_batch_size"] = self.finetune.unlabeled_batch_size

@@ -63,11 +63,11 @@ def settle(futures: list[PrefectFuture]) -> None:
     (sequential, threads, processes) can cancel, and the processes runner only a task whose wait for its
     upstream has not begun; on Dask every task is waited for. A stage training in several processes
     (``orchestrate.train_processes``) has them stopped."""
-    orchestrate.stop_launches()  # a stage training in several processes: they stop (and its task then ends)
     for f in futures:
         wrapped = getattr(f, "wrapped_future", None)
         if isinstance(wrapped, concurrent.futures.Future):
             wrapped.cancel()  # does nothing to a task already running
+    orchestrate.stop_launches()  # a stage training in several processes stops (its task then ends); none starts
     for f in futures:
         try:
             f.wait()
@@ -91,6 +91,7 @@ def transfer_pipeline(params_path: str = "params.yaml", overrides: list[str] | N
     params = load(params_file(params_path, root), overrides)
     project = Path(root).resolve()
     with orchestrate.project_lock(project, what=f"flow run {flow_run.name or flow_run.id}", timeout=params.orchestrate.lock_timeout):
+        orchestrate.allow_launches()  # (after an earlier run in this process stopped them)
         for p in orchestrate.remove_stale_outputs(params, project):
             logger.warning("removed %s, left by a run that was killed mid-stage", p)
         task = {name: for_project(getattr(t, name), project) for name in ("ingest", "augment", "pretrain", "cache_features", "finetune", "evaluate", "register")}

@@ -176,6 +176,7 @@ def test_train_processes_need_a_gpu_each_on_cuda(monkeypatch):
 
     from adaptflow import accel
 
+    monkeypatch.setattr(accel, "runtime", lambda: SimpleNamespace(cuda=False))
     accel.check_train_processes(4)  # on a CPU the processes split the cores: no limit here
     monkeypatch.setattr(accel, "runtime", lambda: SimpleNamespace(cuda=True))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

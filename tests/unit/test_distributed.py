@@ -159,6 +159,7 @@ def test_train_processes_makes_the_stage_command_launch_them_after_the_same_chec
     launched = []
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("ADAPTFLOW_DEVICE", "cpu")  # (two processes on the CPU, on any machine)
     monkeypatch.setattr(orchestrate, "launch_training", lambda *a, **k: launched.append((a[0], k)) or True)
     two = ["--params", str(params_path), "--set", "orchestrate.train_processes=2"]
     res = CliRunner().invoke(app, ["stage", "finetune", *two, "--set", "finetune.batch_size=33"])

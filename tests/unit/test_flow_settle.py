@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -47,9 +48,17 @@ def test_settle_stops_a_stage_training_in_several_processes():
 
     from adaptflow import orchestrate
 
-    # a stand-in for torchrun and its process: a group of two sleepers
-    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
-    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    # a stand-in for torchrun: it starts a worker in a session of its own (as torchrun does) and, on SIGTERM,
+    # stops it and exits (as torchrun does)
+    import psutil
+
+    code = ("import signal, subprocess, sys, time\n"
+            "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\n"
+            "print(w.pid, flush=True)\n"
+            "signal.signal(signal.SIGTERM, lambda *a: (w.terminate(), w.wait(), sys.exit(1)))\n"
+            "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    worker = psutil.Process(int(proc.stdout.readline()))
     orchestrate._LAUNCHES.add(proc)
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -57,7 +66,10 @@ def test_settle_stops_a_stage_training_in_several_processes():
             t0 = time.monotonic()
             settle([waiting])
             assert waiting.wrapped_future.result() != 0 and time.monotonic() - t0 < 30
+        assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
     finally:
         orchestrate._LAUNCHES.discard(proc)
-        if proc.poll() is None:
-            proc.kill()
+        orchestrate.allow_launches()
+        for p in (proc, worker):
+            with contextlib.suppress(Exception):
+                p.kill()

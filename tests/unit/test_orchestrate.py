@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -67,22 +68,30 @@ def test_the_holder_holds_the_project_for_the_training_processes_it_launches(tmp
 
 
 def test_a_process_working_under_a_holders_lock_ends_when_the_holder_dies(tmp_path):
-    """The holder (here a stand-in that exits at once) dies: what it launched stops within the watch's poll."""
-    inner = ("import os, time\nfrom adaptflow import orchestrate\norchestrate._end_with(os.getppid(), poll=0.1)\n"
-             "print('WATCHING', flush=True)\ntime.sleep(60)\nprint('STILL HERE', flush=True)\n")
-    holder = ("import subprocess, sys, time\n"
-              f"c = subprocess.Popen([sys.executable, '-c', {inner!r}], stdout=open({str(tmp_path / 'out')!r}, 'w'), stderr=subprocess.STDOUT)\n"
-              "print(c.pid, flush=True)\n"
-              f"while 'WATCHING' not in open({str(tmp_path / 'out')!r}).read(): time.sleep(0.05)\n")
+    """While the holder (a stand-in writing its lock record) lives, what it launched works on; once it has
+    died, that process stops within the watch's poll."""
     import psutil
 
-    pid = int(subprocess.run([sys.executable, "-c", holder], cwd=ROOT, capture_output=True, text=True, timeout=120).stdout.split()[0])
+    info, out = tmp_path / "lock.json", tmp_path / "out"
+    inner = ("import os, time\nfrom pathlib import Path\nfrom adaptflow import orchestrate\n"
+             f"orchestrate._end_with(os.getppid(), Path({str(info)!r}), poll=0.1)\n"
+             "print('WATCHING', flush=True)\ntime.sleep(60)\nprint('STILL HERE', flush=True)\n")
+    holder = ("import json, os, subprocess, sys, time\n"
+              f"open({str(info)!r}, 'w').write(json.dumps({{'pid': os.getpid()}}))\n"
+              f"c = subprocess.Popen([sys.executable, '-c', {inner!r}], stdout=open({str(out)!r}, 'w'), stderr=subprocess.STDOUT)\n"
+              f"while 'WATCHING' not in open({str(out)!r}).read(): time.sleep(0.05)\n"
+              "time.sleep(1)\n"
+              "print(c.pid, 'alive while held' if c.poll() is None else 'ended while held', flush=True)\n")
+    said = subprocess.run([sys.executable, "-c", holder], cwd=ROOT, capture_output=True, text=True, timeout=120).stdout.split()
+    child = psutil.Process(int(said[0]))
     try:
-        psutil.Process(pid).wait(timeout=30)  # (ends long before its 60 s sleep)
-    except psutil.NoSuchProcess:
-        pass
-    out = (tmp_path / "out").read_text()
-    assert "WATCHING" in out and "is gone: stopping" in out and "STILL HERE" not in out
+        assert " ".join(said[1:]) == "alive while held"
+        child.wait(timeout=30)  # (long before its 60 s sleep)
+        text = out.read_text()
+        assert "no longer does: stopping" in text and "STILL HERE" not in text
+    finally:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
 
 
 def test_a_dvc_run_holds_the_project_between_its_stages(tmp_path):
@@ -398,6 +407,22 @@ def test_nothing_to_train_launches_nothing(tmp_path, monkeypatch):
     assert orchestrate._pending("finetune", two, tmp_path, strategy="finetune", seed=0) and orchestrate._pending("finetune", two, tmp_path)
     assert orchestrate._pending("pretrain", two, tmp_path)
     assert not orchestrate._pending("pretrain", from_dict({**two.to_dict(), "pretrain": {"epochs": 0, "weights": "w.safetensors"}}), tmp_path)
+    monkeypatch.setattr(orchestrate.subprocess, "Popen", lambda *a, **k: pytest.fail("launched"))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not orchestrate.launch_training("finetune", two, tmp_path, print, strategy="source_only", seed=0)
+
+
+def test_no_launch_starts_once_the_run_is_stopping(tmp_path, monkeypatch, pending):
+    """settle() stops the launches of a failed run: a finetune task that reaches its launch just after does not
+    start N processes for a run that is ending."""
+    monkeypatch.setattr(orchestrate.subprocess, "Popen", lambda *a, **k: pytest.fail("launched"))
+    orchestrate.stop_launches()
+    try:
+        with pytest.raises(orchestrate.LaunchFailed, match="finetune: not started, the run is stopping"):
+            orchestrate.launch_training("finetune", _params(orchestrate={"train_processes": 2}), tmp_path, print, strategy="finetune", seed=0)
+    finally:
+        orchestrate.allow_launches()
+    assert not list((tmp_path / orchestrate.STATE_DIR / "launch").iterdir())
 
 
 def test_identity_unknown_stage_and_missing_upstream(tmp_path):
