@@ -40,8 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from adaptflow.params import check_batches  # noqa: F401  (torch-free: params validation checks the same)
-
-STAGES = ("pretrain", "finetune")  # the stages that train, and so may run in several processes
+from adaptflow.stages import TRAINING as STAGES  # noqa: F401  (the stages that may run in several processes)
 
 
 def launched() -> int:

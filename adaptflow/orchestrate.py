@@ -40,6 +40,7 @@ from filelock import FileLock, Timeout
 
 from adaptflow import outputs
 from adaptflow.params import Params
+from adaptflow.stages import TRAINING
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +259,6 @@ def remove_stale_outputs(params: Params, root: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------ several processes
-TRAINING = ("pretrain", "finetune")  # the stages that may train in several processes (adaptflow.distributed)
 HOLDER_ENV = "ADAPTFLOW_LOCK_HOLDER"  # set by launch_training: the pid of the process that holds the lock for them
 REFUSAL_ENV = "ADAPTFLOW_REFUSAL"  # set by launch_training: where a launched process writes why it refused
 _LAUNCHES: set[subprocess.Popen] = set()  # the launchers running now (stop_launches)
@@ -491,36 +491,37 @@ def dvc_run_in_progress(root: Path) -> dict | None:
     return None if rec["pid"] in mine else rec
 
 
-def check_held_for_me(root: Path) -> None:
-    """In a process launched to train for a lock holder: raise ProjectLocked now, in every process, unless that
-    holder holds the project (see :func:`_held_for_me`), and end the process should it stop holding it
-    (:func:`_end_with`); elsewhere nothing."""
-    info = Path(root).resolve() / STATE_DIR / (LOCK_NAME + ".json")  # (state_dir would create the folder)
-    if _held_for_me(info):
-        _end_with(int(os.environ[HOLDER_ENV]), info)
+def _lock_record(root: Path) -> Path:
+    """The holder's record beside the lock (the folder is not created: a process that only looks makes none)."""
+    return Path(root).resolve() / STATE_DIR / (LOCK_NAME + ".json")
 
 
-def _held_for_me(info: Path) -> bool:
-    """Whether the project lock is held for this process by the one that launched it to train a stage
-    (:func:`launch_training`): the holder named in ``ADAPTFLOW_LOCK_HOLDER``, one of this process's ancestors,
-    holds it (its record is written once the lock is taken and removed before it is let go). False when no
-    holder is named; a named holder that does not hold the lock is an error: waiting for the lock would wait
-    for the very process that waits for this one."""
+def _holds(holder: int, info: Path) -> bool:
+    """Whether ``holder`` is one of this process's ancestors and holds the project lock (its record is written
+    once the lock is taken and removed before it is let go)."""
     import psutil
 
+    try:
+        return holder in {p.pid for p in psutil.Process().parents()} and int(json.loads(info.read_text())["pid"]) == holder
+    except Exception:  # noqa: BLE001 — a record that cannot be read, a process that cannot be seen: it does not
+        return False
+
+
+def check_held_for_me(root: Path) -> bool:
+    """Whether this process was launched to train for a lock holder (:func:`launch_training`) that holds the
+    project: the holder named in ``ADAPTFLOW_LOCK_HOLDER``. It then ends once that holder has died or let go
+    (:func:`_end_with`). False when no holder is named; a named holder that does not hold the lock raises
+    ProjectLocked at once, in every process: waiting for the lock would wait for the very process that waits
+    for this one."""
     named = os.environ.get(HOLDER_ENV)
     if not named:
         return False
-    try:
-        holder = int(named)
-        mine = holder in {p.pid for p in psutil.Process().parents()}
-        rec = json.loads(info.read_text())
-        if mine and int(rec["pid"]) == holder:
-            return True
-    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
-        pass
-    raise ProjectLocked(f"launched by pid {named} to train for it, but that process does not hold the project lock "
-                        f"(any more): {_holder(info)} does")
+    info = _lock_record(root)
+    if not (named.isdigit() and _holds(int(named), info)):
+        raise ProjectLocked(f"launched by pid {named} to train for it, but that process does not hold the project lock "
+                            f"(any more): {_holder(info)} does")
+    _end_with(int(named), info)
+    return True
 
 
 _WATCHING: list[int] = []  # the holder this process watches (one watch per process)
@@ -530,20 +531,12 @@ def _end_with(holder: int, info: Path, poll: float = 1.0) -> None:
     """End this process once ``holder``, whose lock it works under, has died or no longer holds the project: a
     lock holder killed mid-run leaves no training behind that writes without the lock. Every launched process
     watches (torchrun puts each in a session of its own)."""
-    import psutil
-
     if _WATCHING:
         return
     _WATCHING.append(holder)
 
-    def holds() -> bool:
-        try:
-            return holder in {p.pid for p in psutil.Process().parents()} and int(json.loads(info.read_text())["pid"]) == holder
-        except Exception:  # noqa: BLE001 — a record that cannot be read, a process that cannot be seen: gone
-            return False
-
     def watch() -> None:
-        while holds():
+        while _holds(holder, info):
             time.sleep(poll)
         log.error("pid %d, which held the project lock for this process, no longer does: stopping", holder)
         os._exit(3)
@@ -566,12 +559,11 @@ def project_lock(root: Path, what: str = "adaptflow", timeout: float | None = No
     the lock while that process lives lets go and waits (checking every ``poll`` seconds), so nothing writes
     between two of its stages and ``dvc.lock`` records one consistent pipeline.
     """
-    d = state_dir(root)
-    info = d / (LOCK_NAME + ".json")
-    if _held_for_me(info):  # a pipeline run that launched this stage's processes holds it for them
-        _end_with(int(os.environ[HOLDER_ENV]), info)
+    if check_held_for_me(root):  # a pipeline run that launched this stage's processes holds it for them
         yield
         return
+    d = state_dir(root)
+    info = _lock_record(root)
     lock = FileLock(str(d / LOCK_NAME), thread_local=False, is_singleton=True)
     started = time.monotonic()
 

@@ -9,6 +9,7 @@ import importlib
 from typing import Callable
 
 STAGES = ("ingest", "augment", "pretrain", "cache_features", "finetune", "evaluate", "register")
+TRAINING = ("pretrain", "finetune")  # the stages that train, and so may run in several processes
 
 
 def get(name: str) -> Callable[..., dict]:

@@ -64,7 +64,7 @@ def test_the_holder_holds_the_project_for_the_training_processes_it_launches(tmp
         assert "GOT" not in refused.stdout and f"launched by pid {os.getppid()} to train for it, but that process does not hold" in refused.stderr
         monkeypatch.setenv(orchestrate.HOLDER_ENV, str(os.getpid()))  # the holder, but not an ancestor of itself
         with pytest.raises(orchestrate.ProjectLocked, match="does not hold the project lock"):
-            orchestrate._held_for_me(tmp_path / orchestrate.STATE_DIR / (orchestrate.LOCK_NAME + ".json"))
+            orchestrate.check_held_for_me(tmp_path)
 
 
 def test_a_process_working_under_a_holders_lock_ends_when_the_holder_dies(tmp_path):
