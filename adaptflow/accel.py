@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from adaptflow import distributed
+from adaptflow.machine import ENV, cores, settings  # noqa: F401 (ENV and settings: re-exported)
 from adaptflow.imaging import normalize, resize
 
 log = logging.getLogger(__name__)
@@ -184,44 +185,6 @@ def replay_graph(fn: Any, example: torch.Tensor, rt: Runtime) -> Any:
     return run
 
 
-# This machine's choices, from the environment: the same params.yaml runs on a laptop and on a GPU box, and
-# how tensors run never changes what a stage computes (beyond floating-point rounding), so none of this is
-# a stage parameter or part of any stage's key.
-ENV = {
-    "ADAPTFLOW_DEVICE": "auto | cpu | cuda | cuda:N (default auto: CUDA when present)",
-    "ADAPTFLOW_AMP": "auto | bf16 | off (default auto: bf16 on CUDA, off on CPU)",
-    "ADAPTFLOW_CHANNELS_LAST": "auto | 0 | 1 (default auto: on; on a 2-core CPU adaptflow's fit ran 1.1-1.3x and cache_features 1.4-1.6x faster with it)",
-    "ADAPTFLOW_COMPILE": "0 | 1 (default 0): torch.compile the model in training and cache_features",
-    "ADAPTFLOW_THREADS": "CPU threads per process (default: one per core this process may use, shared among the processes torchrun starts on the machine)",
-}
-
-
-def settings(environ: dict | None = None) -> dict:
-    """The ``ADAPTFLOW_*`` runtime settings, validated: a bad value raises ValueError naming the variable."""
-    env = os.environ if environ is None else environ
-    out: dict = {}
-    device = env.get("ADAPTFLOW_DEVICE", "auto").strip() or "auto"
-    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
-        raise ValueError(f"ADAPTFLOW_DEVICE={device!r}: expected {ENV['ADAPTFLOW_DEVICE']}")
-    out["device"] = device
-    amp = env.get("ADAPTFLOW_AMP", "auto").strip() or "auto"
-    if amp not in ("auto", "bf16", "off"):
-        raise ValueError(f"ADAPTFLOW_AMP={amp!r}: expected {ENV['ADAPTFLOW_AMP']}")
-    out["amp"] = amp
-    cl = env.get("ADAPTFLOW_CHANNELS_LAST", "auto").strip() or "auto"
-    if cl not in ("auto", "0", "1"):
-        raise ValueError(f"ADAPTFLOW_CHANNELS_LAST={cl!r}: expected {ENV['ADAPTFLOW_CHANNELS_LAST']}")
-    out["channels_last"] = cl
-    comp = env.get("ADAPTFLOW_COMPILE", "0").strip() or "0"
-    if comp not in ("0", "1"):
-        raise ValueError(f"ADAPTFLOW_COMPILE={comp!r}: expected {ENV['ADAPTFLOW_COMPILE']}")
-    out["compile"] = comp == "1"
-    threads = env.get("ADAPTFLOW_THREADS", "").strip()
-    if threads and not (threads.isdigit() and int(threads) > 0):
-        raise ValueError(f"ADAPTFLOW_THREADS={threads!r}: expected {ENV['ADAPTFLOW_THREADS']}")
-    out["threads"] = int(threads) if threads else None
-    return out
-
 
 def check_train_processes(n: int) -> None:
     """``orchestrate.train_processes`` on this machine: on CUDA, one GPU per process. (On a CPU the processes
@@ -262,9 +225,8 @@ def runtime(device: str = "auto", amp: str = "auto", channels_last: str | bool =
         if num_threads or env["threads"]:  # the host side (loading, per-image augmentation) of parallel jobs
             torch.set_num_threads(num_threads or env["threads"])
     else:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         procs = distributed.local_processes()  # the processes a launcher started on this machine share its cores
-        torch.set_num_threads(num_threads or env["threads"] or max(1, cores // procs))
+        torch.set_num_threads(num_threads or env["threads"] or max(1, cores() // procs))
     if amp == "auto":
         amp = env["amp"]
     if amp == "auto":

@@ -57,11 +57,11 @@ def to_pil(img: Any, read_paths: bool = True) -> Image.Image:
     if isinstance(img, Image.Image):
         return img
     if isinstance(img, (bytes, bytearray, memoryview)):
-        return _open(io.BytesIO(bytes(img)))
+        return decode(io.BytesIO(bytes(img)))
     if isinstance(img, Path) and not read_paths:
         raise ValueError(f"{NO_PATHS}: got a path")
     if isinstance(img, Path) or (read_paths and isinstance(img, str) and _is_file(img)):
-        return _open(Path(img))
+        return decode(Path(img))
     if isinstance(img, str):
         try:
             raw = base64.b64decode(img, validate=True)
@@ -69,7 +69,7 @@ def to_pil(img: Any, read_paths: bool = True) -> Image.Image:
             what = "not an existing path nor base64 image bytes" if read_paths else f"not base64 image bytes ({NO_PATHS})"
             raise ValueError(f"{what}: {img[:60]!r}") from None
         try:
-            return _open(io.BytesIO(raw))
+            return decode(io.BytesIO(raw))
         except (ValueError, OSError) as exc:  # what it says depends on the string alone, never on the server's files
             what = "not an existing path, and base64 of no readable image" if read_paths else "base64 of no readable image"
             raise ValueError(f"{what} ({_why(exc)}): {img[:60]!r}") from None
@@ -113,9 +113,15 @@ def _is_file(s: str) -> bool:
         return False
 
 
-def _open(src: Any) -> Image.Image:
-    """Decode, turned upright as its EXIF orientation says (a phone photo is stored sideways, with a tag)."""
+def decode(src: Any, max_pixels: int | None = None) -> Image.Image:
+    """Decode, turned upright as its EXIF orientation says (a phone photo is stored sideways, with a tag).
+    ``max_pixels``: refuse a larger canvas (``DecompressionBombError``) from its header, before its pixels
+    are allocated; Pillow itself only warns below twice its limit, and a warnings filter is no guard where
+    several threads decode (filters are process-wide)."""
     im = Image.open(src)
+    if max_pixels is not None and im.width * im.height > max_pixels:
+        raise Image.DecompressionBombError(f"Image size ({im.width * im.height} pixels) exceeds limit of {max_pixels} "
+                                           "pixels, could be decompression bomb DOS attack.")
     im.load()
     try:
         ImageOps.exif_transpose(im, in_place=True)

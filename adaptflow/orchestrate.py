@@ -38,7 +38,7 @@ from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
 
-from adaptflow import outputs
+from adaptflow import machine, outputs
 from adaptflow.params import Params
 from adaptflow.stages import TRAINING
 
@@ -362,7 +362,7 @@ def launch_training(stage: str, params: Params, root: Path, echo: Callable[[str]
     which = [a for k, v in (("--strategy", strategy), ("--seed", seed)) if v is not None for a in (k, str(v))]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
            "-m", "adaptflow", "stage", stage, "--params", str(copy), *which]
-    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n)),  # (torchrun's default is 1)
+    env = {"OMP_NUM_THREADS": str(max(1, machine.cores() // n)),  # (torchrun's default is 1)
            **os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8", HOLDER_ENV: str(os.getpid()), REFUSAL_ENV: str(refusal)}
     log.info("%s in %d processes: %s", stage, n, " ".join(cmd[2:]))
     try:

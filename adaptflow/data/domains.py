@@ -77,6 +77,7 @@ class Domain:
     splits: np.ndarray | None = None  # splits given by a manifest, else None (ingest splits by fractions)
     ignored: list[dict] = field(default_factory=list)  # files seen and deliberately not read, with the reason
     info: dict = field(default_factory=dict)  # facts for the dataset card (folder, fonts, …)
+    threaded: bool = False  # load(i) decodes a file, which Pillow does without the GIL: ingest runs several at once
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -193,6 +194,7 @@ def _from_listing(spec: str, listing: FileListing, extra: bytes, info: dict) -> 
         None if listing.splits is None else np.array(listing.splits, dtype=object),
         listing.ignored,
         {"folder": str(root), **info},
+        threaded=True,
     )
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,12 +163,10 @@ def open_image(path: Path) -> Image.Image:
         raise BadItem(f"unreadable: {exc.strerror or exc}") from None
     if size == 0:
         raise BadItem("empty file (0 bytes)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            return imaging.to_pil(Path(path))
-        except Exception as exc:  # every decoder failure is this file's problem, never the run's
-            raise BadItem(reason(exc)) from None
+    try:
+        return imaging.decode(Path(path), max_pixels=Image.MAX_IMAGE_PIXELS)
+    except Exception as exc:  # every decoder failure is this file's problem, never the run's
+        raise BadItem(reason(exc)) from None
 
 
 def reason(exc: BaseException) -> str:

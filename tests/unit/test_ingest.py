@@ -8,9 +8,12 @@ import json
 import logging
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,7 +21,7 @@ from PIL import Image
 
 from adaptflow import outputs
 from adaptflow import params as P
-from adaptflow.data import store
+from adaptflow.data import domains, store
 from adaptflow.data.domains import DataError, Domain
 from adaptflow.data.splits import min_class_size
 from adaptflow.stages import ingest
@@ -205,6 +208,88 @@ def test_decode_accounts_for_every_item_and_keeps_unique_bytes(data, n):
     # an image is stored exactly when all its copies agree on the label; excluded exactly when they do not
     assert {images[int(i)].tobytes() for i in kept} == {b for b, ls in labels_of.items() if len(ls) == 1}
     assert {images[int(i)].tobytes() for i in excluded} == {b for b, ls in labels_of.items() if len(ls) > 1}
+
+
+# --- files decoded on several threads: the same store as one at a time -------------------------------------
+
+
+def test_files_decoded_on_threads_give_the_serial_store_and_quarantine(tmp_path, monkeypatch):
+    folder = make_imagefolder(tmp_path / "digits", per_class=10, classes=4)
+    plant_broken(folder)
+    pngs = sorted((folder / "0").glob("*.png"))
+    shutil.copy(pngs[0], folder / "0" / "z_copy.png")
+    shutil.copy(pngs[1], folder / "1" / "z_conflict.png")
+    Image.new("L", (40, 40), 9).save(folder / "1" / "bomb.png")  # 1,600 pixels: between Pillow's limit and twice it,
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # where Pillow itself only warns
+    seen: set[str] = set()
+    opener = domains.open_image
+
+    def open_image(path):
+        seen.add(threading.current_thread().name)
+        return opener(path)
+
+    monkeypatch.setattr(domains, "open_image", open_image)
+    monkeypatch.setattr(ingest, "TRIAL", 8)  # 8 files one at a time, 8 on the threads, the rest the faster way
+    got = {}
+    for threads in ("1", "4"):
+        monkeypatch.setenv("ADAPTFLOW_THREADS", threads)
+        root = tmp_path / f"t{threads}"
+        ingest.run(params(f"imagefolder:{folder}"), root, "target")
+        meta, card, d = _meta_card(root)
+        got[threads] = (meta, card, np.load(d / store.IMAGES).tobytes())
+    assert any(name.startswith("ingest") for name in seen) and len(seen) > 2  # the main thread, then several others
+    (meta1, card1, images1), (meta4, card4, images4) = got["1"], got["4"]
+    assert images1 == images4 and card1 == card4
+    pd.testing.assert_frame_equal(meta1, meta4)
+    assert {q["item"]: q["reason"].split(" (")[0] for q in card4["quarantined"]}["1/bomb.png"] == "decompression bomb refused"
+    assert card4["duplicates"]["removed"] == 2 and len(card4["duplicates"]["label_conflicts"]) == 1
+
+
+def test_in_order_keeps_the_order_bounds_the_work_ahead_and_stops_on_close(monkeypatch):
+    monkeypatch.setattr(ingest, "TRIAL", 5)
+    started, consumed, lock = [], [0], threading.Lock()
+    delays = np.random.default_rng(0).uniform(0, 0.004, 60)
+
+    def fn(i):
+        with lock:
+            started.append(i)
+            assert len(started) - consumed[0] <= 3 * 2 + 1  # (fn runs before its result is consumed)
+        time.sleep(delays[i])
+        return i * i
+
+    out = []
+    for r in ingest.in_order(fn, list(range(60)), threads=3, ahead=2):
+        out.append(r)
+        consumed[0] += 1
+    assert out == [i * i for i in range(60)]
+    started.clear()
+    consumed[0] = 0
+    gen = ingest.in_order(fn, list(range(60)), threads=3, ahead=2)
+    for i in range(8):  # into the threaded trial
+        assert next(gen) == i * i
+        consumed[0] += 1
+    gen.close()  # cancels what has not started and waits for what has
+    n = len(started)
+    time.sleep(0.05)
+    assert len(started) == n <= 8 + 3 * 2
+
+
+@pytest.mark.parametrize("slow_on", ["threads", "main"])
+def test_in_order_goes_on_the_faster_way(monkeypatch, slow_on):
+    """Timed on the trial items: the rest run on the threads only where that was faster."""
+    monkeypatch.setattr(ingest, "TRIAL", 10)
+    where = []
+
+    def fn(i):
+        on_main = threading.current_thread() is threading.main_thread()
+        time.sleep(0.02 if on_main == (slow_on == "main") else 0.0005)
+        where.append((i, on_main))
+        return i
+
+    assert list(ingest.in_order(fn, list(range(40)), threads=4)) == list(range(40))
+    ran = dict(where)
+    assert all(ran[i] for i in range(10)) and not any(ran[i] for i in range(10, 20))
+    assert all(not ran[i] if slow_on == "main" else ran[i] for i in range(20, 40))
 
 
 # --- problems with the domain: one clear message, before any work ------------------------------------------
