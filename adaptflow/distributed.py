@@ -129,6 +129,26 @@ def shard(idx: np.ndarray) -> np.ndarray:
     return idx[rank():: world()] if active() else idx
 
 
+def share(n: int) -> slice:
+    """This process's contiguous share of ``n`` rows (the first ``n % world()`` processes take one more)."""
+    if not active():
+        return slice(0, n)
+    base, extra = divmod(n, world())
+    lo = rank() * base + min(rank(), extra)
+    return slice(lo, lo + base + (rank() < extra))
+
+
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every process's rows of ``t`` (any number, none included), concatenated in rank order, on the CPU, in
+    each process; no gradient. For results each process computed on its :func:`share`."""
+    if not active():
+        return t
+    parts: list[Any] = [None] * world()
+    dist.all_gather_object(parts, t.detach().cpu())
+    parts = [p for p in parts if p.numel()]
+    return torch.cat(parts) if parts else t.detach().cpu()
+
+
 def seed(base: int) -> int:
     """A seed of this process's own for random draws that should differ across processes (augmentation):
     ``base`` itself in the first process, so one process draws as it always has."""

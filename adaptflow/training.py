@@ -39,10 +39,13 @@ def seed_everything(seed: int) -> None:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 512, dev: torch.device | None = None,
-                   rt: Runtime | None = None) -> torch.Tensor:
+                   rt: Runtime | None = None, across: bool = False) -> torch.Tensor:
     """Logits for uint8 images N×C×H×W, in eval mode, on CPU float32 (batches prefetched to the device). They
     stay on the device until the end: one copy back, so the host never waits for a batch before queueing the
-    next."""
+    next. ``across``: in several processes (every one calling it, with equal models), each computes its share
+    of the images and every one gets all the logits."""
+    if across and distributed.active():
+        return distributed.gather_rows(predict_logits(model, images[distributed.share(len(images))], batch_size, dev, rt))
     rt = rt or runtime(device=str(dev or next(model.parameters()).device))
     model.eval()
     out = []
@@ -66,14 +69,14 @@ class FitResult:
     compile_fell_back: str = ""  # the compiler's error when a compiled run went on eagerly ("" if it did not)
 
 
-Scorer = Callable[[nn.Module], dict]  # → {"score": higher is better, "tiebreak": higher is better, **logged}
+Scorer = Callable[[nn.Module], dict]  # → {"score": higher is better, "tiebreak": higher is better, **logged}; every process calls it
 
 
 def val_scorer(val: Split, dev: torch.device) -> Scorer:
     """Selection on labeled val: accuracy, ties broken by the lower cross-entropy."""
 
     def score(model: nn.Module) -> dict:
-        logits = predict_logits(model, val.images, dev=dev)
+        logits = predict_logits(model, val.images, dev=dev, across=True)
         loss = float(F.cross_entropy(logits, torch.from_numpy(val.labels)).item())
         acc = accuracy(logits, val.labels)
         return {"score": acc, "tiebreak": -loss, "val_acc": acc, "val_loss": loss}

@@ -92,7 +92,7 @@ class Context:
 
 def source_val_scorer(source_val: Split, dev: torch.device) -> Scorer:
     def score(model: nn.Module) -> dict:
-        acc = accuracy(predict_logits(model, source_val.images, dev=dev), source_val.labels)
+        acc = accuracy(predict_logits(model, source_val.images, dev=dev, across=True), source_val.labels)
         return {"score": acc, "tiebreak": 0.0, "sel_source_val_acc": acc}
 
     return score
@@ -103,7 +103,7 @@ def im_scorer(pool: Split, dev: torch.device) -> Scorer:
     (high entropy of the mean prediction). Uses no labels; a collapsed model scores low."""
 
     def score(model: nn.Module) -> dict:
-        p = torch.softmax(predict_logits(model, pool.images, dev=dev), dim=1).clamp_min(1e-12)
+        p = torch.softmax(predict_logits(model, pool.images, dev=dev, across=True), dim=1).clamp_min(1e-12)
         cond = float(-(p * p.log()).sum(1).mean())
         mean = p.mean(0)
         marg = float(-(mean * mean.log()).sum())

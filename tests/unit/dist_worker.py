@@ -18,7 +18,7 @@ from adaptflow import distributed
 from adaptflow.accel import runtime
 from adaptflow.data.store import Split
 from adaptflow.models import ModelConfig, create
-from adaptflow.training import Objective, batches, fit, stream
+from adaptflow.training import Objective, batches, fit, predict_logits, stream
 
 SIDE = 8
 
@@ -130,6 +130,12 @@ def main(out: Path) -> None:
     g = distributed.gather(x)
     (g**2).sum().backward()
     record["gathered"], record["gather_grad"] = g.detach().clone(), x.grad.clone()
+    # 6. scoring: each process its share of the images, every process all the logits (uneven, and fewer than processes)
+    net, seen = plain_net(), []
+    net.register_forward_hook(lambda m, args, out: seen.append(len(args[0])))
+    record["scored"] = {n: predict_logits(net, val.images[:n], batch_size=4, rt=rt, across=True) for n in (30, 7, 1)}
+    record["scored_rows"] = {n: (lambda s: (s.start, s.stop))(distributed.share(n)) for n in (30, 7, 1)}
+    record["scored_seen"] = sum(seen)  # the images this process put through the model
     torch.save(record, out / f"rank{r}.pt")
     distributed.finish()
 

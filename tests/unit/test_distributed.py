@@ -95,6 +95,18 @@ def test_the_pieces(runs):
     assert torch.equal(r1["gather_grad"], torch.full((2, 3), 8.0))
 
 
+def test_scoring_splits_the_images_and_gives_every_process_all_the_logits(runs):
+    alone, r0, r1 = runs["alone"][0], runs["two"][0], runs["two"][1]
+    for n in (30, 7, 1):
+        assert alone["scored"][n].shape == (n, 3)
+        torch.testing.assert_close(r0["scored"][n], alone["scored"][n], atol=1e-6, rtol=1e-5)
+        assert torch.equal(r0["scored"][n], r1["scored"][n])
+    assert (r0["scored_rows"][7], r1["scored_rows"][7]) == ((0, 4), (4, 7))  # each its own rows
+    assert (r0["scored_rows"][1], r1["scored_rows"][1]) == ((0, 1), (1, 1))
+    assert alone["scored_rows"][7] == (0, 7)
+    assert (alone["scored_seen"], r0["scored_seen"], r1["scored_seen"]) == (38, 15 + 4 + 1, 15 + 3 + 0)
+
+
 def test_each_process_takes_its_share_of_the_cores(runs):
     assert runs["two"][0]["threads"] == max(1, runtime_cores() // 2)
 
