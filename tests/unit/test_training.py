@@ -278,3 +278,18 @@ def test_fit_steps_with_fused_adamw_as_the_per_tensor_loop_would(channels_last, 
     monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **kw: asked.append(kw.get("fused")) or real(*a, **kw))
     _fit(_model(), bright_dark(16, 0), bright_dark(8, 1), epochs=1)
     assert asked == [True]
+
+
+def test_a_compiled_step_that_fails_in_one_of_several_processes_is_raised_not_retried(monkeypatch, caplog):
+    # an eager retry in one process would draw batches and gather features the others do not: the processes
+    # would part, so the run stops with the error and says how to go on
+    from adaptflow import accel, training
+
+    calls: list = []
+    monkeypatch.setattr(accel.torch, "compile", _failing_compiler(calls))
+    monkeypatch.setattr(training.distributed, "world", lambda: 2)  # (no process group: collectives stay no-ops)
+    train, val = bright_dark(16, 0), bright_dark(8, 1)
+    with caplog.at_level("ERROR", logger="adaptflow.training"), pytest.raises(AssertionError, match="expected size 512==512"):
+        _fit(_model(), train, val, rt=accel.runtime(device="cpu", compile=True))
+    assert calls == [8]
+    assert "cannot retry it eagerly in step: run with ADAPTFLOW_COMPILE=0" in caplog.text
