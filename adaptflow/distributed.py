@@ -140,7 +140,8 @@ def share(n: int) -> slice:
 
 def gather_rows(t: torch.Tensor) -> torch.Tensor:
     """Every process's rows of ``t`` (any number, none included), concatenated in rank order, on the CPU, in
-    each process; no gradient. For results each process computed on its :func:`share`."""
+    each process; no gradient. For results each process computed on its :func:`share` (alone: ``t`` itself).
+    Pickled through ``all_gather_object``: for logits of a split once an epoch, not for a training step."""
     if not active():
         return t
     parts: list[Any] = [None] * world()

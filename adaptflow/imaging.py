@@ -120,6 +120,7 @@ def decode(src: Any, max_pixels: int | None = None) -> Image.Image:
     several threads decode (filters are process-wide)."""
     im = Image.open(src)
     if max_pixels is not None and im.width * im.height > max_pixels:
+        im.close()
         raise Image.DecompressionBombError(f"Image size ({im.width * im.height} pixels) exceeds limit of {max_pixels} "
                                            "pixels, could be decompression bomb DOS attack.")
     im.load()

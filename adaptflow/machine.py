@@ -13,7 +13,7 @@ ENV = {
     "ADAPTFLOW_AMP": "auto | bf16 | off (default auto: bf16 on CUDA, off on CPU)",
     "ADAPTFLOW_CHANNELS_LAST": "auto | 0 | 1 (default auto: on; on a 2-core CPU adaptflow's fit ran 1.1-1.3x and cache_features 1.4-1.6x faster with it)",
     "ADAPTFLOW_COMPILE": "0 | 1 (default 0): torch.compile the model in training and cache_features",
-    "ADAPTFLOW_THREADS": "CPU threads per process (default: one per core this process may use, shared among the processes torchrun starts on the machine); also the threads ingest decodes image files with",
+    "ADAPTFLOW_THREADS": "CPU threads per process (default: one per core this process may use, shared among the processes torchrun starts on the machine); also the threads ingest decodes image files with (default: the cores, up to 8)",
 }
 
 

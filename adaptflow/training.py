@@ -19,6 +19,7 @@ from torchvision.transforms import v2
 
 from adaptflow import distributed
 from adaptflow.accel import Prefetcher, Runtime, runtime, slices
+from adaptflow.data import store
 from adaptflow.data.store import Split
 from adaptflow.data.batch_augment import BatchAugment
 from adaptflow.data.files import DataError
@@ -45,7 +46,7 @@ def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 512, 
     next. ``across``: in several processes (every one calling it, with equal models), each computes its share
     of the images and every one gets all the logits."""
     if across and distributed.active():
-        return distributed.gather_rows(predict_logits(model, images[distributed.share(len(images))], batch_size, dev, rt))
+        return distributed.gather_rows(predict_logits(model, store.subset(images, distributed.share(len(images))), batch_size, dev, rt))
     rt = rt or runtime(device=str(dev or next(model.parameters()).device))
     model.eval()
     out = []

@@ -80,7 +80,7 @@ def child(n: int, work: Path, overrides: list[str], folder: Path | None = None) 
         "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "image_size": p.preprocess.image_size,
         "channels": p.preprocess.channels,
-        "synth_size": p.source.synth.size,
+        "synth_size": None if folder else p.source.synth.size,  # (files: rendered at 48 px, see write_files)
         "threads": ingest.decode_threads(ingest.open_role(p, work, "source")),
         "data_hash": store.read_card(store_dir)["data_hash"],
     }

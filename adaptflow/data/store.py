@@ -72,6 +72,12 @@ class Rows:
         return out
 
 
+def subset(images: np.ndarray | Rows, rows: slice) -> np.ndarray | Rows:
+    """``images[rows]`` without reading it: a :class:`Rows` stays lazy (its plain slices are reads), an array
+    (or memory map) gives a view."""
+    return type(images)(images.mm, images.idx[rows]) if isinstance(images, Rows) else images[rows]
+
+
 def concat(parts: list[np.ndarray | Rows]) -> np.ndarray | Rows:
     """The images of several splits one after the other: still lazy when every part is :class:`Rows` of the
     same store (e.g. the labeled set and the pool of target train), else read into one array."""

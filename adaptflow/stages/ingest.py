@@ -129,14 +129,18 @@ def stored_digest(arr: np.ndarray) -> str:
     return hashlib.sha1(arr.tobytes()).hexdigest()
 
 
+MAX_THREADS = 8  # the default's cap: each thread holds one image at its full decoded size
+
+
 def decode_threads(domain: Domain) -> int:
-    """How many images ingest decodes at once: one per core (``ADAPTFLOW_THREADS`` where set) for files,
-    whose decoding runs without the GIL; one for a built-in dataset, whose items are array rows or rendered
-    in Python (threads made synth_digits slower)."""
-    return (machine.settings()["threads"] or machine.cores()) if domain.threaded else 1
+    """How many images ingest decodes at once: for files, whose decoding runs without the GIL, one per core
+    up to :data:`MAX_THREADS` (``ADAPTFLOW_THREADS`` where set, uncapped); one for a built-in dataset, whose
+    items are array rows or rendered in Python (threads made synth_digits slower)."""
+    return (machine.settings()["threads"] or min(machine.cores(), MAX_THREADS)) if domain.threaded else 1
 
 
 TRIAL = 256  # items decoded one at a time, then as many on the threads, to choose how to decode the rest
+MARGIN = 0.9  # the threads must take at most this share of the time one thread took: a noisy trial stays serial
 
 
 def in_order(fn: Callable[[Any], Any], items: list, threads: int, ahead: int = 4, label: str = "ingest") -> Iterator[Any]:
@@ -144,8 +148,9 @@ def in_order(fn: Callable[[Any], Any], items: list, threads: int, ahead: int = 4
     ``fn`` runs mostly without the GIL (decoding large JPEGs: 1.4x on 2 cores); for small files the threads'
     contention for the GIL costs more than they gain (32 px PNGs: half the speed). So the first
     :data:`TRIAL` items run one at a time and the next :data:`TRIAL` on the threads, each timed with what
-    the caller does with them, and the rest go the faster way. At most ``ahead`` items per thread are
-    computed before they are consumed (memory stays flat in N); closing it cancels what has not started."""
+    the caller does with them, and the rest go on the threads only where they took at most :data:`MARGIN` of
+    the time. At most ``ahead`` items per thread are computed before they are consumed (memory stays flat in
+    N); closing it cancels what has not started."""
     if threads <= 1:
         yield from map(fn, items)
         return
@@ -157,10 +162,11 @@ def in_order(fn: Callable[[Any], Any], items: list, threads: int, ahead: int = 4
         yield from _pooled(pool, fn, items[TRIAL:2 * TRIAL], threads * ahead)
         many = time.perf_counter() - start
         rest = items[2 * TRIAL:]
+        threaded = many < MARGIN * one
         if rest:
             log.info("%s: decoding the rest %s (%.0f images/s on %d threads, %.0f on one)", label,
-                     f"on {threads} threads" if many < one else "one at a time", TRIAL / max(many, 1e-9), threads, TRIAL / max(one, 1e-9))
-        yield from _pooled(pool, fn, rest, threads * ahead) if many < one else map(fn, rest)
+                     f"on {threads} threads" if threaded else "one at a time", TRIAL / max(many, 1e-9), threads, TRIAL / max(one, 1e-9))
+        yield from _pooled(pool, fn, rest, threads * ahead) if threaded else map(fn, rest)
 
 
 def _pooled(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: list, ahead: int) -> Iterator[Any]:
@@ -190,6 +196,8 @@ def _read(domain: Domain, i: int, size: int, channels: int) -> tuple[dict, str, 
         arr = prepare(raw, size, channels)
     except BadItem as exc:
         return str(exc)
+    except MemoryError:  # the machine's problem, not the file's: a store must not depend on memory pressure
+        raise
     except Exception as exc:  # a decoder failure in prepare is still this item's problem, not the run's
         return reason(exc)
     return native, content, arr, stored_digest(arr)

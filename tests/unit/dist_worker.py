@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 
 from adaptflow import distributed
 from adaptflow.accel import runtime
-from adaptflow.data.store import Split
+from adaptflow.data.store import Rows, Split
 from adaptflow.models import ModelConfig, create
 from adaptflow.training import Objective, batches, fit, predict_logits, stream
 
@@ -136,6 +136,16 @@ def main(out: Path) -> None:
     record["scored"] = {n: predict_logits(net, val.images[:n], batch_size=4, rt=rt, across=True) for n in (30, 7, 1)}
     record["scored_rows"] = {n: (lambda s: (s.start, s.stop))(distributed.share(n)) for n in (30, 7, 1)}
     record["scored_seen"] = sum(seen)  # the images this process put through the model
+    reads: list[int] = []
+
+    class Counted(Rows):  # a split read from the store: how many rows each read takes
+        def _read_rows(self, sel):
+            reads.append(int(np.size(sel)))
+            return super()._read_rows(sel)
+
+    lazy = Counted(np.ascontiguousarray(val.images), np.arange(30))
+    record["scored_lazy"] = predict_logits(net, lazy, batch_size=4, rt=rt, across=True)
+    record["lazy_reads"] = reads  # a batch at a time, never the whole share at once
     torch.save(record, out / f"rank{r}.pt")
     distributed.finish()
 

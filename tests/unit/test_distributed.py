@@ -105,6 +105,10 @@ def test_scoring_splits_the_images_and_gives_every_process_all_the_logits(runs):
     assert (r0["scored_rows"][1], r1["scored_rows"][1]) == ((0, 1), (1, 1))
     assert alone["scored_rows"][7] == (0, 7)
     assert (alone["scored_seen"], r0["scored_seen"], r1["scored_seen"]) == (38, 15 + 4 + 1, 15 + 3 + 0)
+    for r in (alone, r0, r1):  # a split read from the store is read a batch at a time, in one process or several
+        torch.testing.assert_close(r["scored_lazy"], alone["scored"][30], atol=1e-6, rtol=1e-5)
+        assert max(r["lazy_reads"]) <= 4
+    assert sum(r0["lazy_reads"]) == sum(r1["lazy_reads"]) == 15
 
 
 def test_each_process_takes_its_share_of_the_cores(runs):

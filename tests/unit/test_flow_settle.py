@@ -54,8 +54,8 @@ def test_settle_stops_a_stage_training_in_several_processes():
 
     code = ("import signal, subprocess, sys, time\n"
             "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\n"
-            "print(w.pid, flush=True)\n"
             "signal.signal(signal.SIGTERM, lambda *a: (w.terminate(), w.wait(), sys.exit(1)))\n"
+            "print(w.pid, flush=True)\n"  # (after the handler: a SIGTERM before it would orphan the worker)
             "time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdout=subprocess.PIPE, text=True)
     worker = psutil.Process(int(proc.stdout.readline()))

@@ -247,6 +247,7 @@ def test_files_decoded_on_threads_give_the_serial_store_and_quarantine(tmp_path,
 
 def test_in_order_keeps_the_order_bounds_the_work_ahead_and_stops_on_close(monkeypatch):
     monkeypatch.setattr(ingest, "TRIAL", 5)
+    monkeypatch.setattr(ingest, "MARGIN", float("inf"))  # after the trial, on the threads whatever it measured
     started, consumed, lock = [], [0], threading.Lock()
     delays = np.random.default_rng(0).uniform(0, 0.004, 60)
 
@@ -264,14 +265,36 @@ def test_in_order_keeps_the_order_bounds_the_work_ahead_and_stops_on_close(monke
     assert out == [i * i for i in range(60)]
     started.clear()
     consumed[0] = 0
+    delays[30:] = 0.05  # from item 30 on, slow: when it is closed, 3 items run and 3 wait in the queue
     gen = ingest.in_order(fn, list(range(60)), threads=3, ahead=2)
-    for i in range(8):  # into the threaded trial
+    for i in range(30):  # past the trial (5 + 5 items)
         assert next(gen) == i * i
         consumed[0] += 1
+    time.sleep(0.02)  # (the threads take up items 30-32)
     gen.close()  # cancels what has not started and waits for what has
     n = len(started)
-    time.sleep(0.05)
-    assert len(started) == n <= 8 + 3 * 2
+    time.sleep(0.2)
+    assert len(started) == n and 30 <= n <= 30 + 3  # at most the 3 running finished; the 3 waiting never started
+
+
+def test_decode_threads_one_per_core_up_to_a_cap_for_files_only(monkeypatch):
+    files = Domain("f", ["a"], np.zeros(1, np.int64), ["x"], lambda i: None, "fp", threaded=True)
+    arrays = Domain("a", ["a"], np.zeros(1, np.int64), ["x"], lambda i: None, "fp")
+    monkeypatch.delenv("ADAPTFLOW_THREADS", raising=False)
+    for cores, want in ((2, 2), (64, ingest.MAX_THREADS)):
+        monkeypatch.setattr(ingest.machine, "cores", lambda: cores)
+        assert ingest.decode_threads(files) == want and ingest.decode_threads(arrays) == 1
+    monkeypatch.setenv("ADAPTFLOW_THREADS", "12")
+    assert ingest.decode_threads(files) == 12 and ingest.decode_threads(arrays) == 1
+
+
+def test_running_out_of_memory_while_decoding_is_raised_not_quarantined():
+    def load(i):
+        raise MemoryError("no room")
+
+    domain = Domain("f", ["a", "b"], np.array([0, 1]), ["x", "y"], load, "fp", threaded=True)
+    with tempfile.TemporaryDirectory() as d, pytest.raises(MemoryError):
+        ingest.decode(domain, np.arange(2), 4, 1, store.ImageWriter(Path(d), (1, 4, 4)))
 
 
 @pytest.mark.parametrize("slow_on", ["threads", "main"])

@@ -188,3 +188,24 @@ def test_features_cache_matches_backbone(make_ctx, source_checkpoint):
     assert x.dtype == np.float32 and (y == ctx.val.labels).all()
     src, _ = load(source_checkpoint)
     assert x.shape == (len(ctx.val), src.num_features)
+
+
+def test_every_checkpoint_scorer_scores_on_each_process_share(monkeypatch):
+    """Under several processes each scores its share of the images (predict_logits(across=True)); alone the
+    flag changes nothing. Every selection rule asks for it."""
+    from adaptflow import training
+    from adaptflow.data.store import Split
+    from adaptflow.strategies import base
+
+    asked = []
+
+    def logits(model, images, dev=None, across=False, **kw):
+        asked.append(across)
+        return torch.zeros(len(images), 2)
+
+    monkeypatch.setattr(training, "predict_logits", logits)
+    monkeypatch.setattr(base, "predict_logits", logits)
+    split = Split(np.zeros((4, 1, 8, 8), np.uint8), np.array([0, 1, 0, 1]), ["a", "b"])
+    for scorer in (training.val_scorer(split, None), base.source_val_scorer(split, None), base.im_scorer(split, None)):
+        scorer(torch.nn.Identity())
+    assert asked == [True, True, True]
