@@ -253,9 +253,12 @@ def state_dir(root: Path) -> Path:
 
 
 def remove_stale_outputs(params: Params, root: Path) -> list[Path]:
-    """Delete what writers killed mid-stage left under the stages' output roots (their PIDs are gone)."""
-    tops = {Path(root) / Path(p).parts[0] for p in params.paths.model_dump().values()}
-    return [p for top in sorted(tops) for p in outputs.remove_stale_tree(top)] + remove_stale_launches(root)
+    """Delete what writers killed mid-stage left (their PIDs are gone) in the stages' output folders
+    (``paths.*``, and below) and beside them (a temporary copy of the folder itself): nowhere else."""
+    done = []
+    for out in sorted({Path(root) / p for p in params.paths.model_dump().values()}):
+        done += outputs.remove_stale(out.parent, out.name) + outputs.remove_stale_tree(out)
+    return done + remove_stale_launches(root)
 
 
 # ------------------------------------------------------------------------------------ several processes

@@ -11,7 +11,7 @@ import copy
 import re
 import warnings
 import zoneinfo
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal, get_args
 
 import yaml
@@ -63,6 +63,16 @@ class Paths(_Section):
     source_model: str = "models/source"
     adapted: str = "models/adapted"
     reports: str = "reports"
+
+    @field_validator("*")
+    @classmethod
+    def _inside_the_project(cls, value: str) -> str:
+        """A stage output lives in the project: its runs find, version (DVC) and clean up only their own."""
+        parts = PurePosixPath(value.strip().replace("\\", "/")).parts
+        if not parts or parts == (".",) or value.strip().startswith(("/", "~")) or ":" in parts[0] or ".." in parts:
+            raise ValueError(f"{value!r} is not a folder inside the project; give a relative path without '..' "
+                             "(e.g. the default), and link a folder there to keep outputs on another disk")
+        return value
 
 
 class Preprocess(_Section):

@@ -94,3 +94,23 @@ def test_remove_stale_tree_reaches_nested_outputs(tmp_path):
     assert outputs.remove_stale_tree(tmp_path / "models") == [nested]
     assert not nested.exists() and (tmp_path / "models" / "adapted" / "dann").is_dir()
     assert outputs.remove_stale_tree(tmp_path / "missing") == []
+
+
+def test_a_run_clears_only_its_own_output_folders(tmp_path):
+    """Leftovers of killed writers in and beside the stages' output folders go; a file of the same shape
+    anywhere else in the project (or outside it) is not adaptflow's to delete."""
+    from adaptflow.orchestrate import remove_stale_outputs
+    from adaptflow.params import Params
+
+    dead = dead_pid()
+    root = tmp_path / "project"
+    ours = [root / "models" / f".source.tmp-{dead}",  # the source model's temporary copy, beside it
+            root / "models" / "adapted" / "dann" / f".seed0.tmp-{dead}",
+            root / "reports" / f".metrics.json.tmp-{dead}",
+            root / "data" / "ingested" / f".target.tmp-{dead}"]
+    theirs = [root / "data" / "raw" / f".images.tmp-{dead}", root / "models" / "mine" / f".w.tmp-{dead}",
+              root / f".notes.tmp-{dead}", tmp_path / "elsewhere" / f".results.tmp-{dead}"]
+    for p in ours + theirs:
+        p.mkdir(parents=True)
+    assert sorted(remove_stale_outputs(Params(), root)) == sorted(ours)
+    assert not any(p.exists() for p in ours) and all(p.exists() for p in theirs)

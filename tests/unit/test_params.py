@@ -442,3 +442,10 @@ def test_the_plain_pass_needs_no_torch_for_defaults_or_a_source_model_file(data)
             "print(sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code, json.dumps(data)], capture_output=True, text=True, timeout=120, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("value", ["../shared", "/tmp/reports", "~/reports", "a/../../b", ".", "", "C:/out"])
+def test_output_paths_outside_the_project_are_refused_naming_the_key(value):
+    with pytest.raises(ValueError, match=r"paths\.reports: .* is not a folder inside the project"):
+        P.from_dict({"paths": {"reports": value}})
+    assert P.from_dict({"paths": {"reports": "out/reports"}}).paths.reports == "out/reports"
