@@ -60,6 +60,13 @@ def class_match(source: list[str], target: list[str]) -> dict:
     }
 
 
+def no_shared_classes(target: list[str], source: set[str] | list[str]) -> DataError:
+    """The refusal when the source knows none of the target's classes: source_only could predict none."""
+    return DataError(f"source_only: the source knows none of the target classes {list(target)} (it knows {sorted(source)}); "
+                     "name the classes alike, or drop source_only from finetune.strategies and evaluate.baselines and set "
+                     "register.require_baselines: false")
+
+
 def views(pipe: v2.Transform, images: np.ndarray, n_views: int, seed: int) -> list[np.ndarray]:
     """``n_views`` augmented copies of ``images`` (uint8 N×C×H×W): the same seed gives the same bytes.
 
@@ -167,11 +174,13 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     out = output_dir(params, root)
     key = input_key(params, root)
     check_no_overlap(params, root)  # first, and even when up to date: it also writes the record DVC tracks
+    cards = {r: store.read_card(ingested_dir(params, root, r)) for r in ROLES}
+    match = class_match(cards["source"]["classes"], cards["target"]["classes"])
+    if not match["shared"] and "source_only" in params.finetune.strategies:  # (the list may change, this stage's key not)
+        raise no_shared_classes(match["target"], match["source"])  # now, not after pretraining and the other strategies
     if outputs.is_current(out, key):
         log.info("augment: up to date (%s)", out)
         return {"path": str(out), "digest": outputs.digest(out), "cached": True}
-    cards = {r: store.read_card(ingested_dir(params, root, r)) for r in ROLES}
-    match = class_match(cards["source"]["classes"], cards["target"]["classes"])
     if match["target_unknown_to_source"]:
         log.warning("augment: target class(es) %s are unknown to the source (%s): fine-tuning re-initialises the head; "
                     "the source_only baseline cannot predict them", match["target_unknown_to_source"], cards["source"]["domain"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from adaptflow.data.files import DataError
+from adaptflow.stages.augment import no_shared_classes
 from adaptflow.strategies.base import Adapted, Context
 from adaptflow.training import accuracy, predict_logits
 
@@ -19,9 +19,7 @@ def adapt(ctx: Context) -> Adapted:
     source = set(ctx.source_classes())
     unknown = [c for c in ctx.labeled.classes if c not in source]
     if len(unknown) == len(ctx.labeled.classes):
-        raise DataError(f"source_only: the source knows none of the target classes {unknown} (it knows {sorted(source)}); "
-                        "name the classes alike, or drop source_only from finetune.strategies and evaluate.baselines and set "
-                        "register.require_baselines: false")
+        raise no_shared_classes(unknown, source)
     if unknown:
         head = model.get_classifier()
         with torch.no_grad():

@@ -162,3 +162,25 @@ def test_augment_refuses_a_source_holding_target_val_or_test_images(tmp_path):
     ingest.run(p, tmp_path, "target")
     augment.run(p.model_copy(update={"augment": p.augment.model_copy(update={"preview_n": 4})}), tmp_path)
     assert (tmp_path / "reports" / "augment_overlap.json").read_bytes() == clean
+
+
+def test_a_target_whose_classes_the_source_never_saw_is_refused_before_pretraining_when_source_only_runs(tmp_path):
+    """source_only could predict none of them: refused at augment (also when it is up to date, as the strategy
+    list may change without it), not after pretraining and the other strategies."""
+    import shutil
+
+    make_imagefolder(tmp_path / "src", per_class=10, classes=3, mixed=False, start=20)
+    make_imagefolder(tmp_path / "tgt", per_class=10, classes=3, mixed=False)
+    for digit, name in (("0", "zero"), ("1", "one"), ("2", "two")):
+        shutil.move(tmp_path / "tgt" / digit, tmp_path / "tgt" / name)
+    data = {"preprocess": {"image_size": 12, "channels": 1}, "source": {"domain": "imagefolder:src"},
+            "target": {"domain": "imagefolder:tgt", "k": 2}, "augment": {"n_views": 1, "preview_n": 4},
+            "finetune": {"strategies": ["scratch", "finetune"]}, "evaluate": {"baselines": ["scratch"]},
+            "register": {"require_baselines": False}}
+    p = P.from_dict(data)
+    for role in P.ROLES:
+        ingest.run(p, tmp_path, role)
+    assert augment.run(p, tmp_path)["classes"]["shared"] == []  # without source_only: fine-tuning re-initialises the head
+    data["finetune"]["strategies"] = ["scratch", "source_only", "finetune"]
+    with pytest.raises(ingest.DataError, match=r"source_only: the source knows none of the target classes \['one', 'two', 'zero'\]"):
+        augment.run(P.from_dict(data), tmp_path)
