@@ -69,7 +69,7 @@ def run(
                                               "(overrides orchestrate.task_runner)"),
     max_workers: Optional[int] = typer.Option(None, "--max-workers", help="parallel finetune runs (orchestrate.max_workers)"),
     dask_address: Optional[str] = typer.Option(None, "--dask-address", help="a running Dask scheduler, e.g. tcp://host:8786 (implies --task-runner dask)"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug-level logging"),
 ) -> None:
     """Run the whole pipeline as a Prefect flow and print the comparison table."""
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # started by torchrun (read here without importing torch)
@@ -165,10 +165,10 @@ def stage(
     name: str = typer.Argument(..., help="ingest | augment | pretrain | cache_features | finetune | evaluate | register"),
     params: Path = ParamsOpt,
     set_: Optional[list[str]] = SetOpt,
-    role: Optional[str] = typer.Option(None, help="ingest only: source or target (default: both)"),
+    role: Optional[str] = typer.Option(None, help="ingest only: source or target (left out: the two, one after the other)"),
     strategy: Optional[str] = typer.Option(None, help="finetune only: one strategy (default: all in params)"),
     seed: Optional[int] = typer.Option(None, help="finetune only: one seed of finetune.seeds (default: all)"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug-level logging"),
 ) -> None:
     """Run one stage in this process (what `dvc repro` calls); waits while a pipeline run holds the project.
 
@@ -264,7 +264,7 @@ def deploy(
     serve: bool = typer.Option(False, "--serve", help="serve the schedule from this process instead (blocks; Ctrl-C stops it)"),
     params: Path = ParamsOpt,
     set_: Optional[list[str]] = SetOpt,
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug-level logging"),
 ) -> None:
     """Schedule the pipeline: each run ingests new target data from orchestrate.incoming, versions it with DVC,
     runs every stage that changed and the registry gate. Needs a Prefect server (PREFECT_API_URL): its scheduler
@@ -330,9 +330,10 @@ def predict(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write a CSV: path, label, confidence, proba_<class>..."),
     batch_size: int = typer.Option(1024, "--batch-size", min=1, help="images read and predicted at a time (memory stays flat in the number of files)"),
 ) -> None:
-    """Print one predicted label per image (path<TAB>label<TAB>confidence), a batch at a time. A file that is
-    not a readable image is skipped and listed, with its reason, on stderr; the others are predicted. The CSV
-    appears only once every batch is done."""
+    """Print one predicted label per image (path<TAB>label<TAB>confidence), a batch at a time. In a folder,
+    the files with an image extension are read (others, like a README, are not images to predict); a file
+    that is not a readable image is skipped and listed, with its reason, on stderr; the others are predicted.
+    The CSV appears only once every batch is done."""
     import pandas as pd
 
     from adaptflow import imaging, outputs, tracking

@@ -642,9 +642,12 @@ def load(path: str | Path = "params.yaml", overrides: list[str] | None = None, p
     if not path.is_file():
         raise ParamsError(f"{path}: no such params file (run from the project root or pass --params)")
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeys) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeys)
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:  # (a cut-off write, the wrong file): every value would be a built-in default, unlike params.yaml's
+        raise ParamsError(f"{path}: the file is empty; give the project's params (the committed params.yaml), "
+                          "or write {} to run on the built-in defaults")
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
     return from_dict(apply_overrides(data, overrides), origin=str(path), overrides=overrides, plain_only=plain_only)

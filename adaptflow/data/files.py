@@ -66,8 +66,8 @@ def _hidden(rel: Path) -> bool:
 def scan_imagefolder(root: Path, key: str) -> FileListing:
     """One subfolder per class (its name is the class); every file below it, at any depth, is an item.
 
-    Hidden files (``.DS_Store``, editor droppings) and files directly in ``root`` are not items: they are
-    listed under ``ignored`` so nothing disappears unexplained.
+    Hidden files and folders (``.DS_Store``, editor droppings), at any level, and files directly in ``root``
+    are not items: they are listed under ``ignored`` so nothing disappears unexplained.
     """
     if not root.exists():
         raise DataError(f"{key}: imagefolder path {root} does not exist; fix the path (relative paths are resolved against the project root)")
@@ -76,7 +76,9 @@ def scan_imagefolder(root: Path, key: str) -> FileListing:
     files, names, ignored = [], [], []
     class_dirs = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: natural_key(d.name))
     for entry in sorted(root.iterdir()):
-        if not entry.is_dir() and not entry.name.startswith("."):
+        if entry.name.startswith("."):
+            ignored.append({"item": entry.name, "reason": "hidden folder (not a class)" if entry.is_dir() else "hidden file"})
+        elif not entry.is_dir():
             ignored.append({"item": entry.name, "reason": "not inside a class folder"})
     if not class_dirs:
         raise DataError(f"{key}: imagefolder {root} has no class subfolders; put each class's images in a subfolder named after the class (e.g. {root}/3/img.png)")

@@ -449,6 +449,7 @@ def run(params: Params, root: Path = Path("."), role: str = "target") -> dict:
         log.info("ingest %s: up to date (%s)", role, out)
         if not report_path(params, root, role).is_file():
             write_report(params, root, role, store.read_card(out))
+        _failed_path(report_path(params, root, role)).unlink(missing_ok=True)  # a failure of other data or params
         return {"role": role, "path": str(out), "digest": outputs.digest(out), "cached": True}
     domain = domain or open_role(params, root, role)
     _warn_unwatched(params, root, role)

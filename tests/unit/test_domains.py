@@ -135,10 +135,14 @@ def test_imagefolder_relative_to_root_and_ignored_files(tmp_path):
     (folder / "0" / "nested").mkdir()
     Image.new("L", (8, 8), 7).save(folder / "0" / "nested" / "deep.png")
     (folder / "1" / "loop").symlink_to(folder, target_is_directory=True)  # a cycle: listed, not followed
+    (folder / ".DS_Store").write_bytes(b"\0")
+    (folder / ".cache").mkdir()
+    Image.new("L", (8, 8), 7).save(folder / ".cache" / "thumb.png")
     d = open_domain("imagefolder:data/f", CFG, root=tmp_path)
-    assert "0/nested/deep.png" in list(d.refs) and len(d) == 5
+    assert "0/nested/deep.png" in list(d.refs) and len(d) == 5 and d.classes == ["0", "1"]
     assert {i["item"]: i["reason"] for i in d.ignored} == {"README.md": "not inside a class folder", "1/.DS_Store": "hidden file",
-                                                           "1/loop": "symlinked folder (not followed)"}
+                                                           "1/loop": "symlinked folder (not followed)", ".DS_Store": "hidden file",
+                                                           ".cache": "hidden folder (not a class)"}
 
 
 def test_imagefolder_fingerprint_follows_files(tmp_path):

@@ -359,6 +359,17 @@ def test_class_emptied_by_quarantine_counts_what_was_lost(tmp_path, folder, capl
     ingest.run(params(f"imagefolder:{folder}"), tmp_path, "target")
     assert (tmp_path / "reports" / "ingest_target.json").is_file()
     assert not (tmp_path / "reports" / "ingest_target.failed.json").exists()
+    # other data fails, and the data before is asked for again: its store is current, the other's list goes
+    other = tmp_path / "other"
+    for c in ("a", "b"):
+        (other / c).mkdir(parents=True)
+        for i in range(12):
+            (other / c / f"{i}.png").write_bytes(b"")
+    with pytest.raises(DataError):
+        ingest.run(params(f"imagefolder:{other}"), tmp_path, "target")
+    assert (tmp_path / "reports" / "ingest_target.failed.json").exists()
+    assert ingest.run(params(f"imagefolder:{folder}"), tmp_path, "target")["cached"]
+    assert not (tmp_path / "reports" / "ingest_target.failed.json").exists()
 
 
 def test_k_larger_than_a_class_allows(tmp_path, folder):

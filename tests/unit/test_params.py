@@ -449,3 +449,12 @@ def test_output_paths_outside_the_project_are_refused_naming_the_key(value):
     with pytest.raises(ValueError, match=r"paths\.reports: .* is not a folder inside the project"):
         P.from_dict({"paths": {"reports": value}})
     assert P.from_dict({"paths": {"reports": "out/reports"}}).paths.reports == "out/reports"
+
+
+def test_an_empty_params_file_is_refused_and_an_empty_mapping_means_the_defaults(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here\n")
+    with pytest.raises(P.ParamsError, match=r"empty\.yaml: the file is empty"):
+        P.load(empty)
+    empty.write_text("{}\n")
+    assert P.load(empty) == P.Params()
