@@ -78,6 +78,7 @@ def run(
         raise typer.Exit(2)
     from flows.api import start_in_background  # the orchestrator lives outside the core
 
+    _end_on_sigterm()
     flags = _orchestrate_overrides(task_runner or ("dask" if dask_address else None), max_workers, dask_address)
     overrides = list(set_ or []) + list(flags)
     _load(params, overrides, flags, plain_only=True)  # a typo in a plain value fails at once, before any server starts
@@ -114,6 +115,21 @@ def run(
 
     typer.echo(summary(result["register"], Path.cwd()))
     _exit_now(0)
+
+
+def _end_on_sigterm() -> None:
+    """SIGTERM ends the run as Ctrl-C does: the stage running stops at its next step (the flow's settle asks it
+    to), Prefect marks the flow run, and the exit hooks run, so Prefect's temporary API server stops with
+    the run. (Prefect passes a SIGTERM that arrives during the flow on to the handler it found, here this one;
+    Python's default would end the process without its exit hooks, leaving that server running.)"""
+    import signal
+    import threading
+
+    def end(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, end)
 
 
 @contextlib.contextmanager

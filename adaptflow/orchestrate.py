@@ -38,7 +38,7 @@ from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
 
-from adaptflow import machine, outputs
+from adaptflow import machine, outputs, stopping
 from adaptflow.params import Params
 from adaptflow.stages import TRAINING
 
@@ -301,7 +301,6 @@ def refuse(message: str) -> bool:
     return True
 
 
-_STOPPING = threading.Event()  # stop_launches was called: no launch starts until the next run clears it
 _LAUNCH_LOCK = threading.Lock()
 
 
@@ -329,17 +328,19 @@ def _signal(proc: subprocess.Popen, kill: bool = False) -> None:
 
 
 def stop_launches() -> None:
-    """Stop the training launchers this process started that still run, and start no other until
-    :func:`allow_launches` (a failed or cancelled run): torchrun passes SIGTERM on to its processes."""
+    """The run is stopping (it failed, or was interrupted or cancelled): stop the training launchers this
+    process started that still run (torchrun passes SIGTERM on to its processes), start no other until
+    :func:`allow_launches`, and let the stages running in this process end at their next step
+    (:mod:`adaptflow.stopping`)."""
     with _LAUNCH_LOCK:
-        _STOPPING.set()
+        stopping.request()
         for proc in list(_LAUNCHES):
             _signal(proc)
 
 
 def allow_launches() -> None:
-    """A new run begins: :func:`launch_training` may start processes again."""
-    _STOPPING.clear()
+    """A new run begins: :func:`launch_training` may start processes again, and stages run to their end."""
+    stopping.clear()
 
 
 def launch_training(stage: str, params: Params, root: Path, echo: Callable[[str], None], strategy: str | None = None,
@@ -371,7 +372,7 @@ def launch_training(stage: str, params: Params, root: Path, echo: Callable[[str]
     try:
         outputs.atomic_write_text(copy, yaml.safe_dump(params.to_dict(), sort_keys=False))
         with _LAUNCH_LOCK:  # (a stop_launches now sees this one, or this one sees it)
-            if _STOPPING.is_set():
+            if stopping.requested():
                 raise LaunchFailed(f"{stage}: not started, the run is stopping")
             # its own process group: stopped as one, apart from the caller's terminal signals
             proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

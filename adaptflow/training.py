@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
-from adaptflow import distributed
+from adaptflow import distributed, stopping
 from adaptflow.accel import Prefetcher, Runtime, runtime, slices
 from adaptflow.data import store
 from adaptflow.data.store import Split
@@ -268,6 +268,7 @@ def fit(
             train_mode(model)
         sums: dict[str, float] = {}
         for _ in range(steps_per_epoch):
+            stopping.check(desc)  # (one flag read: a run that is stopping ends here, not after the last epoch)
             batch = next(feed) if feed is not None else None
             try:
                 loss, logs = backward(batch, step)

@@ -62,17 +62,21 @@ def settle(futures: list[PrefectFuture]) -> None:
     when the flow returns, after the lock is gone). Only the runners built on ``concurrent.futures``
     (sequential, threads, processes) can cancel, and the processes runner only a task whose wait for its
     upstream has not begun; on Dask every task is waited for. A stage training in several processes
-    (``orchestrate.train_processes``) has them stopped."""
+    (``orchestrate.train_processes``) has them stopped; one training or extracting features in this
+    process (a thread of the sequential or threads runner) ends at its next step (:mod:`adaptflow.stopping`)."""
     for f in futures:
         wrapped = getattr(f, "wrapped_future", None)
         if isinstance(wrapped, concurrent.futures.Future):
             wrapped.cancel()  # does nothing to a task already running
     orchestrate.stop_launches()  # a stage training in several processes stops (its task then ends); none starts
-    for f in futures:
-        try:
-            f.wait()
-        except Exception:  # noqa: BLE001 — cancelled or failed: either way it no longer runs
-            pass
+    try:
+        for f in futures:
+            try:
+                f.wait()
+            except Exception:  # noqa: BLE001 — cancelled, failed or stopped: either way it no longer runs
+                pass
+    finally:
+        orchestrate.allow_launches()  # none of them runs now: stage functions called later in this process run
 
 
 def _publish(params: Params, root: Path, evaluated: dict) -> None:

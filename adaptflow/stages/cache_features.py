@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adaptflow import outputs
+from adaptflow import outputs, stopping
 from adaptflow.data import store
 from adaptflow.models import input_size, load
 from adaptflow.params import Params
@@ -71,6 +71,7 @@ def extract(model: torch.nn.Module, images: np.ndarray, batch_size: int, dev: to
     pending: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
     i = 0
     for c, (xs, _) in enumerate(Prefetcher(slices(images, batch_size * group), rt)):
+        stopping.check("cache_features")
         if c and c % release_every == 0:
             store.drop_pages(out)
         feats = torch.empty((len(xs), out.shape[1]), dtype=torch.float32, device=rt.device)

@@ -214,3 +214,40 @@ def test_a_failed_finetune_ends_the_run_only_once_its_running_sibling_has_stoppe
     with pytest.raises(Exception, match="finetune failed on purpose"):
         run_pipeline("params.yaml", overrides, str(root))
     assert finished == [("source_only", True)]  # it ended while the run still held the project
+
+
+def test_sigterm_ends_the_run_at_the_training_step_and_stops_its_prefect_server(flow_project, tmp_path):
+    """What ops' `kill PID` (or a supervisor) sends: the stage training in the run's thread ends at its next
+    step rather than after its last epoch, the run exits 143 through its exit hooks (Prefect's temporary API
+    server stops with it), and nothing of the stopped stage is kept."""
+    import re
+    import socket
+
+    import psutil
+
+    root = copy_project(flow_project, tmp_path / "project")
+    overrides = ["pretrain.epochs=400"] + SMALL  # pretrain re-runs, for minutes if nothing stopped it
+    log = tmp_path / "run.log"
+    proc = adaptflow_run(root, overrides, log)
+    try:
+        wait_for(lambda: "pretrain epoch 2/400" in log.read_text(), proc, log, 300, "pretrain training")
+        t0 = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM, log.read_text()[-4000:]
+        assert time.monotonic() - t0 < 30
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        port = re.search(r"Starting temporary server on http://127\.0\.0\.1:(\d+)", log.read_text())
+        left = [q for q in psutil.process_iter(["cmdline"]) if port and "--port" in (q.info["cmdline"] or [])
+                and port.group(1) in q.info["cmdline"]]
+        for q in left:  # (a failed check leaves no server behind)
+            q.kill()
+    text = log.read_text()
+    assert "pretrain: stopped, the run is stopping" in text and "pretrain epoch 400/400" not in text
+    assert not left, "the run's temporary Prefect server outlived it"
+    with pytest.raises(OSError):  # nothing listens there any more
+        socket.create_connection(("127.0.0.1", int(port.group(1))), timeout=2).close()
+    p = load(root / "params.yaml", overrides)
+    assert not orchestrate.is_current(orchestrate.identity("pretrain", p, root), root)
+    assert not list((root / p.paths.source_model).parent.glob(".*.tmp-*"))

@@ -73,3 +73,32 @@ def test_settle_stops_a_stage_training_in_several_processes():
         for p in (proc, worker):
             with contextlib.suppress(Exception):
                 p.kill()
+
+
+def test_settle_ends_a_stage_training_in_this_process_at_its_next_step():
+    """The sequential and threads runners run a stage in a thread, which nothing can interrupt from outside:
+    training checks between steps, so a run that fails, is interrupted or cancelled ends in a step's time,
+    not the stage's; afterwards stages run again."""
+    from adaptflow import stopping
+
+    steps: list[int] = []
+
+    def training():
+        for step in range(10_000):  # ~100 s if nothing stopped it
+            stopping.check("pretrain")
+            steps.append(step)
+            time.sleep(0.01)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        running = PrefectConcurrentFuture(uuid.uuid4(), pool.submit(training))
+        time.sleep(0.1)
+        t0 = time.monotonic()
+        settle([running])
+        assert time.monotonic() - t0 < 5
+        try:
+            running.wrapped_future.result()
+            raise AssertionError("the stage ran to its end")
+        except stopping.Stopped as exc:
+            assert str(exc) == "pretrain: stopped, the run is stopping"
+    assert 0 < len(steps) < 10_000 and not stopping.requested()
+    stopping.check("the next stage")  # no longer stopping

@@ -293,3 +293,16 @@ def test_a_compiled_step_that_fails_in_one_of_several_processes_is_raised_not_re
         _fit(_model(), train, val, rt=accel.runtime(device="cpu", compile=True))
     assert calls == [8]
     assert "cannot retry it eagerly in step: run with ADAPTFLOW_COMPILE=0" in caplog.text
+
+
+def test_training_ends_at_its_next_step_when_the_run_is_stopping():
+    from adaptflow import accel, stopping
+
+    train, val = bright_dark(16, 0), bright_dark(8, 1)
+    stopping.request()
+    try:
+        with pytest.raises(stopping.Stopped, match="stopped, the run is stopping"):
+            _fit(_model(), train, val, rt=accel.runtime(device="cpu"))
+    finally:
+        stopping.clear()
+    assert _fit(_model(), train, val, rt=accel.runtime(device="cpu")).best_val_acc == 1.0
