@@ -126,21 +126,21 @@ def inconsistent_upstream(key: Key, sections: Callable[..., dict], raw_now: Call
         record = (read_manifest(d) or {}).get("inputs")
         if record is None:
             continue
-        changed = [stage for stage, then in record.get("raw", {}).items() if raw_now is not None and raw_now(stage) != then]
-        if changed:
-            what = "a weights file" if changed == ["pretrain"] else "raw data"  # pretrain's raw input is what it starts from
-            problems.append(f"{_shown(d)} was made from {what} that has changed since")
         now: dict[str, object] = {}
         for name in record["params"]:
             try:
                 now.update(_flat(sections(name)))
             except AttributeError:  # a section the params no longer have: each of its keys shows as absent
                 pass
-        for dotted, then in _flat(record["params"]).items():
-            current = now.get(dotted, _ABSENT)
-            if current != then:
-                shown = "absent" if current is _ABSENT else json.dumps(current)
-                problems.append(f"{_shown(d)} was made with {dotted}={json.dumps(then)}, params now give {shown}")
+        differ = [f"{_shown(d)} was made with {dotted}={json.dumps(then)}, params now give "
+                  + ("absent" if now.get(dotted, _ABSENT) is _ABSENT else json.dumps(now[dotted]))
+                  for dotted, then in _flat(record["params"]).items() if now.get(dotted, _ABSENT) != then]
+        problems += differ
+        # the raw data is compared only under the same params: with another domain (or data path) it is other data
+        changed = [stage for stage, then in record.get("raw", {}).items() if not differ and raw_now is not None and raw_now(stage) != then]
+        if changed:
+            what = "a weights file" if changed == ["pretrain"] else "raw data"  # pretrain's raw input is what it starts from
+            problems.append(f"{_shown(d)} was made from {what} that has changed since")
         for rel, then in record["upstream"].items():
             up = (d / rel).resolve()
             m = read_manifest(up)

@@ -346,6 +346,11 @@ def _given_splits(split: np.ndarray, labels: np.ndarray, classes: list[str], par
             limited = getattr(params, role).limit and all_splits is not None and (all_splits == name).any()
             raise DataError(f"{role}.domain: the manifest's split column has no {name!r} rows"
                             + (f" left by {role}.limit; raise or remove it, or " if limited else "; ") + "add some, or drop the split column to split by fractions.")
+        missing = [c for c, n in per_class(labels[split == name], classes).items() if n == 0]
+        if missing:  # allowed (the split column is the user's), said: that class is not measured there
+            log.warning("ingest %s: the manifest's split column gives class(es) %s no %s images: %s", role, missing, name,
+                        "checkpoints and strategies are chosen without them" if name == "val"
+                        else "their test accuracy cannot be measured, and the comparison and the registry gate go without them")
 
 
 def _log_items(role: str, what: str, items: list[dict], path: Path) -> None:

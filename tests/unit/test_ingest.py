@@ -408,6 +408,20 @@ def test_csv_given_splits_are_kept(tmp_path):
     assert not meta[meta.labeled].split.ne("train").any()
 
 
+def test_csv_given_splits_that_leave_a_class_out_of_test_are_kept_and_said(tmp_path, caplog):
+    m = make_manifest(tmp_path / "m", per_class=12, classes=3, splits=True)
+    rows = m.read_text().splitlines()
+    rows = [r.replace(",test", ",train") if ",digit_2," in r else r for r in rows]  # class 2 has no test row now
+    m.write_text("\n".join(rows) + "\n")
+    with caplog.at_level(logging.WARNING, logger="adaptflow.stages.ingest"):
+        ingest.run(params(f"csv:{m}"), tmp_path, "target")
+    meta, _, _ = _meta_card(tmp_path)
+    assert not ((meta.class_name == "digit_2") & (meta.split == "test")).any()
+    warned = [r.getMessage() for r in caplog.records if "split column gives class(es)" in r.getMessage()]
+    assert warned == ["ingest target: the manifest's split column gives class(es) ['digit_2'] no test images: their test "
+                      "accuracy cannot be measured, and the comparison and the registry gate go without them"]
+
+
 def test_csv_given_splits_too_few_train(tmp_path):
     m = make_manifest(tmp_path / "m", per_class=12, classes=3, splits=True)
     with pytest.raises(DataError, match=r"split column leaves class\(es\) with fewer than 9 train images"):

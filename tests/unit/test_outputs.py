@@ -256,3 +256,6 @@ def test_inconsistent_upstream_names_raw_data_changed_since(tmp_path, fixed_code
     assert outputs.inconsistent_upstream(key, _sections({"seed": 0}), raw_now["fp1"]) == [] and asked == ["ingest:target"]
     assert [p for p in outputs.inconsistent_upstream(key, _sections({"seed": 0}), raw_now["fp2"]) if p.endswith("a was made from raw data that has changed since")]
     assert outputs.inconsistent_upstream(key, _sections({"seed": 0})) == []  # no way to look: not compared
+    # made with other params (another domain, say): that is the reason given, not "raw data changed" as well
+    assert [p.split("/")[-1] for p in outputs.inconsistent_upstream(key, _sections({"seed": 1}), raw_now["fp2"])] == [
+        "a was made with seed=0, params now give 1"]
