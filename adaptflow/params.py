@@ -563,6 +563,10 @@ def _format(err: ValidationError, origin: str, overrides: list[str] | None = Non
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling against params.yaml)"
+        elif e["type"] == "list_type" and isinstance(e.get("input"), (str, int, float)):
+            msg += f" (one item is a list too: write [{e['input']}])"
+        elif e["type"] == "string_type" and isinstance(e.get("input"), dict) and len(e["input"]) == 1 and None in e["input"].values():
+            msg = f"{next(iter(e['input']))}: names no path; write {next(iter(e['input']))}:PATH"
         if loc:
             lines.append(f"{_blamed(loc, origin, overrides or [])}: {loc}: {msg}")
         else:  # a check across sections: its message starts with the key it blames

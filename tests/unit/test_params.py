@@ -458,3 +458,10 @@ def test_an_empty_params_file_is_refused_and_an_empty_mapping_means_the_defaults
         P.load(empty)
     empty.write_text("{}\n")
     assert P.load(empty) == P.Params()
+
+
+def test_a_single_item_where_a_list_belongs_and_a_kind_without_a_path_say_how_to_write_them(params_path):
+    with pytest.raises(P.ParamsError, match=r"finetune\.strategies: Input should be a valid list \(one item is a list too: write \[scratch\]\)"):
+        P.load(params_path, ["finetune.strategies=scratch"])
+    with pytest.raises(P.ParamsError, match=r"target\.domain: imagefolder: names no path; write imagefolder:PATH"):
+        P.load(params_path, ["target.domain=imagefolder:"])
