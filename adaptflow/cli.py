@@ -499,9 +499,15 @@ def registry_show(name: str = typer.Argument(..., help="registered model name"))
     if not current:
         typer.secho(f"error: {name}: no such registered model, or it has no aliases", fg="red", err=True)
         raise typer.Exit(2)
+    def four(v: str) -> str:  # a tag holds the float's full repr; the table and the gate speak in 4 decimals
+        try:
+            return f"{float(v):.4f}"
+        except ValueError:
+            return v
+
     for alias, version in sorted(current.items()):
         t = tracking.version_tags(name, version)
-        typer.echo(f"{alias:<11} version {version}  {t.get('strategy', '?')} seed {t.get('seed', '?')}  test_acc {t.get('test_acc', '?')}  "
+        typer.echo(f"{alias:<11} version {version}  {t.get('strategy', '?')} seed {t.get('seed', '?')}  test_acc {four(t.get('test_acc', '?'))}  "
                    f"gate {t.get('gate', '?')}: {t.get('gate_reasons', '')}")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -97,6 +98,7 @@ def test_registry_history_cli_says_who_was_champion_when(server_runs):
     assert bogus.returncode == 2 and "--alias champoin" in bogus.stderr and "its aliases with moves: challenger, champion" in bogus.stderr
     show = subprocess.run([str(BIN / "adaptflow"), "registry", "show", server_runs["name"]], env=env, capture_output=True, text=True, check=True).stdout
     assert f"champion    version {v2}" in show and f"challenger  version {v3}" in show
+    assert re.search(r"test_acc \d\.\d{4}  gate", show), show  # as the table and the gate round it
 
 
 def datetime_iso(t: float) -> str:
