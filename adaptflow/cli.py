@@ -372,6 +372,10 @@ def predict(
         if model.startswith(("models:", "runs:")):  # a model's own folder needs no store
             typer.secho(f"error: cannot load {model}: {exc}", fg="red", err=True)
             raise typer.Exit(2) from None
+    if "://" not in model and not model.startswith(("models:", "runs:")) and not Path(model).exists():
+        typer.secho(f"error: cannot load {model}: no such model folder (give a registered model, e.g. "
+                    f"models:/NAME@champion, or the folder of a logged model)", fg="red", err=True)
+        raise typer.Exit(2)
     try:
         m = tracking.load_model(model)
     except Exception as exc:  # MLflow raises several types for a bad URI

@@ -119,6 +119,7 @@ def test_predict_goes_a_batch_at_a_time_and_writes_the_csv_once(tmp_path, monkey
     real_to_pil = imaging.to_pil
     monkeypatch.setattr(imaging, "to_pil", lambda f: checked.append(f) or real_to_pil(f))
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "exported" / "model").mkdir(parents=True)  # a logged model's folder (loaded by the fake)
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in range(7):
@@ -151,6 +152,8 @@ def test_predict_does_not_blame_readable_images_for_a_model_failure(tmp_path, mo
             raise RuntimeError("shape mismatch in the model")
 
     monkeypatch.setattr(tracking, "load_model", lambda uri: Broken())
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exported" / "model").mkdir(parents=True)
     (tmp_path / "a.png").write_bytes(png_bytes)
     res = CliRunner().invoke(app, ["predict", "-m", "exported/model", str(tmp_path / "a.png"), "-o", str(tmp_path / "p.csv")])
     assert isinstance(res.exception, RuntimeError) and "skipped" not in res.output
@@ -168,6 +171,13 @@ def test_predict_checks_its_output_before_loading_the_model(tmp_path, monkeypatc
         res = _invoke(["predict", "-m", "models:/m@champion", "a.png", "-o", out])
         assert res.exit_code == 2 and f"error: --output {out}" in res.output and why in res.output, res.output
     assert loaded == [] and sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]  # no probe, no store left
+
+
+def test_predict_with_a_model_folder_that_is_not_there_says_so(tmp_path, monkeypatch, png_bytes):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.png").write_bytes(png_bytes)
+    res = _invoke(["predict", "-m", str(tmp_path / "nomodel"), "a.png"])
+    assert res.exit_code == 2 and "no such model folder (give a registered model, e.g. models:/NAME@champion" in res.output, res.output
 
 
 @pytest.mark.parametrize("args", [["predict", "-m", "models:/m@champion", "a.png"], ["registry", "show", "m"],
