@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Iterator, Optional
@@ -76,9 +77,14 @@ def run(
         typer.secho("error: adaptflow run is one process that runs the pipeline; under torchrun run the stages that "
                     "train in several: adaptflow stage pretrain, adaptflow stage finetune", fg="red", err=True)
         raise typer.Exit(2)
+    with _end_on_sigterm():
+        _run(params, set_, task_runner, max_workers, dask_address, verbose)
+
+
+def _run(params: Path, set_: Optional[list[str]], task_runner: Optional[str], max_workers: Optional[int],
+         dask_address: Optional[str], verbose: bool) -> None:
     from flows.api import start_in_background  # the orchestrator lives outside the core
 
-    _end_on_sigterm()
     flags = _orchestrate_overrides(task_runner or ("dask" if dask_address else None), max_workers, dask_address)
     overrides = list(set_ or []) + list(flags)
     _load(params, overrides, flags, plain_only=True)  # a typo in a plain value fails at once, before any server starts
@@ -117,19 +123,27 @@ def run(
     _exit_now(0)
 
 
-def _end_on_sigterm() -> None:
-    """SIGTERM ends the run as Ctrl-C does: the stage running stops at its next step (the flow's settle asks it
-    to), Prefect marks the flow run, and the exit hooks run, so Prefect's temporary API server stops with
-    the run. (Prefect passes a SIGTERM that arrives during the flow on to the handler it found, here this one;
-    Python's default would end the process without its exit hooks, leaving that server running.)"""
+@contextlib.contextmanager
+def _end_on_sigterm() -> Iterator[None]:
+    """While in it, SIGTERM ends the run as Ctrl-C does: the stage running stops at its next step (the flow's
+    settle asks it to), Prefect marks the flow run, and the exit hooks run, so Prefect's temporary API server
+    stops with the run. (Prefect passes a SIGTERM that arrives during the flow on to the handler it found,
+    here this one; Python's default would end the process without its exit hooks, leaving that server
+    running.) The handler before is put back after (an in-process caller keeps its own)."""
     import signal
     import threading
 
     def end(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, end)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, end)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 @contextlib.contextmanager
@@ -372,7 +386,7 @@ def predict(
         if model.startswith(("models:", "runs:")):  # a model's own folder needs no store
             typer.secho(f"error: cannot load {model}: {exc}", fg="red", err=True)
             raise typer.Exit(2) from None
-    if "://" not in model and not model.startswith(("models:", "runs:")) and not Path(model).exists():
+    if not re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", model) and not Path(model).exists():  # (a URI has a scheme; C: is a drive)
         typer.secho(f"error: cannot load {model}: no such model folder (give a registered model, e.g. "
                     f"models:/NAME@champion, or the folder of a logged model)", fg="red", err=True)
         raise typer.Exit(2)

@@ -339,8 +339,9 @@ def stop_launches() -> None:
 
 
 def allow_launches() -> None:
-    """A new run begins: :func:`launch_training` may start processes again, and stages run to their end."""
-    stopping.clear()
+    """A new run begins (in this context): :func:`launch_training` may start processes again, and the stages
+    it submits run to their end unless it stops."""
+    stopping.begin()
 
 
 def launch_training(stage: str, params: Params, root: Path, echo: Callable[[str], None], strategy: str | None = None,

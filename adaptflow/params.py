@@ -68,11 +68,12 @@ class Paths(_Section):
     @classmethod
     def _inside_the_project(cls, value: str) -> str:
         """A stage output lives in the project: its runs find, version (DVC) and clean up only their own."""
-        parts = PurePosixPath(value.strip().replace("\\", "/")).parts
-        if not parts or parts == (".",) or value.strip().startswith(("/", "~")) or ":" in parts[0] or ".." in parts:
+        norm = value.strip().replace("\\", "/")
+        parts = PurePosixPath(norm).parts
+        if not parts or parts == (".",) or norm.startswith("/") or parts[0] == "~" or ":" in parts[0] or ".." in parts:
             raise ValueError(f"{value!r} is not a folder inside the project; give a relative path without '..' "
-                             "(e.g. the default), and link a folder there to keep outputs on another disk")
-        return value
+                             "(e.g. the default); to keep outputs on another disk, link a folder above them (e.g. models/) there")
+        return value.strip()
 
 
 class Preprocess(_Section):

@@ -22,9 +22,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 
-from adaptflow import orchestrate, outputs
+from adaptflow import orchestrate, outputs, stopping
 from adaptflow.params import ROLES, Orchestrate, Params, load
 from adaptflow.stages.finetune import runs
+from adaptflow.stages.ingest import check_inputs
 from flows.runners import task_runner
 from tasks import stages as t
 from tasks.caching import for_project
@@ -69,14 +70,14 @@ def settle(futures: list[PrefectFuture]) -> None:
         if isinstance(wrapped, concurrent.futures.Future):
             wrapped.cancel()  # does nothing to a task already running
     orchestrate.stop_launches()  # a stage training in several processes stops (its task then ends); none starts
-    try:
-        for f in futures:
-            try:
-                f.wait()
-            except Exception:  # noqa: BLE001 — cancelled, failed or stopped: either way it no longer runs
-                pass
-    finally:
-        orchestrate.allow_launches()  # none of them runs now: stage functions called later in this process run
+    for f in futures:
+        try:
+            f.wait()
+        except Exception:  # noqa: BLE001 — cancelled, failed or stopped: either way it no longer runs
+            pass
+    # none of them runs now: stage functions called later in this context run. (A second Ctrl-C in the wait
+    # leaves the request standing: a stage may still be running.)
+    stopping.clear()
 
 
 def _publish(params: Params, root: Path, evaluated: dict) -> None:
@@ -98,6 +99,9 @@ def transfer_pipeline(params_path: str = "params.yaml", overrides: list[str] | N
         orchestrate.allow_launches()  # (after an earlier run in this process stopped them)
         for p in orchestrate.remove_stale_outputs(params, project):
             logger.warning("removed %s, left by a run that was killed mid-stage", p)
+        # bad input before any stage (also in a scheduled run, which no command checked first): tasks whose
+        # inputs did not change are Prefect cache hits, which would skip augment's own check of the classes
+        check_inputs(params, project)
         task = {name: for_project(getattr(t, name), project) for name in ("ingest", "augment", "pretrain", "cache_features", "finetune", "evaluate", "register")}
         r = str(project)
         ingested = {role: task["ingest"].submit(params, r, role) for role in ROLES}

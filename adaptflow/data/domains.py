@@ -198,6 +198,13 @@ def _from_listing(spec: str, listing: FileListing, extra: bytes, info: dict) -> 
     )
 
 
+def no_shared_classes(target: list[str], source: set[str] | list[str]) -> DataError:
+    """The refusal when the source knows none of the target's classes: source_only could predict none."""
+    return DataError(f"source_only: the source knows none of the target classes {list(target)} (it knows {sorted(source)}); "
+                     "name the classes alike, or drop source_only from finetune.strategies and evaluate.baselines and set "
+                     "register.require_baselines: false")
+
+
 def resolve(spec: DomainSpec, root: Path) -> Path:
     path = Path(spec.path or "").expanduser()
     return path if path.is_absolute() else Path(root) / path

@@ -29,6 +29,7 @@ from torchvision.transforms import v2
 from adaptflow import outputs
 from adaptflow.data import store
 from adaptflow.data.batch_augment import BatchAugment
+from adaptflow.data.domains import no_shared_classes
 from adaptflow.data.files import DataError
 from adaptflow.data.transforms import build_pipeline
 from adaptflow.params import ROLES, Params
@@ -58,13 +59,6 @@ def class_match(source: list[str], target: list[str]) -> dict:
         "source_unused": [c for c in source if c not in target],
         "source_head_reusable": not unknown,
     }
-
-
-def no_shared_classes(target: list[str], source: set[str] | list[str]) -> DataError:
-    """The refusal when the source knows none of the target's classes: source_only could predict none."""
-    return DataError(f"source_only: the source knows none of the target classes {list(target)} (it knows {sorted(source)}); "
-                     "name the classes alike, or drop source_only from finetune.strategies and evaluate.baselines and set "
-                     "register.require_baselines: false")
 
 
 def views(pipe: v2.Transform, images: np.ndarray, n_views: int, seed: int) -> list[np.ndarray]:

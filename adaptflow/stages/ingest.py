@@ -39,7 +39,7 @@ import pandas as pd
 
 from adaptflow import machine, outputs
 from adaptflow.data import domains, store
-from adaptflow.data.domains import DataError, Domain, check_exists, open_domain, parse_spec, resolve
+from adaptflow.data.domains import DataError, Domain, check_exists, no_shared_classes, open_domain, parse_spec, resolve
 from adaptflow.data.files import BadItem, describe, reason
 from adaptflow.data.splits import k_shot, min_class_size, stable_split, stratified_subset
 from adaptflow.imaging import prepare
@@ -80,11 +80,18 @@ def check_listing(params: Params, role: str, domain: Domain) -> np.ndarray:
 
 
 def check_inputs(params: Params, root: Path) -> None:
-    """Before a pipeline run starts anything: every data path exists, and each role's listing passes
-    :func:`check_listing` (a built-in dataset is read, a folder or manifest listed; no image is decoded)."""
+    """Before a pipeline run starts anything: every data path exists, each role's listing passes
+    :func:`check_listing` (a built-in dataset is read, a folder or manifest listed; no image is decoded),
+    and, where ``source_only`` runs, the source knows at least one target class (augment checks it again
+    on what ingest kept)."""
     check_domains(params, root)
+    classes = {}
     for r in ROLES:
-        check_listing(params, r, open_role(params, root, r))
+        domain = open_role(params, root, r)
+        check_listing(params, r, domain)
+        classes[r] = domain.classes
+    if "source_only" in params.finetune.strategies and not set(classes["target"]) & set(classes["source"]):
+        raise no_shared_classes(classes["target"], classes["source"])
 
 
 @dataclass

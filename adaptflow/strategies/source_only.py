@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from adaptflow.stages.augment import no_shared_classes
+from adaptflow.data.domains import no_shared_classes
 from adaptflow.strategies.base import Adapted, Context
 from adaptflow.training import accuracy, predict_logits
 

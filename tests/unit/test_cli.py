@@ -296,3 +296,25 @@ def test_run_refuses_too_few_images_for_target_k_before_the_flow_starts(tmp_path
     assert "target.domain: class(es) with too few images listed (before any is decoded)" in res.output
     assert "target.k=300 labeled train images" in res.output
     assert not (tmp_path / "data").exists()
+
+
+def test_run_puts_back_the_sigterm_handler_it_found(monkeypatch, tmp_path):
+    """``adaptflow run`` ends on SIGTERM through its exit hooks; called in a process of someone else's (a test
+    session, a notebook), it leaves that process's own handler in place afterwards."""
+    import signal
+
+    def mine(signum, frame):
+        pass
+
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        monkeypatch.setattr("flows.api.start_in_background", lambda: seen.append(signal.getsignal(signal.SIGTERM)) or (lambda: None))
+        res = _invoke(["run", "--params", PARAMS, "--set", "finetune.epochs=-1"])  # refused at params, after the handler
+        assert res.exit_code == 2
+        res = _invoke(["run", "--params", PARAMS, "--set", "target.k=300"])  # refused after the server started
+        assert res.exit_code == 2 and len(seen) == 1 and seen[0] is not mine  # its own handler while it ran
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)

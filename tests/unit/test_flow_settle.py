@@ -79,7 +79,9 @@ def test_settle_ends_a_stage_training_in_this_process_at_its_next_step():
     """The sequential and threads runners run a stage in a thread, which nothing can interrupt from outside:
     training checks between steps, so a run that fails, is interrupted or cancelled ends in a step's time,
     not the stage's; afterwards stages run again."""
-    from adaptflow import stopping
+    import contextvars
+
+    from adaptflow import orchestrate, stopping
 
     steps: list[int] = []
 
@@ -89,8 +91,9 @@ def test_settle_ends_a_stage_training_in_this_process_at_its_next_step():
             steps.append(step)
             time.sleep(0.01)
 
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        running = PrefectConcurrentFuture(uuid.uuid4(), pool.submit(training))
+    orchestrate.allow_launches()  # the run begins (its own stop request), as the flow does
+    with ThreadPoolExecutor(max_workers=1) as pool:  # Prefect's thread runner: the task runs in a copy of the context
+        running = PrefectConcurrentFuture(uuid.uuid4(), pool.submit(contextvars.copy_context().run, training))
         time.sleep(0.1)
         t0 = time.monotonic()
         settle([running])
@@ -102,3 +105,26 @@ def test_settle_ends_a_stage_training_in_this_process_at_its_next_step():
             assert str(exc) == "pretrain: stopped, the run is stopping"
     assert 0 < len(steps) < 10_000 and not stopping.requested()
     stopping.check("the next stage")  # no longer stopping
+
+
+def test_one_run_stopping_stops_no_stage_of_another_run_in_the_process():
+    """Two flow runs in one process (threads, a notebook): each has its own stop request."""
+    import contextvars
+
+    from adaptflow import orchestrate, stopping
+
+    def a_run(stop: bool, out: list) -> None:
+        orchestrate.allow_launches()  # the run begins
+        ctx = contextvars.copy_context()  # what its tasks see
+        if stop:
+            orchestrate.stop_launches()
+        time.sleep(0.2)
+        out.append(ctx.run(stopping.requested))
+
+    results: dict[bool, list] = {True: [], False: []}
+    runs = [threading.Thread(target=contextvars.copy_context().run, args=(a_run, stop, results[stop])) for stop in (True, False)]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    assert results == {True: [True], False: [False]}

@@ -476,3 +476,17 @@ def test_image_writer_drops_what_it_is_told_and_hashes_what_it_keeps(tmp_path):
     assert np.array_equal(np.load(tmp_path / "dropping" / store.IMAGES), images[[0, 2, 3, 6]])
     assert dropping.count == 4 and dropping.sha256.hexdigest() == plain.sha256.hexdigest()
     assert sorted(p.name for p in (tmp_path / "dropping").iterdir()) == [store.IMAGES]
+
+
+def test_the_pre_check_refuses_source_only_when_the_source_knows_no_target_class(tmp_path):
+    """What `adaptflow run` and every flow run check before any stage (augment's own check is skipped when
+    Prefect reuses it): from the listings, nothing decoded."""
+    folder = make_imagefolder(tmp_path / "letters", per_class=10, classes=2, mixed=False)
+    for digit, name in (("0", "zero"), ("1", "one")):
+        (folder / digit).rename(folder / name)
+    p = params(f"imagefolder:{folder}")
+    with pytest.raises(DataError, match=r"source_only: the source knows none of the target classes \['one', 'zero'\]"):
+        ingest.check_inputs(P.from_dict({**p.to_dict(), "finetune": {"strategies": ["scratch", "source_only"]}}), tmp_path)
+    ingest.check_inputs(P.from_dict({**p.to_dict(), "finetune": {"strategies": ["scratch", "finetune"]},
+                                     "evaluate": {"baselines": ["scratch"]}, "register": {"require_baselines": False}}), tmp_path)
+    assert not (tmp_path / "data").exists()

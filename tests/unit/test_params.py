@@ -444,11 +444,12 @@ def test_the_plain_pass_needs_no_torch_for_defaults_or_a_source_model_file(data)
     assert out.strip() == "[]"
 
 
-@pytest.mark.parametrize("value", ["../shared", "/tmp/reports", "~/reports", "a/../../b", ".", "", "C:/out"])
+@pytest.mark.parametrize("value", ["../shared", "/tmp/reports", "~/reports", "a/../../b", ".", "", "C:/out", "\\abs", "\\\\server\\share"])
 def test_output_paths_outside_the_project_are_refused_naming_the_key(value):
     with pytest.raises(ValueError, match=r"paths\.reports: .* is not a folder inside the project"):
         P.from_dict({"paths": {"reports": value}})
     assert P.from_dict({"paths": {"reports": "out/reports"}}).paths.reports == "out/reports"
+    assert P.from_dict({"paths": {"reports": " ./out/~x "}}).paths.reports == "./out/~x"
 
 
 def test_an_empty_params_file_is_refused_and_an_empty_mapping_means_the_defaults(tmp_path):
