@@ -136,7 +136,10 @@ def write(args, name: str, runs: list[dict], to_markdown) -> None:
 
 def files_main(args) -> None:
     """Each kind of file at each N: written once, then ingested in a fresh process per thread count."""
-    threads = args.threads or sorted({1, len(os.sched_getaffinity(0))})
+    from adaptflow import machine
+    from adaptflow.stages.ingest import MAX_THREADS
+
+    threads = args.threads or sorted({1, min(machine.cores(), MAX_THREADS)})  # one, and ingest's default
     runs = []
     for kind in args.files:
         for n in args.sizes:
@@ -179,7 +182,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--note", default="", help="a line for the markdown (e.g. what else was running)")
     ap.add_argument("--files", nargs="+", metavar="EXT:SIDE", help="ingest a folder of such files (e.g. jpg:256 png:32) instead of synth_digits")
-    ap.add_argument("--threads", type=int, nargs="+", help="with --files: ADAPTFLOW_THREADS values to compare (default: 1 and one per core)")
+    ap.add_argument("--threads", type=int, nargs="+", help="with --files: ADAPTFLOW_THREADS values to compare (default: 1 and ingest's default, one per core up to 8)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)

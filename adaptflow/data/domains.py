@@ -198,6 +198,12 @@ def _from_listing(spec: str, listing: FileListing, extra: bytes, info: dict) -> 
     )
 
 
+def check_shared_classes(strategies: list[str], target: list[str], source: list[str]) -> None:
+    """Where ``source_only`` runs (``strategies``), the source must know at least one target class."""
+    if "source_only" in strategies and not set(target) & set(source):
+        raise no_shared_classes(target, source)
+
+
 def no_shared_classes(target: list[str], source: set[str] | list[str]) -> DataError:
     """The refusal when the source knows none of the target's classes: source_only could predict none."""
     return DataError(f"source_only: the source knows none of the target classes {list(target)} (it knows {sorted(source)}); "

@@ -29,7 +29,7 @@ from torchvision.transforms import v2
 from adaptflow import outputs
 from adaptflow.data import store
 from adaptflow.data.batch_augment import BatchAugment
-from adaptflow.data.domains import no_shared_classes
+from adaptflow.data.domains import check_shared_classes
 from adaptflow.data.files import DataError
 from adaptflow.data.transforms import build_pipeline
 from adaptflow.params import ROLES, Params
@@ -170,8 +170,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     check_no_overlap(params, root)  # first, and even when up to date: it also writes the record DVC tracks
     cards = {r: store.read_card(ingested_dir(params, root, r)) for r in ROLES}
     match = class_match(cards["source"]["classes"], cards["target"]["classes"])
-    if not match["shared"] and "source_only" in params.finetune.strategies:  # (the list may change, this stage's key not)
-        raise no_shared_classes(match["target"], match["source"])  # now, not after pretraining and the other strategies
+    # now, not after pretraining and the other strategies; also when up to date (the list may change, this key not)
+    check_shared_classes(params.finetune.strategies, match["target"], match["source"])
     if outputs.is_current(out, key):
         log.info("augment: up to date (%s)", out)
         return {"path": str(out), "digest": outputs.digest(out), "cached": True}

@@ -39,7 +39,7 @@ import pandas as pd
 
 from adaptflow import machine, outputs
 from adaptflow.data import domains, store
-from adaptflow.data.domains import DataError, Domain, check_exists, no_shared_classes, open_domain, parse_spec, resolve
+from adaptflow.data.domains import DataError, Domain, check_exists, check_shared_classes, open_domain, parse_spec, resolve
 from adaptflow.data.files import BadItem, describe, reason
 from adaptflow.data.splits import k_shot, min_class_size, stable_split, stratified_subset
 from adaptflow.imaging import prepare
@@ -90,8 +90,7 @@ def check_inputs(params: Params, root: Path) -> None:
         domain = open_role(params, root, r)
         check_listing(params, r, domain)
         classes[r] = domain.classes
-    if "source_only" in params.finetune.strategies and not set(classes["target"]) & set(classes["source"]):
-        raise no_shared_classes(classes["target"], classes["source"])
+    check_shared_classes(params.finetune.strategies, classes["target"], classes["source"])
 
 
 @dataclass
