@@ -488,8 +488,9 @@ def registry_history(
 @registry_app.command("promote")
 def registry_promote(name: str = typer.Argument(..., help="registered model name"),
                      version: str = typer.Argument(..., help="the version to make champion")) -> None:
-    """Make VERSION champion: only a version whose gate passed and was held (a DVC experiment's), while champion
-    is still the version that gate compared it with. Choose the experiment on val first (dvc exp show)."""
+    """Make VERSION champion: only a version whose gate passed and was held (a DVC experiment's, or a re-run's on
+    the champion's own test set), while champion is still the version that gate compared it with. Choose it on
+    val first (dvc exp show, or val_acc in adaptflow registry show)."""
     from adaptflow import tracking
     from adaptflow.stages.register import PromoteRefused, promote
 
@@ -525,7 +526,8 @@ def registry_show(name: str = typer.Argument(..., help="registered model name"))
 
     for alias, version in sorted(current.items()):
         t = tracking.version_tags(name, version)
-        typer.echo(f"{alias:<11} version {version}  {t.get('strategy', '?')} seed {t.get('seed', '?')}  test_acc {four(t.get('test_acc', '?'))}  "
+        typer.echo(f"{alias:<11} version {version}  {t.get('strategy', '?')} seed {t.get('seed', '?')}  val_acc {four(t.get('val_acc', '?'))}  "
+                   f"test_acc {four(t.get('test_acc', '?'))}  "
                    f"gate {t.get('gate', '?')}: {t.get('gate_reasons', '')}")
 
 

@@ -293,16 +293,17 @@ def set_version_tags(name: str, version: str, tags: dict[str, Any]) -> None:
         client.set_model_version_tag(name, version, tag_key(k), str(v))
 
 
-def seen_by(name: str, version: str, artifact_file: str) -> list | None:
-    """The list ``artifact_file`` holds in the run that registered ``version`` (its ``parent_run_id`` tag), or
+def seen_by(name: str, version: str, artifact_file: str) -> dict | None:
+    """The dict ``artifact_file`` holds in the run that registered ``version`` (its ``parent_run_id`` tag), or
     None when that version has none (registered before it was recorded)."""
     run_id = version_tags(name, version).get("parent_run_id")
     if not run_id:
         return None
     try:
-        return list(mlflow.artifacts.load_dict(f"runs:/{run_id}/{artifact_file}")["sha1"])
-    except (MlflowException, OSError, KeyError, ValueError):
+        found = mlflow.artifacts.load_dict(f"runs:/{run_id}/{artifact_file}")
+    except (MlflowException, OSError, ValueError):
         return None
+    return found if isinstance(found, dict) else None
 
 
 def version_tags(name: str, version: str) -> dict[str, str]:

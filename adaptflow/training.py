@@ -64,7 +64,7 @@ def accuracy(logits: torch.Tensor, labels: np.ndarray) -> float:
 class FitResult:
     history: list[dict] = field(default_factory=list)  # one row per epoch: epoch, train_loss, val_acc, val_loss, ...
     best_epoch: int = 0
-    best_val_acc: float = float("nan")
+    best_val_acc: float = float("nan")  # NaN where the rule scores no val accuracy (label-free, source val)
     best_score: float = float("nan")  # the selection rule's score at the chosen epoch
     selection: str = "max val_acc (ties: lowest val_loss)"
     compile_fell_back: str = ""  # the compiler's error when a compiled run went on eagerly ("" if it did not)
@@ -235,7 +235,7 @@ def fit(
         key = (s["score"], s["tiebreak"])
         if best_key is None or key > best_key:
             best_key, best_state = key, copy.deepcopy(model.state_dict())
-            result.best_epoch, result.best_val_acc, result.best_score = epoch, s.get("val_acc", s["score"]), s["score"]
+            result.best_epoch, result.best_val_acc, result.best_score = epoch, s.get("val_acc", float("nan")), s["score"]
 
     def backward(batch: tuple | None, step: int) -> tuple[torch.Tensor, dict]:
         """One step's loss and its gradients (not yet applied)."""

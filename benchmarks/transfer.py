@@ -52,6 +52,7 @@ def cell(k: int, seed: int, overrides: list[str], work: str, oracle: bool) -> di
     from adaptflow import params as params_mod
     from adaptflow import stages
     from adaptflow.params import ROLES
+    from adaptflow.stages.augment import check_no_overlap
 
     strategies = list(LABEL_FREE if k == 0 else LABELED) + (["oracle"] if oracle else [])
     base = [f"target.k={k}", f"seed={seed}", f"finetune.seeds=[{seed}]", f"finetune.strategies=[{','.join(strategies)}]",
@@ -68,27 +69,22 @@ def cell(k: int, seed: int, overrides: list[str], work: str, oracle: bool) -> di
         for rel in outs:
             if (shared / rel).is_dir() and not (root / rel).exists():
                 shutil.copytree(shared / rel, root / rel, copy_function=os.link)
-        stages.get("ingest")(p, root, role="source")
+        for role in ROLES:
+            stages.get("ingest")(p, root, role=role)
+        # augment's check, as the pipeline runs it before pretrain: a source holding target val/test images
+        # would have the source model trained on what every number here is scored on
+        check_no_overlap(p, root)
         stages.get("pretrain")(p, root)
         for rel in outs:
             if not (shared / rel).exists():
                 shutil.copytree(root / rel, shared / rel, copy_function=os.link)
-    for role in ROLES:
-        if role != "source":
-            stages.get("ingest")(p, root, role=role)
     for name in ("cache_features", "finetune", "evaluate"):
         stages.get(name)(p, root)
-    metrics = json.loads((root / p.paths.reports / "evaluate" / "metrics.json").read_text())
-    if k == 0:
-        # No target labels: the candidate is the strategy whose checkpoint scored best on the label-free rule.
-        scores = {}
-        for s in strategies:
-            if s in p.evaluate.baselines or s == "oracle":
-                continue
-            extra = json.loads((root / p.paths.adapted / s / f"seed{seed}" / "config.json").read_text())["extra"]
-            scores[s] = extra.get("selection_score") or float("-inf")
-        metrics["candidate"] = max(scores, key=scores.get)
-        metrics["candidate_selection"] = "label-free: max information-maximisation score on the target pool"
+    # the candidate and the rule that chose it, as evaluate (and so register) has them: target val accuracy
+    # for k > 0, the label-free score on the target pool for k = 0
+    report = root / p.paths.reports / "evaluate"
+    metrics = {**json.loads((report / "metrics.json").read_text()),
+               "candidate_selection": json.loads((report / "evaluation.json").read_text())["candidate_selection"]}
     card = json.loads((root / p.paths.ingested / "target" / "card.json").read_text())
     metrics.update({"k": k, "seed": seed, "seconds": time.time() - start,
                     "label_budget": {"train_labeled": k * len(card["classes"]), "val": metrics["n_val"] if k > 0 else 0}})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 from adaptflow import distributed, outputs, strategies
@@ -72,7 +73,8 @@ def run_one(params: Params, root: Path, strategy: str, seed: int) -> dict:
         source_transform=pipeline(params, "source"),
     )
     adapted = strategies.get(strategy)(ctx)
-    adapted.config.extra.update({"seed": seed, "selection": adapted.selection, "val_acc": adapted.val_acc,
+    val_acc = adapted.val_acc if math.isfinite(adapted.val_acc) else None  # None: its rule scored no target val accuracy
+    adapted.config.extra.update({"seed": seed, "selection": adapted.selection, "val_acc": val_acc,
                                  "selection_score": adapted.score, "best_epoch": adapted.best_epoch})
     adapted.config.extra["processes"] = distributed.world()
     if distributed.is_main():  # in several processes (torchrun) every copy holds the same model: one writes
@@ -80,8 +82,11 @@ def run_one(params: Params, root: Path, strategy: str, seed: int) -> dict:
             save(adapted.model.cpu(), adapted.config, tmp)
             (tmp / "history.json").write_text(json.dumps(adapted.history, indent=2))
     distributed.barrier()
-    log.info("%s: target val acc %.4f (%s)", label, adapted.val_acc, adapted.selection)
-    return {"strategy": strategy, "seed": seed, "path": str(out), "digest": outputs.digest(out), "cached": False, "val_acc": adapted.val_acc}
+    if val_acc is None:
+        log.info("%s: selection score %s (%s)", label, "n/a" if adapted.score is None else f"{adapted.score:.4f}", adapted.selection)
+    else:
+        log.info("%s: target val acc %.4f (%s)", label, val_acc, adapted.selection)
+    return {"strategy": strategy, "seed": seed, "path": str(out), "digest": outputs.digest(out), "cached": False, "val_acc": val_acc}
 
 
 def selected(params: Params, strategy: str | None = None, seed: int | None = None) -> list[tuple[str, int]]:

@@ -7,9 +7,10 @@ model must beat the current champion re-scored on the same test images (so a cha
 data is compared fairly). A candidate that fails gets the ``challenger`` alias and the reasons.
 
 Both aliases move by compare-and-set (``tracking.move_alias``): ``champion`` moves only if it still points
-where the gate read it, and every move lands in the registered model's alias history. Under ``dvc exp run``
-a passing gate is held (``challenger``, gate ``passed, held``): a sweep must not pick its champion by test
-score; :func:`promote` applies a held verdict once the experiment is chosen on val.
+where the gate read it, and every move lands in the registered model's alias history. A test set picks the
+champion once (:func:`hold`): under ``dvc exp run``, or when the champion was registered on this same test
+set, a passing gate is held (``challenger``, gate ``passed, held``): a sweep must not pick its champion by test
+score; :func:`promote` applies a held verdict once the version is chosen on val.
 
 What MLflow receives, per pipeline run: one parent run (the whole resolved params, per-strategy metrics,
 the evaluate report and plots, dataset cards, dataset inputs, lineage) and one nested run per strategy and
@@ -196,8 +197,11 @@ def run(params: Params, root: Path = Path("."), flow_run_id: str | None = None) 
     tags = provenance_tags(params, root, lock, orch)
     tags["source_model_run_id"] = _source_model_run(params, root, tags)
     test = store.load_split(tgt, "test")
-    meta = store.read_meta(tgt, ["split", "sha1"])
-    test_sha1 = meta["sha1"][meta["split"] == "test"].tolist()  # in load_split's row order
+    # the model's input example: a target train image (its models had those), never a test image, which would
+    # leave the project inside every copy of the model
+    example = _png_b64(store.load_split(tgt, "train").images[0])
+    meta = store.read_meta(tgt, ["split", "sha1", "content"])
+    test_ids = meta.loc[meta["split"] == "test", ["content", "sha1"]]  # in load_split's row order
     datasets = [(f"source:{src_card['domain']}", src_card["data_hash"], src, "training"),
                 (f"target:{tgt_card['domain']}", tgt_card["data_hash"], tgt, "training, validation (val) and evaluation (test)")]
 
@@ -212,20 +216,21 @@ def run(params: Params, root: Path = Path("."), flow_run_id: str | None = None) 
         tracking.log_artifacts(ev_dir, "evaluate")  # report.html, report.md, metrics, plots
         tracking.log_artifacts(tgt / store.CARD, "dataset_cards/target")
         tracking.log_artifacts(src / store.CARD, "dataset_cards/source")
-        tracking.log_dict({"sha1": sorted(meta["sha1"][meta["split"].isin(["train", "val"])])}, SEEN)  # what a later gate leaves out
+        seen = meta[meta["split"].isin(["train", "val"])]
+        tracking.log_dict({key: sorted(seen[key]) for key in SEEN_KEYS}, SEEN)  # what a later gate leaves out
         per = ev["strategies"]
         tracking.log_metrics({**{f"{s}.{k}": v for s, m in per.items() for k, v in m.items() if _is_number(v)},
                               **{f"{s}.recall.{c}": v for s, m in per.items() for c, v in m["recall"].items()},
                               **{f"transfer_gain.{k}": v for k, v in ev["transfer_gain"].items()}})
         run_ids, model_uri = {}, None
         for s, seed in pairs:
-            run_ids[run_key(s, seed)], uri = _log_strategy_run(params, root, ev, s, seed, tags, datasets[1], test)
+            run_ids[run_key(s, seed)], uri = _log_strategy_run(params, root, ev, s, seed, tags, datasets[1], example)
             model_uri = uri or model_uri
 
         if candidate is None:
             decision.update({"version": None, "promoted": False, "reasons": ["no non-baseline strategy ran"], "alias": None})
         else:
-            decision.update(_gate_and_register(params, ev, test, test_sha1, model_uri, tags, name,
+            decision.update(_gate_and_register(params, ev, test, test_ids, model_uri, tags, name,
                                                {"parent_run_id": parent_id, "candidate_run_id": run_ids[run_key(candidate, candidate_seed)],
                                                 "orchestrator": orch["kind"], **{k: v for k, v in orch.items() if v and k != "kind"}}))
             tracking.set_tags({"model_name": name, "model_version": decision["version"], "gate": decision["alias"]})
@@ -288,7 +293,7 @@ def _source_model_run(params: Params, root: Path, tags: dict) -> str:
 
 
 def _log_strategy_run(params: Params, root: Path, ev: dict, s: str, seed: int, tags: dict, dataset: tuple,
-                      test: store.Split) -> tuple[str, str | None]:
+                      example: str) -> tuple[str, str | None]:
     """One nested run for one strategy and seed; logs the model too when it is the candidate run (the one
     model this pipeline run may register: logged once, in MLflow only). Returns (run id, model URI)."""
     from adaptflow import tracking
@@ -310,7 +315,7 @@ def _log_strategy_run(params: Params, root: Path, ev: dict, s: str, seed: int, t
         # this run's plots are the parent's evaluate/plots/<these names>: stored once, pointed at
         tracking.set_tags({f"plot.{kind}": f"evaluate/{ev['plots'][kind][rk]}" for kind in ("confusion", "reliability")})
         if s == ev["candidate"] and seed == ev["candidate_seed"]:
-            model_uri = tracking.log_image_model(d, test.classes, _png_b64(test.images[0]))
+            model_uri = tracking.log_image_model(d, ev["classes"], example)
     return rid, model_uri
 
 
@@ -323,24 +328,32 @@ def _history(directory: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
-SEEN = "target_seen.json"  # per registration: the target images (pixel sha1) its models trained or chose on
+SEEN = "target_seen.json"  # per registration: the target images its models trained or chose on, by hash
+# "content" (the decoded pixels: what splits, whatever preprocess stored) first; "sha1" (the stored pixels) is
+# all that registrations before content hashes recorded, and misses an image stored at another size or mode
+SEEN_KEYS = ("content", "sha1")
 
 
-def unseen_test(test_sha1: list[str], seen: list[str] | None) -> tuple[np.ndarray, str | None]:
+def unseen_test(test_ids: pd.DataFrame, seen: dict | None) -> tuple[np.ndarray, str | None]:
     """The test rows the champion never trained or chose a checkpoint on, and a note for the gate's reasons
     when the comparison is not on the whole test set as it stands. New target data re-splits every class, so
-    images the champion trained on can land in today's test split: scored on them, it would be flattered."""
-    every = np.arange(len(test_sha1))
-    if seen is None:
+    images the champion trained on can land in today's test split: scored on them, it would be flattered.
+    ``test_ids`` has a column per hash in :data:`SEEN_KEYS`, one row per test image; ``seen`` is the
+    champion's record (:data:`SEEN`)."""
+    every = np.arange(len(test_ids))
+    key = next((k for k in SEEN_KEYS if seen and isinstance(seen.get(k), list)), None)
+    if key is None:
         return every, "the champion's target images are not recorded (registered before they were): compared on the whole test set"
-    known = set(seen)
-    keep = np.array([i for i, h in enumerate(test_sha1) if h not in known], dtype=np.int64)
+    known = set(seen[key])
+    keep = np.array([i for i, h in enumerate(test_ids[key]) if h not in known], dtype=np.int64)
+    older = None if key == SEEN_KEYS[0] else ("the champion's images are recorded by stored-pixel hash only: "
+                                              "any it had at another image size or mode are not recognised")
     if len(keep) == len(every):
-        return every, None
+        return every, older
     if not len(keep):
         return every, "every test image was among the champion's training or val images: compared on the whole test set, which flatters the champion"
     return keep, (f"champion and candidate compared on the {len(keep)} of {len(every)} test images the champion never trained or chose on "
-                  f"({len(every) - len(keep)} it had were left out)")
+                  f"({len(every) - len(keep)} it had were left out)" + (f"; {older}" if older else ""))
 
 
 def _accuracy(model: Any, test: store.Split, rows: np.ndarray) -> float:
@@ -348,7 +361,7 @@ def _accuracy(model: Any, test: store.Split, rows: np.ndarray) -> float:
     return float((pred["label"].to_numpy() == np.array(test.classes)[test.labels[rows]]).mean())
 
 
-def _gate_and_register(params: Params, ev: dict, test: store.Split, test_sha1: list[str], model_uri: str, tags: dict, name: str,
+def _gate_and_register(params: Params, ev: dict, test: store.Split, test_ids: pd.DataFrame, model_uri: str, tags: dict, name: str,
                        context: dict) -> dict:
     """Read the champion, score it and the candidate on the test images the champion has not seen, gate,
     register, and move an alias by compare-and-set."""
@@ -360,10 +373,11 @@ def _gate_and_register(params: Params, ev: dict, test: store.Split, test_sha1: l
     champion = tracking.alias_version(name, "champion")  # what the gate reads; the move checks it is unchanged
     champion_acc, cand_vs_champion, note = None, cand_acc, None
     if champion is not None:
-        rows, note = unseen_test(test_sha1, tracking.seen_by(name, champion, SEEN))
+        rows, note = unseen_test(test_ids, tracking.seen_by(name, champion, SEEN))
+        # both through the registered models' own predict, on the same images: evaluate's number for the
+        # candidate comes from another path (autocast and channels_last on a GPU), which can differ by an image
         champion_acc = _accuracy(tracking.load_model(f"models:/{name}/{champion}"), test, rows)
-        if len(rows) < len(test):  # the candidate on the same images (its own test accuracy is on all of them)
-            cand_vs_champion = _accuracy(tracking.load_model(model_uri), test, rows)
+        cand_vs_champion = _accuracy(tracking.load_model(model_uri), test, rows)
     baselines = {b: per[b]["test_acc"] for b in params.evaluate.baselines}
     passed, reasons = gate(cand_mean, baselines, champion_acc, params.register.margin, candidate_model_acc=cand_vs_champion,
                            unchecked=params.unchecked_baselines())
@@ -373,11 +387,9 @@ def _gate_and_register(params: Params, ev: dict, test: store.Split, test_sha1: l
         "test_ece": cand_run["test_ece"], "strategy_mean_test_acc": cand_mean, "selection": ev["candidate_selection"],
         "parent_run_id": context["parent_run_id"], "test_data_hash": ev["test_data_hash"]})
     context = {**context, "test_data_hash": ev["test_data_hash"], "git_commit": tags["git_commit"]}
-    experiment = os.environ.get("DVC_EXP_NAME")
-    promoted = passed and not experiment
-    if passed and experiment:
-        reasons.append(f"held: DVC experiment {experiment!r} never moves champion (across a sweep, the best test score would pick it); "
-                       f"choose among experiments on val (dvc exp show), then `adaptflow registry promote {name} {version}`")
+    held = hold(name, version, champion, ev["test_data_hash"]) if passed else None
+    promoted = passed and not held
+    reasons += [held] if held else []
     alias = "champion" if promoted else "challenger"
     if promoted:
         try:
@@ -386,7 +398,7 @@ def _gate_and_register(params: Params, ev: dict, test: store.Split, test_sha1: l
             promoted, alias = False, "challenger"
             reasons.append(f"champion moved to version {exc.found or 'none'} while the gate compared against version {exc.expected or 'none'}: "
                            f"not promoted (re-run register to gate against the new champion)")
-    verdict = "promoted" if promoted else HELD if passed and experiment else "rejected"
+    verdict = "promoted" if promoted else HELD if held else "rejected"
     if not promoted:
         tracking.move_alias(name, "challenger", version, expected=aliases.ANY, reason=f"gate {verdict}: " + "; ".join(reasons), context=context)
     tracking.set_version_tags(name, version, {"gate": verdict, "gate_reasons": "; ".join(reasons), GATED_AGAINST: champion or "none"})
@@ -395,12 +407,29 @@ def _gate_and_register(params: Params, ev: dict, test: store.Split, test_sha1: l
             "candidate_mean_test_acc": cand_mean, "champion": version if promoted else champion, "model_uri": model_uri}
 
 
-HELD = "passed, held"  # the gate passed, but an experiment's version waits for `adaptflow registry promote`
+def hold(name: str, version: str, champion: str | None, test_hash: str) -> str | None:
+    """Why a version whose gate passed must wait for `adaptflow registry promote` rather than move champion,
+    or None. A test set picks the champion at most once: were every run gated on it free to promote, a sweep
+    (DVC experiments, or runs with other params or code on the same data) would end with the champion whose
+    test score was best, chosen by test. A new test set (new target data, another split) gates afresh."""
+    from adaptflow import tracking
+
+    then = f"choose among the versions on val (val_acc in `adaptflow registry show {name}`), then `adaptflow registry promote {name} {version}`"
+    experiment = os.environ.get("DVC_EXP_NAME")
+    if experiment:
+        return f"held: DVC experiment {experiment!r} never moves champion (across a sweep, the best test score would pick it); {then}"
+    if champion is not None and tracking.version_tags(name, champion).get("test_data_hash") == test_hash:
+        return (f"held: champion (version {champion}) was registered on this same test set (test_data_hash {test_hash[:12]}), "
+                f"which picks the champion once (re-gated on it run after run, the best test score would pick it); {then}")
+    return None
+
+
+HELD = "passed, held"  # the gate passed, but the version waits for `adaptflow registry promote` (see hold)
 GATED_AGAINST = "gated_against"  # version tag: the champion the gate compared with ("none": there was none)
 
 
 def promote(name: str, version: str, who: str = "adaptflow registry promote") -> dict:
-    """Make ``version`` champion: only a version whose gate passed and was held (a DVC experiment's), and only
+    """Make ``version`` champion: only a version whose gate passed and was held (see :func:`hold`), and only
     while champion is still the version that gate compared it with — otherwise its verdict is stale and
     :class:`PromoteRefused` says what to run. The move is compare-and-set and lands in the alias history."""
     from adaptflow import aliases, tracking
@@ -420,7 +449,7 @@ def promote(name: str, version: str, who: str = "adaptflow registry promote") ->
     if (current or "none") != against:
         raise PromoteRefused(f"{name} version {version} was gated against champion {against}, but champion is now {current or 'none'}: "
                              "its verdict no longer holds; gate it again against the current champion (dvc exp apply the "
-                             "experiment, delete reports/registry.json, run adaptflow stage register)")
+                             "experiment if it was one, delete reports/registry.json, run adaptflow stage register)")
     reasons = tags.get("gate_reasons", "")
     try:
         tracking.move_alias(name, "champion", version, expected=current, reason=f"promoted by hand ({who}): gate passed: {reasons}",
@@ -452,7 +481,7 @@ def summary(reg: dict, root: Path) -> str:
 
     name = reg.get("model_name")
     verdict = ("promoted to champion" if reg.get("promoted") else
-               "passed the gate, held as challenger (a DVC experiment)" if reg.get("gate") == HELD else "not promoted")
+               "passed the gate, held as challenger" if reg.get("gate") == HELD else "not promoted")
     if not reg.get("cached"):
         return f"registry: {name} version {reg.get('version')} {verdict}: {'; '.join(reg.get('reasons', []))}"
     try:

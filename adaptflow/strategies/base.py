@@ -118,7 +118,7 @@ class Adapted:
     model: nn.Module
     config: ModelConfig
     selection: str  # how the checkpoint was chosen, in words
-    val_acc: float  # the selection score's accuracy where it has one (target val accuracy with k > 0)
+    val_acc: float  # target val accuracy of the chosen checkpoint where its rule measured one, else NaN (label-free, source val)
     history: list[dict] = field(default_factory=list)
     best_epoch: int | None = None
     score: float | None = None  # the selection rule's score of the chosen checkpoint (label-free when k = 0)

@@ -7,6 +7,7 @@ The consumer process cannot import adaptflow: the model must carry its own code.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -72,6 +73,26 @@ def test_champion_loads_without_adaptflow_and_matches_evaluate(flow_project, tmp
     assert acc == pytest.approx(run_acc, abs=1e-9)
 
 
+def test_the_registered_model_carries_a_train_image_as_its_example_never_a_test_image(flow_project):
+    import base64
+    import hashlib
+    import io
+
+    import mlflow
+
+    from adaptflow import tracking
+
+    root = flow_project["root"]
+    p = load(root / "params.yaml")
+    registry = json.loads((root / p.paths.reports / "registry.json").read_text())
+    tracking.configure(root)
+    example = mlflow.pyfunc.load_model(f"models:/{registry['model_name']}/{registry['version']}").input_example
+    pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(example["image"].iloc[0]))))
+    pixels = np.ascontiguousarray(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1))  # as stored: C×H×W
+    meta = store.read_meta(root / p.paths.ingested / "target", ["split", "sha1"])
+    assert meta.split[meta.sha1 == hashlib.sha1(pixels.tobytes()).hexdigest()].tolist() == ["train"]
+
+
 def test_predict_cli_prints_one_label_per_image(flow_project, tmp_path):
     root = flow_project["root"]
     paths, _ = _raw_test_pngs(root, tmp_path / "pngs")
@@ -125,7 +146,8 @@ def test_gate_keeps_champion_when_candidate_does_not_beat_it(flow_project):
     second = register.run(p, root)
     assert second["cached"] is False and second["version"] != first["version"]
     assert second["promoted"] is False
-    assert any("does not beat current champion" in r for r in second["reasons"])
+    # the same model as the champion, scored by the same path on the same images: a tie, which does not beat
+    assert any(re.fullmatch(r"does not beat current champion \((\d\.\d{4}) vs \1 on this test set\)", r) for r in second["reasons"]), second["reasons"]
     tracking.configure(root)
     assert tracking.alias_version(first["model_name"], "champion") == first["version"]
     assert tracking.alias_version(first["model_name"], "challenger") == second["version"]
@@ -139,18 +161,21 @@ def test_gate_scores_the_champion_only_on_test_images_it_never_saw(flow_project,
 
     root = flow_project["root"]
     p = load(root / "params.yaml", overrides=["register.margin=0.002"])  # a new key: register runs again
-    meta = store.read_meta(root / p.paths.ingested / "target", ["split", "sha1"])
+    meta = store.read_meta(root / p.paths.ingested / "target", ["split", "sha1", "content"])
     name = p.registered_model_name()
     tracking.configure(root)
     champion = tracking.alias_version(name, "champion")
-    # what each registration records: the target images its models trained or chose on
-    assert sorted(tracking.seen_by(name, champion, register.SEEN)) == sorted(meta.sha1[meta.split.isin(["train", "val"])])
-    test_sha1 = list(meta.sha1[meta.split == "test"])
+    # what each registration records: the target images its models trained or chose on, by both hashes
+    seen = tracking.seen_by(name, champion, register.SEEN)
+    for key in ("content", "sha1"):
+        assert sorted(seen[key]) == sorted(meta[key][meta.split.isin(["train", "val"])])
+    test_content = list(meta.content[meta.split == "test"])
     real = tracking.seen_by
-    # as if today's test split held 10 images the champion had in train: it is scored on the others only
-    monkeypatch.setattr(tracking, "seen_by", lambda n, v, f: real(n, v, f) + test_sha1[:10])
+    # as if today's test split held 10 images the champion had in train (at another image size: only the
+    # decoded-content hash tells them): it is scored on the others only
+    monkeypatch.setattr(tracking, "seen_by", lambda n, v, f: {"content": real(n, v, f)["content"] + test_content[:10], "sha1": []})
     out = register.run(p, root)
-    note = f"champion and candidate compared on the {len(test_sha1) - 10} of {len(test_sha1)} test images the champion never trained or chose on (10 it had were left out)"
+    note = f"champion and candidate compared on the {len(test_content) - 10} of {len(test_content)} test images the champion never trained or chose on (10 it had were left out)"
     assert note in out["reasons"], out["reasons"]
     assert any(r.startswith(("beats current champion", "does not beat current champion")) for r in out["reasons"])
 

@@ -2,8 +2,8 @@
 
 Three pipeline runs through the Prefect flow, reusing the session's project (only finetune for the worse
 configuration, evaluate and register do work): a worse configuration first (it becomes the first
-champion), the normal one (better: the champion moves), the worse one again (it stays `challenger`, with
-the reason). Then consumers: a process without adaptflow loads `models:/NAME@champion` from the server,
+champion), the normal one (better, but on the test set that picked the champion: held, then promoted by
+hand with `adaptflow registry promote`), the worse one again (it stays `challenger`, with the reason). Then consumers: a process without adaptflow loads `models:/NAME@champion` from the server,
 `mlflow models serve` answers `/invocations`, the weights rebuild with timm alone; and the alias
 compare-and-set refuses a move whose premise changed.
 """
@@ -49,8 +49,10 @@ def server_runs(flow_project, mlflow_server, tmp_path_factory):
         first = transfer_pipeline(params_path="params.yaml", overrides=WORSE, root=str(worse))["register"]
         better = transfer_pipeline(params_path="params.yaml", root=str(normal))["register"]
         lineage_better = json.loads((normal / "reports" / "lineage.json").read_text())
+        promoted = subprocess.run([str(BIN / "adaptflow"), "registry", "promote", better["model_name"], better["version"]], cwd=normal,
+                                  env={**env_with_venv(), "MLFLOW_TRACKING_URI": mlflow_server["uri"]}, capture_output=True, text=True)
         again = transfer_pipeline(params_path="params.yaml", overrides=WORSE + ["register.margin=0.0001"], root=str(worse))["register"]
-        yield {"first": first, "better": better, "again": again, "normal": normal, "worse": worse, "uri": mlflow_server["uri"],
+        yield {"first": first, "better": better, "promoted": promoted, "again": again, "normal": normal, "worse": worse, "uri": mlflow_server["uri"],
                "name": better["model_name"], "lineage_better": lineage_better}
     finally:
         mp.undo()
@@ -62,12 +64,17 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def test_worse_run_keeps_champion_and_better_run_moves_it(server_runs):
+def test_a_better_run_on_the_champions_test_set_is_held_until_promoted_and_a_worse_one_is_rejected(server_runs):
     first, better, again = server_runs["first"], server_runs["better"], server_runs["again"]
     assert first["tracking_uri"] == server_runs["uri"]
     assert first["promoted"] and first["candidate"] == "scratch" and "no current champion" in first["reasons"]
-    assert better["promoted"] and better["previous_champion"] == first["version"]
+    # the same data, so the same test set that made version 1 champion: the passing gate is held
+    assert not better["promoted"] and better["gate"] == "passed, held" and better["previous_champion"] == first["version"]
     assert any(r.startswith("beats current champion") for r in better["reasons"])
+    assert any(r.startswith(f"held: champion (version {first['version']}) was registered on this same test set") for r in better["reasons"])
+    promoted = server_runs["promoted"]
+    assert promoted.returncode == 0, promoted.stderr
+    assert promoted.stdout.startswith(f"{better['model_name']}@champion: version {better['version']} (was {first['version']})")
     assert not again["promoted"] and again["alias"] == "challenger"
     assert any(r.startswith("does not beat current champion") for r in again["reasons"])
 
@@ -83,12 +90,17 @@ def test_registry_history_cli_says_who_was_champion_when(server_runs):
     cmd = [str(BIN / "adaptflow"), "registry", "history", server_runs["name"]]
     moves = json.loads(subprocess.run(cmd + ["--json"], env=env, capture_output=True, text=True, check=True, cwd=server_runs["normal"]).stdout)
     v1, v2, v3 = server_runs["first"]["version"], server_runs["better"]["version"], server_runs["again"]["version"]
-    assert [(m["alias"], m["from_version"], m["to_version"]) for m in moves] == [("champion", None, v1), ("champion", v1, v2), ("challenger", None, v3)]
-    assert moves[1]["reason"].startswith("gate passed") and moves[2]["reason"].startswith("gate rejected")
+    assert [(m["alias"], m["from_version"], m["to_version"]) for m in moves] == [
+        ("champion", None, v1), ("challenger", None, v2), ("champion", v1, v2), ("challenger", v2, None), ("challenger", None, v3)]
+    assert moves[0]["reason"].startswith("gate passed: ") and moves[1]["reason"].startswith("gate passed, held: ")
+    assert moves[2]["reason"].startswith("promoted by hand (adaptflow registry promote): gate passed: ")
+    assert moves[3]["reason"] == f"version {v2} promoted to champion by hand (adaptflow registry promote)"
+    assert moves[4]["reason"].startswith("gate rejected")
     assert moves[1]["context"]["orchestrator"] == "prefect" and moves[1]["context"]["prefect_flow_run_id"]
+    assert moves[2]["context"]["orchestrator"] == "cli"
 
     text = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=server_runs["normal"]).stdout
-    assert text.count("gate passed") == 2 and "gate rejected" in text
+    assert text.count("gate passed") == 3 and "gate rejected" in text and "promoted by hand" in text
     at_first = datetime_iso(moves[0]["time"] + 0.001)
     held = subprocess.run(cmd + ["--at", at_first], env=env, capture_output=True, text=True, check=True, cwd=server_runs["normal"]).stdout
     assert f"version {v1} " in held and "why: gate passed" in held
@@ -233,21 +245,31 @@ def test_gate_does_not_overwrite_a_champion_that_moved_meanwhile(server_runs, mo
     v1, v2, v3 = server_runs["first"]["version"], server_runs["better"]["version"], server_runs["again"]["version"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server_runs["uri"])
     tracking.configure(root)
-    # Put the weak v1 back as champion (recorded like any move), so the normal candidate passes the gate.
+    # Put the weak v1 back as champion (recorded like any move), so the normal candidate passes the gate, and
+    # as if v1 had been registered on an older split: the gate on today's test set may then promote.
     tracking.move_alias(name, "champion", v1, expected=v2, reason="test: roll back to v1")
+    client = _client(server_runs["uri"])
+    hash_v1 = client.get_model_version(name, v1).tags["test_data_hash"]
+    client.set_model_version_tag(name, v1, "test_data_hash", "an older split")
     with pytest.raises(aliases.AliasConflict):
         tracking.move_alias(name, "champion", v3, expected=v2, reason="stale premise")
 
-    real_load = tracking.load_model
+    real_load, raced = tracking.load_model, []
 
     def load_and_race(uri):  # while the gate scores v1, someone else promotes v3
         model = real_load(uri)
-        tracking.move_alias(name, "champion", v3, expected=v1, reason="test: a concurrent promotion")
+        if not raced:
+            raced.append(uri)
+            tracking.move_alias(name, "champion", v3, expected=v1, reason="test: a concurrent promotion")
         return model
 
     monkeypatch.setattr(tracking, "load_model", load_and_race)
     p = load(root / "params.yaml", overrides=["register.margin=0.0002"])  # a new key: register runs again
-    res = register.run(p, root)
+    try:
+        res = register.run(p, root)
+    finally:
+        client.set_model_version_tag(name, v1, "test_data_hash", hash_v1)
+    assert raced == [f"models:/{name}/{v1}"]
     assert res["promoted"] is False and res["alias"] == "challenger"
     assert any("champion moved to version " + v3 in r for r in res["reasons"]), res["reasons"]
     assert tracking.alias_version(name, "champion") == v3

@@ -260,16 +260,25 @@ def test_register_does_not_import_mlflow_at_module_level():
 
 
 def test_the_champion_is_scored_only_on_test_images_it_never_saw():
+    import pandas as pd
+
     from adaptflow.stages.register import unseen_test
 
-    test = ["a", "b", "c", "d"]
-    rows, note = unseen_test(test, ["x", "y"])  # a champion trained on other images: the whole test set, no note
+    # content: the decoded pixels (what splits); sha1: the stored pixels, which another image_size changes
+    test = pd.DataFrame({"content": ["a", "b", "c", "d"], "sha1": ["A", "B", "C", "D"]})
+    rows, note = unseen_test(test, {"content": ["x", "y"], "sha1": ["X", "Y"]})  # trained on other images: all of test, no note
     assert rows.tolist() == [0, 1, 2, 3] and note is None
-    rows, note = unseen_test(test, ["b", "d", "z"])  # new data re-split: two of today's test images it trained on
+    rows, note = unseen_test(test, {"content": ["b", "d", "z"], "sha1": ["B2", "D2", "Z"]})  # re-split; stored at another size
     assert rows.tolist() == [0, 2] and note.startswith("champion and candidate compared on the 2 of 4 test images") and "(2 it had" in note
-    rows, note = unseen_test(test, None)  # registered before this was recorded
-    assert rows.tolist() == [0, 1, 2, 3] and "not recorded" in note
-    rows, note = unseen_test(test, test)
+    assert "stored-pixel" not in note
+    rows, note = unseen_test(test, {"sha1": ["B", "Z"]})  # recorded before content hashes: matched by stored pixels, said so
+    assert rows.tolist() == [0, 2, 3] and "recorded by stored-pixel hash only" in note
+    rows, note = unseen_test(test, {"sha1": ["Z"]})
+    assert rows.tolist() == [0, 1, 2, 3] and "recorded by stored-pixel hash only" in note
+    for missing in (None, {}, {"other": []}):  # registered before this was recorded
+        rows, note = unseen_test(test, missing)
+        assert rows.tolist() == [0, 1, 2, 3] and "not recorded" in note
+    rows, note = unseen_test(test, {"content": list(test.content), "sha1": []})
     assert rows.tolist() == [0, 1, 2, 3] and "flatters the champion" in note
 
 
@@ -293,6 +302,26 @@ def test_register_reuse_needs_the_same_key_store_and_a_version(tmp_path, monkeyp
     assert orchestrate.is_current(ident, tmp_path)
     out.write_text(json.dumps({"key": "k1", "tracking_uri": uri, "version": None}))  # a failed registration
     assert reusable(out, "k1", uri) is None and not orchestrate.is_current(ident, tmp_path)
+
+
+def test_a_test_set_picks_the_champion_once(monkeypatch):
+    """A passing gate is held when the champion was registered on this same test set (a re-run with other
+    params or code on the same data) or under a DVC experiment; a new test set gates afresh."""
+    from adaptflow import tracking
+    from adaptflow.stages import register
+
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    tags = {"1": {"test_data_hash": "aaa111"}, "2": {}}  # version 2: registered before the tag was written
+    monkeypatch.setattr(tracking, "version_tags", lambda name, v: tags[v])
+    assert register.hold("m", "3", None, "aaa111") is None  # no champion: the first one is promoted
+    assert register.hold("m", "3", "1", "bbb222") is None  # new target data: a new test set
+    held = register.hold("m", "3", "1", "aaa111")
+    assert held.startswith("held: champion (version 1) was registered on this same test set (test_data_hash aaa111)")
+    assert "adaptflow registry promote m 3" in held and "val_acc in `adaptflow registry show m`" in held
+    assert register.hold("m", "3", "2", "aaa111") is None  # nothing recorded to compare with
+    monkeypatch.setenv("DVC_EXP_NAME", "tidy-lamb")
+    for champion in (None, "1"):
+        assert register.hold("m", "3", champion, "bbb222").startswith("held: DVC experiment 'tidy-lamb' never moves champion")
 
 
 def test_promote_refuses_what_no_held_gate_stands_behind(monkeypatch):

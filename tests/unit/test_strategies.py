@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -209,3 +211,12 @@ def test_every_checkpoint_scorer_scores_on_each_process_share(monkeypatch):
     for scorer in (training.val_scorer(split, None), base.source_val_scorer(split, None), base.im_scorer(split, None)):
         scorer(torch.nn.Identity())
     assert asked == [True, True, True]
+
+
+@pytest.mark.parametrize("rule, key", [("im", "sel_im"), ("source_val", "sel_source_val_acc")])
+def test_a_label_free_rule_reports_no_target_val_accuracy(rule, key, make_ctx):
+    """The checkpoint a label-free rule chose has its score, not a 'target val accuracy' that is something else."""
+    adapted = strategies.get("finetune")(make_ctx(SOURCE, epochs=2, selection=rule))
+    best = next(h for h in adapted.history if h["epoch"] == adapted.best_epoch)
+    assert adapted.score == best[key] == max(h[key] for h in adapted.history)
+    assert math.isnan(adapted.val_acc) and "val_acc" not in best
