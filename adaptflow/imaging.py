@@ -24,13 +24,18 @@ def to_uint8(img: np.ndarray, sixteen_bit: bool = False) -> np.ndarray:
     the fixed factor 255/65535, so every 16-bit image is scaled alike and agrees with its 8-bit version;
     booleans to 0/255. Other integers in 0–255 as is (``sixteen_bit``: as 16-bit, e.g. Pillow's 32-bit "I"
     images of 16-bit files), in 0–65535 as 16-bit. Floats in [0, 1] scaled by 255, in (16, 255] as is; any
-    other range min–max scaled (per image)."""
+    other range min–max scaled (per image). An empty array, or floats that are not all finite (NaN, ±inf),
+    are no image: ValueError, not a picture made up from what is left."""
     arr = np.asarray(img)
+    if not arr.size:
+        raise ValueError(f"an empty image (shape {arr.shape})")
+    if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+        raise ValueError(f"pixel values that are not finite numbers (NaN or ±inf) in a {arr.dtype} image of shape {arr.shape}")
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype == np.bool_:
         return arr.astype(np.uint8) * 255
-    if arr.dtype.kind in "ui" and arr.size:
+    if arr.dtype.kind in "ui":
         lo, hi = int(arr.min()), int(arr.max())
         sixteen = (arr.dtype.kind == "u" and arr.dtype.itemsize == 2) or (sixteen_bit and 0 <= lo and hi <= 65535)
         if not sixteen and 0 <= lo and hi <= 255:
@@ -38,7 +43,7 @@ def to_uint8(img: np.ndarray, sixteen_bit: bool = False) -> np.ndarray:
         if sixteen or (0 <= lo and hi <= 65535):
             return ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)  # rounded to the nearest
     arr = arr.astype(np.float64)
-    lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+    lo, hi = float(arr.min()), float(arr.max())
     if lo >= 0.0 and hi <= 1.0:
         arr = arr * 255.0
     elif lo >= 0.0 and hi <= 255.0 and hi > 16.0:

@@ -205,7 +205,17 @@ def check_upstream(stage: str, params: Params, root: Path, **which: object) -> N
     if problems:
         raise InconsistentUpstream(
             f"{stage} would read outputs that the current params would not make:\n  " + "\n  ".join(problems)
-            + "\nrun the stages above it first (`dvc repro`, `adaptflow run`, or `adaptflow stage` for each)")
+            + "\nrun the stages above it first (`dvc repro`, `adaptflow run`, or `adaptflow stage` for each)" + _unwatched_hint(params, root, problems))
+
+
+def _unwatched_hint(params: Params, root: Path, problems: list[str]) -> str:
+    """When raw data changed where `dvc repro` does not look, what to set so it does (else it finds nothing to do)."""
+    from adaptflow.stages import ingest
+
+    if not any("raw data that has changed since" in p for p in problems):
+        return ""
+    why = [w for w in (ingest.role_unwatched(params, root, role) for role in ingest.ROLES) if w]
+    return "".join(f"; but {w}" for w in why)
 
 
 def store_root(root: Path) -> Path:

@@ -46,12 +46,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     # The hint is documentation for MLflow too: a DataFrame hint turns off its type-hint schema inference
     # (the logged signature is the contract) without changing what predict accepts.
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        if isinstance(model_input, pd.DataFrame):
-            images = list(model_input["image"] if "image" in model_input.columns else model_input.iloc[:, 0])
-        elif isinstance(model_input, np.ndarray) and model_input.ndim >= 3:
-            images = list(model_input)
-        else:
-            images = list(model_input)
+        images = as_images(model_input)
         classes = self.cfg["classes"]
         read_paths = reads_paths()
         try:
@@ -75,6 +70,23 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
 
 SWITCH = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def as_images(model_input) -> list:
+    """The images of an input, in order. A cell holding a list of strings or bytes holds that many images: a
+    column as MLflow's schema check leaves ``{"image": [a, b]}`` (a Python dict, or the served ``inputs``
+    format), one row whose cell is the list. A list of numbers stays one image (an array's rows)."""
+    if isinstance(model_input, pd.DataFrame):
+        cells = model_input["image"] if "image" in model_input.columns else model_input.iloc[:, 0]
+    else:
+        cells = model_input
+    images = []
+    for cell in cells:
+        if isinstance(cell, (list, tuple, np.ndarray)) and len(cell) and all(isinstance(c, (str, bytes)) for c in cell):
+            images.extend(cell)
+        else:
+            images.append(cell)
+    return images
 
 
 def reads_paths() -> bool:

@@ -280,6 +280,25 @@ def register(model_uri: str, name: str, tags: dict[str, Any]) -> str:
     return str(mv.version)
 
 
+def find_version(name: str, tags: dict[str, str]) -> str | None:
+    """The newest version of ``name`` carrying all ``tags`` (None if none, or no such model)."""
+    flt = " and ".join([f"name = '{name}'"] + [f"tags.`{tag_key(k)}` = '{v}'" for k, v in tags.items()])
+    try:
+        found = MlflowClient().search_model_versions(filter_string=flt)
+    except MlflowException:
+        return None
+    return str(max(int(v.version) for v in found)) if found else None
+
+
+def load_run_dict(run_id: str, artifact_file: str) -> dict | None:
+    """A JSON artifact of a run (None if it has none)."""
+    try:
+        found = mlflow.artifacts.load_dict(f"runs:/{run_id}/{artifact_file}")
+    except (MlflowException, OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
 def alias_version(name: str, alias: str) -> str | None:
     try:
         return str(MlflowClient().get_model_version_by_alias(name, alias).version)
@@ -297,13 +316,7 @@ def seen_by(name: str, version: str, artifact_file: str) -> dict | None:
     """The dict ``artifact_file`` holds in the run that registered ``version`` (its ``parent_run_id`` tag), or
     None when that version has none (registered before it was recorded)."""
     run_id = version_tags(name, version).get("parent_run_id")
-    if not run_id:
-        return None
-    try:
-        found = mlflow.artifacts.load_dict(f"runs:/{run_id}/{artifact_file}")
-    except (MlflowException, OSError, ValueError):
-        return None
-    return found if isinstance(found, dict) else None
+    return load_run_dict(run_id, artifact_file) if run_id else None
 
 
 def version_tags(name: str, version: str) -> dict[str, str]:
@@ -408,7 +421,7 @@ def move_alias(name: str, alias: str, version: str, *, expected: object, reason:
     """Compare-and-set ``name@alias`` → ``version`` and record the move (see :func:`adaptflow.aliases.move`)."""
     move = aliases.move(MlflowAliasStore(), name, alias, version, expected=expected, reason=reason, context=context)
     if move is not None:
-        log.info("registry: %s@%s %s → %s (%s)", name, alias, move.from_version or "none", move.to_version or "none (removed)", reason[:200])
+        log.info("registry: %s@%s %s → %s (%s)", name, alias, move.from_version or "none", move.to_version or "none (removed)", reason)
     return move
 
 

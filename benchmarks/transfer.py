@@ -128,7 +128,8 @@ def to_markdown(summary: dict, meta: dict) -> str:
     strategies = list(dict.fromkeys(s for k in ks for s in summary[k]["strategies"]))
     lines = [f"# Transfer benchmark: {meta['source']} → {meta['target']}", "",
              f"Seeds {meta['seeds']}; device {meta['device']}; overrides {meta['overrides'] or 'none'}; code {meta.get('commit', 'unknown')}.",
-             "Target test accuracy, mean ± std over seeds. Checkpoints chosen on target val (k > 0) or by the",
+             "Target test accuracy, mean ± std over seeds (sample std, ddof 1); each seed also re-splits the target, so the",
+             "std holds split as well as training variance. Checkpoints chosen on target val (k > 0) or by the",
              "label-free information-maximisation score on the unlabeled pool (k = 0); test chose nothing.", "",
              "| strategy | " + " | ".join(f"k={k}" for k in ks) + " | k=all |", "|---|" + "---|" * (len(ks) + 1)]
     fmt = lambda r: f"{r['test_acc']:.4f} ± {r['test_acc_std']:.4f}" if r else "—"  # noqa: E731

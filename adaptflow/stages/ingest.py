@@ -366,22 +366,34 @@ def _log_items(role: str, what: str, items: list[dict], path: Path) -> None:
         log.warning("ingest %s: … and %d more %s (all listed in %s)", role, len(items) - _LOG_ITEMS, what, path)
 
 
-def warn_unwatched(what: str, path: Path, key: str, watched: str, fix: str, root: Path) -> None:
-    """In a DVC project, warn when ``dvc repro`` would not notice a change to ``path``: it is outside the path
-    ``key`` names (``watched``), the stage's dependency in dvc.yaml."""
+def unwatched(path: Path, key: str, watched: str, fix: str, root: Path) -> str | None:
+    """In a DVC project, why ``dvc repro`` would not notice a change to ``path`` (None if it would): it is
+    outside the path ``key`` names (``watched``), the stage's dependency in dvc.yaml."""
     if not (Path(root) / ".dvc").is_dir():
-        return
+        return None
     data, dep = Path(path).resolve(), (Path(root) / watched).resolve()
-    if data != dep and dep not in data.parents:
-        log.warning("%s: %s is outside %s (%s): `dvc repro` will not notice changes to it; set %s: %s", what, data, key, watched, key, fix)
+    if data == dep or dep in data.parents:
+        return None
+    return f"{data} is outside {key} ({watched}): `dvc repro` will not notice changes to it; set {key}: {fix}"
+
+
+def warn_unwatched(what: str, path: Path, key: str, watched: str, fix: str, root: Path) -> None:
+    why = unwatched(path, key, watched, fix, root)
+    if why:
+        log.warning("%s: %s", what, why)
+
+
+def role_unwatched(params: Params, root: Path, role: str) -> str | None:
+    """DVC re-runs ingest when ``<role>.raw`` changes: why it would not notice a change to the role's data."""
+    spec = getattr(params, role)
+    parsed = parse_spec(spec.domain)
+    return unwatched(resolve(parsed, root), f"{role}.raw", spec.raw, parsed.path, root) if parsed.is_path else None
 
 
 def _warn_unwatched(params: Params, root: Path, role: str) -> None:
-    """DVC re-runs ingest when ``<role>.raw`` changes; a data path outside it would go unnoticed."""
-    spec = getattr(params, role)
-    parsed = parse_spec(spec.domain)
-    if parsed.is_path:
-        warn_unwatched(f"ingest {role}", resolve(parsed, root), f"{role}.raw", spec.raw, parsed.path, root)
+    why = role_unwatched(params, root, role)
+    if why:
+        log.warning("ingest %s: %s", role, why)
 
 
 def write_report(params: Params, root: Path, role: str, card: dict) -> Path:

@@ -172,6 +172,32 @@ def reusable(out: Path, key: str, tracking_uri: str) -> dict | None:
     return record if record.get("key") == key and record.get("tracking_uri") == tracking_uri and record.get("version") else None
 
 
+def registered_before(name: str, key: str, root: Path, params: Params) -> dict | None:
+    """The record of the version already registered from exactly these inputs (its ``register_key`` tag) in
+    this store, written back to ``registry.json`` and ``lineage.json`` as that registration wrote them: going
+    back to inputs registered before registers nothing new. None if there is none, if its run kept no record,
+    or if its gate's verdict is stale (champion has moved since, and the version is not champion itself):
+    then the inputs are gated again, against today's champion, as a new version."""
+    from adaptflow import tracking
+
+    version = tracking.find_version(name, {REGISTER_KEY: key})
+    tags = tracking.version_tags(name, version) if version else {}
+    champion = tracking.alias_version(name, "champion")
+    if not tags or (champion != version and tags.get(GATED_AGAINST, "none") != (champion or "none")):
+        return None
+    run_id = tags.get("parent_run_id")
+    records = {f: tracking.load_run_dict(run_id, f) for f in ("registry.json", "lineage.json")} if run_id else {}
+    decision, lineage = records.get("registry.json"), records.get("lineage.json")
+    if not decision or not lineage or decision.get("key") != key or decision.get("version") != version:
+        return None
+    outputs.atomic_write_text(lineage_path(params, root), json.dumps(lineage, indent=2))
+    outputs.atomic_write_text(output_path(params, root), json.dumps(decision, indent=2))
+    return decision
+
+
+REGISTER_KEY = "register_key"  # version tag: the register input key it was registered from
+
+
 def run(params: Params, root: Path = Path("."), flow_run_id: str | None = None) -> dict:
     """Register the candidate behind the gate. ``flow_run_id``: the Prefect flow run that called this, for
     the lineage record (not part of the stage's identity: a re-run with nothing changed does no work)."""
@@ -188,6 +214,11 @@ def run(params: Params, root: Path = Path("."), flow_run_id: str | None = None) 
     if previous and tracking.version_exists(name, previous["version"]):
         log.info("register: up to date (version %s of %s)", previous["version"], name)
         return {**previous, "cached": True}
+    restored = registered_before(name, key, root, params)
+    if restored:  # e.g. back at a commit after `dvc exp run` overwrote reports/registry.json (not in git or the DVC cache)
+        log.info("register: version %s of %s was registered from these inputs before: its records restored, nothing registered",
+                 restored["version"], name)
+        return {**restored, "cached": True}
 
     ev = _read_evaluation(ev_dir)
     candidate, candidate_seed = ev["candidate"], ev["candidate_seed"]
@@ -199,7 +230,8 @@ def run(params: Params, root: Path = Path("."), flow_run_id: str | None = None) 
     test = store.load_split(tgt, "test")
     # the model's input example: a target train image (its models had those), never a test image, which would
     # leave the project inside every copy of the model
-    example = _png_b64(store.load_split(tgt, "train").images[0])
+    train = store.load_split(tgt, "train")
+    example = _png_b64(train.images[0]) if len(train) else None
     meta = store.read_meta(tgt, ["split", "sha1", "content"])
     test_ids = meta.loc[meta["split"] == "test", ["content", "sha1"]]  # in load_split's row order
     datasets = [(f"source:{src_card['domain']}", src_card["data_hash"], src, "training"),
@@ -230,7 +262,7 @@ def run(params: Params, root: Path = Path("."), flow_run_id: str | None = None) 
         if candidate is None:
             decision.update({"version": None, "promoted": False, "reasons": ["no non-baseline strategy ran"], "alias": None})
         else:
-            decision.update(_gate_and_register(params, ev, test, test_ids, model_uri, tags, name,
+            decision.update(_gate_and_register(params, ev, test, test_ids, model_uri, {**tags, REGISTER_KEY: key}, name,
                                                {"parent_run_id": parent_id, "candidate_run_id": run_ids[run_key(candidate, candidate_seed)],
                                                 "orchestrator": orch["kind"], **{k: v for k, v in orch.items() if v and k != "kind"}}))
             tracking.set_tags({"model_name": name, "model_version": decision["version"], "gate": decision["alias"]})
@@ -293,7 +325,7 @@ def _source_model_run(params: Params, root: Path, tags: dict) -> str:
 
 
 def _log_strategy_run(params: Params, root: Path, ev: dict, s: str, seed: int, tags: dict, dataset: tuple,
-                      example: str) -> tuple[str, str | None]:
+                      example: str | None) -> tuple[str, str | None]:
     """One nested run for one strategy and seed; logs the model too when it is the candidate run (the one
     model this pipeline run may register: logged once, in MLflow only). Returns (run id, model URI)."""
     from adaptflow import tracking

@@ -217,3 +217,40 @@ def test_an_experiment_never_moves_champion_and_promote_applies_its_held_verdict
     again = run([str(BIN / "adaptflow"), "registry", "promote", name, first["version"]], root, check=False)
     assert again.returncode == 0 and f"version {first['version']} already; nothing moved" in again.stdout
     assert tracking.alias_version(name, "champion") == first["version"]
+
+
+def test_going_back_to_inputs_registered_before_registers_nothing_until_champion_moves(flow_project):
+    """After `dvc exp run` (or any other run) rewrote reports/registry.json, which neither git nor the DVC cache
+    restores, the same inputs again find their version by its register_key tag: its records are written back
+    as they were and nothing is registered. Once champion has moved, its verdict is stale: gated again."""
+    from mlflow import MlflowClient
+
+    from adaptflow import tracking
+    from adaptflow.stages import register
+
+    root = flow_project["root"]
+    files = (root / "reports" / "registry.json", root / "reports" / "lineage.json")
+    records = {f: f.read_text() for f in files}
+    base = load(root / "params.yaml", overrides=["register.model_name=back-{target}"])  # a model of its own
+    other = load(root / "params.yaml", overrides=["register.model_name=back-{target}", "register.margin=0.0005"])
+    name = base.registered_model_name()
+    try:
+        first = register.run(base, root)
+        written = [f.read_bytes() for f in files]
+        second = register.run(other, root)  # another key: a new version (the same model: it does not beat champion)
+        back = register.run(base, root)
+        restored = [f.read_bytes() for f in files]
+        forth = register.run(other, root)
+        tracking.configure(root)
+        tracking.move_alias(name, "champion", second["version"], expected=first["version"], reason="test: champion moves")
+        stale = register.run(base, root)
+    finally:  # the shared project's records stay those of its own model
+        for f, text in records.items():
+            f.write_text(text)
+    assert (first["version"], second["version"]) == ("1", "2") and first["promoted"] and not second["promoted"]
+    assert back["cached"] and back["version"] == "1" and restored == written  # byte for byte: dvc.lock's hashes hold
+    assert forth["cached"] and forth["version"] == "2"
+    assert not stale["cached"] and stale["version"] == "3"  # gated against version 2, today's champion
+    assert any(r.startswith("does not beat current champion") for r in stale["reasons"]) and stale["previous_champion"] == "2"
+    versions = MlflowClient().search_model_versions(f"name = '{name}'")
+    assert {str(v.version): v.tags["register_key"] for v in versions} == {"1": first["key"], "2": second["key"], "3": first["key"]}

@@ -84,6 +84,11 @@ def test_stage_refuses_an_ingest_of_raw_files_that_have_changed_since(tmp_path, 
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert "data/ingested/target was made from raw data that has changed since" in res.output
     assert "data/ingested/source" not in res.output  # the built-in source has not changed
+    assert "will not notice" not in res.output  # not a DVC project: nothing about dvc.yaml's deps
+    (tmp_path / ".dvc").mkdir()  # in one, `dvc repro` would find nothing to do: the refusal says what to set
+    res = _invoke(["stage", "augment"])
+    assert res.exit_code == 2 and "is outside target.raw (adaptflow/data): `dvc repro` will not notice changes to it; set target.raw: raw" in res.output
+    (tmp_path / ".dvc").rmdir()
     monkeypatch.setenv("DVC_STAGE", "augment")  # under `dvc repro`, DVC compares raw files by content instead
     assert _invoke(["stage", "augment"]).exit_code == 0  # passes the check (and is up to date)
     monkeypatch.delenv("DVC_STAGE")

@@ -203,6 +203,17 @@ def test_bad_array_shape_raises(shape):
         prepare(np.zeros(shape, np.uint8), 8, 1)
 
 
+@pytest.mark.parametrize("array, message", [
+    (np.zeros((0, 0), np.uint8), "an empty image"), (np.zeros((5, 0), np.float32), "an empty image"),
+    (np.zeros((0, 0, 3), np.uint8), "an empty image"), (np.full((8, 8), np.nan, np.float32), "not finite"),
+    (np.array([[0.0, np.inf], [0.5, 1.0]]), "not finite"), (np.array([[0.0, -np.inf], [0.5, 1.0]]), "not finite")])
+def test_an_empty_or_non_finite_array_is_no_image(array, message):
+    """Not a confident prediction for a picture made up from what is left."""
+    with pytest.raises(ValueError, match=message):
+        prepare(array, 8, 1)
+    assert readable([array])[1][0][1].startswith("not a readable image")
+
+
 def test_prepare_batch():
     out = prepare_batch([U8_2D, RNG.random((5, 5)), _pil("RGBA")], 6, 3)
     assert out.shape == (3, 3, 6, 6) and out.dtype == np.uint8

@@ -79,3 +79,19 @@ def test_a_bad_image_is_named_by_its_position(model, png, monkeypatch):
     monkeypatch.setenv(SERVED, "true")
     with pytest.raises(MlflowException, match=r"image 1: base64 of no readable image \(UnidentifiedImageError"):
         model.predict(None, pd.DataFrame({"image": [good, bad]}))
+
+
+def test_a_column_of_images_as_mlflow_leaves_it_is_that_many_images(model, png):
+    """{"image": [a, b]} (a dict, or the served "inputs" format) reaches predict as one row holding the list."""
+    from mlflow.models.utils import _enforce_schema
+
+    from adaptflow import tracking
+
+    b64 = base64.b64encode(png.read_bytes()).decode()
+    one = model.predict(None, pd.DataFrame({"image": [b64]}))
+    enforced = _enforce_schema({"image": [b64, str(png), b64]}, tracking._signature(["a", "b"]).inputs)
+    assert len(enforced) == 1  # what MLflow hands predict: one row, its cell the list
+    out = model.predict(None, enforced)
+    assert len(out) == 3 and (out["label"] == one["label"][0]).all()
+    pixels = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4  # a nested list of numbers stays one image
+    assert len(model.predict(None, pd.DataFrame({"image": [pixels.tolist()]}))) == 1
