@@ -30,6 +30,9 @@ def test_prefect_run_commits_to_dvc_and_dvc_experiments_warm_prefect(dvc_project
     cold = run_pipeline("params.yaml", [], str(dvc_project))
     assert not cold["register"]["cached"]
     assert (dvc_project / "dvc.lock").is_file()
+    records = {f: (dvc_project / "reports" / f).read_bytes() for f in ("registry.json", "lineage.json")}
+    run(["git", "add", "dvc.lock"], dvc_project)
+    run(["git", "commit", "-qm", "the first run"], dvc_project)
     assert "up to date" in dvc("status").lower()
     assert "Running stage" not in dvc("repro")
     # ... and the lineage record carries this run's dvc.lock hashes (committed before register ran), not none
@@ -65,4 +68,15 @@ def test_prefect_run_commits_to_dvc_and_dvc_experiments_warm_prefect(dvc_project
     assert all(r["cached"] for r in warm["ingest"].values()) and all(r["cached"] for r in warm["finetune"].values())
     assert all(warm[s]["cached"] for s in ("augment", "pretrain", "cache_features", "evaluate", "register"))
     assert warm["register"]["version"] == json.loads((dvc_project / "reports/registry.json").read_text())["version"] == "2"
+    assert "up to date" in dvc("status").lower()
+
+    # Back at the committed state: reports/registry.json is in neither git nor the DVC cache; whether DVC's run
+    # cache puts it back or register runs (and finds version 1 registered from these very inputs), the records
+    # are the first run's again and nothing new is registered.
+    run(["git", "checkout", "params.yaml", "dvc.lock"], dvc_project)
+    dvc("checkout")
+    out = dvc("repro")
+    assert "Running stage 'finetune'" not in out, out
+    assert {f: (dvc_project / "reports" / f).read_bytes() for f in records} == records
+    assert tracking.find_version(reg["model_name"], {}) == "2"  # the newest version is still the experiment's
     assert "up to date" in dvc("status").lower()
