@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import sys
@@ -509,26 +510,36 @@ def registry_promote(name: str = typer.Argument(..., help="registered model name
 
 @registry_app.command("show")
 def registry_show(name: str = typer.Argument(..., help="registered model name")) -> None:
-    """Where each alias of NAME points now, with the gate's verdict on that version."""
+    """Where each alias of NAME points now, with the gate's verdict on that version; then every version whose
+    gate passed and was held, with what chooses among them (val accuracy; at k = 0 the label-free score)."""
     from adaptflow import tracking
+    from adaptflow.stages.register import GATED_AGAINST, HELD
 
     with _bad_input_exits():
         tracking.configure(Path.cwd(), create=False)
     current = tracking.model_aliases(name)
-    if not current:
-        typer.secho(f"error: {name}: no such registered model, or it has no aliases", fg="red", err=True)
+    held = tracking.find_versions(name, {"gate": HELD})
+    if not current and not held:
+        typer.secho(f"error: {name}: no such registered model, or it has no aliases and no held versions", fg="red", err=True)
         raise typer.Exit(2)
-    def four(v: str) -> str:  # a tag holds the float's full repr; the table and the gate speak in 4 decimals
+
+    def four(v: str | None) -> str | None:  # a tag holds the float's full repr; the table and the gate speak in 4 decimals
         try:
-            return f"{float(v):.4f}"
-        except ValueError:
-            return v
+            return f"{float(v):.4f}" if math.isfinite(float(v)) else None
+        except (TypeError, ValueError):
+            return None
 
     for alias, version in sorted(current.items()):
         t = tracking.version_tags(name, version)
-        typer.echo(f"{alias:<11} version {version}  {t.get('strategy', '?')} seed {t.get('seed', '?')}  val_acc {four(t.get('val_acc', '?'))}  "
-                   f"test_acc {four(t.get('test_acc', '?'))}  "
+        typer.echo(f"{alias:<11} version {version}  {t.get('strategy', '?')} seed {t.get('seed', '?')}  test_acc {four(t.get('test_acc')) or '?'}  "
                    f"gate {t.get('gate', '?')}: {t.get('gate_reasons', '')}")
+    if held:
+        typer.echo(f"held (gate passed; choose on these, not test, then: adaptflow registry promote {name} VERSION):")
+    for version in held:
+        t = tracking.version_tags(name, version)
+        val = four(t.get("val_acc"))
+        score = f"val_acc {val}" if val else f"pool_im {four(t.get('pool_im')) or '?'} (label-free: no target val labels)"
+        typer.echo(f"  version {version}  {t.get('strategy', '?')} seed {t.get('seed', '?')}  {score}  gated against {t.get(GATED_AGAINST, '?')}")
 
 
 def main() -> None:  # pragma: no cover

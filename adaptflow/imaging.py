@@ -29,6 +29,11 @@ def to_uint8(img: np.ndarray, sixteen_bit: bool = False) -> np.ndarray:
     arr = np.asarray(img)
     if not arr.size:
         raise ValueError(f"an empty image (shape {arr.shape})")
+    if arr.dtype == object:  # e.g. JSON numbers with a null among them
+        try:
+            arr = arr.astype(np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"pixel values that are not all numbers in an image of shape {arr.shape}") from None
     if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
         raise ValueError(f"pixel values that are not finite numbers (NaN or ±inf) in a {arr.dtype} image of shape {arr.shape}")
     if arr.dtype == np.uint8:

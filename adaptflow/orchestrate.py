@@ -212,9 +212,9 @@ def _unwatched_hint(params: Params, root: Path, problems: list[str]) -> str:
     """When raw data changed where `dvc repro` does not look, what to set so it does (else it finds nothing to do)."""
     from adaptflow.stages import ingest
 
-    if not any("raw data that has changed since" in p for p in problems):
-        return ""
-    why = [w for w in (ingest.role_unwatched(params, root, role) for role in ingest.ROLES) if w]
+    changed = [role for role in ingest.ROLES
+               if f"{outputs._shown(ingest.output_dir(params, root, role).resolve())} was made from raw data that has changed since" in problems]
+    why = [w for w in (ingest.role_unwatched(params, root, role) for role in changed) if w]
     return "".join(f"; but {w}" for w in why)
 
 

@@ -73,20 +73,17 @@ SWITCH = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false":
 
 
 def as_images(model_input) -> list:
-    """The images of an input, in order. A cell holding a list of strings or bytes holds that many images: a
-    column as MLflow's schema check leaves ``{"image": [a, b]}`` (a Python dict, or the served ``inputs``
-    format), one row whose cell is the list. A list of numbers stays one image (an array's rows)."""
+    """The images of an input, in order, one per row. The one exception: a single row whose cell is a list of
+    strings or bytes holds that many images, which is how MLflow's schema check hands on ``{"image": [a, b]}``
+    (a Python dict, or the served ``inputs`` format). A list of numbers stays one image (an array's rows)."""
     if isinstance(model_input, pd.DataFrame):
-        cells = model_input["image"] if "image" in model_input.columns else model_input.iloc[:, 0]
+        cells = list(model_input["image"] if "image" in model_input.columns else model_input.iloc[:, 0])
     else:
-        cells = model_input
-    images = []
-    for cell in cells:
-        if isinstance(cell, (list, tuple, np.ndarray)) and len(cell) and all(isinstance(c, (str, bytes)) for c in cell):
-            images.extend(cell)
-        else:
-            images.append(cell)
-    return images
+        cells = list(model_input)
+    only = cells[0] if len(cells) == 1 else None
+    if isinstance(only, (list, tuple, np.ndarray)) and len(only) and all(isinstance(c, (str, bytes)) for c in only):
+        return list(only)
+    return cells
 
 
 def reads_paths() -> bool:

@@ -280,14 +280,12 @@ def register(model_uri: str, name: str, tags: dict[str, Any]) -> str:
     return str(mv.version)
 
 
-def find_version(name: str, tags: dict[str, str]) -> str | None:
-    """The newest version of ``name`` carrying all ``tags`` (None if none, or no such model)."""
-    flt = " and ".join([f"name = '{name}'"] + [f"tags.`{tag_key(k)}` = '{v}'" for k, v in tags.items()])
-    try:
-        found = MlflowClient().search_model_versions(filter_string=flt)
-    except MlflowException:
-        return None
-    return str(max(int(v.version) for v in found)) if found else None
+def find_versions(name: str, tags: dict[str, str]) -> list[str]:
+    """The versions of ``name`` carrying all ``tags``, newest first. The name is compared here, not in the
+    filter string, which a quote in it would break; tag values are ours (hashes, verdicts)."""
+    flt = " and ".join(f"tags.`{tag_key(k)}` = '{v}'" for k, v in tags.items())
+    found = MlflowClient().search_model_versions(filter_string=flt or None)
+    return [str(v) for v in sorted((int(v.version) for v in found if v.name == name), reverse=True)]
 
 
 def load_run_dict(run_id: str, artifact_file: str) -> dict | None:

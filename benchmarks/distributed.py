@@ -77,10 +77,12 @@ def main() -> None:
                 extra = json.loads((out_dir / "config.json").read_text())["extra"]
                 assert extra["processes"] == n, extra
                 rows.append({"round": r, "processes": n, "wall_s": round(wall, 2), "val_acc": extra["val_acc"],
-                             "best_epoch": extra["best_epoch"]})
+                             "selection_score": extra["selection_score"], "best_epoch": extra["best_epoch"]})
                 print(rows[-1], flush=True)
     walls = {n: [x["wall_s"] for x in rows if x["processes"] == n] for n in modes}
-    accs = {n: [x["val_acc"] for x in rows if x["processes"] == n] for n in modes}
+    # val_acc is None where a label-free rule chose the epoch (target.k = 0): its score stands in, said so
+    key = "val_acc" if all(x["val_acc"] is not None for x in rows) else "selection_score"
+    accs = {n: [x[key] for x in rows if x["processes"] == n] for n in modes}
     res = {"machine": platform.platform(), "cpus": os.cpu_count(), "commit": commit(), "strategy": args.strategy,
            "overrides": args.overrides, "processes": args.processes, "prepare_s": prep, "rows": rows,
            "median_wall_s": {str(n): statistics.median(v) for n, v in walls.items()},
@@ -90,12 +92,13 @@ def main() -> None:
     lines = [f"# finetune {args.strategy}: one process against {args.processes} under torchrun", "",
              f"`python benchmarks/distributed.py --strategy {args.strategy} --processes {args.processes} --rounds {args.rounds}"
              + "".join(f" --set {o}" for o in args.overrides) + f"` at {res['commit']} on {res['machine']}, {res['cpus']} CPUs.", "",
-             "| round | processes | wall s | target val acc (kept epoch) | best epoch |", "|---|---|---|---|---|"]
-    lines += [f"| {x['round']} | {x['processes']} | {x['wall_s']} | {x['val_acc']:.4f} | {x['best_epoch']} |" for x in rows]
+             f"| round | processes | wall s | {'target val acc' if key == 'val_acc' else 'label-free selection score'} (kept epoch) | best epoch |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {x['round']} | {x['processes']} | {x['wall_s']} | {x[key]:.4f} | {x['best_epoch']} |" for x in rows]
     lines += ["", f"Median wall: {', '.join(f'{n} process(es) {statistics.median(v):.1f} s' for n, v in walls.items())}; "
-              f"one over {args.processes}: {res['speedup']:.2f}×. Val accuracy: "
+              f"one over {args.processes}: {res['speedup']:.2f}×. {'Val accuracy' if key == 'val_acc' else 'Selection score'}: "
               + ", ".join(f"{n}: {statistics.mean(v):.4f}" for n, v in accs.items())
-              + " (the epoch each run kept, chosen on target val; target test not read)."]
+              + f" (the epoch each run kept, chosen {'on target val' if key == 'val_acc' else 'by the label-free rule'}; target test not read)."]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -202,12 +202,14 @@ def read_meta(directory: Path, columns: list[str] | None = None) -> pd.DataFrame
     return pd.read_parquet(Path(directory) / META, columns=columns)
 
 
-def split_hash(directory: Path, split: str) -> str:
-    """Which images, with which labels, a split holds: a hash over its (pixel SHA-1, label) pairs, in no
-    particular order. Two stores agree on it exactly when their ``split`` sets are the same images."""
-    meta = read_meta(directory, ["split", "sha1", "label"])
+def split_hash(directory: Path, split: str, by: str = "sha1") -> str:
+    """Which images, with which labels, a split holds: a hash over its (image hash, label) pairs, in no
+    particular order. Two stores agree on it exactly when their ``split`` sets are the same images. ``by``:
+    ``sha1``, the stored pixels (which ``preprocess`` changes), or ``content``, the decoded pixels (which
+    place an image in a split: the same test images at another image size or channel count agree)."""
+    meta = read_meta(directory, ["split", by, "label"])
     rows = meta[meta["split"] == split]
-    lines = sorted(f"{h}:{int(y)}" for h, y in zip(rows["sha1"], rows["label"]))
+    lines = sorted(f"{h}:{int(y)}" for h, y in zip(rows[by], rows["label"]))
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 

@@ -175,24 +175,27 @@ def reusable(out: Path, key: str, tracking_uri: str) -> dict | None:
 def registered_before(name: str, key: str, root: Path, params: Params) -> dict | None:
     """The record of the version already registered from exactly these inputs (its ``register_key`` tag) in
     this store, written back to ``registry.json`` and ``lineage.json`` as that registration wrote them: going
-    back to inputs registered before registers nothing new. None if there is none, if its run kept no record,
-    or if its gate's verdict is stale (champion has moved since, and the version is not champion itself):
-    then the inputs are gated again, against today's champion, as a new version."""
+    back to inputs registered before registers nothing new. Of several such versions, the newest whose verdict
+    still stands: a promoted one that is still champion, or another whose gate compared it with today's
+    champion. None if none stands (champion has moved since, or was removed) or its run kept no record: then
+    the inputs are gated again, against today's champion, as a new version."""
     from adaptflow import tracking
 
-    version = tracking.find_version(name, {REGISTER_KEY: key})
-    tags = tracking.version_tags(name, version) if version else {}
     champion = tracking.alias_version(name, "champion")
-    if not tags or (champion != version and tags.get(GATED_AGAINST, "none") != (champion or "none")):
-        return None
-    run_id = tags.get("parent_run_id")
-    records = {f: tracking.load_run_dict(run_id, f) for f in ("registry.json", "lineage.json")} if run_id else {}
-    decision, lineage = records.get("registry.json"), records.get("lineage.json")
-    if not decision or not lineage or decision.get("key") != key or decision.get("version") != version:
-        return None
-    outputs.atomic_write_text(lineage_path(params, root), json.dumps(lineage, indent=2))
-    outputs.atomic_write_text(output_path(params, root), json.dumps(decision, indent=2))
-    return decision
+    for version in tracking.find_versions(name, {REGISTER_KEY: key}):  # newest first: the first whose verdict stands
+        tags = tracking.version_tags(name, version)
+        if tags.get("gate") == "promoted":
+            current = champion == version  # promoted: still champion (not replaced, nor the alias removed)
+        else:
+            current = champion != version and tags.get(GATED_AGAINST, "none") == (champion or "none")  # the champion it was gated against
+        run_id = tags.get("parent_run_id")
+        records = {f: tracking.load_run_dict(run_id, f) for f in ("registry.json", "lineage.json")} if current and run_id else {}
+        decision, lineage = records.get("registry.json"), records.get("lineage.json")
+        if decision and lineage and decision.get("key") == key and decision.get("version") == version:
+            outputs.atomic_write_text(lineage_path(params, root), json.dumps(lineage, indent=2))
+            outputs.atomic_write_text(output_path(params, root), json.dumps(decision, indent=2))
+            return decision
+    return None
 
 
 REGISTER_KEY = "register_key"  # version tag: the register input key it was registered from
@@ -249,7 +252,7 @@ def run(params: Params, root: Path = Path("."), flow_run_id: str | None = None) 
         tracking.log_artifacts(tgt / store.CARD, "dataset_cards/target")
         tracking.log_artifacts(src / store.CARD, "dataset_cards/source")
         seen = meta[meta["split"].isin(["train", "val"])]
-        tracking.log_dict({key: sorted(seen[key]) for key in SEEN_KEYS}, SEEN)  # what a later gate leaves out
+        tracking.log_dict({h: sorted(seen[h]) for h in SEEN_KEYS}, SEEN)  # what a later gate leaves out
         per = ev["strategies"]
         tracking.log_metrics({**{f"{s}.{k}": v for s, m in per.items() for k, v in m.items() if _is_number(v)},
                               **{f"{s}.recall.{c}": v for s, m in per.items() for c, v in m["recall"].items()},
@@ -262,7 +265,8 @@ def run(params: Params, root: Path = Path("."), flow_run_id: str | None = None) 
         if candidate is None:
             decision.update({"version": None, "promoted": False, "reasons": ["no non-baseline strategy ran"], "alias": None})
         else:
-            decision.update(_gate_and_register(params, ev, test, test_ids, model_uri, {**tags, REGISTER_KEY: key}, name,
+            test_set = store.split_hash(tgt, "test", by="content")
+            decision.update(_gate_and_register(params, ev, test, test_ids, model_uri, {**tags, REGISTER_KEY: key, TEST_SET: test_set}, name,
                                                {"parent_run_id": parent_id, "candidate_run_id": run_ids[run_key(candidate, candidate_seed)],
                                                 "orchestrator": orch["kind"], **{k: v for k, v in orch.items() if v and k != "kind"}}))
             tracking.set_tags({"model_name": name, "model_version": decision["version"], "gate": decision["alias"]})
@@ -417,9 +421,10 @@ def _gate_and_register(params: Params, ev: dict, test: store.Split, test_ids: pd
     version = tracking.register(model_uri, name, {
         **tags, "strategy": candidate, "seed": candidate_seed, "val_acc": cand_run["val_acc"], "test_acc": cand_acc,
         "test_ece": cand_run["test_ece"], "strategy_mean_test_acc": cand_mean, "selection": ev["candidate_selection"],
+        "pool_im": cand_run.get("pool_im"),
         "parent_run_id": context["parent_run_id"], "test_data_hash": ev["test_data_hash"]})
     context = {**context, "test_data_hash": ev["test_data_hash"], "git_commit": tags["git_commit"]}
-    held = hold(name, version, champion, ev["test_data_hash"]) if passed else None
+    held = hold(name, version, champion, tags[TEST_SET]) if passed else None
     promoted = passed and not held
     reasons += [held] if held else []
     alias = "champion" if promoted else "challenger"
@@ -439,21 +444,27 @@ def _gate_and_register(params: Params, ev: dict, test: store.Split, test_ids: pd
             "candidate_mean_test_acc": cand_mean, "champion": version if promoted else champion, "model_uri": model_uri}
 
 
-def hold(name: str, version: str, champion: str | None, test_hash: str) -> str | None:
+def hold(name: str, version: str, champion: str | None, test_set: str) -> str | None:
     """Why a version whose gate passed must wait for `adaptflow registry promote` rather than move champion,
     or None. A test set picks the champion at most once: were every run gated on it free to promote, a sweep
-    (DVC experiments, or runs with other params or code on the same data) would end with the champion whose
-    test score was best, chosen by test. A new test set (new target data, another split) gates afresh."""
+    (DVC experiments, or runs with other params or code on the same test images) would end with the champion
+    whose test score was best, chosen by test. ``test_set``: :data:`TEST_SET`, the test images and labels by
+    decoded content, so another ``preprocess`` is the same test set; a new one (new target data, or a
+    re-split: another ``seed`` or fraction) gates afresh."""
     from adaptflow import tracking
 
-    then = f"choose among the versions on val (val_acc in `adaptflow registry show {name}`), then `adaptflow registry promote {name} {version}`"
+    then = (f"choose among the held versions on val (adaptflow registry show {name}), then "
+            f"`adaptflow registry promote {name} {version}`")
     experiment = os.environ.get("DVC_EXP_NAME")
     if experiment:
         return f"held: DVC experiment {experiment!r} never moves champion (across a sweep, the best test score would pick it); {then}"
-    if champion is not None and tracking.version_tags(name, champion).get("test_data_hash") == test_hash:
-        return (f"held: champion (version {champion}) was registered on this same test set (test_data_hash {test_hash[:12]}), "
+    if champion is not None and tracking.version_tags(name, champion).get(TEST_SET) == test_set:
+        return (f"held: champion (version {champion}) was registered on this same test set ({TEST_SET} {test_set}), "
                 f"which picks the champion once (re-gated on it run after run, the best test score would pick it); {then}")
     return None
+
+
+TEST_SET = "test_set"  # version tag: the test images and labels it was gated on, by decoded content (store.split_hash)
 
 
 HELD = "passed, held"  # the gate passed, but the version waits for `adaptflow registry promote` (see hold)

@@ -249,8 +249,8 @@ def test_gate_does_not_overwrite_a_champion_that_moved_meanwhile(server_runs, mo
     # as if v1 had been registered on an older split: the gate on today's test set may then promote.
     tracking.move_alias(name, "champion", v1, expected=v2, reason="test: roll back to v1")
     client = _client(server_runs["uri"])
-    hash_v1 = client.get_model_version(name, v1).tags["test_data_hash"]
-    client.set_model_version_tag(name, v1, "test_data_hash", "an older split")
+    test_set_v1 = client.get_model_version(name, v1).tags[register.TEST_SET]
+    client.set_model_version_tag(name, v1, register.TEST_SET, "an older split")
     with pytest.raises(aliases.AliasConflict):
         tracking.move_alias(name, "champion", v3, expected=v2, reason="stale premise")
 
@@ -268,7 +268,7 @@ def test_gate_does_not_overwrite_a_champion_that_moved_meanwhile(server_runs, mo
     try:
         res = register.run(p, root)
     finally:
-        client.set_model_version_tag(name, v1, "test_data_hash", hash_v1)
+        client.set_model_version_tag(name, v1, register.TEST_SET, test_set_v1)
     assert raced == [f"models:/{name}/{v1}"]
     assert res["promoted"] is False and res["alias"] == "challenger"
     assert any("champion moved to version " + v3 in r for r in res["reasons"]), res["reasons"]

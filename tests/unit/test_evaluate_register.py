@@ -311,13 +311,13 @@ def test_a_test_set_picks_the_champion_once(monkeypatch):
     from adaptflow.stages import register
 
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    tags = {"1": {"test_data_hash": "aaa111"}, "2": {}}  # version 2: registered before the tag was written
+    tags = {"1": {"test_set": "aaa111"}, "2": {"test_data_hash": "aaa111"}}  # version 2: registered before test_set was
     monkeypatch.setattr(tracking, "version_tags", lambda name, v: tags[v])
     assert register.hold("m", "3", None, "aaa111") is None  # no champion: the first one is promoted
     assert register.hold("m", "3", "1", "bbb222") is None  # new target data: a new test set
     held = register.hold("m", "3", "1", "aaa111")
-    assert held.startswith("held: champion (version 1) was registered on this same test set (test_data_hash aaa111)")
-    assert "adaptflow registry promote m 3" in held and "val_acc in `adaptflow registry show m`" in held
+    assert held.startswith("held: champion (version 1) was registered on this same test set (test_set aaa111)")
+    assert "on val (adaptflow registry show m)" in held and "adaptflow registry promote m 3" in held
     assert register.hold("m", "3", "2", "aaa111") is None  # nothing recorded to compare with
     monkeypatch.setenv("DVC_EXP_NAME", "tidy-lamb")
     for champion in (None, "1"):

@@ -206,7 +206,8 @@ def test_bad_array_shape_raises(shape):
 @pytest.mark.parametrize("array, message", [
     (np.zeros((0, 0), np.uint8), "an empty image"), (np.zeros((5, 0), np.float32), "an empty image"),
     (np.zeros((0, 0, 3), np.uint8), "an empty image"), (np.full((8, 8), np.nan, np.float32), "not finite"),
-    (np.array([[0.0, np.inf], [0.5, 1.0]]), "not finite"), (np.array([[0.0, -np.inf], [0.5, 1.0]]), "not finite")])
+    (np.array([[0.0, np.inf], [0.5, 1.0]]), "not finite"), (np.array([[0.0, -np.inf], [0.5, 1.0]]), "not finite"),
+    ([[0.1, None], [0.5, 1.0]], "not finite"), (np.array([[0.1, "x"], [0.5, 1.0]], dtype=object), "not all numbers")])
 def test_an_empty_or_non_finite_array_is_no_image(array, message):
     """Not a confident prediction for a picture made up from what is left."""
     with pytest.raises(ValueError, match=message):

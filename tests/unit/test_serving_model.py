@@ -95,3 +95,5 @@ def test_a_column_of_images_as_mlflow_leaves_it_is_that_many_images(model, png):
     assert len(out) == 3 and (out["label"] == one["label"][0]).all()
     pixels = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4  # a nested list of numbers stays one image
     assert len(model.predict(None, pd.DataFrame({"image": [pixels.tolist()]}))) == 1
+    with pytest.raises(ValueError, match="shape"):  # among several rows, one image per row: output rows match input rows
+        model.predict(None, pd.DataFrame({"image": [b64, [b64, b64]]}))

@@ -144,3 +144,19 @@ def test_split_hash_names_the_images_and_labels_of_a_split(tmp_path):
     assert store.split_hash(a, "test") == store.split_hash(b, "test")
     assert len({store.split_hash(x, "test") for x in (a, c, d)}) == 3
     assert store.split_hash(a, "val") != store.split_hash(a, "test")
+
+
+def test_split_hash_by_content_is_the_same_test_set_at_another_image_size(tmp_path):
+    """The champion's test set, by decoded content: another preprocess (other stored pixels) is the same set."""
+    import pandas as pd
+
+    from adaptflow.data import store
+
+    def write(d, sha1):
+        meta = pd.DataFrame({"sha1": sha1, "content": ["c1", "c2", "c3"], "label": [0, 1, 0], "split": ["test", "test", "val"]})
+        store.write(tmp_path / d, np.zeros((3, 1, 2, 2), np.uint8), meta, {})
+        return tmp_path / d
+
+    small, large = write("28px", ["s1", "s2", "s3"]), write("32px", ["l1", "l2", "l3"])
+    assert store.split_hash(small, "test") != store.split_hash(large, "test")
+    assert store.split_hash(small, "test", by="content") == store.split_hash(large, "test", by="content")
