@@ -281,10 +281,11 @@ def register(model_uri: str, name: str, tags: dict[str, Any]) -> str:
 
 
 def find_versions(name: str, tags: dict[str, str]) -> list[str]:
-    """The versions of ``name`` carrying all ``tags``, newest first. The name is compared here, not in the
-    filter string, which a quote in it would break; tag values are ours (hashes, verdicts)."""
-    flt = " and ".join(f"tags.`{tag_key(k)}` = '{v}'" for k, v in tags.items())
-    found = MlflowClient().search_model_versions(filter_string=flt or None)
+    """The versions of ``name`` carrying all ``tags``, newest first. A name holding a quote, which would break
+    the filter string, is compared here instead (over every model's versions with the tags); tag values are
+    ours (hashes, verdicts)."""
+    terms = ([] if "'" in name else [f"name = '{name}'"]) + [f"tags.`{tag_key(k)}` = '{v}'" for k, v in tags.items()]
+    found = MlflowClient().search_model_versions(filter_string=" and ".join(terms) or None)
     return [str(v) for v in sorted((int(v.version) for v in found if v.name == name), reverse=True)]
 
 

@@ -24,3 +24,26 @@ def test_a_store_copied_from_another_project_is_named(tmp_path, monkeypatch, cap
     with caplog.at_level(logging.WARNING, logger="adaptflow.tracking"):
         tracking.configure(original)
     assert "outside the project" not in caplog.text
+
+
+def test_find_versions_by_tag_newest_first_whatever_the_name(tmp_path, monkeypatch):
+    """A model named after a folder may hold a quote, which an MLflow filter string cannot: still found."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "DVC_ROOT"):
+        monkeypatch.delenv(k, raising=False)
+    tracking.configure(tmp_path)
+    client = MlflowClient()
+    with mlflow.start_run() as run:
+        mlflow.log_dict({"a": 1}, "x.json")
+    for name in ("plain", "o'brien-digits"):
+        client.create_registered_model(name)
+        for key in ("k1", "k2", "k1"):
+            client.create_model_version(name, f"runs:/{run.info.run_id}/x.json", run_id=run.info.run_id, tags={"register_key": key})
+    for name in ("plain", "o'brien-digits"):
+        assert tracking.find_versions(name, {"register_key": "k1"}) == ["3", "1"]
+        assert tracking.find_versions(name, {"register_key": "k2"}) == ["2"]
+        assert tracking.find_versions(name, {}) == ["3", "2", "1"]
+        assert tracking.find_versions(name, {"register_key": "none"}) == []
+    assert tracking.find_versions("missing", {"register_key": "k1"}) == []
