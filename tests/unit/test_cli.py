@@ -210,6 +210,29 @@ def test_registry_history_shows_a_removed_alias(monkeypatch):
     assert res.exit_code == 0 and "m@challenger at 1970-01-01T00:03:20: no version (removed)" in res.output, res.output
 
 
+def test_registry_show_lists_held_versions_by_what_chooses_among_them_never_test(monkeypatch):
+    from adaptflow import tracking
+
+    tags = {"1": {"strategy": "finetune", "seed": "0", "test_acc": "0.95", "gate": "promoted", "gate_reasons": "no current champion"},
+            "2": {"strategy": "dann", "seed": "0", "val_acc": "0.9712345", "test_acc": "0.97", "gate": "passed, held", "gated_against": "1"},
+            "3": {"strategy": "fixmatch", "seed": "1", "val_acc": "None", "pool_im": "0.81234", "test_acc": "0.96",
+                  "gate": "passed, held", "gated_against": "1"}}  # k = 0: no val labels
+    monkeypatch.setattr(tracking, "configure", lambda *a, **k: None)
+    monkeypatch.setattr(tracking, "model_aliases", lambda name: {"champion": "1", "challenger": "3"})
+    monkeypatch.setattr(tracking, "find_versions", lambda name, t: ["3", "2"] if t == {"gate": "passed, held"} else [])
+    monkeypatch.setattr(tracking, "version_tags", lambda name, v: tags[v])
+    out = _invoke(["registry", "show", "m"]).output
+    assert "champion    version 1  finetune seed 0  test_acc 0.9500  gate promoted: no current champion" in out
+    assert "held (gate passed; choose on these, not test, then: adaptflow registry promote m VERSION):" in out
+    assert "  version 3  fixmatch seed 1  pool_im 0.8123 (label-free: no target val labels)  gated against 1" in out
+    assert "  version 2  dann seed 0  val_acc 0.9712  gated against 1" in out
+    assert out.index("\n  version 3 ") < out.index("\n  version 2 ")  # newest first
+    monkeypatch.setattr(tracking, "model_aliases", lambda name: {})
+    monkeypatch.setattr(tracking, "find_versions", lambda name, t: [])
+    res = _invoke(["registry", "show", "m"])
+    assert res.exit_code == 2 and "no aliases and no held versions" in res.output
+
+
 def test_run_says_when_register_was_reused_and_where_the_aliases_point_now(monkeypatch):
     from adaptflow import tracking
     from adaptflow.stages.register import summary
