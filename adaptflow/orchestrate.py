@@ -213,7 +213,7 @@ def _unwatched_hint(params: Params, root: Path, problems: list[str]) -> str:
     from adaptflow.stages import ingest
 
     changed = [role for role in ingest.ROLES
-               if f"{outputs._shown(ingest.output_dir(params, root, role).resolve())} was made from raw data that has changed since" in problems]
+               if f"{outputs._shown(ingest.output_dir(params, root, role).resolve())} was made from raw data{outputs.CHANGED_SINCE}" in problems]
     why = [w for w in (ingest.role_unwatched(params, root, role) for role in changed) if w]
     return "".join(f"; but {w}" for w in why)
 

@@ -106,6 +106,9 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+CHANGED_SINCE = " that has changed since"  # ends the problem for changed raw data ("X was made from raw data" + this)
+
+
 def inconsistent_upstream(key: Key, sections: Callable[..., dict], raw_now: Callable[[str], str] | None = None) -> list[str]:
     """Why the outputs ``key`` was computed from would not be made as they are from the current params and data.
 
@@ -140,7 +143,7 @@ def inconsistent_upstream(key: Key, sections: Callable[..., dict], raw_now: Call
         changed = [stage for stage, then in record.get("raw", {}).items() if not differ and raw_now is not None and raw_now(stage) != then]
         if changed:
             what = "a weights file" if changed == ["pretrain"] else "raw data"  # pretrain's raw input is what it starts from
-            problems.append(f"{_shown(d)} was made from {what} that has changed since")
+            problems.append(f"{_shown(d)} was made from {what}{CHANGED_SINCE}")
         for rel, then in record["upstream"].items():
             up = (d / rel).resolve()
             m = read_manifest(up)

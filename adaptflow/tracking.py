@@ -202,9 +202,14 @@ def log_dataset(name: str, digest: str, path: Path, context: str, tags: dict[str
 
 def find_run(tags: dict[str, str]) -> str | None:
     """The newest finished run of the experiment carrying all ``tags``."""
-    flt = " and ".join(f"tags.`{tag_key(k)}` = '{v}'" for k, v in tags.items())
+    flt = " and ".join(_tag_terms(tags))
     found = MlflowClient().search_runs([active_experiment_id()], filter_string=flt, max_results=1, order_by=["attributes.start_time DESC"])
     return found[0].info.run_id if found else None
+
+
+def _tag_terms(tags: dict[str, str]) -> list[str]:
+    """Filter-string terms for runs or model versions carrying ``tags`` (values are ours: hashes, verdicts)."""
+    return [f"tags.`{tag_key(k)}` = '{v}'" for k, v in tags.items()]
 
 
 def record_run(name: str, tags: dict[str, Any], params: dict[str, Any], history: list[dict], artifacts: list[Path]) -> str:
@@ -284,7 +289,7 @@ def find_versions(name: str, tags: dict[str, str]) -> list[str]:
     """The versions of ``name`` carrying all ``tags``, newest first. A name holding a quote, which would break
     the filter string, is compared here instead (over every model's versions with the tags); tag values are
     ours (hashes, verdicts)."""
-    terms = ([] if "'" in name else [f"name = '{name}'"]) + [f"tags.`{tag_key(k)}` = '{v}'" for k, v in tags.items()]
+    terms = ([] if "'" in name else [f"name = '{name}'"]) + _tag_terms(tags)
     found = MlflowClient().search_model_versions(filter_string=" and ".join(terms) or None)
     return [str(v) for v in sorted((int(v.version) for v in found if v.name == name), reverse=True)]
 

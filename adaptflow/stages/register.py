@@ -192,10 +192,16 @@ def registered_before(name: str, key: str, root: Path, params: Params) -> dict |
         records = {f: tracking.load_run_dict(run_id, f) for f in ("registry.json", "lineage.json")} if current and run_id else {}
         decision, lineage = records.get("registry.json"), records.get("lineage.json")
         if decision and lineage and decision.get("key") == key and decision.get("version") == version:
-            outputs.atomic_write_text(lineage_path(params, root), json.dumps(lineage, indent=2))
-            outputs.atomic_write_text(output_path(params, root), json.dumps(decision, indent=2))
+            write_records(params, root, decision, lineage)
             return decision
     return None
+
+
+def write_records(params: Params, root: Path, decision: dict, lineage: dict) -> None:
+    """``lineage.json`` then ``registry.json`` (what marks register done), as a registration writes them and a
+    return to its inputs writes them back: the same bytes, so dvc.lock's hashes hold."""
+    outputs.atomic_write_text(lineage_path(params, root), json.dumps(lineage, indent=2))
+    outputs.atomic_write_text(output_path(params, root), json.dumps(decision, indent=2))
 
 
 REGISTER_KEY = "register_key"  # version tag: the register input key it was registered from
@@ -275,8 +281,7 @@ def run(params: Params, root: Path = Path("."), flow_run_id: str | None = None) 
         lineage = _lineage(params, root, ev, decision, orch, tags, lock, tgt_card, src_card, model_uri, tracking_uri, pairs)
         tracking.log_dict(lineage, "lineage.json")
         tracking.log_dict(decision, "registry.json")
-    outputs.atomic_write_text(lineage_path(params, root), json.dumps(lineage, indent=2))
-    outputs.atomic_write_text(out, json.dumps(decision, indent=2))
+    write_records(params, root, decision, lineage)
     log.info("register: %s version %s %s — %s", name, decision.get("version"), "→ champion" if decision["promoted"] else "not promoted", "; ".join(decision["reasons"]))
     return {**decision, "cached": False}
 
