@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +56,19 @@ def _raw_test_pngs(root: Path, dest: Path) -> tuple[list[str], list[str]]:
         Image.fromarray(np.clip(np.rint(raw[idx] * 255 / 16), 0, 255).astype(np.uint8)).save(path)
         paths.append(str(path))
     return paths, list(test.class_name)
+
+
+@contextmanager
+def records_kept(root: Path) -> Iterator[tuple[Path, Path]]:
+    """Register's two records in the shared project, put back as they were once the block ends: a test that
+    registers again must not leave the project's records pointing at its own version for the tests after it."""
+    files = (root / "reports" / "registry.json", root / "reports" / "lineage.json")
+    records = {f: f.read_bytes() for f in files}
+    try:
+        yield files
+    finally:
+        for f, data in records.items():
+            f.write_bytes(data)
 
 
 def test_champion_loads_without_adaptflow_and_matches_evaluate(flow_project, tmp_path):
@@ -142,8 +157,10 @@ def test_gate_keeps_champion_when_candidate_does_not_beat_it(flow_project):
 
     root = flow_project["root"]
     p = load(root / "params.yaml", overrides=["register.margin=0.001"])  # a new key: register runs again
-    first = json.loads((root / p.paths.reports / "registry.json").read_text())
-    second = register.run(p, root)
+    with records_kept(root) as (registry, _):
+        first = json.loads(registry.read_text())
+        second = register.run(p, root)
+        assert json.loads(registry.read_text())["version"] == second["version"]
     assert second["cached"] is False and second["version"] != first["version"]
     assert second["promoted"] is False
     # the same model as the champion, scored by the same path on the same images: a tie, which does not beat
@@ -151,7 +168,6 @@ def test_gate_keeps_champion_when_candidate_does_not_beat_it(flow_project):
     tracking.configure(root)
     assert tracking.alias_version(first["model_name"], "champion") == first["version"]
     assert tracking.alias_version(first["model_name"], "challenger") == second["version"]
-    assert json.loads((root / p.paths.reports / "registry.json").read_text())["version"] == second["version"]
 
 
 def test_gate_scores_the_champion_only_on_test_images_it_never_saw(flow_project, monkeypatch):
@@ -174,7 +190,8 @@ def test_gate_scores_the_champion_only_on_test_images_it_never_saw(flow_project,
     # as if today's test split held 10 images the champion had in train (at another image size: only the
     # decoded-content hash tells them): it is scored on the others only
     monkeypatch.setattr(tracking, "seen_by", lambda n, v, f: {"content": real(n, v, f)["content"] + test_content[:10], "sha1": []})
-    out = register.run(p, root)
+    with records_kept(root):
+        out = register.run(p, root)
     note = f"champion and candidate compared on the {len(test_content) - 10} of {len(test_content)} test images the champion never trained or chose on (10 it had were left out)"
     assert note in out["reasons"], out["reasons"]
     assert any(r.startswith(("beats current champion", "does not beat current champion")) for r in out["reasons"])
@@ -187,16 +204,12 @@ def test_an_experiment_never_moves_champion_and_promote_applies_its_held_verdict
     from adaptflow.stages import register
 
     root = flow_project["root"]
-    records = {f: f.read_text() for f in (root / "reports" / "registry.json", root / "reports" / "lineage.json")}
     monkeypatch.setenv("DVC_EXP_NAME", "tidy-lamb")
     p = load(root / "params.yaml", overrides=["register.model_name=exp-{target}"])  # a model with no champion yet
     name = p.registered_model_name()
-    try:
+    with records_kept(root):
         first = register.run(p, root)
         second = register.run(load(root / "params.yaml", overrides=["register.model_name=exp-{target}", "register.margin=0.001"]), root)
-    finally:  # the shared project's records stay those of its own model
-        for f, text in records.items():
-            f.write_text(text)
     for out in (first, second):
         assert out["promoted"] is False and out["gate"] == register.HELD and out["alias"] == "challenger", out
         assert "no current champion" in out["reasons"] and any(r.startswith("held: DVC experiment 'tidy-lamb'") for r in out["reasons"])
@@ -235,12 +248,10 @@ def test_going_back_to_inputs_registered_before_registers_nothing_until_champion
     from adaptflow.stages import register
 
     root = flow_project["root"]
-    files = (root / "reports" / "registry.json", root / "reports" / "lineage.json")
-    records = {f: f.read_text() for f in files}
     base = load(root / "params.yaml", overrides=["register.model_name=back-{target}"])  # a model of its own
     other = load(root / "params.yaml", overrides=["register.model_name=back-{target}", "register.margin=0.0005"])
     name = base.registered_model_name()
-    try:
+    with records_kept(root) as files:
         first = register.run(base, root)
         written = [f.read_bytes() for f in files]
         second = register.run(other, root)  # another key: a new version (the same model: it does not beat champion)
@@ -250,9 +261,6 @@ def test_going_back_to_inputs_registered_before_registers_nothing_until_champion
         tracking.configure(root)
         tracking.move_alias(name, "champion", second["version"], expected=first["version"], reason="test: champion moves")
         stale = register.run(base, root)
-    finally:  # the shared project's records stay those of its own model
-        for f, text in records.items():
-            f.write_text(text)
     assert (first["version"], second["version"]) == ("1", "2") and first["promoted"] and not second["promoted"]
     assert back["cached"] and back["version"] == "1" and restored == written  # byte for byte: dvc.lock's hashes hold
     assert forth["cached"] and forth["version"] == "2"
