@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 
 import typer
 
-from adaptflow import orchestrate
+from adaptflow import machine, orchestrate
 from adaptflow import params as params_mod
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Adapt a source-domain model to a target domain, prove it helped, register the winner.")
@@ -402,28 +402,28 @@ def predict(
 
     # Paths, decoded one at a time by the model, keep memory flat in the files' sizes. They are the files the
     # user named, read in this process: a shell's ADAPTFLOW_READ_PATHS=0 (meant for a server) does not apply.
-    os.environ["ADAPTFLOW_READ_PATHS"] = "1"
-
+    # Set for the loop only: a caller in the same process (a test, a notebook) keeps its own setting.
     tables, n_unreadable = [], 0
-    for i in range(0, len(files), batch_size):
-        batch = files[i : i + batch_size]
-        try:  # each image is decoded once, by the model; only a batch that fails is checked file by file
-            out = m.predict(frame(batch))
-        except Exception:
-            batch, unreadable = imaging.readable(batch)
-            if not unreadable:
-                raise  # every file decodes: the failure is the model's, not the input's
-            n_unreadable += len(unreadable)
-            for p, why in unreadable:
-                typer.secho(f"skipped {p}: {why}", fg="yellow", err=True)
-            if not batch:
-                continue
-            out = m.predict(frame(batch))
-        for p, label, conf in zip(batch, out["label"], out["confidence"]):
-            typer.echo(f"{p}\t{label}\t{conf:.4f}")
-        if output is not None:
-            out.insert(0, "path", [str(p) for p in batch])
-            tables.append(out)
+    with machine.environ_kept(ADAPTFLOW_READ_PATHS="1"):
+        for i in range(0, len(files), batch_size):
+            batch = files[i : i + batch_size]
+            try:  # each image is decoded once, by the model; only a batch that fails is checked file by file
+                out = m.predict(frame(batch))
+            except Exception:
+                batch, unreadable = imaging.readable(batch)
+                if not unreadable:
+                    raise  # every file decodes: the failure is the model's, not the input's
+                n_unreadable += len(unreadable)
+                for p, why in unreadable:
+                    typer.secho(f"skipped {p}: {why}", fg="yellow", err=True)
+                if not batch:
+                    continue
+                out = m.predict(frame(batch))
+            for p, label, conf in zip(batch, out["label"], out["confidence"]):
+                typer.echo(f"{p}\t{label}\t{conf:.4f}")
+            if output is not None:
+                out.insert(0, "path", [str(p) for p in batch])
+                tables.append(out)
     if n_unreadable == len(files):
         typer.secho(f"error: none of the {n_unreadable} file(s) is a readable image", fg="red", err=True)
         raise typer.Exit(2)

@@ -4,6 +4,8 @@ importing torch (:mod:`adaptflow.accel` applies them to tensors)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # This machine's choices, from the environment: the same params.yaml runs on a laptop and on a GPU box, and
 # how tensors run never changes what a stage computes (beyond floating-point rounding), so none of this is
@@ -47,3 +49,19 @@ def settings(environ: dict | None = None) -> dict:
 def cores() -> int:
     """The CPU cores this process may use (its affinity where the platform has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@contextmanager
+def environ_kept(*names: str, **values: str) -> Iterator[None]:
+    """Environment variables ``names`` and ``values``' keys put back as they were (or removed) after the block;
+    ``values`` are set for it. What a block sets, or a library it calls sets, stays out of the rest of the process."""
+    saved = {k: os.environ.get(k) for k in (*names, *values)}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

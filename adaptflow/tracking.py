@@ -36,7 +36,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.models import ModelSignature  # noqa: E402
 from mlflow.types.schema import AnyType, ColSpec, Schema  # noqa: E402
 
-from adaptflow import aliases  # noqa: E402
+from adaptflow import aliases, machine  # noqa: E402
 from adaptflow.orchestrate import NoStore, default_tracking_uri, store_root, tracking_uri  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -58,16 +58,9 @@ def configure(root: Path = Path("."), create: bool = True) -> str:
     registry = os.environ.get("MLFLOW_REGISTRY_URI") or uri
     # mlflow.set_*_uri also export MLFLOW_*_URI into os.environ "for subprocesses": left there, the first
     # project's store would silently become every later configure()'s "user setting" in this process.
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    try:
+    with machine.environ_kept("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(registry)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     if not create:
         store = _local_store_path(registry)
         if store is not None and not store.exists():

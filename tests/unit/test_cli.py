@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -141,12 +142,17 @@ def test_predict_goes_a_batch_at_a_time_and_writes_the_csv_once(tmp_path, monkey
     assert table[0] == "path,label,confidence" and len(table) == 1 + 6
     assert [line.split(",")[0] for line in table[1:]] == [str(folder / f"{i}.png") for i in (0, 1, 2, 4, 5, 6)]
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary left
+    # the CLI reads paths while it predicts; this process keeps its own setting (a served model in a later
+    # subprocess inherits it)
+    assert os.environ["ADAPTFLOW_READ_PATHS"] == "0"
 
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "a.png").write_text("no")
+    monkeypatch.delenv("ADAPTFLOW_READ_PATHS")
     res = _invoke(["predict", "-m", "exported/model", str(tmp_path / "bad"), "-o", "bad.csv"])
     assert res.exit_code == 2 and "none of the 1 file(s) is a readable image" in res.output
     assert not (tmp_path / "bad.csv").exists()
+    assert "ADAPTFLOW_READ_PATHS" not in os.environ
 
 
 def test_predict_does_not_blame_readable_images_for_a_model_failure(tmp_path, monkeypatch, png_bytes):
