@@ -446,6 +446,10 @@ class Params(_ParamsBase):
             if blocked:
                 raise ValueError(f"finetune.strategies {blocked} need labeled target images but target.k is 0; "
                                  "drop them (and from evaluate.baselines) or raise target.k")
+            if self.finetune.selection == "val":  # the store holds val labels; a k = 0 run promises not to read them
+                raise ValueError("finetune.selection: val chooses checkpoints on target val labels, but target.k is 0 "
+                                 "(no target labels at all); use auto or im (the label-free score on the unlabeled "
+                                 "target pool) or source_val, or raise target.k")
         return self
 
     @model_validator(mode="after")

@@ -375,6 +375,15 @@ def test_no_target_labels_refuses_strategies_that_need_them(params_path):
     assert ok.target.k == 0
 
 
+def test_no_target_labels_refuses_choosing_checkpoints_on_target_val(params_path):
+    label_free = ["target.k=0", "finetune.strategies=[source_only,dann+fixmatch]", "evaluate.baselines=[source_only]"]
+    with pytest.raises(P.ParamsError, match=r"finetune.selection: val .* target.k is 0"):
+        P.load(params_path, overrides=[*label_free, "finetune.selection=val"])
+    for rule in ("auto", "im", "source_val"):
+        assert P.load(params_path, overrides=[*label_free, f"finetune.selection={rule}"]).finetune.selection == rule
+    assert P.load(params_path, overrides=["finetune.selection=val"]).target.k > 0
+
+
 @pytest.mark.parametrize("bad, message", [("dan", "unknown strategy part"), ("fixmatch+finetune", "at most one base"),
                                           ("linear_probe+dann", "takes no objectives")])
 def test_strategy_names_are_checked_on_load(params_path, bad, message):
