@@ -23,13 +23,18 @@ install: $(BIN)/.installed
 run: install
 	$(BIN)/adaptflow run
 
+# Test files run side by side on up to 4 cores (a file's tests stay together, and in order, on one worker);
+# TEST_WORKERS=0 runs them one after another in this process.
+TEST_WORKERS ?= auto
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --maxprocesses=4 --dist loadfile
+
 ## run the test suite (unit + integration)
 test: install
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 ## unit tests only
 test-fast: install
-	$(BIN)/python -m pytest -m "not integration"
+	$(PYTEST) -m "not integration"
 
 ## the same stages through DVC
 repro: install
