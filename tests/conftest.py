@@ -10,22 +10,20 @@ os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] = "ignore"
 os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="adaptflow-prefect-"))
+# Each test process its own (make test runs several, and an ephemeral server's SQLite database is not to share).
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"adaptflow-prefect-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
 for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL"):
     os.environ.pop(var, None)
 
 
 import pytest  # noqa: E402
 
+from adaptflow.machine import environ_kept  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _mlflow_uris_stay_put():
     """mlflow.set_tracking_uri / set_registry_uri also export MLFLOW_*_URI into os.environ: a test that calls
     them would leave a later test (and every subprocess it starts) pointed at its store or stopped server."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with environ_kept("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        yield
