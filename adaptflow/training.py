@@ -94,6 +94,8 @@ def stream(split: Split, batch_size: int, rng: np.random.Generator) -> Iterator[
     would; of a pass's last, shorter batch, the few images (fewer than the processes) that would make the
     shares unequal are skipped: the next pass reshuffles all."""
     n, procs = len(split), distributed.world()
+    if n == 0:  # (a pass over nothing yields nothing: the loop below would spin forever)
+        raise DataError("no training images to draw batches from")
     if procs > 1 and n < 2 * procs:
         raise DataError(f"{n} training images cannot be shared by {procs} processes (BatchNorm needs at least 2 "
                         f"per process and batch): run in fewer processes")

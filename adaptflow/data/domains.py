@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from adaptflow.data.files import DataError, FileListing, natural_key, open_image, read_manifest, scan_imagefolder
+from adaptflow.strategy_names import uses_source
 
 __all__ = ["BUILTIN_DOMAINS", "PATH_KINDS", "DataError", "Domain", "DomainSpec", "parse_spec", "open_domain", "fingerprint", "check_exists"]
 
@@ -198,17 +199,28 @@ def _from_listing(spec: str, listing: FileListing, extra: bytes, info: dict) -> 
     )
 
 
-def check_shared_classes(strategies: list[str], target: list[str], source: list[str]) -> None:
-    """Where ``source_only`` runs (``strategies``), the source must know at least one target class."""
-    if "source_only" in strategies and not set(target) & set(source):
-        raise no_shared_classes(target, source)
+def check_shared_classes(strategies: list[str], target: list[str], source: list[str], selection: str = "auto") -> None:
+    """What reads source images by target class needs the source to know at least one target class:
+    ``source_only``, the objectives that align source and target (their source cross-entropy is on the
+    target's classes) and ``finetune.selection: source_val``. With none shared they would have no image
+    to read."""
+    if set(target) & set(source):
+        return
+    readers = [s for s in strategies if s == "source_only" or uses_source(s)]
+    if selection == "source_val":
+        readers.append("finetune.selection: source_val")
+    if readers:
+        raise no_shared_classes(target, source, readers)
 
 
-def no_shared_classes(target: list[str], source: set[str] | list[str]) -> DataError:
-    """The refusal when the source knows none of the target's classes: source_only could predict none."""
-    return DataError(f"source_only: the source knows none of the target classes {list(target)} (it knows {sorted(source)}); "
-                     "name the classes alike, or drop source_only from finetune.strategies and evaluate.baselines and set "
-                     "register.require_baselines: false")
+def no_shared_classes(target: list[str], source: set[str] | list[str], readers: Sequence[str] = ("source_only",)) -> DataError:
+    """The refusal when the source knows none of the target's classes, naming what would read the source."""
+    baseline = "source_only" in readers
+    return DataError(f"{', '.join(readers)}: the source knows none of the target classes {list(target)} (it knows {sorted(source)}), "
+                     f"so {'it reads' if len(readers) == 1 else 'they read'} no source image; name the classes alike, or drop "
+                     + ("them from finetune.strategies (source_only from evaluate.baselines too, and set "
+                        "register.require_baselines: false)" if baseline else "them")
+                     + (" and choose checkpoints another way" if "finetune.selection: source_val" in readers else ""))
 
 
 def resolve(spec: DomainSpec, root: Path) -> Path:

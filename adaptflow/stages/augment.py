@@ -171,7 +171,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     cards = {r: store.read_card(ingested_dir(params, root, r)) for r in ROLES}
     match = class_match(cards["source"]["classes"], cards["target"]["classes"])
     # now, not after pretraining and the other strategies; also when up to date (the list may change, this key not)
-    check_shared_classes(params.finetune.strategies, match["target"], match["source"])
+    check_shared_classes(params.finetune.strategies, match["target"], match["source"], params.finetune.selection)
     if outputs.is_current(out, key):
         log.info("augment: up to date (%s)", out)
         return {"path": str(out), "digest": outputs.digest(out), "cached": True}

@@ -82,15 +82,15 @@ def check_listing(params: Params, role: str, domain: Domain) -> np.ndarray:
 def check_inputs(params: Params, root: Path) -> None:
     """Before a pipeline run starts anything: every data path exists, each role's listing passes
     :func:`check_listing` (a built-in dataset is read, a folder or manifest listed; no image is decoded),
-    and, where ``source_only`` runs, the source knows at least one target class (augment checks it again
-    on what ingest kept)."""
+    and, where something reads source images by target class (:func:`check_shared_classes`), the source
+    knows at least one target class (augment checks it again on what ingest kept)."""
     check_domains(params, root)
     classes = {}
     for r in ROLES:
         domain = open_role(params, root, r)
         check_listing(params, r, domain)
         classes[r] = domain.classes
-    check_shared_classes(params.finetune.strategies, classes["target"], classes["source"])
+    check_shared_classes(params.finetune.strategies, classes["target"], classes["source"], params.finetune.selection)
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 import tempfile
 import threading
@@ -487,6 +488,12 @@ def test_the_pre_check_refuses_source_only_when_the_source_knows_no_target_class
     p = params(f"imagefolder:{folder}")
     with pytest.raises(DataError, match=r"source_only: the source knows none of the target classes \['one', 'zero'\]"):
         ingest.check_inputs(P.from_dict({**p.to_dict(), "finetune": {"strategies": ["scratch", "source_only"]}}), tmp_path)
-    ingest.check_inputs(P.from_dict({**p.to_dict(), "finetune": {"strategies": ["scratch", "finetune"]},
-                                     "evaluate": {"baselines": ["scratch"]}, "register": {"require_baselines": False}}), tmp_path)
+    no_source_only = {"evaluate": {"baselines": ["scratch"]}, "register": {"require_baselines": False}}
+    ingest.check_inputs(P.from_dict({**p.to_dict(), "finetune": {"strategies": ["scratch", "finetune"]}, **no_source_only}), tmp_path)
+    # an objective aligning source and target trains on source images by target class, and source_val chooses
+    # on them: with no class shared there are none (an alignment step once waited forever for a batch)
+    for finetune, says in (({"strategies": ["scratch", "finetune", "dann+fixmatch", "coral"]}, "dann+fixmatch, coral"),
+                           ({"strategies": ["scratch", "finetune"], "selection": "source_val"}, "finetune.selection: source_val")):
+        with pytest.raises(DataError, match=rf"^{re.escape(says)}: the source knows none of the target classes"):
+            ingest.check_inputs(P.from_dict({**p.to_dict(), "finetune": finetune, **no_source_only}), tmp_path)
     assert not (tmp_path / "data").exists()

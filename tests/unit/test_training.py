@@ -111,6 +111,15 @@ def test_odd_batch_of_one_is_skipped():
     assert math.isfinite(res.history[0]["train_loss"])
 
 
+def test_batches_from_no_images_is_refused_not_an_endless_wait():
+    from adaptflow.data.files import DataError
+    from adaptflow.training import stream
+
+    empty = Split(np.zeros((0, 1, 8, 8), np.uint8), np.zeros(0, np.int64), ["0", "1"])
+    with pytest.raises(DataError, match="no training images to draw batches from"):
+        next(stream(empty, 4, np.random.default_rng(0)))
+
+
 def test_predict_logits_and_accuracy():
     model = _model().eval()
     images = bright_dark(7, 0).images
