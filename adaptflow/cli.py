@@ -320,17 +320,24 @@ def deploy(
                f"  start worker: prefect worker start --pool {pool or p.orchestrate.work_pool}")
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
-
-
 def _expand(paths: list[Path]) -> list[Path]:
-    """Files as given; a folder becomes its image files (recursively, sorted)."""
+    """Files as given; a folder becomes every file below it (sorted), as ingest reads a class folder: any
+    file PIL decodes is an image, whatever its name; one that is not is skipped with its reason later, and
+    what ingest would not read (hidden files, symlinked folders) is named here."""
+    from adaptflow.data.files import walk
+
     out: list[Path] = []
     for p in paths:
-        if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        else:
+        if not p.is_dir():
             out.append(p)
+            continue
+        found = []
+        for f, why in walk(p):
+            if why:
+                typer.secho(f"ignored {f}: {why}", fg="yellow", err=True)
+            else:
+                found.append(f)
+        out += sorted(found)
     return out
 
 
@@ -375,7 +382,7 @@ def predict(
         raise typer.Exit(2)
     files = _expand(paths)
     if not files:
-        typer.secho(f"error: no image files ({', '.join(IMAGE_SUFFIXES)}) under {', '.join(map(str, paths))}", fg="red", err=True)
+        typer.secho(f"error: no image files under {', '.join(map(str, paths))}", fg="red", err=True)
         raise typer.Exit(2)
     why = None if output is None else _unwritable(output)
     if why:

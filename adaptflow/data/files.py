@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,20 @@ def _hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
+def walk(folder: Path) -> Iterator[tuple[Path, str | None]]:
+    """Every file below ``folder``, at any depth (sorted within each folder), with why it is not an image to
+    read, or None: a hidden file, or one in a hidden folder. A symlinked folder comes with its reason too,
+    and is not followed (no cycles). What ingest takes from a class folder, and predict from a folder."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for sub in dirnames:
+            if os.path.islink(os.path.join(dirpath, sub)):
+                yield Path(dirpath, sub), "symlinked folder (not followed)"
+        for fname in sorted(filenames):
+            path = Path(dirpath, fname)
+            yield path, "hidden file" if _hidden(path.relative_to(folder)) else None
+
+
 def scan_imagefolder(root: Path, key: str) -> FileListing:
     """One subfolder per class (its name is the class); every file below it, at any depth, is an item.
 
@@ -85,19 +100,14 @@ def scan_imagefolder(root: Path, key: str) -> FileListing:
     empty = []
     for d in class_dirs:
         found = 0
-        for dirpath, dirnames, filenames in os.walk(d):  # symlinked sub-folders are not followed: no cycles
-            dirnames.sort()
-            for sub in dirnames:
-                if os.path.islink(os.path.join(dirpath, sub)):
-                    ignored.append({"item": str(Path(dirpath, sub).relative_to(root)), "reason": "symlinked folder (not followed)"})
-            for fname in sorted(filenames):
-                rel = Path(dirpath, fname).relative_to(root)
-                if _hidden(rel.relative_to(d.name)):
-                    ignored.append({"item": str(rel), "reason": "hidden file"})
-                    continue
-                files.append(str(rel))
-                names.append(d.name)
-                found += 1
+        for path, why in walk(d):
+            rel = path.relative_to(root)
+            if why:
+                ignored.append({"item": str(rel), "reason": why})
+                continue
+            files.append(str(rel))
+            names.append(d.name)
+            found += 1
         if not found:
             empty.append(d.name)
     if empty:

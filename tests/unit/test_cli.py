@@ -155,6 +155,30 @@ def test_predict_goes_a_batch_at_a_time_and_writes_the_csv_once(tmp_path, monkey
     assert "ADAPTFLOW_READ_PATHS" not in os.environ
 
 
+def test_predict_reads_a_folder_as_ingest_reads_a_class_folder(tmp_path, monkeypatch, png_bytes):
+    """Every file PIL decodes is an image whatever its name (ingest trained on .jfif and .tga too); hidden
+    files are not read, and are named; a file that is no image is skipped with its reason."""
+    from adaptflow import tracking
+
+    fake = _FakeModel()
+    monkeypatch.setattr(tracking, "load_model", lambda uri: fake)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exported" / "model").mkdir(parents=True)
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / ".cache").mkdir()
+    for name in ("a.png", "b.jfif", "c.TGA", "sub/d", ".hidden.png", ".cache/e.png"):
+        (folder / name).write_bytes(png_bytes)
+    (folder / "notes.txt").write_text("not an image")
+    res = _invoke(["predict", "-m", "exported/model", str(folder)])
+    assert res.exit_code == 0, res.output
+    predicted = [line.split("\t")[0] for line in res.stdout.splitlines()]
+    assert predicted == [str(folder / n) for n in ("a.png", "b.jfif", "c.TGA", "sub/d")]
+    for name in (".hidden.png", ".cache/e.png"):
+        assert f"ignored {folder / name}: hidden file" in res.output
+    assert f"skipped {folder / 'notes.txt'}: not a readable image" in res.output
+
+
 def test_predict_does_not_blame_readable_images_for_a_model_failure(tmp_path, monkeypatch, png_bytes):
     from adaptflow import tracking
 
