@@ -83,11 +83,10 @@ class Preprocess(_Section):
 
 def _check_domain(value: str) -> str:
     # Grammar only (built-in name, imagefolder:PATH, csv:PATH): whether PATH exists depends on the project
-    # root, which ingest knows; it checks before any work.
-    from adaptflow.data.domains import parse_spec
+    # root, which ingest knows; it checks before any work. Kept in one spelling (domains.canonical).
+    from adaptflow.data.domains import canonical
 
-    parse_spec(value)
-    return value
+    return canonical(value)
 
 
 class SynthDigits(_Section):

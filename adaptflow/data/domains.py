@@ -13,8 +13,10 @@ pipeline runs offline.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -57,12 +59,22 @@ def parse_spec(spec: str) -> DomainSpec:
             raise ValueError(f"{spec!r} names no path; write {kind}:PATH, e.g. {kind}:data/raw/digits" + (".csv" if kind == "csv" else ""))
         return DomainSpec(kind, path.strip())
     hint = ""
-    if sep and kind.lower() in PATH_KINDS:
-        hint = f" (did you mean {kind.lower()}:{path}?)"
+    kind_like = difflib.get_close_matches(kind.lower(), PATH_KINDS, n=1, cutoff=0.6) if sep and len(kind) > 1 else []  # (C: is a drive)
+    if kind_like:
+        hint = f" (did you mean {kind_like[0]}:{path}?)"
     elif "/" in spec or "\\" in spec or spec.startswith("."):
         guess = "csv" if spec.lower().endswith(".csv") else "imagefolder"
         hint = f" (a path needs its kind: did you mean {guess}:{spec}?)"
+    elif builtin_like := difflib.get_close_matches(spec.lower(), BUILTIN_DOMAINS, n=1, cutoff=0.6):
+        hint = f" (did you mean {builtin_like[0]}?)"
     raise ValueError(f"unknown domain {spec!r}{hint}; choose one of {_choices()}")
+
+
+def canonical(spec: str) -> str:
+    """One spelling per domain: a path kind's path normalised (``./data/raw/x/`` is ``data/raw/x``), so
+    that spellings of one folder name one registered model and one stage input. Raises as :func:`parse_spec`."""
+    parsed = parse_spec(spec)
+    return f"{parsed.kind}:{os.path.normpath(parsed.path)}" if parsed.is_path else parsed.kind
 
 
 @dataclass

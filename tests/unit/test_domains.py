@@ -31,6 +31,9 @@ def test_parse_spec(spec, kind, path):
     ("data/raw/digits", "did you mean imagefolder:data/raw/digits?"),
     ("my.csv/../m.csv", "did you mean csv:my.csv/../m.csv?"),
     ("ImageFolder:x", "did you mean imagefolder:x?"),
+    ("imagefoldr:data/raw/x", "(did you mean imagefolder:data/raw/x?)"),  # not imagefolder:imagefoldr:…
+    ("cvs:m.csv", "(did you mean csv:m.csv?)"),
+    ("mnsit", "(did you mean mnist?)"),
     ("imagefolder:", "names no path"),
     ("", "empty domain"),
 ])

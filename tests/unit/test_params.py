@@ -362,6 +362,16 @@ def test_registered_model_name(params_path):
     assert p.registered_model_name() == "af-uci_digits"
 
 
+def test_one_folder_spelled_two_ways_is_one_domain_and_one_registered_model(params_path):
+    """`./data/raw/x/` and `data/raw/x` are one folder: one spelling in params, so one model (and its champion)
+    and one stage input, not a new model whose first run is compared with no champion."""
+    spellings = ["imagefolder:data/raw/x", "imagefolder:./data/raw/x/", " imagefolder:data//raw/./x "]
+    loaded = [P.load(params_path, [f"target.domain={d}"]) for d in spellings]
+    assert {p.target.domain for p in loaded} == {"imagefolder:data/raw/x"}
+    assert {p.registered_model_name() for p in loaded} == {"adaptflow-imagefolder-data-raw-x"}
+    assert P.load(params_path, ["source.domain=csv:./m.csv"]).source.domain == "csv:m.csv"
+
+
 def test_params_are_frozen(params_path):
     p = P.load(params_path)
     with pytest.raises(Exception):
