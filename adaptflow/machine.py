@@ -1,5 +1,6 @@
-"""This machine's ``ADAPTFLOW_*`` settings and its CPU cores: torch-free, so ingest reads them without
-importing torch (:mod:`adaptflow.accel` applies them to tensors)."""
+"""This machine's ``ADAPTFLOW_*`` settings and its CPU cores, and :func:`environ_kept` for environment
+variables set for a block: torch-free, so ingest reads them without importing torch (:mod:`adaptflow.accel`
+applies them to tensors)."""
 
 from __future__ import annotations
 

@@ -82,10 +82,12 @@ def run_one(params: Params, root: Path, strategy: str, seed: int) -> dict:
             save(adapted.model.cpu(), adapted.config, tmp)
             (tmp / "history.json").write_text(json.dumps(adapted.history, indent=2))
     distributed.barrier()
+    # which checkpoint: epoch 0 is the model before any training step (its score may beat every epoch's)
+    epoch = {None: "", 0: "; epoch 0, before training"}.get(adapted.best_epoch, f"; epoch {adapted.best_epoch}")
     if val_acc is None:
-        log.info("%s: selection score %s (%s)", label, "n/a" if adapted.score is None else f"{adapted.score:.4f}", adapted.selection)
+        log.info("%s: selection score %s (%s%s)", label, "n/a" if adapted.score is None else f"{adapted.score:.4f}", adapted.selection, epoch)
     else:
-        log.info("%s: target val acc %.4f (%s)", label, val_acc, adapted.selection)
+        log.info("%s: target val acc %.4f (%s%s)", label, val_acc, adapted.selection, epoch)
     return {"strategy": strategy, "seed": seed, "path": str(out), "digest": outputs.digest(out), "cached": False, "val_acc": val_acc}
 
 
