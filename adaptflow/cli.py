@@ -323,7 +323,7 @@ def deploy(
 def _expand(paths: list[Path]) -> list[Path]:
     """Files as given; a folder becomes every file below it (sorted), as ingest reads a class folder: any
     file PIL decodes is an image, whatever its name; one that is not is skipped with its reason later, and
-    what ingest would not read (hidden files, symlinked folders) is named here."""
+    what ingest would not read (hidden files and folders, symlinked folders) is named here, a folder once."""
     from adaptflow.data.files import walk
 
     out: list[Path] = []
@@ -332,7 +332,7 @@ def _expand(paths: list[Path]) -> list[Path]:
             out.append(p)
             continue
         found = []
-        for f, why in walk(p):
+        for f, why in walk(p, skip_hidden_folders=True):
             if why:
                 typer.secho(f"ignored {f}: {why}", fg="yellow", err=True)
             else:
@@ -368,10 +368,10 @@ def predict(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write a CSV: path, label, confidence, proba_<class>..."),
     batch_size: int = typer.Option(1024, "--batch-size", min=1, help="images read and predicted at a time (memory stays flat in the number of files)"),
 ) -> None:
-    """Print one predicted label per image (path<TAB>label<TAB>confidence), a batch at a time. In a folder,
-    the files with an image extension are read (others, like a README, are not images to predict); a file
-    that is not a readable image is skipped and listed, with its reason, on stderr; the others are predicted.
-    The CSV appears only once every batch is done."""
+    """Print one predicted label per image (path<TAB>label<TAB>confidence), a batch at a time. A folder is
+    read as ingest reads a class folder: every file below it, whatever its name, except hidden files and
+    folders (named on stderr). A file that is not a readable image is skipped and listed, with its reason, on
+    stderr; the others are predicted. The CSV appears only once every batch is done."""
     import pandas as pd
 
     from adaptflow import imaging, outputs, tracking

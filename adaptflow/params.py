@@ -207,7 +207,7 @@ class Pretrain(_Section):
     weights_dep: str = Field("adaptflow/models", description="the path `dvc repro` watches for the weights (dvc.yaml pretrain deps): "
                              "set it to pretrain.weights so a changed file re-runs pretrain")
     epochs: int = Field(6, ge=0, description="0 with pretrain.weights: the weights are the source model as they are (no training)")
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=2, description="BatchNorm trains on no batch of one")
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
 
@@ -287,7 +287,7 @@ class Finetune(_Section):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="one adapted model per strategy and seed")
     epochs: int = Field(30, ge=1)
     steps_per_epoch: int | None = Field(None, ge=1, description="default: one pass over the labeled set (or the pool, for objectives that read it)")
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=2, description="BatchNorm trains on no batch of one")
     unlabeled_batch_size: int = Field(64, ge=2)
     lr: float = Field(2e-3, gt=0)
     backbone_lr_scale: float = Field(0.1, gt=0, le=1)

@@ -16,9 +16,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib.util
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -71,10 +70,12 @@ def parse_spec(spec: str) -> DomainSpec:
 
 
 def canonical(spec: str) -> str:
-    """One spelling per domain: a path kind's path normalised (``./data/raw/x/`` is ``data/raw/x``), so
-    that spellings of one folder name one registered model and one stage input. Raises as :func:`parse_spec`."""
+    """One spelling per domain: a path kind's path without ``.`` parts, doubled or trailing ``/``
+    (``./data/raw/x/`` is ``data/raw/x``), so that spellings of one folder name one registered model and one
+    stage input; the same on every system. ``..`` stays (through a symlink or ``~`` it means another folder).
+    Raises as :func:`parse_spec`."""
     parsed = parse_spec(spec)
-    return f"{parsed.kind}:{os.path.normpath(parsed.path)}" if parsed.is_path else parsed.kind
+    return f"{parsed.kind}:{PurePosixPath(parsed.path)}" if parsed.is_path else parsed.kind
 
 
 @dataclass
@@ -226,13 +227,22 @@ def check_shared_classes(strategies: list[str], target: list[str], source: list[
 
 
 def no_shared_classes(target: list[str], source: set[str] | list[str], readers: Sequence[str] = ("source_only",)) -> DataError:
-    """The refusal when the source knows none of the target's classes, naming what would read the source."""
-    baseline = "source_only" in readers
+    """The refusal when the source knows none of the target's classes, naming what needs it to know one."""
+    strategies = [r for r in readers if not r.startswith("finetune.")]
+    aligning = [r for r in strategies if r != "source_only"]
+    why, fixes = [], []
+    if "source_only" in strategies:
+        why.append("source_only could predict none of them")
+    if aligning:
+        why.append(f"{', '.join(aligning)} would have no source image of a target class to train on")
+    if strategies:
+        fixes.append(f"drop {', '.join(strategies)} from finetune.strategies"
+                     + (" (and source_only from evaluate.baselines, and set register.require_baselines: false)" if "source_only" in strategies else ""))
+    if len(strategies) < len(readers):
+        why.append("source_val would have no source image to score")
+        fixes.append("choose checkpoints by another finetune.selection (auto, im, or val when target.k > 0)")
     return DataError(f"{', '.join(readers)}: the source knows none of the target classes {list(target)} (it knows {sorted(source)}), "
-                     f"so {'it reads' if len(readers) == 1 else 'they read'} no source image; name the classes alike, or drop "
-                     + ("them from finetune.strategies (source_only from evaluate.baselines too, and set "
-                        "register.require_baselines: false)" if baseline else "them")
-                     + (" and choose checkpoints another way" if "finetune.selection: source_val" in readers else ""))
+                     f"so {'; '.join(why)}; name the classes alike, or {', and '.join(fixes)}")
 
 
 def resolve(spec: DomainSpec, root: Path) -> Path:

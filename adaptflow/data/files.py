@@ -64,15 +64,19 @@ def _hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
-def walk(folder: Path) -> Iterator[tuple[Path, str | None]]:
+def walk(folder: Path, skip_hidden_folders: bool = False) -> Iterator[tuple[Path, str | None]]:
     """Every file below ``folder``, at any depth (sorted within each folder), with why it is not an image to
     read, or None: a hidden file, or one in a hidden folder. A symlinked folder comes with its reason too,
-    and is not followed (no cycles). What ingest takes from a class folder, and predict from a folder."""
+    and is not followed (no cycles); so does a hidden folder with ``skip_hidden_folders`` (``.git``,
+    ``.venv``: named once, not file by file). What ingest takes from a class folder, and predict from a folder."""
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
-        for sub in dirnames:
+        for sub in list(dirnames):
             if os.path.islink(os.path.join(dirpath, sub)):
                 yield Path(dirpath, sub), "symlinked folder (not followed)"
+            elif skip_hidden_folders and sub.startswith("."):
+                dirnames.remove(sub)
+                yield Path(dirpath, sub), "hidden folder (not read)"
         for fname in sorted(filenames):
             path = Path(dirpath, fname)
             yield path, "hidden file" if _hidden(path.relative_to(folder)) else None

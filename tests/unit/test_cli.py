@@ -174,8 +174,8 @@ def test_predict_reads_a_folder_as_ingest_reads_a_class_folder(tmp_path, monkeyp
     assert res.exit_code == 0, res.output
     predicted = [line.split("\t")[0] for line in res.stdout.splitlines()]
     assert predicted == [str(folder / n) for n in ("a.png", "b.jfif", "c.TGA", "sub/d")]
-    for name in (".hidden.png", ".cache/e.png"):
-        assert f"ignored {folder / name}: hidden file" in res.output
+    assert f"ignored {folder / '.hidden.png'}: hidden file" in res.output
+    assert f"ignored {folder / '.cache'}: hidden folder (not read)" in res.output and "e.png" not in res.output  # once, not per file
     assert f"skipped {folder / 'notes.txt'}: not a readable image" in res.output
 
 

@@ -370,6 +370,14 @@ def test_one_folder_spelled_two_ways_is_one_domain_and_one_registered_model(para
     assert {p.target.domain for p in loaded} == {"imagefolder:data/raw/x"}
     assert {p.registered_model_name() for p in loaded} == {"adaptflow-imagefolder-data-raw-x"}
     assert P.load(params_path, ["source.domain=csv:./m.csv"]).source.domain == "csv:m.csv"
+    # `..` stays: after a symlink or `~` it names another folder than the text without it
+    assert P.load(params_path, ["target.domain=imagefolder:~/../x/"]).target.domain == "imagefolder:~/../x"
+
+
+@pytest.mark.parametrize("key", ["pretrain.batch_size", "finetune.batch_size"])
+def test_a_training_batch_of_one_is_refused_before_any_work(params_path, key):
+    with pytest.raises(P.ParamsError, match=rf"{key}"):
+        P.load(params_path, [f"{key}=1"])
 
 
 def test_params_are_frozen(params_path):
@@ -426,7 +434,7 @@ def test_a_plain_typo_is_reported_before_torch_loads(params_path):
             "    try:\n        params.load(sys.argv[1], [override])\n    except params.ParamsError as exc:\n        print(exc)\n"
             "print('heavy:', sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code, str(params_path)], capture_output=True, text=True, timeout=120, check=True).stdout
-    assert "pretrain.batch_size: Input should be greater than or equal to 1" in out
+    assert "pretrain.batch_size: Input should be greater than or equal to 2" in out
     assert "finetune.strategies: unknown strategy part(s) ['bogus']" in out
     assert "finetune.l2sp.alfa: unknown key" in out
     assert out.rstrip().endswith("heavy: []"), out

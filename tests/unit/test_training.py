@@ -118,6 +118,10 @@ def test_batches_from_no_images_is_refused_not_an_endless_wait():
     empty = Split(np.zeros((0, 1, 8, 8), np.uint8), np.zeros(0, np.int64), ["0", "1"])
     with pytest.raises(DataError, match="no training images to draw batches from"):
         next(stream(empty, 4, np.random.default_rng(0)))
+    three = Split(np.zeros((3, 1, 8, 8), np.uint8), np.zeros(3, np.int64), ["0", "1"])
+    with pytest.raises(DataError, match="batch size 1: BatchNorm needs at least 2 images"):  # each batch skipped
+        next(stream(three, 1, np.random.default_rng(0)))
+    assert len(next(stream(three, 2, np.random.default_rng(0)))[1]) == 2
 
 
 def test_predict_logits_and_accuracy():
