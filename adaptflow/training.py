@@ -96,12 +96,12 @@ def stream(split: Split, batch_size: int, rng: np.random.Generator) -> Iterator[
     n, procs = len(split), distributed.world()
     if n == 0:  # (a pass over nothing yields nothing: the loop below would spin forever)
         raise DataError("no training images to draw batches from")
-    if n >= 2 and batch_size < 2 * procs:  # (every batch would be skipped: the same)
-        raise DataError(f"batch size {batch_size}: BatchNorm needs at least 2 images per process and batch")
     if procs > 1 and n < 2 * procs:
         raise DataError(f"{n} training images cannot be shared by {procs} processes (BatchNorm needs at least 2 "
                         f"per process and batch): run in fewer processes")
     distributed.check_batches({"batch size": batch_size}, procs)
+    if n >= 2 and batch_size < 2:  # in one process (check_batches covers several): every batch skipped, the same spin
+        raise DataError(f"batch size {batch_size}: BatchNorm needs at least 2 images per process and batch")
     labels = torch.from_numpy(split.labels)
     while True:
         order = rng.permutation(n)
