@@ -220,16 +220,15 @@ def check_shared_classes(strategies: list[str], target: list[str], source: list[
     if set(target) & set(source):
         return
     readers = [s for s in strategies if s == "source_only" or uses_source(s)]
-    if selection == "source_val":
-        readers.append("finetune.selection: source_val")
-    if readers:
-        raise no_shared_classes(target, source, readers)
+    if readers or selection == "source_val":
+        raise no_shared_classes(target, source, readers, source_val=selection == "source_val")
 
 
-def no_shared_classes(target: list[str], source: set[str] | list[str], readers: Sequence[str] = ("source_only",)) -> DataError:
-    """The refusal when the source knows none of the target's classes, naming what needs it to know one."""
-    strategies = [r for r in readers if not r.startswith("finetune.")]
-    aligning = [r for r in strategies if r != "source_only"]
+def no_shared_classes(target: list[str], source: set[str] | list[str], strategies: Sequence[str] = ("source_only",),
+                      source_val: bool = False) -> DataError:
+    """The refusal when the source knows none of the target's classes, naming what needs it to know one:
+    ``strategies`` and, with ``source_val``, the checkpoint rule."""
+    aligning = [s for s in strategies if s != "source_only"]
     why, fixes = [], []
     if "source_only" in strategies:
         why.append("source_only could predict none of them")
@@ -238,10 +237,11 @@ def no_shared_classes(target: list[str], source: set[str] | list[str], readers: 
     if strategies:
         fixes.append(f"drop {', '.join(strategies)} from finetune.strategies"
                      + (" (and source_only from evaluate.baselines, and set register.require_baselines: false)" if "source_only" in strategies else ""))
-    if len(strategies) < len(readers):
+    if source_val:
         why.append("source_val would have no source image to score")
         fixes.append("choose checkpoints by another finetune.selection (auto, im, or val when target.k > 0)")
-    return DataError(f"{', '.join(readers)}: the source knows none of the target classes {list(target)} (it knows {sorted(source)}), "
+    named = [*strategies, *(["finetune.selection: source_val"] if source_val else [])]
+    return DataError(f"{', '.join(named)}: the source knows none of the target classes {list(target)} (it knows {sorted(source)}), "
                      f"so {'; '.join(why)}; name the classes alike, or {', and '.join(fixes)}")
 
 
