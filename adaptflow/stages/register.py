@@ -68,17 +68,26 @@ def gate(
     margin: float,
     candidate_model_acc: float | None = None,
     unchecked: list[str] = (),
+    chance: tuple[str, float] | None = None,
 ) -> tuple[bool, list[str]]:
     """Whether the candidate may become champion, and why (one reason per check).
 
     ``candidate_acc`` and ``baseline_accs`` are the strategies' mean test accuracies over seeds;
     ``candidate_model_acc`` is the registered model's own (defaults to ``candidate_acc``), which is what
-    the champion — one model — is compared with.
+    the champion — one model — is compared with. ``chance`` is (the test split's most common class, its
+    share): always guessing it scores that share, so the candidate must beat it like a baseline — the one
+    baseline that needs no training and that no params setting removes.
     """
     ok, reasons = True, []
     model_acc = candidate_acc if candidate_model_acc is None else candidate_model_acc
     if unchecked:  # allowed by register.require_baselines: false; said, not hidden
         reasons.append(f"not checked against {', '.join(unchecked)} (not in evaluate.baselines; register.require_baselines: false)")
+    if chance is not None:
+        label, share = chance
+        passed = round(candidate_acc - share, 9) > margin
+        ok &= passed
+        reasons.append(f"{'beats' if passed else 'does not beat'} chance ({candidate_acc:.4f} vs {share:.4f} for always "
+                       f"answering the most common test class, {label!r}; margin {margin})")
     for name, acc in baseline_accs.items():
         passed = round(candidate_acc - acc, 9) > margin  # rounded: "by exactly the margin" is not a float accident
         ok &= passed
@@ -397,6 +406,13 @@ def unseen_test(test_ids: pd.DataFrame, seen: dict | None) -> tuple[np.ndarray, 
                   f"({len(every) - len(keep)} it had were left out)" + (f"; {older}" if older else ""))
 
 
+def majority(split: store.Split) -> tuple[str, float]:
+    """The split's most common class and its share of the split (the lowest label on a tie)."""
+    counts = np.bincount(np.asarray(split.labels), minlength=len(split.classes))
+    top = int(counts.argmax())
+    return str(split.classes[top]), float(counts[top] / counts.sum())
+
+
 def _accuracy(model: Any, test: store.Split, rows: np.ndarray) -> float:
     pred = model.predict(pd.DataFrame({"image": [_png_b64(test.images[int(i)]) for i in rows]}))
     return float((pred["label"].to_numpy() == np.array(test.classes)[test.labels[rows]]).mean())
@@ -421,7 +437,7 @@ def _gate_and_register(params: Params, ev: dict, test: store.Split, test_ids: pd
         cand_vs_champion = _accuracy(tracking.load_model(model_uri), test, rows)
     baselines = {b: per[b]["test_acc"] for b in params.evaluate.baselines}
     passed, reasons = gate(cand_mean, baselines, champion_acc, params.register.margin, candidate_model_acc=cand_vs_champion,
-                           unchecked=params.unchecked_baselines())
+                           unchecked=params.unchecked_baselines(), chance=majority(test))
     reasons += [note] if note else []
     version = tracking.register(model_uri, name, {
         **tags, "strategy": candidate, "seed": candidate_seed, "val_acc": cand_run["val_acc"], "test_acc": cand_acc,

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from adaptflow.data import store
 from adaptflow.params import BASELINES, STRATEGIES
 from adaptflow.stages.evaluate import best_row, choose_candidate, compare, paired_gains, selection_rules, summarise, to_markdown
-from adaptflow.stages.register import gate
+from adaptflow.stages.register import gate, majority
 
 
 def rows(**by_strategy) -> pd.DataFrame:
@@ -145,6 +147,29 @@ def test_gate_says_which_baselines_it_did_not_check():
     assert ok and reasons[0] == "not checked against scratch, source_only (not in evaluate.baselines; register.require_baselines: false)"
     ok, reasons = gate(0.9, {"source_only": 0.5}, None, margin=0.0, unchecked=["scratch"])
     assert ok and reasons[0].startswith("not checked against scratch (") and reasons[1].startswith("beats source_only")
+
+
+def test_gate_checks_chance_even_with_no_baselines():
+    # baselines dropped (require_baselines: false): a model below always-answer-the-commonest-class is still refused
+    ok, reasons = gate(0.28, {}, None, margin=0.0, unchecked=["scratch", "source_only"], chance=("circle", 0.40))
+    assert not ok
+    assert reasons[1] == ("does not beat chance (0.2800 vs 0.4000 for always answering the most common test class, 'circle'; "
+                          "margin 0.0)")
+    ok, reasons = gate(0.41, {}, None, margin=0.0, unchecked=["scratch", "source_only"], chance=("circle", 0.40))
+    assert ok and reasons[1].startswith("beats chance (0.4100 vs 0.4000")
+
+
+def test_gate_chance_takes_the_margin_and_a_tie_does_not_beat():
+    assert not gate(0.45, {"scratch": 0.1}, None, margin=0.1, chance=("3", 0.40))[0]
+    assert not gate(0.40, {"scratch": 0.1}, None, margin=0.0, chance=("3", 0.40))[0]
+    assert gate(0.51, {"scratch": 0.1}, None, margin=0.1, chance=("3", 0.40))[0]
+
+
+def test_majority_is_the_commonest_test_class_and_its_share():
+    split = store.Split(images=np.zeros((5, 1, 2, 2), np.uint8), labels=np.array([2, 0, 2, 1, 2]), classes=["a", "b", "c"])
+    assert majority(split) == ("c", 0.6)
+    tie = store.Split(images=np.zeros((4, 1, 2, 2), np.uint8), labels=np.array([1, 0, 1, 0]), classes=["a", "b"])
+    assert majority(tie) == ("a", 0.5)
 
 
 def test_gate_margin_is_required():
