@@ -364,14 +364,16 @@ def _unwritable(path: Path) -> str | None:
 @app.command()
 def predict(
     paths: list[Path] = typer.Argument(..., help="image files and/or folders of images"),
-    model: str = typer.Option(..., "--model", "-m", help="model URI, e.g. models:/adaptflow-uci_digits@champion"),
+    model: str = typer.Option(..., "--model", "-m", help="model URI: models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write a CSV: path, label, confidence, proba_<class>..."),
     batch_size: int = typer.Option(1024, "--batch-size", min=1, help="images read and predicted at a time (memory stays flat in the number of files)"),
 ) -> None:
     """Print one predicted label per image (path<TAB>label<TAB>confidence), a batch at a time. A folder is
     read as ingest reads a class folder: every file below it, whatever its name, except hidden files and
     folders (named on stderr). A file that is not a readable image is skipped and listed, with its reason, on
-    stderr; the others are predicted. The CSV appears only once every batch is done."""
+    stderr; the others are predicted. The CSV appears only once every batch is done.
+
+    Example: adaptflow predict -m models:/adaptflow-uci_digits@champion photos/"""
     import pandas as pd
 
     from adaptflow import imaging, outputs, tracking
