@@ -757,10 +757,12 @@ def absorb_incoming(params: Params, root: Path) -> dict:
     the rest next time.
     """
     from adaptflow.data.domains import DataError, parse_spec, resolve
+    from adaptflow.data.files import walk
 
     src = incoming_dir(params, root)
     report = {"incoming": str(src), "added": 0, "duplicates": 0, "classes": [], "dataset": None, "held": []}
-    files = sorted(p for p in src.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(src).parts)) if src.is_dir() else []
+    # hidden files and folders (uploads in progress) are not read, as ingest and predict read a folder
+    files = sorted(p for p, why in walk(src, skip_hidden_folders=True) if why is None) if src.is_dir() else []
     loose = [p for p in files if len(p.relative_to(src).parts) < 2]
     if loose:
         log.warning("incoming: %d file(s) directly in %s are not in a class folder and stay there (e.g. %s)", len(loose), src, loose[0].name)

@@ -185,7 +185,7 @@ def test_absorb_incoming_moves_new_files_into_the_target_folder(tmp_path):
     need = class_size_needed(p, "target")
     new_class = {f"2/c{i}.png": _png(10 + i) for i in range(need)}
     _imagefolder(incoming, {"0/a.png": a, "1/b.png": b2, **new_class, "loose.png": c, "2/.partial.png": c,
-                            "1/notes.png": b"not an image", "seven/one.png": c})
+                            "1/.upload/d.png": _png(5), "1/notes.png": b"not an image", "seven/one.png": c})
     report = orchestrate.absorb_incoming(p, tmp_path)
     assert report["added"] == 1 + need and report["duplicates"] == 1 and report["classes"] == ["1", "2"]
     dest = tmp_path / "data/raw/digits"
@@ -198,7 +198,7 @@ def test_absorb_incoming_moves_new_files_into_the_target_folder(tmp_path):
     assert held["seven/one.png"].startswith(f"class 'seven' is new; ingest would keep 1 of its 1 readable image(s); it joins when that reaches {need}")
     assert not (dest / "seven").exists()
     assert sorted(str(f.relative_to(incoming)) for f in incoming.rglob("*") if f.is_file()) == [
-        "1/notes.png", "2/.partial.png", "loose.png", "seven/one.png"]
+        "1/.upload/d.png", "1/notes.png", "2/.partial.png", "loose.png", "seven/one.png"]
     assert orchestrate.absorb_incoming(p, tmp_path)["added"] == 0
     # the new class joins once it has enough images
     _imagefolder(incoming, {f"seven/more{i}.png": _png(100 + i) for i in range(need - 1)})
