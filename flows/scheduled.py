@@ -19,13 +19,14 @@ import os
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from prefect.schedules import Cron
 
 from adaptflow import orchestrate
 from adaptflow.params import Params, load
 from adaptflow.stages.register import summary
-from flows.transfer_pipeline import params_file, pipeline
+from flows.transfer_pipeline import artifact_key, params_file, pipeline
 from tasks import stages as t
 
 DEPLOYMENT = "nightly"
@@ -40,6 +41,8 @@ def scheduled_pipeline(params_path: str = "params.yaml", overrides: list[str] | 
     project = Path(root).resolve()
     with orchestrate.project_lock(project, what=f"flow run {flow_run.name or flow_run.id}", timeout=params.orchestrate.lock_timeout):
         new = t.absorb_incoming(params, str(project))
+        if new["added"] or new["held"]:
+            _publish_incoming(params, new)
         if new["added"] and orchestrate.is_dvc_repo(project):
             new["dvc_file"] = t.dvc_add(str(project), os.path.relpath(new["dataset"], project))
         elif new["added"]:
@@ -48,6 +51,16 @@ def scheduled_pipeline(params_path: str = "params.yaml", overrides: list[str] | 
     reg = result["register"]
     logger.info("%s", summary(reg, project))  # a reused register says so, and where the aliases point now
     return {"incoming": new, "register": reg}
+
+
+def _publish_incoming(params: Params, new: dict) -> None:
+    """What the run took from the watched folder, as a Prefect table artifact (one key per target, so the UI
+    keeps each run's): the files it left there, each with its reason, or one row saying none was left."""
+    rows = new["held"] or [{"item": "(none)", "reason": "every incoming image was taken"}]
+    create_table_artifact(table=[{"file": h["item"], "left in the incoming folder because": h["reason"]} for h in rows],
+                          key=artifact_key("incoming", params),
+                          description=f"{new['added']} new image(s) → {new['dataset'] or '(none moved)'}, "
+                                      f"{new['duplicates']} already there, {len(new['held'])} left in {new['incoming']}")
 
 
 def schedule(params: Params, cron: str | None = None) -> Cron:
@@ -106,5 +119,19 @@ def deploy(params: Params, root: Path, parameters: dict, when: Cron, name: str =
 
 def serve(parameters: dict, when: Cron, name: str = DEPLOYMENT) -> None:
     """Serve the schedule ``when`` (from :func:`schedule`) from this process until interrupted (runs start as
-    subprocesses)."""
+    subprocesses). A deployment of that name that a work pool runs is refused: serving takes it over (it
+    leaves the pool) and pauses it when stopped, so the pool's worker would get no run until it was
+    deployed again."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            pool = client.read_deployment_by_name(f"{scheduled_pipeline.name}/{name}").work_pool_name
+        except ObjectNotFound:
+            pool = None
+    if pool:
+        raise RuntimeError(f"deployment {scheduled_pipeline.name}/{name} runs on work pool {pool!r}: serving it here would take it "
+                           f"off the pool and pause it when this process stops; serve another name (--name served), or "
+                           f"leave the schedule to the pool's worker")
     scheduled_pipeline.serve(name=name, schedules=[when], parameters=parameters, tags=["adaptflow"])

@@ -80,11 +80,16 @@ def settle(futures: list[PrefectFuture]) -> None:
     stopping.clear()
 
 
+def artifact_key(what: str, params: Params) -> str:
+    """A Prefect artifact key per target (lower-case letters, digits and dashes), so the UI keeps its history."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"{what}-{params.registered_model_name()}".lower()).strip("-")
+
+
 def _publish(params: Params, root: Path, evaluated: dict) -> None:
     """The comparison table as a Prefect markdown artifact (one per target, so the UI keeps its history)."""
     table = (root / params.paths.reports / "evaluate" / "comparison.md").read_text()
     name = params.registered_model_name()
-    create_markdown_artifact(markdown=f"# {name}\n\n{table}", key=re.sub(r"[^a-z0-9-]+", "-", f"comparison-{name}".lower()).strip("-"),
+    create_markdown_artifact(markdown=f"# {name}\n\n{table}", key=artifact_key("comparison", params),
                              description=f"strategies side by side on {params.target.domain} (evaluate stage, digest {evaluated['digest']})")
 
 

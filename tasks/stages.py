@@ -103,7 +103,7 @@ def dvc_add(root: str, path: str) -> str:
     """Version a data folder: ``dvc add`` writes ``PATH.dvc`` (commit it) and puts the files in the DVC cache."""
     orchestrate.dvc(Path(root), "add", path)
     dvc_file = Path(root) / f"{path}.dvc"
-    get_run_logger().info("dvc add %s → %s", path, dvc_file.name)
+    get_run_logger().info("dvc add %s → %s (commit it with git)", path, f"{path}.dvc")
     return str(dvc_file)
 
 

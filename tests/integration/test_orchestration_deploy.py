@@ -41,6 +41,7 @@ def _project(root: Path) -> Path:
     for i, (im, y) in enumerate(zip(images, labels)):
         if i % 45 >= 40:  # the five per class not yet in the dataset
             save_image(im, root / "data/incoming/digits" / str(y) / f"new{i:04d}", i, mixed=False)
+    (root / "data/incoming/digits/3/broken.png").write_bytes(b"\x89PNG cut short")  # held: not a readable image
     p = shrunk_params()
     p["target"].update({"domain": "imagefolder:data/raw/digits", "raw": "data/raw/digits", "limit": None})
     p["finetune"]["strategies"] = ["scratch", "source_only", "finetune"]
@@ -75,6 +76,10 @@ def test_deployment_runs_on_a_worker_and_registers_a_version(prefect_server, tmp
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
     assert nightly["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(root.resolve())}}]
 
+    # `adaptflow deploy --serve` serves it from one process (registered while it runs) — not under the name the
+    # work pool runs: serving would take that deployment off the pool and pause it on stopping
+    taken = run([str(BIN / "adaptflow"), "deploy", "--serve"], root, timeout=120, check=False, env=env)  # (serving, it would block)
+    assert taken.returncode == 2 and "deployment scheduled_pipeline/nightly runs on work pool 'adaptflow'" in taken.stderr, taken.stderr
     # `adaptflow deploy --serve` serves it from one process (registered while it runs).
     served = subprocess.Popen([str(BIN / "adaptflow"), "deploy", "--serve", "--name", "served"], cwd=root, env=env,
                               stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -96,6 +101,14 @@ def test_deployment_runs_on_a_worker_and_registers_a_version(prefect_server, tmp
         triggered = run([str(BIN / "prefect"), "deployment", "run", "scheduled_pipeline/test-now"], root, env=env).stdout
         flow_run_id = next(line.split()[-1] for line in triggered.splitlines() if "UUID" in line)
         assert _wait_flow_run(env, flow_run_id, worker, log) == "Completed", log.read_text()[-6000:]
+        # the core's own records (INFO too) reach the runs' logs in Prefect, not only Prefect's: the scheduled
+        # run's, and its pipeline subflow's
+        logs = run([str(BIN / "prefect"), "flow-run", "logs", flow_run_id], root, env=env).stdout
+        assert "incoming: 50 new image(s) in 10 class(es)" in logs, logs[-6000:]
+        pipeline = json.loads(run([str(BIN / "prefect"), "flow-run", "ls", "--flow-name", "transfer_pipeline", "-o", "json"], root, env=env).stdout)
+        assert [r["parent_task_run_id"] is not None for r in pipeline] == [True]
+        logs = run([str(BIN / "prefect"), "flow-run", "logs", pipeline[0]["id"]], root, env=env).stdout
+        assert "ingest target: 450 images of imagefolder:data/raw/digits" in logs and "register: adaptflow-imagefolder-data-raw-digits version 1" in logs, logs[-6000:]
     finally:
         worker.send_signal(signal.SIGINT)  # a worker stops on SIGINT; SIGTERM it ignores for a while
         try:
@@ -104,7 +117,12 @@ def test_deployment_runs_on_a_worker_and_registers_a_version(prefect_server, tmp
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait(timeout=10)
 
-    assert not any(p.is_file() for p in (root / "data/incoming/digits").rglob("*"))  # absorbed
+    assert [p.name for p in (root / "data/incoming/digits").rglob("*") if p.is_file()] == ["broken.png"]  # the rest absorbed
+    held = json.loads(run([str(BIN / "prefect"), "artifact", "inspect", "incoming-adaptflow-imagefolder-data-raw-digits", "-o", "json"],
+                          root, env=env).stdout)
+    assert len(held) == 1 and held[0]["flow_run_id"] == flow_run_id and held[0]["type"] == "table", held
+    rows = json.loads(held[0]["data"]) if isinstance(held[0]["data"], str) else held[0]["data"]
+    assert [r["file"] for r in rows] == ["3/broken.png"] and rows[0]["left in the incoming folder because"].startswith("not a readable image"), rows
     assert len(list((root / "data/raw/digits/3").iterdir())) == 45
     assert (root / "data/raw/digits.dvc").is_file()  # versioned by DVC
     assert json.loads((root / "data/ingested/target/card.json").read_text())["n_found"] == 450  # the new images were ingested
