@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 NO_PATHS = "this model reads no file paths when served; send base64-encoded image bytes"
@@ -111,8 +111,24 @@ def readable(files: list[Any]) -> tuple[list[Any], list[tuple[Any, str]]]:
 UNREADABLE = (OSError, ValueError, TypeError, Image.DecompressionBombError)  # TypeError: an array Pillow has no mode for
 
 
+class EmptyFile(ValueError):
+    """A file of 0 bytes (an upload cut off, a placeholder): said as such, not as a decoder's complaint."""
+
+
 def unreadable(exc: BaseException) -> str:
-    """Why an image could not be used, as ingest's quarantine, ``adaptflow predict`` and the incoming folder say it."""
+    """Why an image could not be used, in words a person can act on: as ingest's quarantine, ``adaptflow
+    predict``, the served model and the incoming folder say it."""
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, EmptyFile):
+        return "empty file (0 bytes)"
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"decompression bomb refused (Pillow's limit is {Image.MAX_IMAGE_PIXELS} pixels): {text}"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image Pillow can read"
+    if "truncated" in text.lower():
+        return f"truncated image: {text}"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"unreadable: {exc.strerror or text}"
     return f"not a readable image ({_why(exc)})"
 
 
@@ -127,7 +143,9 @@ def decode(src: Any, max_pixels: int | None = None) -> Image.Image:
     """Decode, turned upright as its EXIF orientation says (a phone photo is stored sideways, with a tag).
     ``max_pixels``: refuse a larger canvas (``DecompressionBombError``) from its header, before its pixels
     are allocated; Pillow itself only warns below twice its limit, and a warnings filter is no guard where
-    several threads decode (filters are process-wide)."""
+    several threads decode (filters are process-wide). A file of 0 bytes is :class:`EmptyFile`."""
+    if isinstance(src, (str, Path)) and Path(src).stat().st_size == 0:
+        raise EmptyFile(f"{src}: empty file (0 bytes)")
     im = Image.open(src)
     if max_pixels is not None and im.width * im.height > max_pixels:
         im.close()

@@ -749,8 +749,8 @@ def absorb_incoming(params: Params, root: Path) -> dict:
     into the target's image folder, so ingest sees them; the watched folder is left empty.
 
     A file whose name is taken in the dataset is dropped when the bytes are the same and renamed when they
-    differ. Hidden files (uploads in progress) and files outside a class folder stay where they are. So does
-    — *held*, listed with its reason in the report and the log — a file that is not a readable image, and
+    differ. Hidden files (uploads in progress) stay where they are. So does — *held*, listed with its reason
+    in the report and the log — a file outside a class folder, a file that is not a readable image, and
     every file of a class the dataset does not have yet until that class has enough readable images to fill
     every split and, under ``target.limit``, leaves every class there its minimum (moved, they would fail
     every later ingest). Moving is idempotent: a run killed midway moves
@@ -766,6 +766,7 @@ def absorb_incoming(params: Params, root: Path) -> dict:
     loose = [p for p in files if len(p.relative_to(src).parts) < 2]
     if loose:
         log.warning("incoming: %d file(s) directly in %s are not in a class folder and stay there (e.g. %s)", len(loose), src, loose[0].name)
+    report["held"] += [{"item": p.name, "reason": "not in a class folder: put it in a subfolder named after its class"} for p in loose]
     files = [p for p in files if p not in loose]
     if not files:
         log.info("incoming: nothing new in %s", src)
@@ -776,7 +777,7 @@ def absorb_incoming(params: Params, root: Path) -> dict:
                         f"be added to an imagefolder target (set target.domain: imagefolder:data/raw/NAME and target.raw: data/raw/NAME)")
     dest = resolve(spec, root)
     files = _hold_back(files, src, dest, params, Path(root), report["held"])
-    for h in report["held"]:
+    for h in report["held"][len(loose):]:  # (the loose files were said above, at once)
         log.warning("incoming: %s stays in %s: %s", h["item"], src, h["reason"])
     classes = set()
     for f in files:

@@ -11,23 +11,22 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "adaptflow")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
+from prefect.logging.handlers import APILogHandler  # noqa: E402 — after the defaults: importing Prefect sets up its logging
+
 
 def forward_core_logs() -> None:
-    """Where Prefect set up its logging before this package was imported — a worker's flow-run process
-    (``python -m prefect.engine``) imports the flow only then — the setting above came too late: hand the
-    core's ``adaptflow`` loggers Prefect's handlers for extra loggers (the run's logs in the API) as
-    Prefect does at set-up, and let their INFO records through (that process's root logger is at WARNING).
-    Elsewhere Prefect has not set up yet and does it itself; nothing here then."""
+    """The core's ``adaptflow`` records, INFO and up, go to the run's logs in Prefect's API. Prefect hands its
+    API handler to the extra loggers when it sets up logging; where that happened before this package was
+    imported — a worker's flow-run process (``python -m prefect.engine``) imports the flow only then — the
+    setting above came too late, so the handler is added here. Either way the core's level is lowered to
+    INFO where it is higher (Prefect leaves the root logger, and so the core, at WARNING)."""
     if "adaptflow" not in [name.strip() for name in os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"].split(",")]:
         return  # the user's own setting leaves the core out
-    handlers = logging.getLogger("prefect.extra").handlers
     core = logging.getLogger("adaptflow")
-    if not handlers or all(h in core.handlers for h in handlers):
-        return
-    for handler in handlers:
-        if handler not in core.handlers:
+    for handler in logging.getLogger("prefect.extra").handlers:
+        if isinstance(handler, APILogHandler) and handler not in core.handlers:  # Prefect's own: not a test's capture handler
             core.addHandler(handler)
-    if core.getEffectiveLevel() > logging.INFO:
+    if any(isinstance(h, APILogHandler) for h in core.handlers) and core.getEffectiveLevel() > logging.INFO:
         core.setLevel(logging.INFO)
 
 

@@ -41,12 +41,12 @@ def scheduled_pipeline(params_path: str = "params.yaml", overrides: list[str] | 
     project = Path(root).resolve()
     with orchestrate.project_lock(project, what=f"flow run {flow_run.name or flow_run.id}", timeout=params.orchestrate.lock_timeout):
         new = t.absorb_incoming(params, str(project))
-        if new["added"] or new["held"]:
-            _publish_incoming(params, new)
         if new["added"] and orchestrate.is_dvc_repo(project):
             new["dvc_file"] = t.dvc_add(str(project), os.path.relpath(new["dataset"], project))
         elif new["added"]:
             logger.warning("%s is not a DVC repo: the %d new image(s) in %s are not versioned (run `dvc init` to version data)", project, new["added"], new["dataset"])
+        if new["added"] or new["held"]:  # after dvc add: moved files are versioned whatever happens to the artifact
+            _publish_incoming(params, new)
         result = pipeline(params)(params_path=params_path, overrides=list(overrides or []), root=str(project))
     reg = result["register"]
     logger.info("%s", summary(reg, project))  # a reused register says so, and where the aliases point now
@@ -55,12 +55,16 @@ def scheduled_pipeline(params_path: str = "params.yaml", overrides: list[str] | 
 
 def _publish_incoming(params: Params, new: dict) -> None:
     """What the run took from the watched folder, as a Prefect table artifact (one key per target, so the UI
-    keeps each run's): the files it left there, each with its reason, or one row saying none was left."""
-    rows = new["held"] or [{"item": "(none)", "reason": "every incoming image was taken"}]
-    create_table_artifact(table=[{"file": h["item"], "left in the incoming folder because": h["reason"]} for h in rows],
-                          key=artifact_key("incoming", params),
-                          description=f"{new['added']} new image(s) → {new['dataset'] or '(none moved)'}, "
-                                      f"{new['duplicates']} already there, {len(new['held'])} left in {new['incoming']}")
+    keeps each run's): the files it left there, each with its reason, or one row saying none was left. The
+    run goes on without it when the API refuses it (the files are already moved and logged)."""
+    rows = new["held"] or [{"item": "(none)", "reason": "every incoming file was taken"}]
+    try:
+        create_table_artifact(table=[{"file": h["item"], "left in the incoming folder because": h["reason"]} for h in rows],
+                              key=artifact_key("incoming", params),
+                              description=f"{new['added']} new image(s) → {new['dataset'] or '(none moved)'}, "
+                                          f"{new['duplicates']} already there, {len(new['held'])} left in {new['incoming']}")
+    except Exception as exc:  # noqa: BLE001 — a record of the run, not its work
+        get_run_logger().warning("incoming: the table artifact of what was left in %s was not published: %s", new["incoming"], exc)
 
 
 def schedule(params: Params, cron: str | None = None) -> Cron:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from adaptflow import imaging
 
@@ -168,34 +168,12 @@ def describe(im: Image.Image) -> dict:
 
 
 def open_image(path: Path) -> Image.Image:
-    """Decode a file fully, or raise :class:`BadItem` saying why not.
+    """Decode a file fully, or raise :class:`BadItem` saying why not (:func:`imaging.unreadable`).
 
     Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) is enforced as a refusal, not a
     warning: a file that claims a huge canvas is quarantined before its pixels are allocated.
     """
     try:
-        size = os.stat(path).st_size
-    except OSError as exc:
-        raise BadItem(f"unreadable: {exc.strerror or exc}") from None
-    if size == 0:
-        raise BadItem("empty file (0 bytes)")
-    try:
         return imaging.decode(Path(path), max_pixels=Image.MAX_IMAGE_PIXELS)
     except Exception as exc:  # every decoder failure is this file's problem, never the run's
-        raise BadItem(reason(exc)) from None
-
-
-def reason(exc: BaseException) -> str:
-    """A decoder exception in words a person can act on."""
-    text = str(exc).strip() or type(exc).__name__
-    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return f"decompression bomb refused (Pillow's limit is {Image.MAX_IMAGE_PIXELS} pixels): {text}"
-    if isinstance(exc, UnidentifiedImageError):
-        return "not an image Pillow can read"
-    if "truncated" in text.lower():
-        return f"truncated image: {text}"
-    if isinstance(exc, PermissionError):
-        return f"unreadable: {exc.strerror or text}"
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return f"unreadable: {exc.strerror or text}"
-    return f"corrupt image ({type(exc).__name__}: {text})"
+        raise BadItem(imaging.unreadable(exc)) from None

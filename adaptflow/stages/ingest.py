@@ -40,9 +40,9 @@ import pandas as pd
 from adaptflow import machine, outputs
 from adaptflow.data import domains, store
 from adaptflow.data.domains import DataError, Domain, check_exists, check_shared_classes, open_domain, parse_spec, resolve
-from adaptflow.data.files import BadItem, describe, reason
+from adaptflow.data.files import BadItem, describe
 from adaptflow.data.splits import k_shot, min_class_size, stable_split, stratified_subset
-from adaptflow.imaging import prepare
+from adaptflow.imaging import prepare, unreadable
 from adaptflow.params import ROLES, Params
 
 log = logging.getLogger(__name__)
@@ -205,7 +205,7 @@ def _read(domain: Domain, i: int, size: int, channels: int) -> tuple[dict, str, 
     except MemoryError:  # the machine's problem, not the file's: a store must not depend on memory pressure
         raise
     except Exception as exc:  # a decoder failure in prepare is still this item's problem, not the run's
-        return reason(exc)
+        return unreadable(exc)
     return native, content, arr, stored_digest(arr)
 
 

@@ -69,14 +69,16 @@ def gate(
     candidate_model_acc: float | None = None,
     unchecked: list[str] = (),
     chance: tuple[str, float] | None = None,
+    model_test_acc: float | None = None,
 ) -> tuple[bool, list[str]]:
     """Whether the candidate may become champion, and why (one reason per check).
 
     ``candidate_acc`` and ``baseline_accs`` are the strategies' mean test accuracies over seeds;
     ``candidate_model_acc`` is the registered model's own (defaults to ``candidate_acc``), which is what
     the champion — one model — is compared with. ``chance`` is (the test split's most common class, its
-    share): always guessing it scores that share, so the candidate must beat it like a baseline — the one
-    baseline that needs no training and that no params setting removes.
+    share): always answering it scores that share, so the candidate must beat it like a baseline — the one
+    baseline that needs no training and that no params setting removes — with both its mean and, given as
+    ``model_test_acc``, the registered model's own accuracy on the whole test split.
     """
     ok, reasons = True, []
     model_acc = candidate_acc if candidate_model_acc is None else candidate_model_acc
@@ -84,9 +86,11 @@ def gate(
         reasons.append(f"not checked against {', '.join(unchecked)} (not in evaluate.baselines; register.require_baselines: false)")
     if chance is not None:
         label, share = chance
-        passed = round(candidate_acc - share, 9) > margin
+        lowest = candidate_acc if model_test_acc is None else min(candidate_acc, model_test_acc)
+        passed = round(lowest - share, 9) > margin
         ok &= passed
-        reasons.append(f"{'beats' if passed else 'does not beat'} chance ({candidate_acc:.4f} vs {share:.4f} for always "
+        which = "" if model_test_acc is None else f"the lower of the mean {candidate_acc:.4f} and this model's {model_test_acc:.4f}: "
+        reasons.append(f"{'beats' if passed else 'does not beat'} chance ({which}{lowest:.4f} vs {share:.4f} for always "
                        f"answering the most common test class, {label!r}; margin {margin})")
     for name, acc in baseline_accs.items():
         passed = round(candidate_acc - acc, 9) > margin  # rounded: "by exactly the margin" is not a float accident
@@ -408,6 +412,8 @@ def unseen_test(test_ids: pd.DataFrame, seen: dict | None) -> tuple[np.ndarray, 
 
 def majority(split: store.Split) -> tuple[str, float]:
     """The split's most common class and its share of the split (the lowest label on a tie)."""
+    if len(split.labels) == 0:
+        raise ValueError("the test split holds no image: there is nothing to gate on")
     counts = np.bincount(np.asarray(split.labels), minlength=len(split.classes))
     top = int(counts.argmax())
     return str(split.classes[top]), float(counts[top] / counts.sum())
@@ -437,7 +443,7 @@ def _gate_and_register(params: Params, ev: dict, test: store.Split, test_ids: pd
         cand_vs_champion = _accuracy(tracking.load_model(model_uri), test, rows)
     baselines = {b: per[b]["test_acc"] for b in params.evaluate.baselines}
     passed, reasons = gate(cand_mean, baselines, champion_acc, params.register.margin, candidate_model_acc=cand_vs_champion,
-                           unchecked=params.unchecked_baselines(), chance=majority(test))
+                           unchecked=params.unchecked_baselines(), chance=majority(test), model_test_acc=cand_acc)
     reasons += [note] if note else []
     version = tracking.register(model_uri, name, {
         **tags, "strategy": candidate, "seed": candidate_seed, "val_acc": cand_run["val_acc"], "test_acc": cand_acc,

@@ -137,7 +137,7 @@ def test_predict_cli_takes_a_folder_and_writes_csv(flow_project, tmp_path):
     # three images a batch: the corrupt file falls inside one batch, the CSV joins them all
     proc = run([str(BIN / "adaptflow"), "predict", "-m", f"models:/{name}@champion", str(tmp_path / "pngs"), "-o", str(csv), "--batch-size", "3"], root)
     out = proc.stdout
-    assert f"skipped {tmp_path / 'pngs' / 'corrupt.png'}: not a readable image" in proc.stderr  # the others are predicted
+    assert f"skipped {tmp_path / 'pngs' / 'corrupt.png'}: not an image Pillow can read" in proc.stderr  # the others are predicted
     table = pd.read_csv(csv)
     assert len(table) == len(paths) == len([line for line in out.splitlines() if line.strip()])
     assert list(table.columns[:3]) == ["path", "label", "confidence"] and "proba_0" in table.columns

@@ -137,7 +137,7 @@ def test_predict_goes_a_batch_at_a_time_and_writes_the_csv_once(tmp_path, monkey
     # it: the others are decoded once, by the model) and predicted again without that file
     assert fake.calls == [3, 3, 2, 1]
     assert checked == [folder / f"{i}.png" for i in (3, 4, 5)]
-    assert f"skipped {folder / '3.png'}: not a readable image" in res.output
+    assert f"skipped {folder / '3.png'}: not an image Pillow can read" in res.output
     table = (tmp_path / "out" / "pred.csv").read_text().splitlines()
     assert table[0] == "path,label,confidence" and len(table) == 1 + 6
     assert [line.split(",")[0] for line in table[1:]] == [str(folder / f"{i}.png") for i in (0, 1, 2, 4, 5, 6)]
@@ -176,7 +176,7 @@ def test_predict_reads_a_folder_as_ingest_reads_a_class_folder(tmp_path, monkeyp
     assert predicted == [str(folder / n) for n in ("a.png", "b.jfif", "c.TGA", "sub/d")]
     assert f"ignored {folder / '.hidden.png'}: hidden file" in res.output
     assert f"ignored {folder / '.cache'}: hidden folder (not read)" in res.output and "e.png" not in res.output  # once, not per file
-    assert f"skipped {folder / 'notes.txt'}: not a readable image" in res.output
+    assert f"skipped {folder / 'notes.txt'}: not an image Pillow can read" in res.output
 
 
 def test_predict_does_not_blame_readable_images_for_a_model_failure(tmp_path, monkeypatch, png_bytes):

@@ -165,11 +165,21 @@ def test_gate_chance_takes_the_margin_and_a_tie_does_not_beat():
     assert gate(0.51, {"scratch": 0.1}, None, margin=0.1, chance=("3", 0.40))[0]
 
 
+def test_gate_chance_is_beaten_by_the_registered_model_too():
+    # the strategy's mean over seeds beats chance, the seed that would be registered does not
+    ok, reasons = gate(0.45, {"scratch": 0.1}, None, margin=0.0, chance=("3", 0.40), model_test_acc=0.38)
+    assert not ok and reasons[0] == ("does not beat chance (the lower of the mean 0.4500 and this model's 0.3800: 0.3800 vs 0.4000 "
+                                     "for always answering the most common test class, '3'; margin 0.0)")
+    assert gate(0.45, {"scratch": 0.1}, None, margin=0.0, chance=("3", 0.40), model_test_acc=0.41)[0]
+
+
 def test_majority_is_the_commonest_test_class_and_its_share():
     split = store.Split(images=np.zeros((5, 1, 2, 2), np.uint8), labels=np.array([2, 0, 2, 1, 2]), classes=["a", "b", "c"])
     assert majority(split) == ("c", 0.6)
     tie = store.Split(images=np.zeros((4, 1, 2, 2), np.uint8), labels=np.array([1, 0, 1, 0]), classes=["a", "b"])
     assert majority(tie) == ("a", 0.5)
+    with pytest.raises(ValueError, match="no image"):
+        majority(store.Split(images=np.zeros((0, 1, 2, 2), np.uint8), labels=np.array([], np.int64), classes=["a"]))
 
 
 def test_gate_margin_is_required():

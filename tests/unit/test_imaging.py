@@ -254,7 +254,7 @@ def test_prepare_converts_modes_pillow_only_takes_to_rgb(tmp_path, channels):
     out = prepare(path, 4, channels)
     assert out.shape == (channels, 4, 4) and out.dtype == np.uint8
     good, bad = readable([path, tmp_path / "missing.png"])
-    assert good == [path] and len(bad) == 1 and "not a readable image" in bad[0][1]
+    assert good == [path] and bad == [(tmp_path / "missing.png", "unreadable: No such file or directory")]
 
 
 def test_readable_converts_as_the_model_does(tmp_path, monkeypatch, png_bytes):
@@ -317,3 +317,21 @@ def test_exif_orientation_is_applied(tmp_path):
     out = prepare(path, 10, 1)[0]
     assert (out[:, 6:8] > 128).all() and (out[:, :5] < 64).all()
     assert (prepare(path.read_bytes(), 10, 1) == out).all()
+
+
+def test_ingest_and_predict_say_alike_why_a_file_is_no_image(tmp_path):
+    """One wording for the quarantine report, ``adaptflow predict`` and the incoming folder."""
+    from adaptflow.data.files import BadItem, open_image
+
+    good = tmp_path / "good.png"
+    Image.new("L", (12, 12), 128).save(good)
+    cases = {"empty.png": (b"", "empty file (0 bytes)"), "notes.png": (b"not an image", "not an image Pillow can read"),
+             "cut.png": (good.read_bytes()[:60], "truncated image")}
+    for name, (data, _) in cases.items():
+        (tmp_path / name).write_bytes(data)
+    _, bad = readable([tmp_path / name for name in cases])
+    for (path, said), (name, (_, expected)) in zip(bad, cases.items()):
+        assert path.name == name and said.startswith(expected), (name, said)
+        with pytest.raises(BadItem) as exc:
+            open_image(path)
+        assert str(exc.value) == said

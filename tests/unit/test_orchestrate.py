@@ -185,7 +185,7 @@ def test_absorb_incoming_moves_new_files_into_the_target_folder(tmp_path):
     need = class_size_needed(p, "target")
     new_class = {f"2/c{i}.png": _png(10 + i) for i in range(need)}
     _imagefolder(incoming, {"0/a.png": a, "1/b.png": b2, **new_class, "loose.png": c, "2/.partial.png": c,
-                            "1/.upload/d.png": _png(5), "1/notes.png": b"not an image", "seven/one.png": c})
+                            "1/.upload/d.png": _png(5), "1/notes.png": b"not an image", "1/empty.png": b"", "seven/one.png": c})
     report = orchestrate.absorb_incoming(p, tmp_path)
     assert report["added"] == 1 + need and report["duplicates"] == 1 and report["classes"] == ["1", "2"]
     dest = tmp_path / "data/raw/digits"
@@ -194,11 +194,13 @@ def test_absorb_incoming_moves_new_files_into_the_target_folder(tmp_path):
     assert len(renamed) == 1 and renamed[0].read_bytes() == b2  # a different file under a taken name is kept, renamed
     # held, with the reason: a file that is no image, and a new class too small to fill the splits
     held = {h["item"]: h["reason"] for h in report["held"]}
-    assert held["1/notes.png"].startswith("not a readable image")
+    assert held["1/notes.png"] == "not an image Pillow can read" and held["1/empty.png"] == "empty file (0 bytes)"
+    assert held["loose.png"] == "not in a class folder: put it in a subfolder named after its class"
+    assert sorted(held) == ["1/empty.png", "1/notes.png", "loose.png", "seven/one.png"]  # every file left but the hidden ones
     assert held["seven/one.png"].startswith(f"class 'seven' is new; ingest would keep 1 of its 1 readable image(s); it joins when that reaches {need}")
     assert not (dest / "seven").exists()
     assert sorted(str(f.relative_to(incoming)) for f in incoming.rglob("*") if f.is_file()) == [
-        "1/.upload/d.png", "1/notes.png", "2/.partial.png", "loose.png", "seven/one.png"]
+        "1/.upload/d.png", "1/empty.png", "1/notes.png", "2/.partial.png", "loose.png", "seven/one.png"]
     assert orchestrate.absorb_incoming(p, tmp_path)["added"] == 0
     # the new class joins once it has enough images
     _imagefolder(incoming, {f"seven/more{i}.png": _png(100 + i) for i in range(need - 1)})
