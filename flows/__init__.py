@@ -7,9 +7,12 @@ too): no telemetry, the core's ``adaptflow`` loggers forwarded to Prefect's run 
 import logging
 import os
 
+# A flow-run process a worker starts gets these too (the deployments' job variables), before Prefect starts.
+RUN_ENV = {"PREFECT_LOGGING_EXTRA_LOGGERS": "adaptflow", "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore"}
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "adaptflow")
-os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+for _key, _value in RUN_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 from prefect.logging.handlers import APILogHandler  # noqa: E402 — after the defaults: importing Prefect sets up its logging
 

@@ -26,6 +26,7 @@ from prefect.schedules import Cron
 from adaptflow import orchestrate
 from adaptflow.params import Params, load
 from adaptflow.stages.register import summary
+from flows import RUN_ENV
 from flows.transfer_pipeline import artifact_key, params_file, pipeline
 from tasks import stages as t
 
@@ -117,7 +118,7 @@ def deploy(params: Params, root: Path, parameters: dict, when: Cron, name: str =
     pool = pool or params.orchestrate.work_pool
     ensure_work_pool(pool)
     source = scheduled_pipeline.from_source(source=str(Path(root).resolve()), entrypoint=ENTRYPOINT)
-    return str(source.deploy(name=name, work_pool_name=pool, schedules=[when], parameters=parameters,
+    return str(source.deploy(name=name, work_pool_name=pool, schedules=[when], parameters=parameters, job_variables={"env": RUN_ENV},
                              description=scheduled_pipeline.__doc__, tags=["adaptflow"], print_next_steps=False))
 
 

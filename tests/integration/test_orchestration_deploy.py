@@ -75,6 +75,9 @@ def test_deployment_runs_on_a_worker_and_registers_a_version(prefect_server, tmp
     nightly = json.loads(run([str(BIN / "prefect"), "deployment", "inspect", "scheduled_pipeline/nightly", "--output", "json"], root, env=env).stdout)
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
     assert nightly["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(root.resolve())}}]
+    from flows import RUN_ENV
+
+    assert nightly["job_variables"] == {"env": RUN_ENV}  # prefect.yaml and `adaptflow deploy` give a run the same logging
 
     # `adaptflow deploy --serve` serves it from one process (registered while it runs) — not under the name the
     # work pool runs: serving would take that deployment off the pool and pause it on stopping
@@ -94,6 +97,8 @@ def test_deployment_runs_on_a_worker_and_registers_a_version(prefect_server, tmp
     # `adaptflow deploy` registers it from params.yaml; a worker runs it when triggered.
     out = run([str(BIN / "adaptflow"), "deploy", "--name", "test-now", "--cron", "30 3 * * *"], root, env=env).stdout
     assert "scheduled_pipeline/test-now" in out
+    test_now = json.loads(run([str(BIN / "prefect"), "deployment", "inspect", "scheduled_pipeline/test-now", "--output", "json"], root, env=env).stdout)
+    assert test_now["job_variables"] == {"env": RUN_ENV}
     log = tmp_path / "worker.log"
     worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "adaptflow", "--type", "process"], cwd=tmp_path, env=env,
                               stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
