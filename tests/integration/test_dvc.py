@@ -51,6 +51,24 @@ def test_dvc_repro_runs_stages_then_has_nothing_to_do(dvc_project):
         assert f"Running stage '{untouched}'" not in out, untouched
     assert json.loads((dvc_project / "reports" / "registry.json").read_text())["version"] == version
 
+    # A transform's `size` changes: finetune re-runs and trains anew. (DVC's run cache leaves keys named
+    # `size` out of a run's signature: it would restore the models trained at the old size.)
+    import yaml
+
+    params = yaml.safe_load((dvc_project / "params.yaml").read_text())
+    params["augment"]["target"]["transforms"] += [
+        {"name": "RandomChoice", "transforms": [{"name": "Resize", "size": 8}, {"name": "Resize", "size": 12}]},
+        {"name": "Resize", "size": 16}]
+    (dvc_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "Running stage 'finetune'" in run([str(BIN / "dvc"), "repro"], dvc_project).stdout
+    trained = (dvc_project / "models" / "adapted" / "finetune" / "seed0" / "_manifest.json").read_text()
+    params["augment"]["target"]["transforms"][-2]["transforms"][0]["size"] = 10
+    (dvc_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run([str(BIN / "dvc"), "repro"], dvc_project).stdout
+    assert "Running stage 'finetune'" in out and "is cached" not in out, out
+    assert (dvc_project / "models" / "adapted" / "finetune" / "seed0" / "_manifest.json").read_text() != trained
+    assert "size: 10" in (dvc_project / "dvc.lock").read_text()
+
     # The source model is given as a weights file (pretrain.weights, epochs 0): pretrain re-runs and keeps it
     # as it is; other bytes under the same name are a change `dvc status` sees through pretrain.weights_dep.
     from safetensors.torch import load_file, save_file
@@ -59,8 +77,6 @@ def test_dvc_repro_runs_stages_then_has_nothing_to_do(dvc_project):
     weights.parent.mkdir()
     state = load_file(str(dvc_project / "models" / "source" / "model.safetensors"))
     save_file(state, str(weights))
-    import yaml
-
     params = yaml.safe_load((dvc_project / "params.yaml").read_text())
     params["pretrain"].update({"weights": "weights/source.safetensors", "weights_dep": "weights/source.safetensors", "epochs": 0})
     (dvc_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
