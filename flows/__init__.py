@@ -14,7 +14,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 for _key, _value in RUN_ENV.items():
     os.environ.setdefault(_key, _value)
 
-from prefect.logging.handlers import APILogHandler  # noqa: E402 — after the defaults: importing Prefect sets up its logging
+from prefect.logging.handlers import APILogHandler  # noqa: E402 — after the defaults: Prefect reads its settings from them
 
 
 def forward_core_logs() -> None:
