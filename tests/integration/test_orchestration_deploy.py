@@ -79,8 +79,8 @@ def test_deployment_runs_on_a_worker_and_registers_a_version(prefect_server, tmp
 
     assert nightly["job_variables"] == {"env": RUN_ENV}  # prefect.yaml and `adaptflow deploy` give a run the same logging
 
-    # `adaptflow deploy --serve` serves it from one process (registered while it runs) — not under the name the
-    # work pool runs: serving would take that deployment off the pool and pause it on stopping
+    # `--serve` refuses the name the work pool runs: serving would take that deployment off the pool and pause
+    # it on stopping
     taken = run([str(BIN / "adaptflow"), "deploy", "--serve"], root, timeout=120, check=False, env=env)  # (serving, it would block)
     assert taken.returncode == 2 and "deployment scheduled_pipeline/nightly runs on work pool 'adaptflow'" in taken.stderr, taken.stderr
     # `adaptflow deploy --serve` serves it from one process (registered while it runs).
