@@ -545,7 +545,9 @@ def run(params: Params, root: Path = Path("."), role: str = "target") -> dict:
     _log_items(role, "quarantined", dec.quarantined, report)
     _log_items(role, "ignored", domain.ignored, report)
     _log_items(role, "label conflict", dec.conflict_log, report)
-    log.info("ingest %s: %d images of %s → %s (%d quarantined, %d duplicates removed, %d excluded for a label conflict, %d ignored; report %s)",
-             role, len(labels), spec.domain, out, len(dec.quarantined), len(dec.duplicates), len(dec.conflicts), len(domain.ignored), report)
+    in_conflict = sum("conflicting_class" in d for d in dec.duplicates)  # a conflict's later copies (the first: dec.conflicts)
+    log.info("ingest %s: %d images of %s → %s (%d quarantined, %d exact duplicates removed, %d copies excluded for a label "
+             "conflict, %d ignored; report %s)", role, len(labels), spec.domain, out, len(dec.quarantined),
+             len(dec.duplicates) - in_conflict, len(dec.conflicts) + in_conflict, len(domain.ignored), report)
     return {"role": role, "path": str(out), "digest": outputs.digest(out), "cached": False, "n_images": card["n_images"],
             "quarantined": len(dec.quarantined), "duplicates_removed": len(dec.duplicates), "report": str(report)}

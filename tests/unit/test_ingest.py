@@ -159,10 +159,13 @@ def test_duplicates_removed_counted_and_never_straddle(tmp_path, folder, caplog)
     pngs = sorted((folder / "0").glob("*.png"))
     shutil.copy(pngs[0], folder / "0" / "z_copy_same_class.png")
     shutil.copy(pngs[0], folder / "1" / "z_copy_other_class.png")
-    with caplog.at_level(logging.WARNING, logger="adaptflow"):
+    with caplog.at_level(logging.INFO, logger="adaptflow"):
         ingest.run(params(f"imagefolder:{folder}"), tmp_path, "target")
+    # the summary counts the three copies as one thing, not as one duplicate and two conflicts
+    [summary] = [r.getMessage() for r in caplog.records if "exact duplicates removed" in r.getMessage()]
+    assert "0 exact duplicates removed, 3 copies excluded for a label conflict" in summary, summary
     # copies whose labels disagree: no label can be trusted, so every copy is excluded, and said out loud
-    warned = [r.getMessage() for r in caplog.records if "label conflict" in r.getMessage()]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "label conflict" in r.getMessage()]
     assert len(warned) == 3 and all("every copy is excluded; fix the labels to use it" in w for w in warned)
     assert f"0/{pngs[0].name}: labeled '0', and copies of the same image are labeled '1'" in warned[0]
     assert "0/z_copy_same_class.png: labeled '0', and copies of the same image are labeled '1'" in warned[1]  # the same label as the first
