@@ -74,8 +74,10 @@ def check_listing(params: Params, role: str, domain: Domain) -> np.ndarray:
         raise DataError(f"{role}.domain: {spec.domain} has {len(domain.classes)} class(es) {domain.classes}; a classifier needs at least two")
     keep_idx = stratified_subset(domain.labels, spec.limit, params.seed, domain.refs)  # keyed by the item's path (or index)
     if domain.splits is None:
-        check_class_sizes(per_class(domain.labels[keep_idx], domain.classes), params, role,
-                          what="images listed (before any is decoded)", before=per_class(domain.labels, domain.classes))
+        kept = domain.labels[keep_idx]
+        check_class_sizes(per_class(kept, domain.classes), params, role, what="images listed (before any is decoded)",
+                          before=per_class(domain.labels, domain.classes),
+                          items=lambda c: [str(domain.refs[i]) for i in keep_idx[kept == domain.classes.index(c)]])
     return keep_idx
 
 
@@ -312,10 +314,12 @@ def per_class(labels: np.ndarray, classes: list[str]) -> dict[str, int]:
 
 
 def check_class_sizes(counts: dict[str, int], params: Params, role: str, lost: dict[str, Counter] | None = None,
-                      what: str = "usable images", before: dict[str, int] | None = None) -> None:
+                      what: str = "usable images", before: dict[str, int] | None = None,
+                      items: Callable[[str], list[str]] | None = None) -> None:
     """Every class must fill every split (train keeping ``target.k`` for the labeled subset). ``what`` the
     counts are: usable images after decoding, or the files listed before (some may turn out unreadable);
-    ``before``: each class's images before ``<role>.limit``."""
+    ``before``: each class's images before ``<role>.limit``; ``items``: a class's files, named for a class of
+    at most three (a label typo makes a class of one: the file says where to fix it)."""
     fractions = _fractions(params, role)
     k = params.target.k if role == "target" else 0
     need = class_size_needed(params, role)
@@ -326,7 +330,8 @@ def check_class_sizes(counts: dict[str, int], params: Params, role: str, lost: d
     detail = []
     for c, n in short.items():
         why = ", ".join(f"{m} {what}" for what, m in lost.get(c, Counter()).items() if m)
-        detail.append(f"{c!r}: {n}" + (f" ({why})" if why else ""))
+        named = items(c) if items and 0 < n <= 3 and not (before and before.get(c, 0) >= need) else []  # (not one the limit cut)
+        detail.append(f"{c!r}: {n}" + (f" ({why})" if why else "") + (f" ({', '.join(named)})" if named else ""))
     asks = ", ".join(f"{name}_fraction={f}" for name, f in fractions.items())
     k_txt = f"target.k={k} labeled train images, " if role == "target" else ""
     fixes = (_limit_note(params, role, list(short), before, need) + "add images to those classes"

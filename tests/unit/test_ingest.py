@@ -329,7 +329,8 @@ def test_class_too_small_for_the_splits(tmp_path, folder):
         ingest.run(params(f"imagefolder:{folder}"), tmp_path, "target")
     msg = str(exc.value)
     need = min_class_size({"val": 0.1, "test": 0.3}, train_min=2)
-    assert msg.startswith("target.domain: class(es) with too few images listed (before any is decoded) — '2': 3.")
+    kept = ", ".join(f"2/{p.name}" for p in sorted((folder / "2").iterdir()))  # a class this small: its files, to find a typo
+    assert msg.startswith(f"target.domain: class(es) with too few images listed (before any is decoded) — '2': 3 ({kept}).")
     assert f"at least {need} (target.k=2 labeled train images, at least one image in every split at val_fraction=0.1, test_fraction=0.3)" in msg
     assert "Add images to those classes, lower target.k, or remove the classes." in msg
     assert not (tmp_path / "data" / "ingested" / "target").exists()
@@ -339,11 +340,12 @@ def test_classes_left_short_by_limit_name_the_limit_first(tmp_path, folder):
     with pytest.raises(DataError) as exc:
         ingest.run(params(f"imagefolder:{folder}", target__limit=12), tmp_path, "target")
     assert "Raise or remove target.limit=12 (before it, '0', '1', '2', '3' had enough), add images to those classes" in str(exc.value)
+    assert "'0': 3;" in str(exc.value)  # cut by the limit: no files named
     for p in sorted((folder / "2").iterdir())[3:]:  # a class short with or without the limit: the limit is not blamed
         p.unlink()
     with pytest.raises(DataError) as exc:
         ingest.run(params(f"imagefolder:{folder}", target__limit=36), tmp_path, "target")
-    assert "'2': 3." in str(exc.value) and "limit" not in str(exc.value)
+    assert "'2': 3 (2/" in str(exc.value) and "limit" not in str(exc.value)
 
 
 def test_class_emptied_by_quarantine_counts_what_was_lost(tmp_path, folder, caplog):
