@@ -110,7 +110,7 @@ def _run(params: Path, set_: Optional[list[str]], task_runner: Optional[str], ma
     api_ready()
     from flows.api import unreachable
 
-    why = unreachable()
+    why = unreachable() or _mlflow_unreachable()
     if why:
         typer.secho(f"error: {why}", fg="red", err=True)
         raise typer.Exit(2)
@@ -122,6 +122,12 @@ def _run(params: Path, set_: Optional[list[str]], task_runner: Optional[str], ma
 
     typer.echo(summary(result["register"], Path.cwd()))
     _exit_now(0)
+
+
+def _mlflow_unreachable() -> str | None:
+    """Why register could not reach the MLflow server it is pointed at, asked before any stage runs."""
+    uris = (orchestrate.tracking_uri(Path.cwd()), os.environ.get("MLFLOW_REGISTRY_URI"))
+    return next(filter(None, (orchestrate.server_unreachable(u) for u in dict.fromkeys(uris) if u)), None)
 
 
 @contextlib.contextmanager

@@ -121,7 +121,8 @@ def identity(stage: str, params: Params, root: Path, **which: object) -> Identit
 
 
 class NoStore(FileNotFoundError):
-    """A command that only reads the registry found no store where it looked (it creates none)."""
+    """No MLflow store to use: a command that only reads the registry found none where it looked (it creates
+    none), or no tracking server answers at the URI given."""
 
 
 def bad_input() -> tuple[type[Exception], ...]:
@@ -237,6 +238,25 @@ def default_tracking_uri(root: Path) -> str:
 def tracking_uri(root: Path) -> str:
     """The MLflow store register writes to (what ``tracking.configure`` picks), known without importing MLflow."""
     return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+
+
+def server_unreachable(uri: str, timeout: float = 5.0) -> str | None:
+    """Why the MLflow tracking server at an ``http(s)://`` ``uri`` cannot be used, or None (it answers, with any
+    status: a proxy asking for credentials is reachable; or the store is not a server). Without this, MLflow's
+    client retries a closed port for minutes in silence, and a lookup that failed reads as "no such model"."""
+    from urllib import error, request
+
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            return None
+    except error.HTTPError:
+        return None
+    except (OSError, ValueError) as exc:  # URLError (refused, no such host), a timeout, a malformed URI
+        why = getattr(exc, "reason", None) or exc
+        return (f"no MLflow tracking server answers at {uri} ({why}): start it, or point MLFLOW_TRACKING_URI at "
+                "one (unset, the project's own sqlite:///mlflow.db is used)")
 
 
 def is_current(ident: Identity, root: Path) -> bool:

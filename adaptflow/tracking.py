@@ -37,7 +37,7 @@ from mlflow.models import ModelSignature  # noqa: E402
 from mlflow.types.schema import AnyType, ColSpec, Schema  # noqa: E402
 
 from adaptflow import aliases, machine  # noqa: E402
-from adaptflow.orchestrate import NoStore, default_tracking_uri, store_root, tracking_uri  # noqa: E402
+from adaptflow.orchestrate import NoStore, default_tracking_uri, server_unreachable, store_root, tracking_uri  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,10 @@ def configure(root: Path = Path("."), create: bool = True) -> str:
     registry = os.environ.get("MLFLOW_REGISTRY_URI") or uri
     # mlflow.set_*_uri also export MLFLOW_*_URI into os.environ "for subprocesses": left there, the first
     # project's store would silently become every later configure()'s "user setting" in this process.
+    for server in dict.fromkeys((uri, registry)):
+        why = server_unreachable(server)
+        if why:
+            raise NoStore(why)
     with machine.environ_kept("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(registry)
@@ -329,11 +333,14 @@ def version_exists(name: str, version: str) -> bool:
 
 
 def model_aliases(name: str) -> dict[str, str]:
-    """alias → version of a registered model (empty if the model does not exist)."""
+    """alias → version of a registered model (empty if the model does not exist; any other failure, e.g. a
+    server that errs, raises: it must not read as "no such model")."""
     try:
         return {a: str(v) for a, v in MlflowClient().get_registered_model(name).aliases.items()}
-    except MlflowException:
-        return {}
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return {}
+        raise
 
 
 def load_model(uri: str) -> Any:

@@ -227,6 +227,36 @@ def test_read_only_commands_create_no_store_where_there_is_none(tmp_path, monkey
     assert "MLFLOW_TRACKING_URI" in res.output and not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.parametrize("args", [["predict", "-m", "models:/m@champion", "a.png"], ["registry", "show", "m"],
+                                  ["registry", "history", "m"], ["registry", "promote", "m", "1"]])
+def test_read_only_commands_against_a_tracking_server_that_does_not_answer_say_so(tmp_path, monkeypatch, png_bytes, args):
+    """Not MLflow's minutes of silent retries, a traceback, or "no such registered model": one line, exit 2."""
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    url = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    (tmp_path / "a.png").write_bytes(png_bytes)
+    start = time.monotonic()
+    res = _invoke(args)
+    assert res.exit_code == 2 and f"no MLflow tracking server answers at {url} (" in res.output, res.output
+    assert "no such registered model" not in res.output and time.monotonic() - start < 20
+
+
+def test_run_checks_the_tracking_server_before_any_stage(tmp_path, monkeypatch):
+    import flows.api
+    import flows.transfer_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(flows.api, "start_in_background", lambda: (lambda: None))
+    monkeypatch.setattr(flows.transfer_pipeline, "run_pipeline", lambda **k: pytest.fail("the flow started"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_closed_port()}")
+    res = _invoke(["run", "--params", PARAMS])
+    assert res.exit_code == 2 and "no MLflow tracking server answers at http://127.0.0.1:" in res.output, res.output
+    assert not (tmp_path / "data").exists()
+
+
 def test_registry_history_shows_a_removed_alias(monkeypatch):
     from adaptflow import aliases, tracking
 

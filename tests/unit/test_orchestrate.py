@@ -509,3 +509,30 @@ def test_dvc_stage_names_as_dvc_names_them(tmp_path):
         "  shard:\n    foreach: [a, b]\n    do:\n      cmd: echo ${item}\n"
         "  register: {cmd: echo r}\n")
     assert orchestrate.dvc_stage_names(tmp_path) == ["ingest@source", "ingest@target", "shard@a", "shard@b", "register"]
+
+
+def test_a_tracking_server_that_answers_with_any_status_is_reachable():
+    """A proxy asking for credentials answers: only no answer (refused, no such host) is unreachable."""
+    import http.server
+    import socket
+    import threading
+
+    class Deny(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the handler's name)
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Deny)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert orchestrate.server_unreachable(f"http://127.0.0.1:{server.server_port}") is None
+    finally:
+        server.shutdown()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    assert "no MLflow tracking server answers at http://127.0.0.1:" in orchestrate.server_unreachable(f"http://127.0.0.1:{closed}")
+    assert orchestrate.server_unreachable("sqlite:///mlflow.db") is None
