@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, ContextManager, Iterator, Protocol
 
-__all__ = ["ANY", "AliasConflict", "AliasMove", "AliasStore", "TagLease", "actor", "history", "holder_at", "move", "parse_time"]
+__all__ = ["ANY", "AliasConflict", "AliasMove", "AliasStore", "TagLease", "actor", "drift", "history", "holder_at", "move", "parse_time"]
 
 HISTORY_PREFIX = "adaptflow.alias_history."
 LEASE_TAG = "adaptflow.alias_lease"
@@ -120,6 +120,19 @@ def holder_at(moves: list[AliasMove], alias: str, when: float) -> AliasMove | No
     return last
 
 
+def drift(moves: list[AliasMove], alias: str, current: str | None) -> str | None:
+    """Why the history cannot be trusted for ``alias`` after its last recorded move, or None: the alias points
+    at ``current`` (as read from the registry now), not where that move left it, so someone moved it outside
+    adaptflow (MLflow's ``set_registered_model_alias``, the MLflow UI), and when and why were not recorded."""
+    last = next((m for m in reversed(moves) if m.alias == alias), None)
+    left = last.to_version if last else None
+    if current == left:
+        return None
+    since = f"its last recorded move (#{last.seq}, {last.iso_time}) left it at {left or 'none'}" if last else "no move of it is recorded"
+    return (f"{alias} points at version {current or 'none'} now, but {since}: it was moved outside adaptflow "
+            "(MLflow's set_registered_model_alias or UI), and when and why are not recorded")
+
+
 def parse_time(text: str) -> float:
     """A date or ISO time (``2026-11-22``, ``2026-11-22T15:00``, with or without a zone; no zone = UTC) →
     epoch seconds. A bare date means the end of that day: "champion on date D" is who held it that evening."""
@@ -139,7 +152,9 @@ def move(store: AliasStore, name: str, alias: str, version: str | None, *, expec
     :class:`AliasConflict` otherwise.
 
     The alias is written first and the history entry second; if the history write fails the alias is put
-    back, so the history never misses a move that stuck.
+    back, so the history never misses a move that stuck. An alias found where its history did not leave it
+    (:func:`drift`) gets that outside move recorded first, as noticed now, so the history agrees with the
+    registry from here on.
     """
     with store.lock(name):
         current = store.get_alias(name, alias)
@@ -149,7 +164,16 @@ def move(store: AliasStore, name: str, alias: str, version: str | None, *, expec
         if current == version:
             return None
         moves = history(store, name)
-        entry = AliasMove(seq=(moves[-1].seq + 1) if moves else 1, alias=alias, from_version=current, to_version=version,
+        seq = (moves[-1].seq + 1) if moves else 1
+        outside = drift(moves, alias, current)
+        if outside:
+            left = next((m.to_version for m in reversed(moves) if m.alias == alias), None)
+            noticed = AliasMove(seq=seq, alias=alias, from_version=left, to_version=current, time=clock(),
+                                reason=f"noticed, not made, here: {outside}", actor=f"outside adaptflow (noticed by {actor()})",
+                                context={"outside": True})
+            store.set_model_tag(name, f"{HISTORY_PREFIX}{noticed.seq:06d}", noticed.to_json())
+            seq += 1
+        entry = AliasMove(seq=seq, alias=alias, from_version=current, to_version=version,
                           time=clock(), reason=reason[:_REASON_MAX], actor=actor(), context=dict(context or {}))
         if version is None:
             store.delete_alias(name, alias)

@@ -468,6 +468,7 @@ def registry_history(
     with _bad_input_exits():
         tracking.configure(Path.cwd(), create=False)
     moves = tracking.alias_history(name, alias)
+    outside = _warn_outside_moves(name, tracking.alias_history(name, None), tracking.model_aliases(name), alias)
     if at is not None:
         try:
             when = aliases.parse_time(at)
@@ -482,6 +483,8 @@ def registry_history(
         else:
             where = f"version {held.to_version}" if held.to_version is not None else "no version (removed)"
             typer.echo(f"{name}@{held.alias} at {at}: {where} (since {held.iso_time}, from {held.from_version or 'none'}, by {held.actor})\n  why: {held.reason}")
+            if held.alias in outside and held is aliases.holder_at(moves, held.alias, float("inf")):
+                typer.echo("  (unless the move outside adaptflow warned about above came before then)")
         return
     if as_json:
         typer.echo(json.dumps([{**asdict(m), "iso_time": m.iso_time} for m in moves], indent=2))
@@ -499,6 +502,20 @@ def registry_history(
     for m in moves:
         runs = ", ".join(f"{k}={v}" for k, v in m.context.items() if k in ("parent_run_id", "prefect_flow_run_id", "git_commit"))
         typer.echo(f"{m.seq:>4}  {m.iso_time}  {m.alias:<11} {m.from_version or '-':>4} → {m.to_version or '-':<4} {m.actor}\n      {m.reason}" + (f"\n      {runs}" if runs else ""))
+
+
+def _warn_outside_moves(name: str, moves: list, current: dict[str, str], only: str | None = None) -> set[str]:
+    """Warn (stderr) about each alias the registry has where its recorded history did not leave it; return them."""
+    from adaptflow import aliases
+
+    found = set()
+    for alias in sorted({m.alias for m in moves} | set(current)):
+        why = aliases.drift(moves, alias, current.get(alias)) if only in (None, alias) else None
+        if why:
+            found.add(alias)
+            typer.secho(f"warning: {name}@{why}. The history here ends before that move; the next move adaptflow makes "
+                        "records it, as noticed then.", fg="yellow", err=True)
+    return found
 
 
 @registry_app.command("promote")
@@ -523,6 +540,26 @@ def registry_promote(name: str = typer.Argument(..., help="registered model name
     typer.echo(f"{name}@champion: version {version} (was {done['previous_champion'] or 'none'}); gate: {done['reasons']}")
 
 
+@registry_app.command("rollback")
+def registry_rollback(name: str = typer.Argument(..., help="registered model name"),
+                      reason: str = typer.Option(..., "--reason", help="why (recorded in the alias history)"),
+                      to: Optional[str] = typer.Option(None, "--to", help="the former champion to go back to (default: the one the current champion replaced)")) -> None:
+    """Put champion back on a version that held it before: by default the one the current champion replaced.
+    Only a former champion; recorded in the alias history with --reason; the version left is tagged rolled_back.
+    A pipeline run after it gates its candidate against the champion rolled back to."""
+    from adaptflow import tracking
+    from adaptflow.stages.register import PromoteRefused, rollback
+
+    with _bad_input_exits():
+        tracking.configure(Path.cwd(), create=False)
+    try:
+        done = rollback(name, reason, to)
+    except PromoteRefused as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{name}@champion: version {done['version']} (rolled back from {done['previous_champion']}): {reason}")
+
+
 @registry_app.command("show")
 def registry_show(name: str = typer.Argument(..., help="registered model name")) -> None:
     """Where each alias of NAME points now, with the gate's verdict on that version; then every version whose
@@ -537,6 +574,7 @@ def registry_show(name: str = typer.Argument(..., help="registered model name"))
     if not current and not held:
         typer.secho(f"error: {name}: no such registered model, or it has no aliases and no held versions", fg="red", err=True)
         raise typer.Exit(2)
+    _warn_outside_moves(name, tracking.alias_history(name, None), current)
 
     def four(v: str | None) -> str | None:  # a tag holds the float's full repr; the table and the gate speak in 4 decimals
         try:

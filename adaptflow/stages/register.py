@@ -513,8 +513,10 @@ def promote(name: str, version: str, who: str = "adaptflow registry promote") ->
         return {"model_name": name, "version": str(version), "previous_champion": current, "already": True,
                 "reasons": tags.get("gate_reasons", "")}
     if tags.get("gate") != HELD:
+        back = (f"; it was champion before: to go back to it, adaptflow registry rollback {name} --to {version} --reason '…'"
+                if str(version) in _former_champions(name) else "")
         raise PromoteRefused(f"{name} version {version}: its gate was {tags.get('gate', 'never run')!r}, and only a version whose gate passed "
-                             f"and was held can be promoted by hand ({tags.get('gate_reasons', 'no reasons recorded')})")
+                             f"and was held can be promoted by hand ({tags.get('gate_reasons', 'no reasons recorded')}){back}")
     against = tags.get(GATED_AGAINST, "none")
     if (current or "none") != against:
         raise PromoteRefused(f"{name} version {version} was gated against champion {against}, but champion is now {current or 'none'}: "
@@ -529,6 +531,49 @@ def promote(name: str, version: str, who: str = "adaptflow registry promote") ->
     tracking.set_version_tags(name, version, {"gate": "promoted", "gate_reasons": f"{reasons}; then promoted by hand ({who})"})
     _retire_challenger(name, str(version), who)
     return {"model_name": name, "version": version, "previous_champion": current, "reasons": reasons}
+
+
+def _former_champions(name: str) -> set[str]:
+    """The versions the alias history shows as champion at some time."""
+    from adaptflow import tracking
+
+    return {m.to_version for m in tracking.alias_history(name, "champion") if m.to_version is not None}
+
+
+def rollback(name: str, reason: str, to: str | None = None, who: str = "adaptflow registry rollback") -> dict:
+    """Put ``champion`` back on a version that held it before (``to``; default: the one the current champion
+    replaced when it was promoted, so a second rollback steps back once more), with ``reason`` in the alias history: the way back from a bad model in production. Only a former
+    champion (a gate passed it then), never a version that was not; compare-and-set, like every move. The
+    version rolled back from is tagged ``rolled_back`` with the reason. :class:`PromoteRefused` says why not."""
+    from adaptflow import aliases, tracking
+
+    if not reason.strip():
+        raise PromoteRefused("--reason: say why (it goes into the alias history)")
+    current = tracking.alias_version(name, "champion")
+    if current is None:
+        raise PromoteRefused(f"{name} has no champion to roll back (or no such registered model)")
+    moves = tracking.alias_history(name, "champion")
+    if to is None:
+        put = next((m for m in reversed(moves) if m.to_version == current and "rolled_back_from" not in m.context), None)  # not a rollback
+        if put is None or put.from_version is None:
+            raise PromoteRefused(f"{name}@champion is version {current}, and the alias history shows no version before it"
+                                 + ("" if put else " (it was put there outside adaptflow)") + ": give --to VERSION")
+        to = put.from_version
+    to = str(to)
+    if to == current:
+        raise PromoteRefused(f"{name}@champion is version {to} already")
+    if not tracking.version_exists(name, to):
+        raise PromoteRefused(f"{name} version {to}: no such registered version")
+    if to not in {m.to_version for m in moves}:
+        raise PromoteRefused(f"{name} version {to} was never champion: only a former champion can be rolled back to "
+                             "(a held version: adaptflow registry promote; any other goes through the gate, in a pipeline run)")
+    try:
+        tracking.move_alias(name, "champion", to, expected=current, reason=f"rolled back by hand ({who}) from version {current}: {reason}",
+                            context={"orchestrator": "cli", "rolled_back_from": current})
+    except aliases.AliasConflict as exc:
+        raise PromoteRefused(f"champion moved to version {exc.found or 'none'} meanwhile: nothing rolled back") from None
+    tracking.set_version_tags(name, current, {"rolled_back": reason})
+    return {"model_name": name, "version": to, "previous_champion": current}
 
 
 def _retire_challenger(name: str, version: str, who: str) -> None:

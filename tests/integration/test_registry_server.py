@@ -277,3 +277,38 @@ def test_gate_does_not_overwrite_a_champion_that_moved_meanwhile(server_runs, mo
     assert tracking.alias_version(name, "challenger") == res["version"]
     champ = [(m.from_version, m.to_version) for m in tracking.alias_history(name, "champion")]
     assert champ[-2:] == [(v2, v1), (v1, v3)]
+
+
+def test_rollback_and_a_champion_moved_outside_adaptflow(server_runs):
+    """Ops take a bad champion back with the CLI; a move made with MLflow's own client is warned about, and the
+    next move adaptflow makes records it, so `registry history` agrees with the registry again."""
+    name, v1, v2 = server_runs["name"], server_runs["first"]["version"], server_runs["better"]["version"]
+    env = {**env_with_venv(), "MLFLOW_TRACKING_URI": server_runs["uri"]}
+    client = _client(server_runs["uri"])
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "adaptflow"), "registry", *args], env=env, capture_output=True, text=True, cwd=server_runs["normal"])
+
+    before = client.get_registered_model(name).aliases["champion"]
+    if before != v2:
+        back = cli("rollback", name, "--to", v2, "--reason", "v3 mislabels the new scanner's images")
+        assert back.returncode == 0 and back.stdout.startswith(f"{name}@champion: version {v2} (rolled back from {before})"), back.stderr
+        assert client.get_model_version(name, before).tags["rolled_back"] == "v3 mislabels the new scanner's images"
+    never = client.get_registered_model(name).aliases["challenger"]  # rejected (or held), never champion
+    refused = cli("rollback", name, "--to", never, "--reason", "x")
+    assert refused.returncode == 2 and "was never champion: only a former champion can be rolled back to" in refused.stderr
+
+    client.set_registered_model_alias(name, "champion", v1)  # outside adaptflow: no history entry
+    now = cli("history", name, "--at", datetime_iso(time.time() + 1))
+    assert now.returncode == 0 and f"version {v2} " in now.stdout and "unless the move outside adaptflow" in now.stdout
+    assert f"warning: {name}@champion points at version {v1} now, but its last recorded move" in now.stderr, now.stderr
+    assert f"warning: {name}@champion points at version {v1} now" in cli("show", name).stderr
+
+    back = cli("rollback", name, "--to", v2, "--reason", "put back what the history says")
+    assert back.returncode == 0 and f"version {v2} (rolled back from {v1})" in back.stdout, back.stderr
+    moves = json.loads(cli("history", name, "--alias", "champion", "--json").stdout)
+    noticed, rolled = moves[-2:]
+    assert (noticed["from_version"], noticed["to_version"], noticed["context"]) == (v2, v1, {"outside": True})
+    assert noticed["actor"].startswith("outside adaptflow (noticed by ")
+    assert (rolled["from_version"], rolled["to_version"]) == (v1, v2) and rolled["context"]["rolled_back_from"] == v1
+    assert "warning" not in cli("show", name).stderr

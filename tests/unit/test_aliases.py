@@ -248,3 +248,21 @@ def test_lease_lost_to_a_later_writer_is_retried():
     lease.sleep = sleep
     lease.acquire()  # waits the other's 5 s lease out, then holds it
     assert lease.token in tags[aliases.LEASE_TAG] and clock.t > 1005
+
+
+def test_an_alias_moved_outside_adaptflow_is_said_and_recorded_at_the_next_move():
+    s = MemoryStore()
+    move(s, "m", "champion", "1", expected=None, reason="gate passed", clock=lambda: 100.0)
+    move(s, "m", "champion", "2", expected="1", reason="gate passed", clock=lambda: 200.0)
+    assert aliases.drift(history(s, "m"), "champion", "2") is None
+    s.set_alias("m", "champion", "1")  # MLflow's set_registered_model_alias: no history
+    why = aliases.drift(history(s, "m"), "champion", "1")
+    assert why.startswith("champion points at version 1 now, but its last recorded move (#2, 1970-01-01T00:03:20+00:00) left it at 2")
+    assert aliases.drift([], "champion", "1").startswith("champion points at version 1 now, but no move of it is recorded")
+    move(s, "m", "champion", "3", expected="1", reason="gate passed", clock=lambda: 300.0)
+    noticed, made = history(s, "m")[-2:]
+    assert (noticed.seq, noticed.from_version, noticed.to_version, noticed.time) == (3, "2", "1", 300.0)
+    assert noticed.actor.startswith("outside adaptflow (noticed by ") and noticed.context == {"outside": True}
+    assert (made.seq, made.from_version, made.to_version) == (4, "1", "3")
+    assert aliases.drift(history(s, "m"), "champion", "3") is None
+    assert holder_at(history(s, "m"), "champion", 250.0).to_version == "2"  # before it was noticed: what was recorded

@@ -395,3 +395,46 @@ def test_promote_refuses_what_no_held_gate_stands_behind(monkeypatch):
     tags["3"] = {"gate": register.HELD, "gate_reasons": "beats version 2", register.GATED_AGAINST: "2"}
     where["challenger"] = "4"  # challenger moved on to another version: it stays there
     assert register.promote("m", "3")["previous_champion"] == "2" and where == {"champion": "3", "challenger": "4"}
+
+
+def test_rollback_goes_back_to_a_former_champion_only(monkeypatch):
+    from adaptflow import aliases, tracking
+    from adaptflow.stages import register
+
+    tags = {v: {"gate": "promoted"} for v in ("1", "2")} | {"3": {"gate": "rejected"}}
+    moves = [aliases.AliasMove(1, "champion", None, "1", 100.0, "gate passed", "me"),
+             aliases.AliasMove(2, "challenger", None, "3", 150.0, "gate rejected", "me"),
+             aliases.AliasMove(3, "champion", "1", "2", 200.0, "gate passed", "me")]
+    where = {"champion": "2"}
+    monkeypatch.setattr(tracking, "version_exists", lambda name, v: v in tags)
+    monkeypatch.setattr(tracking, "version_tags", lambda name, v: tags[v])
+    monkeypatch.setattr(tracking, "alias_version", lambda name, alias: where.get(alias))
+    monkeypatch.setattr(tracking, "alias_history", lambda name, alias=None: [m for m in moves if alias in (None, m.alias)])
+    monkeypatch.setattr(tracking, "set_version_tags", lambda name, v, t: tags[v].update(t))
+
+    def move(name, alias, v, **kw):
+        if kw["expected"] != where.get(alias):
+            raise aliases.AliasConflict(name, alias, kw["expected"], where.get(alias))
+        moves.append(aliases.AliasMove(len(moves) + 1, alias, where.get(alias), v, 300.0, kw["reason"], "me", kw["context"]))
+        where[alias] = v
+
+    monkeypatch.setattr(tracking, "move_alias", move)
+    with pytest.raises(register.PromoteRefused, match="--reason: say why"):
+        register.rollback("m", " ")
+    with pytest.raises(register.PromoteRefused, match="version 3 was never champion: only a former champion"):
+        register.rollback("m", "bad", to="3")
+    with pytest.raises(register.PromoteRefused, match="version 9: no such registered version"):
+        register.rollback("m", "bad", to="9")
+    # promote names the way back for a former champion
+    with pytest.raises(register.PromoteRefused, match=r"it was champion before: to go back to it, adaptflow registry rollback m --to 1"):
+        register.promote("m", "1")
+    done = register.rollback("m", "v2 mislabels blurry scans")  # default: the version v2 replaced
+    assert done == {"model_name": "m", "version": "1", "previous_champion": "2"} and where["champion"] == "1"
+    assert moves[-1].reason == "rolled back by hand (adaptflow registry rollback) from version 2: v2 mislabels blurry scans"
+    assert tags["2"]["rolled_back"] == "v2 mislabels blurry scans" and tags["2"]["gate"] == "promoted"
+    with pytest.raises(register.PromoteRefused, match="version 1, and the alias history shows no version before it: give --to"):
+        register.rollback("m", "again")  # v1 was the first champion (the rollback that put it back is not a promotion)
+    assert register.rollback("m", "v2 was fine after all", to="2")["version"] == "2"
+    where["champion"] = None
+    with pytest.raises(register.PromoteRefused, match="m has no champion to roll back"):
+        register.rollback("m", "x")
