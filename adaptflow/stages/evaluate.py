@@ -114,18 +114,22 @@ def compare(summary: pd.DataFrame, candidate: str | None, baselines: list[str]) 
     return {"transfer_gain": gain, "negative_transfer": negative}
 
 
-def to_markdown(summary: pd.DataFrame, candidate: str | None, selections: dict[str, str], rule: str = SELECTION) -> str:
-    """The side-by-side table ``adaptflow run`` prints (mean ± std over seeds)."""
+def to_markdown(summary: pd.DataFrame, candidate: str | None, selections: dict[str, str], rule: str = SELECTION, by: str = "val_acc") -> str:
+    """The side-by-side table ``adaptflow run`` prints (mean ± std over seeds). ``by``: what chose the
+    candidate; at ``pool_im`` (target.k = 0) the label-free score gets its own column, as the number that chose."""
     pm = lambda r, k: report.pm(r[k], r.get(k + "_std"), int(r["n_seeds"]))  # noqa: E731
     has_ece = "test_ece" in summary.columns
-    lines = ["| strategy | seeds | val acc | test acc | test macro-F1 |" + (" test ECE |" if has_ece else "") + " gain vs scratch | checkpoint chosen by |",
-             "|---|---|---|---|---|" + ("---|" if has_ece else "") + "---|---|"]
-    scratch = summary.loc["scratch", "test_acc"] if "scratch" in summary.index else np.nan
+    has_scratch = "scratch" in summary.index
+    im = by == "pool_im"
+    lines = ["| strategy | seeds |" + (" pool IM (chose) |" if im else "") + " val acc | test acc | test macro-F1 |" + (" test ECE |" if has_ece else "")
+             + (" gain vs scratch |" if has_scratch else "") + " checkpoint chosen by |",
+             "|---|---|" + ("---|" if im else "") + "---|---|---|" + ("---|" if has_ece else "") + ("---|" if has_scratch else "") + "---|"]
     for s, r in summary.iterrows():
         mark = " **(candidate)**" if s == candidate else (" (oracle: reported only)" if s in NOT_CANDIDATES else "")
-        gain = f"{r.test_acc - scratch:+.4f}" if not np.isnan(scratch) else "n/a"
+        gain = f" {r.test_acc - summary.loc['scratch', 'test_acc']:+.4f} |" if has_scratch else ""
         ece = f" {pm(r, 'test_ece')} |" if has_ece else ""
-        lines.append(f"| {s}{mark} | {int(r.n_seeds)} | {pm(r, 'val_acc')} | {pm(r, 'test_acc')} | {pm(r, 'test_macro_f1')} |{ece} {gain} | {selections.get(s, '')} |")
+        score = f" {pm(r, 'pool_im')} |" if im else ""
+        lines.append(f"| {s}{mark} | {int(r.n_seeds)} |{score} {pm(r, 'val_acc')} | {pm(r, 'test_acc')} | {pm(r, 'test_macro_f1')} |{ece}{gain} {selections.get(s, '')} |")
     lines.append("")
     lines.append(f"Candidate chosen by: {rule}. Test accuracy chooses nothing. Values are mean ± std over seeds.")
     return "\n".join(lines) + "\n"
@@ -193,8 +197,8 @@ def selection_rules(candidate_rule: str, label_free: bool, references: list[str]
     rules = {
         "checkpoint (per run)": "chosen inside finetune by the strategy's own rule (column 'checkpoint chosen by'); the target test split is never loaded there",
         "candidate": candidate_rule,
-        "val acc": "accuracy of the chosen checkpoint on target val, the split that chose it: optimistic by construction"
-                   + ("; target.k = 0, so it is shown for reference and chooses nothing" if label_free else ""),
+        "val acc": ("accuracy of the chosen checkpoint on target val: target.k = 0, so no val label chose anything; shown for reference"
+                    if label_free else "accuracy of the chosen checkpoint on target val, the split that chose it: optimistic by construction"),
         "test acc, macro-F1, per-class recall, ECE, NLL": "target test, scored once per run after every choice was made; they choose nothing here (register's gate reads them once)",
         "test ECE": f"top-label expected calibration error: {n_bins} equal-width confidence bins on [0, 1], count-weighted mean |accuracy − confidence|",
         "test NLL": "mean negative log-likelihood of the true class on target test",
@@ -310,7 +314,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (tmp / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
         table.to_csv(tmp / "comparison.csv", index=False)
-        (tmp / "comparison.md").write_text(to_markdown(summary, candidate, selections, rule))
+        (tmp / "comparison.md").write_text(to_markdown(summary, candidate, selections, rule, by))
         (tmp / "report.md").write_text(report.render_markdown(evaluation))
         (tmp / "report.html").write_text(report.render_html(evaluation, tmp))
     log.info("evaluate: candidate %s seed %s (%s); report %s", candidate, candidate_seed, rule, out / "report.html")

@@ -88,7 +88,21 @@ def run_one(params: Params, root: Path, strategy: str, seed: int) -> dict:
         log.info("%s: selection score %s (%s%s)", label, "n/a" if adapted.score is None else f"{adapted.score:.4f}", adapted.selection, epoch)
     else:
         log.info("%s: target val acc %.4f (%s%s)", label, val_acc, adapted.selection, epoch)
+    warn_no_pseudo_labels(label, adapted.history, params)
     return {"strategy": strategy, "seed": seed, "path": str(out), "digest": outputs.digest(out), "cached": False, "val_acc": val_acc}
+
+
+def warn_no_pseudo_labels(label: str, history: list[dict], params: Params) -> None:
+    """Say so when fixmatch trained on nothing: no pool image reached its threshold in any epoch (its loss was 0
+    throughout). The run still counts as trained, so the table alone would not show it."""
+    rates = [r["pseudo_label_rate"] for r in history if r.get("pseudo_label_rate") is not None]
+    if not rates or max(rates) > 0:
+        return
+    k = params.target.k
+    log.warning("%s: no pool image reached finetune.fixmatch.threshold=%s in any of %d epochs (pseudo_label_rate 0): its "
+                "fixmatch loss trained nothing%s. Lower the threshold, or start from a model more confident on the target",
+                label, params.finetune.fixmatch.threshold, len(rates),
+                "; at target.k=0 no label trains anything either" if k == 0 else "")
 
 
 def selected(params: Params, strategy: str | None = None, seed: int | None = None) -> list[tuple[str, int]]:

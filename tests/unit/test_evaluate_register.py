@@ -251,7 +251,17 @@ def test_selection_rules_name_every_reported_number():
     for key in ("candidate", "val acc", "test ECE", "mean ± std", "gain vs scratch", "gain vs source_only", "negative transfer", "oracle"):
         assert key in rules, key
     assert rules["candidate"] == "the rule"
-    assert "chooses nothing" in selection_rules("r", label_free=True, references=[])["val acc"]
+    assert "no val label chose anything; shown for reference" in selection_rules("r", label_free=True, references=[])["val acc"]
+
+
+def test_markdown_at_k0_shows_the_label_free_score_that_chose_and_no_scratch_column():
+    runs = pd.DataFrame([{"strategy": s, "seed": 0, "val_acc": 0.1143, "test_acc": t, "test_macro_f1": t, "pool_im": im}
+                         for s, t, im in (("source_only", 0.14, 0.0011), ("dann+fixmatch", 0.14, 0.0149))])
+    md = to_markdown(summarise(runs), "dann+fixmatch", {}, by="pool_im")
+    assert md.startswith("| strategy | seeds | pool IM (chose) | val acc | test acc | test macro-F1 | checkpoint chosen by |")
+    assert "| dann+fixmatch **(candidate)** | 1 | 0.0149 | 0.1143 |" in md and "gain vs scratch" not in md
+    header, rule, *body = md.splitlines()[:4]
+    assert header.count("|") == rule.count("|") == body[0].count("|")
 
 
 def test_markdown_labels_oracle_as_reported_only():

@@ -220,3 +220,20 @@ def test_a_label_free_rule_reports_no_target_val_accuracy(rule, key, make_ctx):
     best = next(h for h in adapted.history if h["epoch"] == adapted.best_epoch)
     assert adapted.score == best[key] == max(h[key] for h in adapted.history)
     assert math.isnan(adapted.val_acc) and "val_acc" not in best
+
+
+def test_fixmatch_that_pseudo_labeled_nothing_is_said(caplog):
+    """FixMatch whose threshold no pool image reached trained nothing; the run still counts as trained, so say it."""
+    import logging
+
+    from adaptflow.stages.finetune import warn_no_pseudo_labels
+    from tests.unit.conftest import tiny_params
+
+    none = [{"epoch": 0, "train_loss": float("nan")}] + [{"epoch": e, "train_loss": 0.0, "pseudo_label_rate": 0.0} for e in (1, 2, 3)]
+    with caplog.at_level(logging.WARNING, logger="adaptflow"):
+        warn_no_pseudo_labels("finetune[fixmatch,seed=0]", none, tiny_params())
+        warn_no_pseudo_labels("finetune[fixmatch,seed=1]", none[:2] + [{"epoch": 2, "pseudo_label_rate": 0.02}], tiny_params())
+        warn_no_pseudo_labels("finetune[finetune,seed=0]", [{"epoch": 1, "train_loss": 0.3}], tiny_params())
+    [said] = [r.getMessage() for r in caplog.records]
+    assert said.startswith("finetune[fixmatch,seed=0]: no pool image reached finetune.fixmatch.threshold=0.95 in any of 3 epochs")
+    assert "at target.k=0" not in said  # tiny_params has labels (k > 0)
