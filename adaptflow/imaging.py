@@ -83,6 +83,9 @@ def to_pil(img: Any, read_paths: bool = True) -> Image.Image:
         except (ValueError, OSError) as exc:  # what it says depends on the string alone, never on the server's files
             what = "not an existing path, and base64 of no readable image" if read_paths else "base64 of no readable image"
             raise ValueError(f"{what} ({_why(exc)}): {img[:60]!r}") from None
+    if img is None or (isinstance(img, (int, float, np.number)) and not isinstance(img, bool)) or isinstance(img, bool):
+        raise ValueError("a missing value (None/NaN), not an image" if img is None or (isinstance(img, float) and img != img)
+                         else f"a number ({img!r}), not an image")
     arr = np.asarray(img)
     if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
         arr = np.moveaxis(arr, 0, -1)  # C×H×W → H×W×C
@@ -122,7 +125,7 @@ def unreadable(exc: BaseException) -> str:
     if isinstance(exc, EmptyFile):
         return "empty file (0 bytes)"
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return f"decompression bomb refused (Pillow's limit is {Image.MAX_IMAGE_PIXELS} pixels): {text}"
+        return f"decompression bomb refused: {text}"  # the text holds the size and the limit
     if isinstance(exc, UnidentifiedImageError):
         return "not an image Pillow can read"
     if "truncated" in text.lower():
@@ -141,12 +144,14 @@ def _is_file(s: str) -> bool:
 
 def decode(src: Any, max_pixels: int | None = None) -> Image.Image:
     """Decode, turned upright as its EXIF orientation says (a phone photo is stored sideways, with a tag).
-    ``max_pixels``: refuse a larger canvas (``DecompressionBombError``) from its header, before its pixels
-    are allocated; Pillow itself only warns below twice its limit, and a warnings filter is no guard where
+    ``max_pixels`` (default: Pillow's ``Image.MAX_IMAGE_PIXELS`` now): refuse a larger canvas
+    (``DecompressionBombError``) from its header, before its pixels are allocated — ingest, ``predict`` and the
+    served model alike. Pillow itself only warns below twice its limit, and a warnings filter is no guard where
     several threads decode (filters are process-wide). A file of 0 bytes is :class:`EmptyFile`."""
     if isinstance(src, (str, Path)) and Path(src).stat().st_size == 0:
         raise EmptyFile(f"{src}: empty file (0 bytes)")
     im = Image.open(src)
+    max_pixels = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if max_pixels is not None and im.width * im.height > max_pixels:
         im.close()
         raise Image.DecompressionBombError(f"Image size ({im.width * im.height} pixels) exceeds limit of {max_pixels} "

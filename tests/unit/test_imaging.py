@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -335,3 +336,27 @@ def test_ingest_and_predict_say_alike_why_a_file_is_no_image(tmp_path):
         with pytest.raises(BadItem) as exc:
             open_image(path)
         assert str(exc.value) == said
+
+
+@pytest.mark.parametrize("value, message", [(None, "a missing value (None/NaN), not an image"), (float("nan"), "a missing value (None/NaN), not an image"),
+                                            (5, "a number (5), not an image"), (np.float32(0.5), "a number")])
+def test_a_missing_value_or_a_number_is_said_as_such(value, message):
+    """A DataFrame cell left empty, or a number, is not 'an image of shape ()'."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        prepare(value, 8, 1)
+
+
+def test_predict_and_the_served_model_refuse_what_ingest_refuses_as_a_bomb(tmp_path, monkeypatch):
+    """One limit, Pillow's, for every reader; under twice it Pillow alone would only warn and decode it all."""
+    from adaptflow.data.files import BadItem, open_image
+
+    Image.new("L", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # 4,096 px: over the limit, under twice it
+    [(_, said)] = readable([tmp_path / "big.png"])[1]
+    assert said == "decompression bomb refused: Image size (4096 pixels) exceeds limit of 3000 pixels, could be decompression bomb DOS attack."
+    with pytest.raises(BadItem) as exc:
+        open_image(tmp_path / "big.png")
+    assert str(exc.value) == said
+    encoded = base64.b64encode((tmp_path / "big.png").read_bytes()).decode()
+    with pytest.raises(Image.DecompressionBombError, match="exceeds limit of 3000"):  # served: base64 (imaging.UNREADABLE)
+        prepare(encoded, 8, 1, read_paths=False)
