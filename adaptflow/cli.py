@@ -96,8 +96,9 @@ def _run(params: Path, set_: Optional[list[str]], task_runner: Optional[str], ma
     from adaptflow.stages import ingest
 
     with _bad_input_exits():
-        ingest.check_inputs(p, Path.cwd())  # and on a missing data path or too few images listed for target.k
-        check_weights(p.pretrain.model, p.preprocess.channels, p.pretrain.weights, Path.cwd())  # or weights that do not fit
+        classes = ingest.check_inputs(p, Path.cwd())  # and on a missing data path or too few images listed for target.k
+        check_weights(p.pretrain.model, p.preprocess.channels, p.pretrain.weights, Path.cwd(),  # or weights that do not fit,
+                      as_is_for=classes["source"] if p.pretrain.epochs == 0 else None)  # as the source model too
     try:
         from adaptflow import accel
 
@@ -114,7 +115,7 @@ def _run(params: Path, set_: Optional[list[str]], task_runner: Optional[str], ma
     if why:
         typer.secho(f"error: {why}", fg="red", err=True)
         raise typer.Exit(2)
-    with _bad_input_exits():
+    with _bad_input_exits(), _api_lost_exits(p):
         result = run_pipeline(params_path=str(params), overrides=overrides, root=str(Path.cwd()))
     typer.echo("")
     typer.echo((Path(p.paths.reports) / "evaluate" / "comparison.md").read_text())
@@ -163,6 +164,27 @@ def _bad_input_exits() -> Iterator[None]:
         _error(str(exc))
         _exit_now(2)
         raise typer.Exit(2) from None
+
+
+@contextlib.contextmanager
+def _api_lost_exits(p: "params_mod.Params") -> Iterator[None]:
+    """The Prefect API gone mid-run (a server stopped or restarted): one ``error:`` line saying what is kept, exit
+    1, not the connection's traceback after minutes of Prefect's retries. The stages work without the API, so
+    the ones that finished kept their outputs, and a run after it reuses them."""
+    import httpx
+
+    try:
+        yield
+    except httpx.TransportError as exc:
+        from prefect.settings import PREFECT_API_URL
+
+        registry = Path(p.paths.reports) / "registry.json"
+        _error(f"lost the Prefect API at {PREFECT_API_URL.value() or 'its temporary local server'} during the run "
+               f"({type(exc).__name__}: {exc}). Every stage that finished kept its outputs ({registry} says what register "
+               "decided, if it ran); the run's state in Prefect is stale. Run again once the server answers: finished stages "
+               "are reused")
+        _exit_now(1)
+        raise typer.Exit(1) from None
 
 
 def _exit_now(code: int) -> None:

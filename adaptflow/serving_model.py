@@ -5,7 +5,7 @@ Self-contained on purpose: it needs torch, timm, safetensors, numpy, pandas, Pil
 install, and loading unpickles nothing: weights are safetensors, the config is JSON.
 
 Input: a DataFrame with an ``image`` column (file paths, base64-encoded image bytes, raw bytes, or arrays
-H×W / H×W×C), or a list / array of images. Output: ``label``, ``confidence`` and one ``proba_<class>``
+H×W / H×W×C; MLflow's signature check refuses anything but that column). Output: ``label``, ``confidence`` and one ``proba_<class>``
 column per class.
 
 File paths are read only in the caller's own process. Served (``mlflow models serve``, its Docker image,
@@ -63,7 +63,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
                 x = imaging.model_input(torch.from_numpy(batch[i : i + 256]), self.cfg.get("input_size"))
                 probs.append(torch.softmax(self.model(x).float(), dim=1).numpy())
         p = np.concatenate(probs) if probs else np.zeros((0, len(classes)), np.float32)
-        out = pd.DataFrame({"label": [classes[i] for i in p.argmax(1)], "confidence": p.max(1) if len(p) else []})
+        # confidence as the signature declares it (double); the probabilities stay float32 ("float")
+        out = pd.DataFrame({"label": [classes[i] for i in p.argmax(1)], "confidence": p.max(1).astype(np.float64) if len(p) else np.zeros(0)})
         for j, c in enumerate(classes):
             out[f"proba_{c}"] = p[:, j]
         return out

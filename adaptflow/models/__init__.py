@@ -5,6 +5,7 @@ from adaptflow.models.factory import (
     check_weights,
     create,
     features,
+    head_refused,
     input_size,
     load,
     save,
@@ -14,4 +15,4 @@ from adaptflow.models.factory import (
     weights_file,
 )
 
-__all__ = ["ModelConfig", "check_weights", "create", "features", "input_size", "load", "save", "set_head", "start", "weights_digest", "weights_file"]
+__all__ = ["ModelConfig", "check_weights", "create", "features", "head_refused", "input_size", "load", "save", "set_head", "start", "weights_digest", "weights_file"]

@@ -226,15 +226,40 @@ def _few(names: list[str], n: int = 6) -> str:
     return ", ".join(names[:n]) + (f", … ({len(names)} in all)" if len(names) > n else "")
 
 
-def check_weights(arch: str, in_chans: int, weights: str | None, root: Path) -> None:
+def check_weights(arch: str, in_chans: int, weights: str | None, root: Path, as_is_for: list[str] | None = None) -> None:
     """Before any work: ``pretrain.weights`` names a file timm reads holding ``arch``'s weights (the
     classifier aside), or, for ``hub``, weights timm can fetch (:func:`hub_problem`: the local cache, or a
-    hub that answers). Raises :class:`DataError` naming the key."""
+    hub that answers). ``as_is_for``: the source classes, where the file is to be the source model as it is
+    (``pretrain.epochs: 0``): its classifier must be theirs. Raises :class:`DataError` naming the key."""
     if weights == HUB:
-        return _check_hub(arch)
+        return _check_hub(arch)  # (epochs 0 with hub: params refuse it)
     path = weights_file(weights, root)
     if path is not None:
-        _fitting_state(arch, in_chans, path)
+        state, arch_cfg = _fitting_state(arch, in_chans, path)
+        if as_is_for is not None:
+            keep, why = _head_fits(state, arch_cfg, path, as_is_for)
+            if not keep:
+                raise head_refused(weights, len(as_is_for), why)
+
+
+def head_refused(weights: str, n_classes: int, why: str = "") -> Exception:
+    """``pretrain.epochs: 0`` with weights whose classifier is not the source's: nothing would train one."""
+    from adaptflow.data.files import DataError
+
+    return DataError(f"pretrain.epochs: 0 uses pretrain.weights as the source model as they are, but {weights} has no classifier "
+                     f"with one output per source class ({n_classes}){': ' + why if why else ''}; set pretrain.epochs to train one")
+
+
+def _head_fits(state: dict, arch_cfg: dict, path: Path, classes: list) -> tuple[bool, str]:
+    """Whether the file's classifier serves ``classes`` as it is: one output per class and, where the file names
+    its classes (:func:`file_classes`), the same ones; else why not (empty when the count alone differs)."""
+    heads = _names(arch_cfg.get("classifier"))
+    if {state[f"{h}.weight"].shape[0] for h in heads if f"{h}.weight" in state} != {len(classes)}:
+        return False, ""
+    named, card = file_classes(path), [str(c) for c in classes]
+    if named is not None and sorted(named) != sorted(card):
+        return False, f"the file's classes ({_few(named)}) are not the source's ({_few(card)})"
+    return True, ""
 
 
 def start(cfg: ModelConfig, weights: str | None, root: Path) -> tuple[nn.Module, dict]:
@@ -263,13 +288,9 @@ def start(cfg: ModelConfig, weights: str | None, root: Path) -> tuple[nn.Module,
     path = weights_file(weights, root)
     state, arch_cfg = _fitting_state(cfg.arch, cfg.in_chans, path)
     heads = _names(arch_cfg.get("classifier"))
-    keep_head = {state[f"{h}.weight"].shape[0] for h in heads if f"{h}.weight" in state} == {cfg.num_classes}
-    named, head_why = file_classes(path), ""
-    card = [str(c) for c in cfg.classes]
-    if keep_head and named is not None and sorted(named) != sorted(card):
-        keep_head = False
-        head_why = f"the file's classes ({_few(named)}) are not the source's ({_few(card)})"
-    elif keep_head and named is not None and named != card:
+    keep_head, head_why = _head_fits(state, arch_cfg, path, cfg.classes)
+    named, card = file_classes(path), [str(c) for c in cfg.classes]
+    if keep_head and named is not None and named != card:
         order = torch.tensor([named.index(c) for c in card])  # row i: the card's class i
         rows = {f"{h}.{w}" for h in heads for w in ("weight", "bias")}
         state = {k: v[order] if k in rows else v for k, v in state.items()}

@@ -81,11 +81,12 @@ def check_listing(params: Params, role: str, domain: Domain) -> np.ndarray:
     return keep_idx
 
 
-def check_inputs(params: Params, root: Path) -> None:
+def check_inputs(params: Params, root: Path) -> dict[str, list[str]]:
     """Before a pipeline run starts anything: every data path exists, each role's listing passes
     :func:`check_listing` (a built-in dataset is read, a folder or manifest listed; no image is decoded),
     and, where something reads source images by target class (:func:`check_shared_classes`), the source
-    knows at least one target class (augment checks it again on what ingest kept)."""
+    knows at least one target class (augment checks it again on what ingest kept). Returns each role's
+    classes, as listed."""
     check_domains(params, root)
     classes = {}
     for r in ROLES:
@@ -93,6 +94,7 @@ def check_inputs(params: Params, root: Path) -> None:
         check_listing(params, r, domain)
         classes[r] = domain.classes
     check_shared_classes(params.finetune.strategies, classes["target"], classes["source"], params.finetune.selection)
+    return classes
 
 
 @dataclass
@@ -380,12 +382,6 @@ def unwatched(path: Path, key: str, watched: str, fix: str, root: Path) -> str |
     if data == dep or dep in data.parents:
         return None
     return f"{data} is outside {key} ({watched}): `dvc repro` will not notice changes to it; set {key}: {fix}"
-
-
-def warn_unwatched(what: str, path: Path, key: str, watched: str, fix: str, root: Path) -> None:
-    why = unwatched(path, key, watched, fix, root)
-    if why:
-        log.warning("%s: %s", what, why)
 
 
 def role_unwatched(params: Params, root: Path, role: str) -> str | None:

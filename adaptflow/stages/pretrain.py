@@ -16,12 +16,11 @@ from pathlib import Path
 
 from adaptflow import distributed, outputs
 from adaptflow.data import store
-from adaptflow.data.files import DataError
-from adaptflow.models import ModelConfig, save, start, weights_digest, weights_file
+from adaptflow.models import ModelConfig, head_refused, save, start, weights_digest, weights_file
 from adaptflow.params import Params
 from adaptflow.stages.augment import pipeline
 from adaptflow.stages.ingest import output_dir as ingested_dir
-from adaptflow.stages.ingest import warn_unwatched
+from adaptflow.stages.ingest import unwatched
 from adaptflow.training import fit, seed_everything
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,9 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                       input_size=p.input_size)
     path = weights_file(p.weights, root)
     if path is not None:
-        warn_unwatched("pretrain", path, "pretrain.weights_dep", p.weights_dep, p.weights, root)
+        why = unwatched(path, "pretrain.weights_dep", p.weights_dep, p.weights, root)
+        if why:
+            log.warning("pretrain: %s", why)  # (this stage's logger: it is pretrain that says it)
     seed_everything(params.seed)  # the initial weights are part of what the seed fixes
     model, began = start(cfg, p.weights, root)
     why_new = f": {began['head_why']}" if began.get("head_why") else ""  # a file of other classes says which
@@ -72,8 +73,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         log.info("pretrain: %s starts from %s (classifier %s)", p.model, p.weights,
                  f"kept: one output per source class, matched {began['head_classes']}" if began["head"] == "kept" else "new" + why_new)
     if p.epochs == 0 and began.get("head") != "kept":
-        raise DataError(f"pretrain.epochs: 0 uses pretrain.weights as the source model as they are, but {p.weights} has no classifier "
-                        f"with one output per source class ({len(cfg.classes)}){why_new}; set pretrain.epochs to train one")
+        raise head_refused(p.weights, len(cfg.classes), began.get("head_why", ""))
     res = fit(
         model,
         [{"params": model.parameters(), "lr": p.lr}],

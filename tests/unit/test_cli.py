@@ -386,6 +386,48 @@ def test_run_refuses_too_few_images_for_target_k_before_the_flow_starts(tmp_path
     assert not (tmp_path / "data").exists()
 
 
+def test_run_refuses_weights_with_another_classifier_as_the_source_model_before_the_flow(tmp_path, monkeypatch):
+    """pretrain.epochs 0 keeps the file as the source model: a classifier of other classes is refused before any
+    stage runs (it was refused by pretrain, after ingest and augment)."""
+    import timm
+    from safetensors.torch import save_file
+
+    import flows.api
+    import flows.transfer_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(flows.api, "start_in_background", lambda: (lambda: None))
+    monkeypatch.setattr(flows.transfer_pipeline, "run_pipeline", lambda **k: pytest.fail("the flow started"))
+    model = timm.create_model("test_resnet", pretrained=False, in_chans=1, num_classes=1000)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "in1k.safetensors"))
+    res = _invoke(["run", "--params", PARAMS, "--set", "pretrain.model=test_resnet", "--set", "pretrain.weights=in1k.safetensors",
+                   "--set", "pretrain.epochs=0"])
+    assert res.exit_code == 2, res.output
+    assert "pretrain.epochs: 0 uses pretrain.weights as the source model as they are, but in1k.safetensors has no classifier with one " \
+           "output per source class (10)" in res.output
+    assert not (tmp_path / "data").exists()
+
+
+def test_run_that_loses_the_prefect_api_says_what_is_kept(tmp_path, monkeypatch):
+    """A Prefect server stopped mid-run: one error line and exit 1, not the connection's traceback (the stages,
+    which need no API, kept what they finished)."""
+    import httpx
+
+    import flows.api
+    import flows.transfer_pipeline
+
+    def lost(**kwargs):
+        raise httpx.ConnectError("[Errno 111] Connection refused")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(flows.api, "start_in_background", lambda: (lambda: None))
+    monkeypatch.setattr(flows.transfer_pipeline, "run_pipeline", lost)
+    res = _invoke(["run", "--params", PARAMS])
+    assert res.exit_code == 1, res.output
+    assert "error: lost the Prefect API at " in res.output and "(ConnectError: [Errno 111] Connection refused)" in res.output
+    assert "reports/registry.json says what register decided, if it ran" in res.output and "Traceback" not in res.output
+
+
 def test_run_puts_back_the_sigterm_handler_it_found(monkeypatch, tmp_path):
     """``adaptflow run`` ends on SIGTERM through its exit hooks; called in a process of someone else's (a test
     session, a notebook), it leaves that process's own handler in place afterwards."""

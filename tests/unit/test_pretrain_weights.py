@@ -296,6 +296,21 @@ def test_pretrain_refuses_no_epochs_when_the_head_is_not_the_sources(tmp_path):
     assert not pretrain.output_dir(p, tmp_path).exists()
 
 
+def test_the_same_refusal_comes_before_any_work(tmp_path):
+    """What pretrain would refuse with epochs 0, `adaptflow run` checks on the listed source classes first."""
+    from adaptflow.models import check_weights, save
+
+    _weights(tmp_path / "in1k.safetensors", num_classes=1000)
+    with pytest.raises(DataError, match=r"pretrain.epochs: 0 uses pretrain.weights .* no classifier with one output per source class \(3\); set"):
+        check_weights("test_resnet", 1, "in1k.safetensors", tmp_path, as_is_for=["0", "1", "2"])
+    check_weights("test_resnet", 1, "in1k.safetensors", tmp_path)  # trained from (epochs > 0): fine
+    save(timm.create_model("test_resnet", pretrained=False, in_chans=1, num_classes=3), ModelConfig("test_resnet", 1, SIZE, ["7", "8", "9"]),
+         tmp_path / "other")
+    with pytest.raises(DataError, match=r"the file's classes \(7, 8, 9\) are not the source's \(0, 1, 2\)"):
+        check_weights("test_resnet", 1, "other/model.safetensors", tmp_path, as_is_for=["0", "1", "2"])
+    check_weights("test_resnet", 1, "other/model.safetensors", tmp_path, as_is_for=["9", "7", "8"])  # the same classes, in another order
+
+
 def test_a_new_classifier_never_competes_as_epoch_0(tmp_path):
     """ImageNet-like weights: the classifier is new (random), so the checkpoint is a trained epoch."""
     _weights(tmp_path / "in1k.safetensors", num_classes=1000)

@@ -59,6 +59,8 @@ def test_served_predict_refuses_paths_and_answers_base64(model, png, monkeypatch
     assert exc.value.get_http_status_code() == 400
     served = model.predict(None, pd.DataFrame({"image": [base64.b64encode(png.read_bytes()).decode()]}))
     pd.testing.assert_frame_equal(served, local)
+    assert local["confidence"].dtype == np.float64  # as the signature declares (double); proba_* are float32 ("float")
+    assert all(local[c].dtype == np.float32 for c in local.columns if c.startswith("proba_"))
 
 
 @pytest.mark.parametrize("switch", ["false-ish", "", "2"])
