@@ -513,7 +513,8 @@ def registry_history(
         return
     if not moves:
         if not tracking.model_aliases(name):
-            typer.secho(f"error: {name}: no such registered model, or it has no aliases", fg="red", err=True)
+            typer.secho(f"error: {tracking.missing_model(name) or f'{name} is registered but has no aliases (none set, or all removed)'}",
+                        fg="red", err=True)
             raise typer.Exit(2)
         others = sorted({m.alias for m in tracking.alias_history(name, None)}) if alias else []
         if others:
@@ -594,7 +595,8 @@ def registry_show(name: str = typer.Argument(..., help="registered model name"))
     current = tracking.model_aliases(name)
     held = tracking.find_versions(name, {"gate": HELD})
     if not current and not held:
-        typer.secho(f"error: {name}: no such registered model, or it has no aliases and no held versions", fg="red", err=True)
+        why = tracking.missing_model(name) or f"{name} is registered but has no aliases (none set, or all removed) and no held versions"
+        typer.secho(f"error: {why}", fg="red", err=True)
         raise typer.Exit(2)
     _warn_outside_moves(name, tracking.alias_history(name, None), current)
 

@@ -343,6 +343,23 @@ def model_aliases(name: str) -> dict[str, str]:
         raise
 
 
+def missing_model(name: str) -> str | None:
+    """Why ``name`` is no registered model (with the names closest to it), or None when it is one."""
+    import difflib
+
+    client = MlflowClient()
+    try:
+        client.get_registered_model(name)
+        return None
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    names = [m.name for m in client.search_registered_models(max_results=1000)]
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    return f"{name}: no such registered model" + (f" (did you mean {', '.join(close)}?)" if close else
+                                                   f"; this store has {', '.join(sorted(names)[:8]) or 'none'}")
+
+
 def load_model(uri: str) -> Any:
     return mlflow.pyfunc.load_model(uri)
 

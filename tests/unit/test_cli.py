@@ -264,6 +264,7 @@ def test_registry_history_shows_a_removed_alias(monkeypatch):
              aliases.AliasMove(2, "challenger", "2", None, 200.0, "version 2 promoted to champion by hand", "me@here:1")]
     monkeypatch.setattr(tracking, "configure", lambda *a, **k: None)
     monkeypatch.setattr(tracking, "alias_history", lambda name, alias: moves)
+    monkeypatch.setattr(tracking, "model_aliases", lambda name: {})  # challenger removed, as the history says
     res = _invoke(["registry", "history", "m", "--alias", "challenger"])
     assert res.exit_code == 0 and "   2 → -    me@here:1" in res.output, res.output
     res = _invoke(["registry", "history", "m", "--alias", "challenger", "--at", "1970-01-01T00:03:20"])
@@ -279,6 +280,7 @@ def test_registry_show_lists_held_versions_by_what_chooses_among_them_never_test
                   "gate": "passed, held", "gated_against": "1"}}  # k = 0: no val labels
     monkeypatch.setattr(tracking, "configure", lambda *a, **k: None)
     monkeypatch.setattr(tracking, "model_aliases", lambda name: {"champion": "1", "challenger": "3"})
+    monkeypatch.setattr(tracking, "alias_history", lambda name, alias=None: [])  # (no move recorded: warned, not refused)
     monkeypatch.setattr(tracking, "find_versions", lambda name, t: ["3", "2"] if t == {"gate": "passed, held"} else [])
     monkeypatch.setattr(tracking, "version_tags", lambda name, v: tags[v])
     out = _invoke(["registry", "show", "m"]).output
@@ -289,8 +291,12 @@ def test_registry_show_lists_held_versions_by_what_chooses_among_them_never_test
     assert out.index("\n  version 3 ") < out.index("\n  version 2 ")  # newest first
     monkeypatch.setattr(tracking, "model_aliases", lambda name: {})
     monkeypatch.setattr(tracking, "find_versions", lambda name, t: [])
+    monkeypatch.setattr(tracking, "missing_model", lambda name: None)
     res = _invoke(["registry", "show", "m"])
-    assert res.exit_code == 2 and "no aliases and no held versions" in res.output
+    assert res.exit_code == 2 and "error: m is registered but has no aliases (none set, or all removed) and no held versions" in res.output
+    monkeypatch.setattr(tracking, "missing_model", lambda name: f"{name}: no such registered model (did you mean mm?)")
+    res = _invoke(["registry", "show", "m"])
+    assert res.exit_code == 2 and "error: m: no such registered model (did you mean mm?)" in res.output
 
 
 def test_run_says_when_register_was_reused_and_where_the_aliases_point_now(monkeypatch):

@@ -47,3 +47,16 @@ def test_find_versions_by_tag_newest_first_whatever_the_name(tmp_path, monkeypat
         assert tracking.find_versions(name, {}) == ["3", "2", "1"]
         assert tracking.find_versions(name, {"register_key": "none"}) == []
     assert tracking.find_versions("missing", {"register_key": "k1"}) == []
+
+
+def test_a_missing_model_is_told_from_one_without_aliases_and_a_typo_gets_the_close_names(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "DVC_ROOT"):
+        monkeypatch.delenv(k, raising=False)
+    tracking.configure(tmp_path)
+    assert tracking.missing_model("adaptflow-uci_digits") == "adaptflow-uci_digits: no such registered model; this store has none"
+    MlflowClient().create_registered_model("adaptflow-uci_digits")
+    assert tracking.missing_model("adaptflow-uci_digits") is None and tracking.model_aliases("adaptflow-uci_digits") == {}
+    assert tracking.missing_model("adaptflow-uci_digit") == "adaptflow-uci_digit: no such registered model (did you mean adaptflow-uci_digits?)"
+    assert tracking.missing_model("zzz") == "zzz: no such registered model; this store has adaptflow-uci_digits"
