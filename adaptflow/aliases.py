@@ -129,7 +129,8 @@ def drift(moves: list[AliasMove], alias: str, current: str | None) -> str | None
     if current == left:
         return None
     since = f"its last recorded move (#{last.seq}, {last.iso_time}) left it at {left or 'none'}" if last else "no move of it is recorded"
-    return (f"{alias} points at version {current or 'none'} now, but {since}: it was moved outside adaptflow "
+    now = f"points at version {current} now" if current is not None else "is removed now"
+    return (f"{alias} {now}, but {since}: it was moved outside adaptflow "
             "(MLflow's set_registered_model_alias or UI), and when and why are not recorded")
 
 

@@ -9,7 +9,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import typer
 
@@ -92,13 +92,10 @@ def _run(params: Path, set_: Optional[list[str]], task_runner: Optional[str], ma
     api_ready = start_in_background()  # Prefect's local API server starts while torch and the params load
     _setup_logging(verbose)
     p = _load(params, overrides, flags)  # fail on a bad params value (the checks that need torch) before Prefect's API is used
-    from adaptflow.models import check_weights
     from adaptflow.stages import ingest
 
-    with _bad_input_exits():
-        classes = ingest.check_inputs(p, Path.cwd())  # and on a missing data path or too few images listed for target.k
-        check_weights(p.pretrain.model, p.preprocess.channels, p.pretrain.weights, Path.cwd(),  # or weights that do not fit,
-                      as_is_for=classes["source"] if p.pretrain.epochs == 0 else None)  # as the source model too
+    with _bad_input_exits():  # and on a missing data path, too few images, weights that do not fit, no MLflow server
+        ingest.check_run(p, Path.cwd())
     try:
         from adaptflow import accel
 
@@ -111,7 +108,7 @@ def _run(params: Path, set_: Optional[list[str]], task_runner: Optional[str], ma
     api_ready()
     from flows.api import unreachable
 
-    why = unreachable() or _mlflow_unreachable()
+    why = unreachable()
     if why:
         typer.secho(f"error: {why}", fg="red", err=True)
         raise typer.Exit(2)
@@ -123,12 +120,6 @@ def _run(params: Path, set_: Optional[list[str]], task_runner: Optional[str], ma
 
     typer.echo(summary(result["register"], Path.cwd()))
     _exit_now(0)
-
-
-def _mlflow_unreachable() -> str | None:
-    """Why register could not reach the MLflow server it is pointed at, asked before any stage runs."""
-    uris = (orchestrate.tracking_uri(Path.cwd()), os.environ.get("MLFLOW_REGISTRY_URI"))
-    return next(filter(None, (orchestrate.server_unreachable(u) for u in dict.fromkeys(uris) if u)), None)
 
 
 @contextlib.contextmanager
@@ -474,7 +465,26 @@ registry_app = typer.Typer(no_args_is_help=True, help="The model registry: alias
 app.add_typer(registry_app, name="registry")
 
 
+def _registry_errors(command: Callable) -> Callable:
+    """A registry command whose MLflow request fails (a bad name such as ``models:/m@champion``, a server that
+    errs) ends with MLflow's message on one ``error:`` line and exit status 2, not a traceback."""
+    import functools
+
+    @functools.wraps(command)
+    def run(*args: object, **kwargs: object) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            command(*args, **kwargs)
+        except MlflowException as exc:
+            typer.secho(f"error: {' '.join(str(exc.message).split())[:500]}", fg="red", err=True)
+            raise typer.Exit(2) from None
+
+    return run
+
+
 @registry_app.command("history")
+@_registry_errors
 def registry_history(
     name: str = typer.Argument(..., help="registered model name, e.g. adaptflow-uci_digits"),
     alias: Optional[str] = typer.Option(None, "--alias", "-a", help="only this alias (champion, challenger)"),
@@ -532,16 +542,17 @@ def _warn_outside_moves(name: str, moves: list, current: dict[str, str], only: s
     from adaptflow import aliases
 
     found = set()
-    for alias in sorted({m.alias for m in moves} | set(current)):
+    for alias in ("champion", "challenger"):  # the aliases adaptflow moves; others are someone else's
         why = aliases.drift(moves, alias, current.get(alias)) if only in (None, alias) else None
         if why:
             found.add(alias)
             typer.secho(f"warning: {name}@{why}. The history here ends before that move; the next move adaptflow makes "
-                        "records it, as noticed then.", fg="yellow", err=True)
+                        "of this alias records it, as noticed then.", fg="yellow", err=True)
     return found
 
 
 @registry_app.command("promote")
+@_registry_errors
 def registry_promote(name: str = typer.Argument(..., help="registered model name"),
                      version: str = typer.Argument(..., help="the version to make champion")) -> None:
     """Make VERSION champion: only a version whose gate passed and was held (a DVC experiment's, or a re-run's on
@@ -564,6 +575,7 @@ def registry_promote(name: str = typer.Argument(..., help="registered model name
 
 
 @registry_app.command("rollback")
+@_registry_errors
 def registry_rollback(name: str = typer.Argument(..., help="registered model name"),
                       reason: str = typer.Option(..., "--reason", help="why (recorded in the alias history)"),
                       to: Optional[str] = typer.Option(None, "--to", help="the former champion to go back to (default: the one the current champion replaced)")) -> None:
@@ -584,6 +596,7 @@ def registry_rollback(name: str = typer.Argument(..., help="registered model nam
 
 
 @registry_app.command("show")
+@_registry_errors
 def registry_show(name: str = typer.Argument(..., help="registered model name")) -> None:
     """Where each alias of NAME points now, with the gate's verdict on that version; then every version whose
     gate passed and was held, with what chooses among them (val accuracy; at k = 0 the label-free score)."""
@@ -594,11 +607,11 @@ def registry_show(name: str = typer.Argument(..., help="registered model name"))
         tracking.configure(Path.cwd(), create=False)
     current = tracking.model_aliases(name)
     held = tracking.find_versions(name, {"gate": HELD})
+    _warn_outside_moves(name, tracking.alias_history(name, None), current)  # (an alias removed outside adaptflow too)
     if not current and not held:
         why = tracking.missing_model(name) or f"{name} is registered but has no aliases (none set, or all removed) and no held versions"
         typer.secho(f"error: {why}", fg="red", err=True)
         raise typer.Exit(2)
-    _warn_outside_moves(name, tracking.alias_history(name, None), current)
 
     def four(v: str | None) -> str | None:  # a tag holds the float's full repr; the table and the gate speak in 4 decimals
         try:

@@ -83,9 +83,10 @@ def to_pil(img: Any, read_paths: bool = True) -> Image.Image:
         except (ValueError, OSError) as exc:  # what it says depends on the string alone, never on the server's files
             what = "not an existing path, and base64 of no readable image" if read_paths else "base64 of no readable image"
             raise ValueError(f"{what} ({_why(exc)}): {img[:60]!r}") from None
-    if img is None or (isinstance(img, (int, float, np.number)) and not isinstance(img, bool)) or isinstance(img, bool):
-        raise ValueError("a missing value (None/NaN), not an image" if img is None or (isinstance(img, float) and img != img)
-                         else f"a number ({img!r}), not an image")
+    if np.ndim(img) == 0 and not isinstance(img, (str, bytes)):  # a DataFrame cell that holds no image
+        import pandas as pd
+
+        raise ValueError("a missing value (None/NaN), not an image" if pd.isna(img) else f"a number ({img!r}), not an image")
     arr = np.asarray(img)
     if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
         arr = np.moveaxis(arr, 0, -1)  # C×H×W → H×W×C

@@ -241,22 +241,39 @@ def tracking_uri(root: Path) -> str:
 
 
 def server_unreachable(uri: str, timeout: float = 5.0) -> str | None:
-    """Why the MLflow tracking server at an ``http(s)://`` ``uri`` cannot be used, or None (it answers, with any
-    status: a proxy asking for credentials is reachable; or the store is not a server). Without this, MLflow's
-    client retries a closed port for minutes in silence, and a lookup that failed reads as "no such model"."""
-    from urllib import error, request
+    """Why the MLflow tracking server at an ``http(s)://`` ``uri`` cannot be used, or None (it answers: any status
+    but a gateway's 502/503/504 — a proxy asking for credentials is reachable; or the store is not a server).
+    Asked as MLflow's client asks (``requests``: credentials in the URI, ``MLFLOW_TRACKING_INSECURE_TLS``,
+    ``MLFLOW_TRACKING_SERVER_CERT_PATH``). Without this, MLflow's client retries a closed port for minutes in
+    silence, and a lookup that failed reads as "no such model"."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    import requests
 
     if not uri.startswith(("http://", "https://")):
         return None
+    parts = urlsplit(uri)
+    shown = urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))) if parts.hostname else uri
+    verify: bool | str = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("1", "true", "yes"):
+        verify = False
     try:
-        with request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+        status = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout, verify=verify).status_code
+    except (requests.RequestException, ValueError) as exc:  # refused, no such host, a timeout, TLS, a malformed URI
+        why = type(exc).__name__
+    else:
+        if status not in (502, 503, 504):
             return None
-    except error.HTTPError:
-        return None
-    except (OSError, ValueError) as exc:  # URLError (refused, no such host), a timeout, a malformed URI
-        why = getattr(exc, "reason", None) or exc
-        return (f"no MLflow tracking server answers at {uri} ({why}): start it, or point MLFLOW_TRACKING_URI at "
-                "one (unset, the project's own sqlite:///mlflow.db is used)")
+        why = f"HTTP {status} from a gateway in front of it"
+    return (f"no MLflow tracking server answers at {shown} ({why}): start it, or point MLFLOW_TRACKING_URI at "
+            "one (unset, the project's own sqlite:///mlflow.db is used)")
+
+
+def mlflow_unreachable(root: Path) -> str | None:
+    """Why the MLflow server(s) register would use (tracking, and ``MLFLOW_REGISTRY_URI`` if set) cannot be
+    used, or None."""
+    uris = (tracking_uri(root), os.environ.get("MLFLOW_REGISTRY_URI"))
+    return next(filter(None, (server_unreachable(u) for u in dict.fromkeys(uris) if u)), None)
 
 
 def is_current(ident: Identity, root: Path) -> bool:

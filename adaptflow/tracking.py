@@ -37,7 +37,7 @@ from mlflow.models import ModelSignature  # noqa: E402
 from mlflow.types.schema import AnyType, ColSpec, Schema  # noqa: E402
 
 from adaptflow import aliases, machine  # noqa: E402
-from adaptflow.orchestrate import NoStore, default_tracking_uri, server_unreachable, store_root, tracking_uri  # noqa: E402
+from adaptflow.orchestrate import NoStore, default_tracking_uri, mlflow_unreachable, store_root, tracking_uri  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,9 @@ def configure(root: Path = Path("."), create: bool = True) -> str:
     registry = os.environ.get("MLFLOW_REGISTRY_URI") or uri
     # mlflow.set_*_uri also export MLFLOW_*_URI into os.environ "for subprocesses": left there, the first
     # project's store would silently become every later configure()'s "user setting" in this process.
-    for server in dict.fromkeys((uri, registry)):
-        why = server_unreachable(server)
-        if why:
-            raise NoStore(why)
+    why = mlflow_unreachable(root)
+    if why:
+        raise NoStore(why)
     with machine.environ_kept("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(registry)

@@ -25,7 +25,7 @@ from prefect.runtime import flow_run
 from adaptflow import orchestrate, outputs, stopping
 from adaptflow.params import ROLES, Orchestrate, Params, load
 from adaptflow.stages.finetune import runs
-from adaptflow.stages.ingest import check_inputs
+from adaptflow.stages.ingest import check_run
 from flows.runners import task_runner
 from tasks import stages as t
 from tasks.caching import for_project
@@ -106,7 +106,7 @@ def transfer_pipeline(params_path: str = "params.yaml", overrides: list[str] | N
             logger.warning("removed %s, left by a run that was killed mid-stage", p)
         # bad input before any stage (also in a scheduled run, which no command checked first): tasks whose
         # inputs did not change are Prefect cache hits, which would skip augment's own check of the classes
-        check_inputs(params, project)
+        check_run(params, project)
         task = {name: for_project(getattr(t, name), project) for name in ("ingest", "augment", "pretrain", "cache_features", "finetune", "evaluate", "register")}
         r = str(project)
         ingested = {role: task["ingest"].submit(params, r, role) for role in ROLES}

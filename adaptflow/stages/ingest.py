@@ -59,6 +59,21 @@ def report_path(params: Params, root: Path, role: str) -> Path:
     return Path(root) / params.paths.reports / f"ingest_{role}.json"
 
 
+def check_run(params: Params, root: Path) -> None:
+    """Before a pipeline run starts anything (``adaptflow run``, and every flow run: a scheduled one too): the
+    inputs (:func:`check_inputs`), the weights file (at ``pretrain.epochs: 0`` as the source model itself, so
+    its classifier must be the source's), and the MLflow server register will use. Raises bad input."""
+    from adaptflow import orchestrate
+    from adaptflow.models import check_weights
+
+    classes = check_inputs(params, root)
+    check_weights(params.pretrain.model, params.preprocess.channels, params.pretrain.weights, root,
+                  as_is_for=classes["source"] if params.pretrain.epochs == 0 else None)
+    why = orchestrate.mlflow_unreachable(root)
+    if why:
+        raise orchestrate.NoStore(why)
+
+
 def check_domains(params: Params, root: Path) -> None:
     """Fail fast on a missing path in *either* role, before spending minutes ingesting the other one."""
     for r in ROLES:
@@ -332,7 +347,7 @@ def check_class_sizes(counts: dict[str, int], params: Params, role: str, lost: d
     detail = []
     for c, n in short.items():
         why = ", ".join(f"{m} {what}" for what, m in lost.get(c, Counter()).items() if m)
-        named = items(c) if items and 0 < n <= 3 and not (before and before.get(c, 0) >= need) else []  # (not one the limit cut)
+        named = items(c) if items and 0 < (before or {}).get(c, n) <= 3 else []  # all of its files (before any limit cut it)
         detail.append(f"{c!r}: {n}" + (f" ({why})" if why else "") + (f" ({', '.join(named)})" if named else ""))
     asks = ", ".join(f"{name}_fraction={f}" for name, f in fractions.items())
     k_txt = f"target.k={k} labeled train images, " if role == "target" else ""
@@ -395,6 +410,15 @@ def _warn_unwatched(params: Params, root: Path, role: str) -> None:
     why = role_unwatched(params, root, role)
     if why:
         log.warning("ingest %s: %s", role, why)
+
+
+def dropped(card: dict) -> dict[str, int]:
+    """What ingest left out of a dataset, by why (a dataset card's counts): what its summary line and the
+    evaluation report say. A label conflict's copies count together (the first copy and the later ones)."""
+    dup = card["duplicates"]
+    return {"quarantined": len(card["quarantined"]), "exact duplicates removed": dup["removed"] - dup["conflicting_class"],
+            "copies excluded for a label conflict": len(dup["label_conflicts"]) + dup["conflicting_class"],
+            "ignored": len(card["ignored"])}
 
 
 def write_report(params: Params, root: Path, role: str, card: dict) -> Path:
@@ -546,9 +570,7 @@ def run(params: Params, root: Path = Path("."), role: str = "target") -> dict:
     _log_items(role, "quarantined", dec.quarantined, report)
     _log_items(role, "ignored", domain.ignored, report)
     _log_items(role, "label conflict", dec.conflict_log, report)
-    in_conflict = sum("conflicting_class" in d for d in dec.duplicates)  # a conflict's later copies (the first: dec.conflicts)
-    log.info("ingest %s: %d images of %s → %s (%d quarantined, %d exact duplicates removed, %d copies excluded for a label "
-             "conflict, %d ignored; report %s)", role, len(labels), spec.domain, out, len(dec.quarantined),
-             len(dec.duplicates) - in_conflict, len(dec.conflicts) + in_conflict, len(domain.ignored), report)
+    log.info("ingest %s: %d images of %s → %s (%s; report %s)", role, len(labels), spec.domain, out,
+             ", ".join(f"{n} {what}" for what, n in dropped(card).items()), report)
     return {"role": role, "path": str(out), "digest": outputs.digest(out), "cached": False, "n_images": card["n_images"],
             "quarantined": len(dec.quarantined), "duplicates_removed": len(dec.duplicates), "report": str(report)}

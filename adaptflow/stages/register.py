@@ -534,10 +534,11 @@ def promote(name: str, version: str, who: str = "adaptflow registry promote") ->
 
 
 def _former_champions(name: str) -> set[str]:
-    """The versions the alias history shows as champion at some time."""
+    """The versions adaptflow made champion at some time (by a gate, a promotion or a rollback: not one noticed
+    there after a move outside adaptflow, which no gate passed)."""
     from adaptflow import tracking
 
-    return {m.to_version for m in tracking.alias_history(name, "champion") if m.to_version is not None}
+    return {m.to_version for m in tracking.alias_history(name, "champion") if m.to_version is not None and not m.context.get("outside")}
 
 
 def rollback(name: str, reason: str, to: str | None = None, who: str = "adaptflow registry rollback") -> dict:
@@ -550,9 +551,9 @@ def rollback(name: str, reason: str, to: str | None = None, who: str = "adaptflo
     if not reason.strip():
         raise PromoteRefused("--reason: say why (it goes into the alias history)")
     current = tracking.alias_version(name, "champion")
-    if current is None:
-        raise PromoteRefused(f"{name} has no champion to roll back (or no such registered model)")
-    moves = tracking.alias_history(name, "champion")
+    if current is None and to is None:
+        raise PromoteRefused(f"{name} has no champion (or is no registered model): give --to a former champion to put back")
+    moves = [m for m in tracking.alias_history(name, "champion") if not m.context.get("outside")]  # what adaptflow moved
     if to is None:
         put = next((m for m in reversed(moves) if m.to_version == current and "rolled_back_from" not in m.context), None)  # not a rollback
         if put is None or put.from_version is None:
@@ -564,15 +565,16 @@ def rollback(name: str, reason: str, to: str | None = None, who: str = "adaptflo
         raise PromoteRefused(f"{name}@champion is version {to} already")
     if not tracking.version_exists(name, to):
         raise PromoteRefused(f"{name} version {to}: no such registered version")
-    if to not in {m.to_version for m in moves}:
-        raise PromoteRefused(f"{name} version {to} was never champion: only a former champion can be rolled back to "
+    if to not in _former_champions(name):
+        raise PromoteRefused(f"{name} version {to} was never made champion by adaptflow: only a former champion can be rolled back to "
                              "(a held version: adaptflow registry promote; any other goes through the gate, in a pipeline run)")
     try:
         tracking.move_alias(name, "champion", to, expected=current, reason=f"rolled back by hand ({who}) from version {current}: {reason}",
                             context={"orchestrator": "cli", "rolled_back_from": current})
     except aliases.AliasConflict as exc:
         raise PromoteRefused(f"champion moved to version {exc.found or 'none'} meanwhile: nothing rolled back") from None
-    tracking.set_version_tags(name, current, {"rolled_back": reason})
+    if current is not None:
+        tracking.set_version_tags(name, current, {"rolled_back": reason})
     return {"model_name": name, "version": to, "previous_champion": current}
 
 
@@ -602,9 +604,9 @@ def summary(reg: dict, root: Path) -> str:
     try:
         tracking.configure(Path(root), create=False)  # a Prefect cache hit ran nothing here that set MLflow up
         now = tracking.model_aliases(name) if reg.get("version") else {}
-    except tracking.NoStore:
-        now = {}
-    aliases = ", ".join(f"{a} → version {v}" for a, v in sorted(now.items())) or "none"
+        aliases = ", ".join(f"{a} → version {v}" for a, v in sorted(now.items())) or "none"
+    except (tracking.NoStore, tracking.MlflowException) as exc:  # the line after a finished run: never its failure
+        aliases = f"unknown ({str(exc).splitlines()[0][:200]})"
     return (f"registry: nothing new to register (register reused): {name} version {reg.get('version')} came from an "
             f"earlier run, {verdict} then; aliases now: {aliases}")
 

@@ -296,7 +296,7 @@ def test_rollback_and_a_champion_moved_outside_adaptflow(server_runs):
         assert client.get_model_version(name, before).tags["rolled_back"] == "v3 mislabels the new scanner's images"
     never = client.get_registered_model(name).aliases["challenger"]  # rejected (or held), never champion
     refused = cli("rollback", name, "--to", never, "--reason", "x")
-    assert refused.returncode == 2 and "was never champion: only a former champion can be rolled back to" in refused.stderr
+    assert refused.returncode == 2 and "was never made champion by adaptflow: only a former champion" in refused.stderr
 
     client.set_registered_model_alias(name, "champion", v1)  # outside adaptflow: no history entry
     now = cli("history", name, "--at", datetime_iso(time.time() + 1))

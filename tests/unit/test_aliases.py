@@ -259,6 +259,7 @@ def test_an_alias_moved_outside_adaptflow_is_said_and_recorded_at_the_next_move(
     why = aliases.drift(history(s, "m"), "champion", "1")
     assert why.startswith("champion points at version 1 now, but its last recorded move (#2, 1970-01-01T00:03:20+00:00) left it at 2")
     assert aliases.drift([], "champion", "1").startswith("champion points at version 1 now, but no move of it is recorded")
+    assert aliases.drift(history(s, "m"), "champion", None).startswith("champion is removed now, but its last recorded move (#2")
     move(s, "m", "champion", "3", expected="1", reason="gate passed", clock=lambda: 300.0)
     noticed, made = history(s, "m")[-2:]
     assert (noticed.seq, noticed.from_version, noticed.to_version, noticed.time) == (3, "2", "1", 300.0)

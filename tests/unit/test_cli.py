@@ -299,6 +299,25 @@ def test_registry_show_lists_held_versions_by_what_chooses_among_them_never_test
     assert res.exit_code == 2 and "error: m: no such registered model (did you mean mm?)" in res.output
 
 
+def test_registry_commands_end_an_mlflow_error_with_one_line(monkeypatch):
+    """A name MLflow refuses (a model URI given as the name) or a server that errs: MLflow's message, exit 2."""
+    from mlflow.exceptions import MlflowException
+
+    from adaptflow import tracking
+
+    def refuse(name):
+        raise MlflowException.invalid_parameter_value(f"Invalid name: '{name}'. Registered model name cannot contain '@'.")
+
+    monkeypatch.setattr(tracking, "configure", lambda *a, **k: None)
+    monkeypatch.setattr(tracking, "model_aliases", refuse)
+    monkeypatch.setattr(tracking, "find_versions", lambda name, t: [])
+    for args in (["show", "models:/m@champion"], ["history", "models:/m@champion"]):
+        monkeypatch.setattr(tracking, "alias_history", lambda name, alias=None: [])
+        res = _invoke(["registry", *args])
+        assert res.exit_code == 2 and res.output.startswith("error: Invalid name: 'models:/m@champion'."), res.output
+        assert "Traceback" not in res.output
+
+
 def test_run_says_when_register_was_reused_and_where_the_aliases_point_now(monkeypatch):
     from adaptflow import tracking
     from adaptflow.stages.register import summary
@@ -310,6 +329,13 @@ def test_run_says_when_register_was_reused_and_where_the_aliases_point_now(monke
     line = summary({**fresh, "cached": True}, Path("."))
     assert line.startswith("registry: nothing new to register (register reused): m version 1 came from an earlier run, promoted to champion then")
     assert line.endswith("aliases now: challenger → version 4, champion → version 3")
+    from mlflow.exceptions import MlflowException
+
+    def errs(name):
+        raise MlflowException("the server answered 500")
+
+    monkeypatch.setattr(tracking, "model_aliases", errs)  # the last line of a finished run: never its failure
+    assert summary({**fresh, "cached": True}, Path(".")).endswith("aliases now: unknown (the server answered 500)")
 
 
 def test_run_option_errors_name_the_option_typed(capsys):

@@ -431,7 +431,7 @@ def test_rollback_goes_back_to_a_former_champion_only(monkeypatch):
     monkeypatch.setattr(tracking, "move_alias", move)
     with pytest.raises(register.PromoteRefused, match="--reason: say why"):
         register.rollback("m", " ")
-    with pytest.raises(register.PromoteRefused, match="version 3 was never champion: only a former champion"):
+    with pytest.raises(register.PromoteRefused, match="version 3 was never made champion by adaptflow: only a former champion"):
         register.rollback("m", "bad", to="3")
     with pytest.raises(register.PromoteRefused, match="version 9: no such registered version"):
         register.rollback("m", "bad", to="9")
@@ -445,6 +445,17 @@ def test_rollback_goes_back_to_a_former_champion_only(monkeypatch):
     with pytest.raises(register.PromoteRefused, match="version 1, and the alias history shows no version before it: give --to"):
         register.rollback("m", "again")  # v1 was the first champion (the rollback that put it back is not a promotion)
     assert register.rollback("m", "v2 was fine after all", to="2")["version"] == "2"
-    where["champion"] = None
-    with pytest.raises(register.PromoteRefused, match="m has no champion to roll back"):
+    # a version made champion outside adaptflow (a noticed move) passed no gate: never a rollback's target
+    tags["5"] = {"gate": "rejected"}
+    moves.append(aliases.AliasMove(len(moves) + 1, "champion", "2", "5", 400.0, "noticed", "outside adaptflow", {"outside": True}))
+    where["champion"] = "5"
+    with pytest.raises(register.PromoteRefused, match="shows no version before it .it was put there outside adaptflow.: give --to"):
         register.rollback("m", "x")
+    move("m", "champion", "2", expected="5", reason="gate passed", context={})  # then a gate put 2 back
+    with pytest.raises(register.PromoteRefused, match="version 5 was never made champion by adaptflow"):
+        register.rollback("m", "x", to="5")
+    # champion removed (outside adaptflow): only --to can put a former champion back
+    where["champion"] = None
+    with pytest.raises(register.PromoteRefused, match="m has no champion .or is no registered model.: give --to"):
+        register.rollback("m", "x")
+    assert register.rollback("m", "champion was deleted by mistake", to="1")["previous_champion"] is None and where["champion"] == "1"

@@ -517,9 +517,11 @@ def test_a_tracking_server_that_answers_with_any_status_is_reachable():
     import socket
     import threading
 
+    status = [401]
+
     class Deny(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (the handler's name)
-            self.send_response(401)
+            self.send_response(status[0])
             self.end_headers()
 
         def log_message(self, *args):
@@ -529,6 +531,10 @@ def test_a_tracking_server_that_answers_with_any_status_is_reachable():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         assert orchestrate.server_unreachable(f"http://127.0.0.1:{server.server_port}") is None
+        assert orchestrate.server_unreachable(f"http://alice:s3cret@127.0.0.1:{server.server_port}") is None  # as MLflow sends them
+        status[0] = 503  # a gateway whose backend is gone: MLflow's client would retry it for minutes
+        why = orchestrate.server_unreachable(f"http://alice:s3cret@127.0.0.1:{server.server_port}")
+        assert f"answers at http://127.0.0.1:{server.server_port} (HTTP 503 from a gateway in front of it)" in why and "s3cret" not in why
     finally:
         server.shutdown()
     with socket.socket() as s:
