@@ -241,6 +241,10 @@ def _headline(ev: dict) -> list[str]:
                      f"Test accuracy {pm(m['test_acc'], m['test_acc_std'], m['n_seeds'])}" + (f"; transfer gain {gains}." if gains else "."))
     if ev["negative_transfer"]:
         lines.append(f"Negative transfer (mean test accuracy below scratch): {', '.join(ev['negative_transfer'])}.")
+    data = ev.get("target_data")  # (an evaluation written before it was recorded has none)
+    if data:
+        left = ", ".join(f"{n} {why}" for why, n in data["left_out"].items())
+        lines.append(f"Target data: {data['n_images']} images kept; left out: {left} (each file with its reason in {data['listed_in']}).")
     return lines
 
 

@@ -36,7 +36,9 @@ from adaptflow.models import load
 from adaptflow.params import Params
 from adaptflow.stages.finetune import output_dir as adapted_dir
 from adaptflow.stages.finetune import runs
+from adaptflow.stages.ingest import dropped
 from adaptflow.stages.ingest import output_dir as ingested_dir
+from adaptflow.stages.ingest import report_path as ingest_report
 from adaptflow.training import predict_logits
 
 log = logging.getLogger(__name__)
@@ -298,6 +300,9 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         "candidate_selection": rule,
         "candidate_rule": "the unlabeled target pool (label-free IM score)" if label_free else "target val accuracy",
         "target_domain": params.target.domain,
+        # what ingest left out of the target data, and where each file is listed with its reason
+        "target_data": {"n_images": store.read_card(tgt)["n_images"], "left_out": dropped(store.read_card(tgt)),
+                        "listed_in": str(ingest_report(params, Path("."), "target"))},
         "source_domain": params.source.domain,
         "classes": list(test.classes),
         "seeds": list(params.finetune.seeds),

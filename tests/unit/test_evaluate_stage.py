@@ -35,7 +35,10 @@ def build_project(root, strategies=("scratch", "source_only", "finetune"), seeds
     meta = pd.DataFrame({"label": labels, "class_name": [CLASSES[i] for i in labels], "split": splits,
                          "labeled": np.arange(len(labels)) < 6, "source_index": np.arange(len(labels)), "sha1": [str(i) for i in range(len(labels))]})
     with outputs.atomic_dir(ingested_dir(p, root, "target"), "ingest", "k") as tmp:
-        store.write(tmp, class_images(labels, 3), meta, {"classes": CLASSES, "data_hash": "feedbeef", "domain": "uci_digits"})
+        store.write(tmp, class_images(labels, 3), meta, {
+            "classes": CLASSES, "data_hash": "feedbeef", "domain": "uci_digits", "n_images": len(labels),
+            "quarantined": [{"item": "b/cut.png", "class": "b", "reason": "truncated image"}], "ignored": [],
+            "duplicates": {"removed": 3, "conflicting_class": 1, "label_conflicts": [{"item": "a/x.png"}]}})
     for i, s in enumerate(strategies):
         for seed in seeds:
             torch.manual_seed(10 * i + seed)
@@ -105,6 +108,9 @@ def test_report_is_one_self_contained_page(evaluated):
         assert text in page, text
     md = (out / "report.md").read_text()
     assert "![summary](plots/summary.png)" in md and "| finetune | candidate | 2 |" in md
+    said = ("Target data: 27 images kept; left out: 1 quarantined, 2 exact duplicates removed, 2 copies excluded for a label conflict, "
+            "0 ignored (each file with its reason in reports/ingest_target.json).")
+    assert said in md and said in page  # what ingest left out, where the report is read
 
 
 def test_dvc_plot_data_is_plain_records(evaluated):
