@@ -592,7 +592,7 @@ def registry_rollback(name: str = typer.Argument(..., help="registered model nam
     except PromoteRefused as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"{name}@champion: version {done['version']} (rolled back from {done['previous_champion']}): {reason}")
+    typer.echo(f"{name}@champion: version {done['version']} (rolled back from {done['previous_champion'] or 'no champion'}): {reason}")
 
 
 @registry_app.command("show")

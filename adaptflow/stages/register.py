@@ -569,7 +569,7 @@ def rollback(name: str, reason: str, to: str | None = None, who: str = "adaptflo
         raise PromoteRefused(f"{name} version {to} was never made champion by adaptflow: only a former champion can be rolled back to "
                              "(a held version: adaptflow registry promote; any other goes through the gate, in a pipeline run)")
     try:
-        tracking.move_alias(name, "champion", to, expected=current, reason=f"rolled back by hand ({who}) from version {current}: {reason}",
+        tracking.move_alias(name, "champion", to, expected=current, reason=f"rolled back by hand ({who}) from version {current or 'none'}: {reason}",
                             context={"orchestrator": "cli", "rolled_back_from": current})
     except aliases.AliasConflict as exc:
         raise PromoteRefused(f"champion moved to version {exc.found or 'none'} meanwhile: nothing rolled back") from None
