@@ -386,6 +386,7 @@ def predict(
     model: str = typer.Option(..., "--model", "-m", help="model URI: models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write a CSV: path, label, confidence, proba_<class>..."),
     batch_size: int = typer.Option(1024, "--batch-size", min=1, help="images read and predicted at a time (memory stays flat in the number of files)"),
+    strict: bool = typer.Option(False, "--strict", help="exit status 3 when any file was skipped (after printing and writing the rest), for a batch job to notice"),
 ) -> None:
     """Print one predicted label per image (path<TAB>label<TAB>confidence), a batch at a time. A folder is
     read as ingest reads a class folder: every file below it, whatever its name, except hidden files and
@@ -459,6 +460,11 @@ def predict(
         table = pd.concat(tables, ignore_index=True)
         outputs.atomic_write_text(output, table.to_csv(index=False))
         typer.echo(f"wrote {len(table)} predictions to {output}", err=True)
+    if n_unreadable:
+        typer.secho(f"skipped {n_unreadable} of {len(files)} file(s) (listed above)" + ("; --strict: exit status 3" if strict else ""),
+                    fg="yellow", err=True)
+        if strict:
+            raise typer.Exit(3)
 
 
 registry_app = typer.Typer(no_args_is_help=True, help="The model registry: aliases and their history (who was champion when, and why).")

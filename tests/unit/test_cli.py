@@ -145,6 +145,12 @@ def test_predict_goes_a_batch_at_a_time_and_writes_the_csv_once(tmp_path, monkey
     # the CLI reads paths while it predicts; this process keeps its own setting (a served model in a later
     # subprocess inherits it)
     assert os.environ["ADAPTFLOW_READ_PATHS"] == "0"
+    assert "skipped 1 of 7 file(s) (listed above)" in res.output
+    # --strict: the same predictions and CSV, and exit status 3 for a batch job to notice the skipped file
+    strict = _invoke(["predict", "-m", "exported/model", str(folder), "-o", "out/strict.csv", "--strict"])
+    assert strict.exit_code == 3 and "skipped 1 of 7 file(s) (listed above); --strict: exit status 3" in strict.output
+    assert (tmp_path / "out" / "strict.csv").read_text() == (tmp_path / "out" / "pred.csv").read_text()
+    assert _invoke(["predict", "-m", "exported/model", str(folder / "0.png"), "--strict"]).exit_code == 0  # nothing skipped
 
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "a.png").write_text("no")
