@@ -167,10 +167,10 @@ def _api_lost_exits(p: "params_mod.Params") -> Iterator[None]:
     try:
         yield
     except httpx.TransportError as exc:
-        from prefect.settings import PREFECT_API_URL
+        from flows.api import api_url
 
         registry = Path(p.paths.reports) / "registry.json"
-        _error(f"lost the Prefect API at {PREFECT_API_URL.value() or 'its temporary local server'} during the run "
+        _error(f"lost the Prefect API at {api_url() or 'its temporary local server'} during the run "
                f"({type(exc).__name__}: {exc}). Every stage that finished kept its outputs ({registry} says what register "
                "decided, if it ran); the run's state in Prefect is stale. Run again once the server answers: finished stages "
                "are reused")
@@ -478,11 +478,11 @@ def _registry_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def run(*args: object, **kwargs: object) -> None:
-        from mlflow.exceptions import MlflowException
+        from adaptflow import tracking
 
         try:
             command(*args, **kwargs)
-        except MlflowException as exc:
+        except tracking.MlflowException as exc:
             typer.secho(f"error: {' '.join(str(exc.message).split())[:500]}", fg="red", err=True)
             raise typer.Exit(2) from None
 

@@ -337,9 +337,14 @@ def model_aliases(name: str) -> dict[str, str]:
     try:
         return {a: str(v) for a, v in MlflowClient().get_registered_model(name).aliases.items()}
     except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+        if _not_found(exc):
             return {}
         raise
+
+
+def _not_found(exc: MlflowException) -> bool:
+    """The registry answered that the model does not exist (not: it could not answer)."""
+    return exc.error_code == "RESOURCE_DOES_NOT_EXIST"
 
 
 def missing_model(name: str) -> str | None:
@@ -351,7 +356,7 @@ def missing_model(name: str) -> str | None:
         client.get_registered_model(name)
         return None
     except MlflowException as exc:
-        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+        if not _not_found(exc):
             raise
     names = [m.name for m in client.search_registered_models(max_results=1000)]
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)

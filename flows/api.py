@@ -189,13 +189,19 @@ def start_in_background() -> Callable[[], None]:
 
 
 
+def api_url() -> str | None:
+    """The Prefect server this process talks to (``PREFECT_API_URL``), or None: the temporary local one."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
+
+
 def unreachable() -> str | None:
     """Why the Prefect server at ``PREFECT_API_URL`` cannot be used, or None: it answers its health check, or
     the variable is unset (the ephemeral API)."""
     from prefect import get_client
-    from prefect.settings import PREFECT_API_URL
 
-    url = PREFECT_API_URL.value()
+    url = api_url()
     if not url:
         return None
     with get_client(sync_client=True) as client:

@@ -237,7 +237,7 @@ def check_weights(arch: str, in_chans: int, weights: str | None, root: Path, as_
     if path is not None:
         state, arch_cfg = _fitting_state(arch, in_chans, path)
         if as_is_for is not None:
-            keep, why = _head_fits(state, arch_cfg, path, as_is_for)
+            keep, why, _ = _head_fits(state, arch_cfg, path, as_is_for)
             if not keep:
                 raise head_refused(weights, len(as_is_for), why)
 
@@ -250,16 +250,17 @@ def head_refused(weights: str, n_classes: int, why: str = "") -> Exception:
                      f"with one output per source class ({n_classes}){': ' + why if why else ''}; set pretrain.epochs to train one")
 
 
-def _head_fits(state: dict, arch_cfg: dict, path: Path, classes: list) -> tuple[bool, str]:
+def _head_fits(state: dict, arch_cfg: dict, path: Path, classes: list) -> tuple[bool, str, list[str] | None]:
     """Whether the file's classifier serves ``classes`` as it is: one output per class and, where the file names
-    its classes (:func:`file_classes`), the same ones; else why not (empty when the count alone differs)."""
-    heads = _names(arch_cfg.get("classifier"))
+    its classes (:func:`file_classes`, returned too), the same ones; else why not (empty when the count alone
+    differs)."""
+    heads, named = _names(arch_cfg.get("classifier")), file_classes(path)
     if {state[f"{h}.weight"].shape[0] for h in heads if f"{h}.weight" in state} != {len(classes)}:
-        return False, ""
-    named, card = file_classes(path), [str(c) for c in classes]
+        return False, "", named
+    card = [str(c) for c in classes]
     if named is not None and sorted(named) != sorted(card):
-        return False, f"the file's classes ({_few(named)}) are not the source's ({_few(card)})"
-    return True, ""
+        return False, f"the file's classes ({_few(named)}) are not the source's ({_few(card)})", named
+    return True, "", named
 
 
 def start(cfg: ModelConfig, weights: str | None, root: Path) -> tuple[nn.Module, dict]:
@@ -288,8 +289,8 @@ def start(cfg: ModelConfig, weights: str | None, root: Path) -> tuple[nn.Module,
     path = weights_file(weights, root)
     state, arch_cfg = _fitting_state(cfg.arch, cfg.in_chans, path)
     heads = _names(arch_cfg.get("classifier"))
-    keep_head, head_why = _head_fits(state, arch_cfg, path, cfg.classes)
-    named, card = file_classes(path), [str(c) for c in cfg.classes]
+    keep_head, head_why, named = _head_fits(state, arch_cfg, path, cfg.classes)
+    card = [str(c) for c in cfg.classes]
     if keep_head and named is not None and named != card:
         order = torch.tensor([named.index(c) for c in card])  # row i: the card's class i
         rows = {f"{h}.{w}" for h in heads for w in ("weight", "bias")}

@@ -301,8 +301,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         "candidate_rule": "the unlabeled target pool (label-free IM score)" if label_free else "target val accuracy",
         "target_domain": params.target.domain,
         # what ingest left out of the target data, and where each file is listed with its reason
-        "target_data": {"n_images": store.read_card(tgt)["n_images"], "left_out": dropped(store.read_card(tgt)),
-                        "listed_in": str(ingest_report(params, Path("."), "target"))},
+        "target_data": _left_out(store.read_card(tgt), params),
         "source_domain": params.source.domain,
         "classes": list(test.classes),
         "seeds": list(params.finetune.seeds),
@@ -324,6 +323,11 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         (tmp / "report.html").write_text(report.render_html(evaluation, tmp))
     log.info("evaluate: candidate %s seed %s (%s); report %s", candidate, candidate_seed, rule, out / "report.html")
     return {"path": str(out), "digest": outputs.digest(out), "cached": False, "metrics": metrics}
+
+
+def _left_out(card: dict, params: Params) -> dict:
+    """What ingest kept of the target data and left out, and where each file left out is listed."""
+    return {"n_images": card["n_images"], "left_out": dropped(card), "listed_in": str(ingest_report(params, Path("."), "target"))}
 
 
 def _write_plots(directory: Path, ev: dict, scored: dict[tuple[str, int], RunScores], classes: list[str], baselines: list[str]) -> None:
