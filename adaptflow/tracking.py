@@ -38,6 +38,7 @@ from mlflow.types.schema import AnyType, ColSpec, Schema  # noqa: E402
 
 from adaptflow import aliases, machine  # noqa: E402
 from adaptflow.orchestrate import NoStore, default_tracking_uri, mlflow_unreachable, store_root, tracking_uri  # noqa: E402
+from adaptflow.outputs import file_digest  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +275,22 @@ def log_image_model(checkpoint_dir: Path, classes: list[str], example: str | Non
                 pip_requirements=_pins(),
             )
     return info.model_uri
+
+
+def served_digest(checkpoint_dir: Path) -> str:
+    """What a model logged from ``checkpoint_dir`` by :func:`log_image_model` serves, by content: the weights
+    file (the classes travel in it), the network and input contract from ``config.json`` (not ``extra``: how it
+    was trained), the serving code shipped with it and its pinned requirements. Two checkpoints with one digest
+    answer every request alike, so registering the second would add a copy."""
+    checkpoint_dir = Path(checkpoint_dir)
+    cfg = json.loads((checkpoint_dir / "config.json").read_text())
+    h = hashlib.sha256()
+    h.update(file_digest(checkpoint_dir / "model.safetensors").encode())
+    h.update(json.dumps({k: v for k, v in cfg.items() if k != "extra"}, sort_keys=True).encode())
+    for f in ("serving_model.py", "imaging.py"):
+        h.update((_PKG / f).read_bytes())
+    h.update(json.dumps(_pins()).encode())
+    return h.hexdigest()[:16]
 
 
 def register(model_uri: str, name: str, tags: dict[str, Any]) -> str:

@@ -276,26 +276,29 @@ def run(params: Params, root: Path = Path("."), flow_run_id: str | None = None) 
         tracking.log_metrics({**{f"{s}.{k}": v for s, m in per.items() for k, v in m.items() if _is_number(v)},
                               **{f"{s}.recall.{c}": v for s, m in per.items() for c, v in m["recall"].items()},
                               **{f"transfer_gain.{k}": v for k, v in ev["transfer_gain"].items()}})
+        # a candidate that serves exactly what a registered version serves is that version: not logged or registered again
+        served = tracking.served_digest(adapted_dir(params, root, candidate, candidate_seed)) if candidate is not None else None
+        same = tracking.find_versions(name, {SERVED: served}) if served else []
         run_ids, model_uri = {}, None
         for s, seed in pairs:
-            run_ids[run_key(s, seed)], uri = _log_strategy_run(params, root, ev, s, seed, tags, datasets[1], example)
+            run_ids[run_key(s, seed)], uri = _log_strategy_run(params, root, ev, s, seed, tags, datasets[1], example, log_model=not same)
             model_uri = uri or model_uri
 
         if candidate is None:
             decision.update({"version": None, "promoted": False, "reasons": ["no non-baseline strategy ran"], "alias": None})
         else:
             test_set = store.split_hash(tgt, "test", by="content")
-            decision.update(_gate_and_register(params, ev, test, test_ids, model_uri, {**tags, REGISTER_KEY: key, TEST_SET: test_set}, name,
-                                               {"parent_run_id": parent_id, "candidate_run_id": run_ids[run_key(candidate, candidate_seed)],
+            decision.update(_gate_and_register(params, ev, test, test_ids, model_uri, {**tags, REGISTER_KEY: key, TEST_SET: test_set, SERVED: served},
+                                               name, same, {"parent_run_id": parent_id, "candidate_run_id": run_ids[run_key(candidate, candidate_seed)],
                                                 "orchestrator": orch["kind"], **{k: v for k, v in orch.items() if v and k != "kind"}}))
             tracking.set_tags({"model_name": name, "model_version": decision["version"], "gate": decision["alias"]})
         decision["run_ids"] = run_ids
         decision["source_model_run_id"] = tags["source_model_run_id"]
-        lineage = _lineage(params, root, ev, decision, orch, tags, lock, tgt_card, src_card, model_uri, tracking_uri, pairs)
+        lineage = _lineage(params, root, ev, decision, orch, tags, lock, tgt_card, src_card, decision.get("model_uri", model_uri), tracking_uri, pairs)
         tracking.log_dict(lineage, "lineage.json")
         tracking.log_dict(decision, "registry.json")
     write_records(params, root, decision, lineage)
-    log.info("register: %s version %s %s — %s", name, decision.get("version"), "→ champion" if decision["promoted"] else "not promoted", "; ".join(decision["reasons"]))
+    log.info("register: %s version %s %s — %s", name, decision.get("version"), "→ champion" if decision["promoted"] else "already champion" if decision.get("gate") == SAME else "not promoted", "; ".join(decision["reasons"]))
     return {**decision, "cached": False}
 
 
@@ -347,9 +350,10 @@ def _source_model_run(params: Params, root: Path, tags: dict) -> str:
 
 
 def _log_strategy_run(params: Params, root: Path, ev: dict, s: str, seed: int, tags: dict, dataset: tuple,
-                      example: str | None) -> tuple[str, str | None]:
+                      example: str | None, log_model: bool = True) -> tuple[str, str | None]:
     """One nested run for one strategy and seed; logs the model too when it is the candidate run (the one
-    model this pipeline run may register: logged once, in MLflow only). Returns (run id, model URI)."""
+    model this pipeline run may register: logged once, in MLflow only) and ``log_model`` (false: a registered
+    version serves it already). Returns (run id, model URI)."""
     from adaptflow import tracking
 
     rk, d = run_key(s, seed), adapted_dir(params, root, s, seed)
@@ -368,7 +372,7 @@ def _log_strategy_run(params: Params, root: Path, ev: dict, s: str, seed: int, t
                 tracking.log_artifacts(d / f, "checkpoint")
         # this run's plots are the parent's evaluate/plots/<these names>: stored once, pointed at
         tracking.set_tags({f"plot.{kind}": f"evaluate/{ev['plots'][kind][rk]}" for kind in ("confusion", "reliability")})
-        if s == ev["candidate"] and seed == ev["candidate_seed"]:
+        if log_model and s == ev["candidate"] and seed == ev["candidate_seed"]:
             model_uri = tracking.log_image_model(d, ev["classes"], example)
     return rid, model_uri
 
@@ -383,8 +387,9 @@ def _history(directory: Path) -> list[dict]:
 
 
 SEEN = "target_seen.json"  # per registration: the target images its models trained or chose on, by hash
-# "content" (the decoded pixels: what splits, whatever preprocess stored) first; "sha1" (the stored pixels) is
-# all that registrations before content hashes recorded, and misses an image stored at another size or mode
+# "content" (the decoded pixels: what splits, whatever preprocess stored) and "sha1" (the stored pixels: two files
+# of one image that decode differently, an L and an RGB copy, share it); registrations before content hashes
+# recorded sha1 alone, which misses an image stored at another size or mode
 SEEN_KEYS = ("content", "sha1")
 
 
@@ -395,13 +400,18 @@ def unseen_test(test_ids: pd.DataFrame, seen: dict | None) -> tuple[np.ndarray, 
     ``test_ids`` has a column per hash in :data:`SEEN_KEYS`, one row per test image; ``seen`` is the
     champion's record (:data:`SEEN`)."""
     every = np.arange(len(test_ids))
-    key = next((k for k in SEEN_KEYS if seen and isinstance(seen.get(k), list)), None)
-    if key is None:
+    keys = [k for k in SEEN_KEYS if seen and isinstance(seen.get(k), list)]
+    if not keys:
         return every, "the champion's target images are not recorded (registered before they were): compared on the whole test set"
-    known = set(seen[key])
-    keep = np.array([i for i, h in enumerate(test_ids[key]) if h not in known], dtype=np.int64)
-    older = None if key == SEEN_KEYS[0] else ("the champion's images are recorded by stored-pixel hash only: "
-                                              "any it had at another image size or mode are not recognised")
+    # by every hash recorded: a file whose decoded content differs (another mode or size of one image) but whose
+    # stored pixels match one the champion had is an image it had
+    known = {k: set(seen[k]) for k in keys}
+    had = np.zeros(len(test_ids), dtype=bool)
+    for k in keys:
+        had |= test_ids[k].isin(known[k]).to_numpy()
+    keep = np.flatnonzero(~had).astype(np.int64)
+    older = None if SEEN_KEYS[0] in keys else ("the champion's images are recorded by stored-pixel hash only: "
+                                               "any it had at another image size or mode are not recognised")
     if len(keep) == len(every):
         return every, older
     if not len(keep):
@@ -424,16 +434,27 @@ def _accuracy(model: Any, test: store.Split, rows: np.ndarray) -> float:
     return float((pred["label"].to_numpy() == np.array(test.classes)[test.labels[rows]]).mean())
 
 
-def _gate_and_register(params: Params, ev: dict, test: store.Split, test_ids: pd.DataFrame, model_uri: str, tags: dict, name: str,
-                       context: dict) -> dict:
+def _gate_and_register(params: Params, ev: dict, test: store.Split, test_ids: pd.DataFrame, model_uri: str | None, tags: dict, name: str,
+                       same: list[str], context: dict) -> dict:
     """Read the champion, score it and the candidate on the test images the champion has not seen, gate,
-    register, and move an alias by compare-and-set."""
+    register, and move an alias by compare-and-set. ``same``: the versions already serving exactly the
+    candidate (:func:`tracking.served_digest`), newest first: the champion among them stays as it is, with
+    nothing registered; another is gated again as itself rather than registered a second time."""
     from adaptflow import aliases, tracking
 
     candidate, candidate_seed = ev["candidate"], ev["candidate_seed"]
     per, cand_run = ev["strategies"], ev["runs"][run_key(candidate, candidate_seed)]
     cand_mean, cand_acc = per[candidate]["test_acc"], cand_run["test_acc"]
     champion = tracking.alias_version(name, "champion")  # what the gate reads; the move checks it is unchanged
+    existing = champion if champion in same else same[0] if same else None
+    decision = {"previous_champion": champion, "candidate_seed": candidate_seed, "candidate_test_acc": cand_acc, "candidate_mean_test_acc": cand_mean}
+    if existing is not None:
+        model_uri = f"models:/{name}/{existing}"
+        said = (f"the candidate ({candidate}, seed {candidate_seed}) serves exactly what version {existing} serves (weights, classes, "
+                f"input and serving code, by {SERVED} {tags[SERVED]})")
+    if existing is not None and existing == champion:
+        return {**decision, "version": existing, "promoted": False, "gate": SAME, "alias": "champion", "previous_champion_test_acc": None,
+                "reasons": [f"{said}, the champion: nothing registered, no alias moved"], "champion": champion, "model_uri": model_uri}
     champion_acc, cand_vs_champion, note = None, cand_acc, None
     if champion is not None:
         rows, note = unseen_test(test_ids, tracking.seen_by(name, champion, SEEN))
@@ -445,11 +466,15 @@ def _gate_and_register(params: Params, ev: dict, test: store.Split, test_ids: pd
     passed, reasons = gate(cand_mean, baselines, champion_acc, params.register.margin, candidate_model_acc=cand_vs_champion,
                            unchecked=params.unchecked_baselines(), chance=majority(test), model_test_acc=cand_acc)
     reasons += [note] if note else []
-    version = tracking.register(model_uri, name, {
+    reasons += [f"{said}: gated again as that version, nothing new registered"] if existing else []
+    registration = {
         **tags, "strategy": candidate, "seed": candidate_seed, "val_acc": cand_run["val_acc"], "test_acc": cand_acc,
         "test_ece": cand_run["test_ece"], "strategy_mean_test_acc": cand_mean, "selection": ev["candidate_selection"],
         "pool_im": cand_run.get("pool_im"),
-        "parent_run_id": context["parent_run_id"], "test_data_hash": ev["test_data_hash"]})
+        "parent_run_id": context["parent_run_id"], "test_data_hash": ev["test_data_hash"]}
+    if existing:  # its tags now tell this registration (this test set, these scores, this run's records), as a new version's would
+        tracking.set_version_tags(name, existing, registration)
+    version = existing or tracking.register(model_uri, name, registration)
     context = {**context, "test_data_hash": ev["test_data_hash"], "git_commit": tags["git_commit"]}
     held = hold(name, version, champion, tags[TEST_SET]) if passed else None
     promoted = passed and not held
@@ -466,9 +491,8 @@ def _gate_and_register(params: Params, ev: dict, test: store.Split, test_ids: pd
     if not promoted:
         tracking.move_alias(name, "challenger", version, expected=aliases.ANY, reason=f"gate {verdict}: " + "; ".join(reasons), context=context)
     tracking.set_version_tags(name, version, {"gate": verdict, "gate_reasons": "; ".join(reasons), GATED_AGAINST: champion or "none"})
-    return {"version": version, "promoted": promoted, "gate": verdict, "alias": alias, "reasons": reasons, "previous_champion": champion,
-            "previous_champion_test_acc": champion_acc, "candidate_seed": candidate_seed, "candidate_test_acc": cand_acc,
-            "candidate_mean_test_acc": cand_mean, "champion": version if promoted else champion, "model_uri": model_uri}
+    return {**decision, "version": version, "promoted": promoted, "gate": verdict, "alias": alias, "reasons": reasons,
+            "previous_champion_test_acc": champion_acc, "champion": version if promoted else champion, "model_uri": model_uri}
 
 
 def hold(name: str, version: str, champion: str | None, test_set: str) -> str | None:
@@ -492,6 +516,10 @@ def hold(name: str, version: str, champion: str | None, test_set: str) -> str | 
 
 
 TEST_SET = "test_set"  # version tag: the test images and labels it was gated on, by decoded content (store.split_hash)
+
+
+SERVED = "served_digest"  # version tag: what it serves, by content (tracking.served_digest)
+SAME = "same as champion"  # verdict: the candidate serves exactly what the champion serves; nothing registered
 
 
 HELD = "passed, held"  # the gate passed, but the version waits for `adaptflow registry promote` (see hold)
@@ -597,7 +625,7 @@ def summary(reg: dict, root: Path) -> str:
     from adaptflow import tracking
 
     name = reg.get("model_name")
-    verdict = ("promoted to champion" if reg.get("promoted") else
+    verdict = ("promoted to champion" if reg.get("promoted") else "already champion" if reg.get("gate") == SAME else
                "passed the gate, held as challenger" if reg.get("gate") == HELD else "not promoted")
     if not reg.get("cached"):
         return f"registry: {name} version {reg.get('version')} {verdict}: {'; '.join(reg.get('reasons', []))}"

@@ -76,6 +76,22 @@ def flow_project(tmp_path_factory, prefect_harness) -> dict:
     return {"root": root, "result": result}
 
 
+def as_another_model(mp: pytest.MonkeyPatch) -> None:
+    """Every registration from here on as a model of its own. Register registers nothing for a candidate that
+    a version already serves (register.SERVED): gate tests that register one project's candidate again, as if
+    another model had come out equally good, stand for the runs whose weights differ."""
+    import uuid
+
+    from adaptflow import tracking
+
+    mp.setattr(tracking, "served_digest", lambda checkpoint_dir: f"another-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def another_model(monkeypatch) -> None:
+    as_another_model(monkeypatch)
+
+
 @pytest.fixture
 def dvc_project(tmp_path) -> Path:
     """A fresh git + DVC repo holding the project's dvc.yaml, the core's sources and shrunk params."""

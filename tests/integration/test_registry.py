@@ -150,7 +150,7 @@ def test_predict_cli_takes_a_folder_and_writes_csv(flow_project, tmp_path):
     assert bad.returncode == 2 and "no image files" in bad.stderr
 
 
-def test_gate_keeps_champion_when_candidate_does_not_beat_it(flow_project):
+def test_gate_keeps_champion_when_candidate_does_not_beat_it(flow_project, another_model):
     """A second registration of an equally good model is not promoted: it becomes `challenger`."""
     from adaptflow import tracking
     from adaptflow.stages import register
@@ -170,7 +170,42 @@ def test_gate_keeps_champion_when_candidate_does_not_beat_it(flow_project):
     assert tracking.alias_version(first["model_name"], "challenger") == second["version"]
 
 
-def test_gate_scores_the_champion_only_on_test_images_it_never_saw(flow_project, monkeypatch):
+def test_a_candidate_a_version_already_serves_is_not_registered_again(flow_project, monkeypatch):
+    """The same weights come back after a change that leaves them alone (a register or evaluate setting; a code
+    change, retrained bit for bit): register adds no copy. The champion's stays as it is, nothing moved; a
+    non-champion version serving it is gated again as itself, its tags now this registration's."""
+    from mlflow import MlflowClient
+
+    from adaptflow import tracking
+    from adaptflow.stages import register
+
+    root = flow_project["root"]
+    p = [load(root / "params.yaml", overrides=["register.model_name=same-{target}", f"register.margin={m}"]) for m in (0, 0.001, 0.002, 0.003)]
+    name = p[0].registered_model_name()
+    with records_kept(root) as (registry, _):
+        first = register.run(p[0], root)
+        again = register.run(p[1], root)
+        assert json.loads(registry.read_text())["version"] == first["version"] == again["version"] == "1"
+        with monkeypatch.context() as mp:  # one other model: version 2, then made champion by hand
+            mp.setattr(tracking, "served_digest", lambda d: "another-model")
+            other = register.run(p[2], root)
+        tracking.move_alias(name, "champion", other["version"], expected=first["version"], reason="test: another champion")
+        regated = register.run(p[3], root)
+    assert first["promoted"] and not again["cached"] and again["gate"] == register.SAME and again["alias"] == "champion"
+    assert again["reasons"] == [f"the candidate ({first['candidate']}, seed {first['candidate_seed']}) serves exactly what version 1 serves "
+                                f"(weights, classes, input and serving code, by served_digest {tracking.version_tags(name, '1')['served_digest']}), "
+                                "the champion: nothing registered, no alias moved"]
+    assert register.summary(again, root).startswith(f"registry: {name} version 1 already champion: the candidate")
+    assert other["version"] == "2" and tracking.model_aliases(name) == {"champion": "2", "challenger": "1"}
+    assert regated["version"] == "1" and not regated["promoted"] and regated["previous_champion"] == "2"
+    assert any(r.endswith(": gated again as that version, nothing new registered") for r in regated["reasons"]), regated["reasons"]
+    assert sorted(str(v.version) for v in MlflowClient().search_model_versions(f"name = '{name}'")) == ["1", "2"]
+    tags = tracking.version_tags(name, "1")
+    assert tags["register_key"] == regated["key"] and tags["parent_run_id"] == regated["parent_run_id"] and tags["gated_against"] == "2"
+    assert tags["gate"] == regated["gate"] and [m.reason for m in tracking.alias_history(name, "champion")][-1] == "test: another champion"
+
+
+def test_gate_scores_the_champion_only_on_test_images_it_never_saw(flow_project, monkeypatch, another_model):
     """New target data re-splits every class: the champion must not be scored on images it trained on."""
     from adaptflow import tracking
     from adaptflow.stages import register
@@ -197,7 +232,7 @@ def test_gate_scores_the_champion_only_on_test_images_it_never_saw(flow_project,
     assert any(r.startswith(("beats current champion", "does not beat current champion")) for r in out["reasons"])
 
 
-def test_an_experiment_never_moves_champion_and_promote_applies_its_held_verdict(flow_project, monkeypatch):
+def test_an_experiment_never_moves_champion_and_promote_applies_its_held_verdict(flow_project, monkeypatch, another_model):
     """Under `dvc exp run` a passing gate is held: across a sweep the best test score would otherwise pick the
     champion. `adaptflow registry promote` applies a held verdict, only while the champion it compared with stands."""
     from adaptflow import tracking
@@ -238,7 +273,7 @@ def test_an_experiment_never_moves_champion_and_promote_applies_its_held_verdict
     assert not any(x.startswith(f"  version {first['version']} ") for x in shown.splitlines())  # promoted: no longer held
 
 
-def test_going_back_to_inputs_registered_before_registers_nothing_until_champion_moves(flow_project):
+def test_going_back_to_inputs_registered_before_registers_nothing_until_champion_moves(flow_project, another_model):
     """After `dvc exp run` (or any other run) rewrote reports/registry.json, which neither git nor the DVC cache
     restores, the same inputs again find their version by its register_key tag: its records are written back
     as they were and nothing is registered. Once champion has moved, its verdict is stale: gated again."""
@@ -254,7 +289,7 @@ def test_going_back_to_inputs_registered_before_registers_nothing_until_champion
     with records_kept(root) as files:
         first = register.run(base, root)
         written = [f.read_bytes() for f in files]
-        second = register.run(other, root)  # another key: a new version (the same model: it does not beat champion)
+        second = register.run(other, root)  # another key: a new version (another model, as good: it does not beat champion)
         back = register.run(base, root)
         restored = [f.read_bytes() for f in files]
         forth = register.run(other, root)

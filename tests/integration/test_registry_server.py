@@ -26,7 +26,7 @@ import pytest
 
 from adaptflow.data import store
 from adaptflow.params import load
-from tests.integration.conftest import BIN, env_with_venv, free_port, run, start_server, stop
+from tests.integration.conftest import BIN, as_another_model, env_with_venv, free_port, run, start_server, stop
 from tests.integration.test_registry import CONSUMER, _raw_test_pngs
 
 pytestmark = pytest.mark.integration
@@ -52,6 +52,7 @@ def server_runs(flow_project, mlflow_server, tmp_path_factory):
         lineage_better = json.loads((normal / "reports" / "lineage.json").read_text())
         promoted = subprocess.run([str(BIN / "adaptflow"), "registry", "promote", better["model_name"], better["version"]], cwd=normal,
                                   env={**env_with_venv(), "MLFLOW_TRACKING_URI": mlflow_server["uri"]}, capture_output=True, text=True)
+        as_another_model(mp)  # as if the worse configuration came out another (equally worse) model: a version of its own
         again = transfer_pipeline(params_path="params.yaml", overrides=WORSE + ["register.margin=0.0001"], root=str(worse))["register"]
         yield {"first": first, "better": better, "promoted": promoted, "again": again, "normal": normal, "worse": worse, "uri": mlflow_server["uri"],
                "name": better["model_name"], "lineage_better": lineage_better}
@@ -237,7 +238,7 @@ def _refusal(port: int, path: str) -> str:
     return answer["message"].rpartition("Error: ")[2].replace(repr(path[:60]), "<path>")
 
 
-def test_gate_does_not_overwrite_a_champion_that_moved_meanwhile(server_runs, monkeypatch):
+def test_gate_does_not_overwrite_a_champion_that_moved_meanwhile(server_runs, monkeypatch, another_model):
     """Another pipeline promotes while this one's gate is scoring: compare-and-set refuses the stale move."""
     from adaptflow import aliases, tracking
     from adaptflow.stages import register

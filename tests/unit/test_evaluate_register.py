@@ -316,6 +316,9 @@ def test_the_champion_is_scored_only_on_test_images_it_never_saw():
     rows, note = unseen_test(test, {"content": ["b", "d", "z"], "sha1": ["B2", "D2", "Z"]})  # re-split; stored at another size
     assert rows.tolist() == [0, 2] and note.startswith("champion and candidate compared on the 2 of 4 test images") and "(2 it had" in note
     assert "stored-pixel" not in note
+    # another file of one image (an L and an RGB copy): its decoded content differs, its stored pixels match one it had
+    rows, note = unseen_test(test, {"content": ["c2"], "sha1": ["C"]})
+    assert rows.tolist() == [0, 1, 3] and "(1 it had" in note
     rows, note = unseen_test(test, {"sha1": ["B", "Z"]})  # recorded before content hashes: matched by stored pixels, said so
     assert rows.tolist() == [0, 2, 3] and "recorded by stored-pixel hash only" in note
     rows, note = unseen_test(test, {"sha1": ["Z"]})
