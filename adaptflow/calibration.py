@@ -98,12 +98,14 @@ def confusion(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarra
 
 
 def macro_f1(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> float:
-    """The unweighted mean over all ``n_classes`` of each class's F1 = 2·TP / (2·TP + FP + FN); a class
-    never true nor predicted scores 0 (scikit-learn's ``average="macro", zero_division=0``)."""
+    """The unweighted mean of each class's F1 = 2·TP / (2·TP + FP + FN) over the classes that are true or
+    predicted at least once (scikit-learn's ``f1_score(average="macro")`` without ``labels``): a class the split
+    holds none of and no image is called does not count as a 0. NaN for no images."""
     c = confusion(pred, labels, n_classes).astype(np.float64)
     tp = np.diag(c)
     denom = c.sum(0) + c.sum(1)  # (TP + FP) + (TP + FN)
-    return float(np.mean(np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)))
+    present = denom > 0
+    return float(np.mean(2 * tp[present] / denom[present])) if present.any() else float("nan")
 
 
 def nll(probs: np.ndarray, labels: np.ndarray) -> float:

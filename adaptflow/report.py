@@ -138,7 +138,7 @@ def summary_png(strategies: dict[str, dict], baselines: Iterable[str], candidate
     plt = _plt()
     names = list(strategies)
     means = [strategies[s]["test_acc"] for s in names]
-    stds = [strategies[s]["test_acc_std"] for s in names]
+    stds = [strategies[s]["test_acc_std"] or 0.0 for s in names]  # one seed: no spread to draw
     base = set(baselines)
     colors = ["#999999" if s in base else ("#dd8452" if s == candidate else "#4c72b0") for s in names]
     fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(names) + 1.5), 3))
@@ -195,11 +195,12 @@ def pm(mean: float | None, std: float | None, n: int, digits: int = 4) -> str:
     return f"{mean:.{digits}f}"
 
 
-def _signed(mean: float | None, std: float | None, n: int) -> str:
-    if mean is None:
+def signed(mean: float | None, std: float | None, n: int) -> str:
+    """A gain, ``+mean ± std`` when there is more than one seed, else the single value; "—" when missing."""
+    if mean is None or math.isnan(mean):
         return "—"
     s = f"{mean:+.4f}"
-    return f"{s} ± {std:.4f}" if n > 1 and std is not None else s
+    return f"{s} ± {std:.4f}" if n > 1 and std is not None and not math.isnan(std) else s
 
 
 def tables(ev: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
@@ -209,7 +210,7 @@ def tables(ev: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
     side = []
     for s, m in ev["strategies"].items():
         n = m["n_seeds"]
-        gains = ["—" if b == s else _signed(m.get(f"gain_over_{b}"), m.get(f"gain_over_{b}_std"), n) for b in ev["reference_baselines"]]
+        gains = ["—" if b == s else signed(m.get(f"gain_over_{b}"), m.get(f"gain_over_{b}_std"), n) for b in ev["reference_baselines"]]
         neg = "—" if m.get("negative_transfer") is None else (f"YES ({m['negative_transfer_seeds']}/{n} seeds)" if m["negative_transfer"] else "no")
         side.append([s, m["role"], str(n), pm(m["val_acc"], m["val_acc_std"], n), pm(m["test_acc"], m["test_acc_std"], n),
                      pm(m["test_macro_f1"], m["test_macro_f1_std"], n), pm(m["test_ece"], m["test_ece_std"], n), *gains, neg,
@@ -236,7 +237,7 @@ def _headline(ev: dict) -> list[str]:
         lines.append("No candidate: no strategy other than the baselines (and oracle) ran.")
     else:
         m = ev["strategies"][c]
-        gains = "; ".join(f"{_signed(m.get(f'gain_over_{b}'), m.get(f'gain_over_{b}_std'), m['n_seeds'])} over {b}" for b in ev["reference_baselines"])
+        gains = "; ".join(f"{signed(m.get(f'gain_over_{b}'), m.get(f'gain_over_{b}_std'), m['n_seeds'])} over {b}" for b in ev["reference_baselines"])
         lines.append(f"Candidate: **{c}** (seed {ev['candidate_seed']}), chosen on {ev['candidate_rule']}. "
                      f"Test accuracy {pm(m['test_acc'], m['test_acc_std'], m['n_seeds'])}" + (f"; transfer gain {gains}." if gains else "."))
     if ev["negative_transfer"]:

@@ -30,6 +30,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from adaptflow.report import pm, signed  # noqa: E402  (one seed: the value alone, no "± 0")
 COLUMNS = {
     "b_adaptflow_cache_features_default_batch": "cache_features (b), its default batch",
     "d_adaptflow_finetune": "fit (d)",
@@ -69,16 +72,16 @@ def accuracy(args: argparse.Namespace) -> None:
         acc = {setting: [per_seed[setting][seed]["strategies"][s]["test_acc"] for seed in args.seeds] for setting in grids}
         diff = [b - a for a, b in zip(acc["0"], acc["1"])]
         rows[s] = {"test_acc": acc, "mean": {k: statistics.mean(v) for k, v in acc.items()},
-                   "std": {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in acc.items()},
+                   "std": {k: statistics.stdev(v) if len(v) > 1 else None for k, v in acc.items()},  # one seed: no spread
                    "paired_diff_1_minus_0": diff, "paired_diff_mean": statistics.mean(diff),
-                   "paired_diff_std": statistics.stdev(diff) if len(diff) > 1 else 0.0}
+                   "paired_diff_std": statistics.stdev(diff) if len(diff) > 1 else None}
     picked = {setting: [per_seed[setting][seed]["candidate"] for seed in args.seeds] for setting in grids}
     cand = {setting: [per_seed[setting][seed]["strategies"][per_seed[setting][seed]["candidate"]]["test_acc"] for seed in args.seeds]
             for setting in grids}
     meta = grids["1"]["meta"]
     res = {"machine": platform.platform(), "cpus": os.cpu_count(), "k": args.k, "seeds": args.seeds, "overrides": args.overrides, "strategies": rows,
            "candidate": {"picked": picked, "test_acc": cand}, "commit": grids["1"]["meta"]["commit"]}
-    fmt = lambda v: f"{statistics.mean(v):.4f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.4f}"  # noqa: E731
+    fmt = lambda v: pm(statistics.mean(v), statistics.stdev(v) if len(v) > 1 else None, len(v))  # noqa: E731
     lines = ["# Channels-last on the CPU: does it train as well?", "",
              f"`python benchmarks/channels_last.py --accuracy --k {args.k} --seeds {' '.join(map(str, args.seeds))}` on {res['machine']} "
              f"({res['cpus']} CPUs), overrides {args.overrides or 'none'}, code {res['commit']}: `transfer.py` ({meta['source']} → {meta['target']}, k = {args.k}; the seed changes the splits, "
@@ -89,7 +92,7 @@ def accuracy(args: argparse.Namespace) -> None:
     for s, r in rows.items():
         per = ", ".join(f"{a:.4f} → {b:.4f}" for a, b in zip(r["test_acc"]["0"], r["test_acc"]["1"]))
         lines.append(f"| {s} | {fmt(r['test_acc']['0'])} | {fmt(r['test_acc']['1'])} | "
-                     f"{r['paired_diff_mean']:+.4f} ± {r['paired_diff_std']:.4f} | {per} |")
+                     f"{signed(r['paired_diff_mean'], r['paired_diff_std'], len(r['paired_diff_1_minus_0']))} | {per} |")
     lines += ["", f"Candidate (best target val accuracy, as evaluate picks it): `=0` picked {', '.join(picked['0'])}, test "
               f"{fmt(cand['0'])}; `=1` picked {', '.join(picked['1'])}, test {fmt(cand['1'])}."]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from adaptflow.report import pm  # noqa: E402  (mean ± std, or the value alone for one seed)
+
 LABELED = ["scratch", "source_only", "linear_probe", "finetune", "partial", "gradual_unfreeze", "l2sp",
            "dann", "coral", "mmd", "fixmatch", "dann+fixmatch"]
 LABEL_FREE = ["source_only", "dann", "coral", "mmd", "fixmatch", "dann+fixmatch"]
@@ -110,13 +112,13 @@ def summarise(cells: list[dict]) -> dict:
         for s in mine[0]["strategies"]:
             vals = np.array([[c["strategies"][s]["val_acc"], c["strategies"][s]["test_acc"]] for c in mine])
             row[s] = {"val_acc": float(vals[:, 0].mean()), "test_acc": float(vals[:, 1].mean()),
-                      "test_acc_std": float(vals[:, 1].std(ddof=1)) if len(vals) > 1 else 0.0, "n": len(vals)}
+                      "test_acc_std": float(vals[:, 1].std(ddof=1)) if len(vals) > 1 else None, "n": len(vals)}  # one seed: no spread
         cand = np.array([c["strategies"][c["candidate"]]["test_acc"] for c in mine])
         # Negative transfer, as evaluate flags it: mean test accuracy below scratch's at the same k.
         neg = sorted(s for s in row if "scratch" in row and s not in ("scratch", "oracle") and row[s]["test_acc"] < row["scratch"]["test_acc"])
         out[str(k)] = {"strategies": row, "negative_transfer": neg,
                        "candidate": {"picked": [c["candidate"] for c in mine], "test_acc": float(cand.mean()),
-                                                        "test_acc_std": float(cand.std(ddof=1)) if len(cand) > 1 else 0.0},
+                                                        "test_acc_std": float(cand.std(ddof=1)) if len(cand) > 1 else None, "n": len(cand)},
                        "label_budget": {"train_labeled": mine[0]["label_budget"]["train_labeled"],  # val: per seed, in seed order
                                         "val": [c["label_budget"]["val"] for c in mine]},
                        "selection": mine[0].get("candidate_selection", "")}
@@ -132,7 +134,7 @@ def to_markdown(summary: dict, meta: dict) -> str:
              "std holds split as well as training variance. Checkpoints chosen on target val (k > 0) or by the",
              "label-free information-maximisation score on the unlabeled pool (k = 0); test chose nothing.", "",
              "| strategy | " + " | ".join(f"k={k}" for k in ks) + " | k=all |", "|---|" + "---|" * (len(ks) + 1)]
-    fmt = lambda r: f"{r['test_acc']:.4f} ± {r['test_acc_std']:.4f}" if r else "—"  # noqa: E731
+    fmt = lambda r: pm(r["test_acc"], r["test_acc_std"], r.get("n", 2)) if r else "—"  # noqa: E731
     for s in strategies:
         if s == "oracle":  # trained on every target train label: the k = all column, whatever k its cell ran at
             r = next(summary[k]["strategies"][s] for k in ks if s in summary[k]["strategies"])
@@ -148,7 +150,7 @@ def to_markdown(summary: dict, meta: dict) -> str:
         met = "—" if target is None else ("yes" if c["test_acc"] >= target else f"no (short by {target - c['test_acc']:.4f})")
         vals = b["val"] if isinstance(b["val"], list) else [b["val"]]  # a list per seed (older results: one number)
         val = str(vals[0]) if len(set(vals)) == 1 else f"{min(vals)}–{max(vals)}"
-        lines.append(f"| {k} | {b['train_labeled']} + {val} | {', '.join(c['picked'])} | {c['test_acc']:.4f} ± {c['test_acc_std']:.4f} | "
+        lines.append(f"| {k} | {b['train_labeled']} + {val} | {', '.join(c['picked'])} | {pm(c['test_acc'], c['test_acc_std'], c.get('n', len(c['picked'])))} | "
                      f"{'—' if target is None else f'{target:.2f}'} | {met} |")
     lines += ["", "## Negative transfer (mean test accuracy below `scratch` at the same k; k = 0 has no scratch)", ""]
     for k in ks:
@@ -173,7 +175,7 @@ def plot(summary: dict, path: Path) -> None:
             r = pts[0][1]
             ax.axhline(r["test_acc"], color="k", ls="--", lw=1, label=f"oracle (k=all) {r['test_acc']:.3f}")
             continue
-        ax.errorbar([p[0] for p in pts], [p[1]["test_acc"] for p in pts], yerr=[p[1]["test_acc_std"] for p in pts],
+        ax.errorbar([p[0] for p in pts], [p[1]["test_acc"] for p in pts], yerr=[p[1]["test_acc_std"] or 0.0 for p in pts],
                     marker="o", capsize=3, label=s, color=colours[i % len(colours)])
     ax.set_xscale("symlog")
     ax.set_xticks(ks, [str(k) for k in ks])

@@ -65,11 +65,15 @@ def run_key(strategy: str, seed: int) -> str:
 
 
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std over seeds per strategy (std is 0 for one seed), in the strategies' order."""
+    """Mean and std (ddof = 1) over seeds per strategy, in the strategies' order. A seed missing a number
+    leaves its strategy's mean missing (NaN), never a mean of the other seeds under the same ``n_seeds``; one
+    seed has no spread, so its std is NaN (null in JSON), not 0."""
     order = list(dict.fromkeys(runs["strategy"]))
     cols = [c for c in METRICS if c in runs.columns]
     g = runs.groupby("strategy", sort=False)[cols]
-    out = g.mean().join(g.std(ddof=1).fillna(0.0), rsuffix="_std").join(g.size().rename("n_seeds"))
+    mean = g.agg(lambda x: x.mean(skipna=False))
+    std = g.agg(lambda x: x.std(ddof=1, skipna=False))
+    out = mean.join(std, rsuffix="_std").join(g.size().rename("n_seeds"))
     return out.loc[order]
 
 
@@ -95,45 +99,35 @@ def best_row(table: pd.DataFrame, by: str):
 def paired_gains(runs: pd.DataFrame, reference: str, metric: str = "test_acc") -> pd.DataFrame:
     """Per strategy: the mean and std over seeds of (strategy − ``reference``) in ``metric``, paired by seed,
     and on how many seeds the difference was negative. Pairing by seed takes out what the seed does to both
-    (data order, initial head), so the std is the spread of the gain, not of either model."""
+    (data order, initial head), so the std is the spread of the gain, not of either model (NaN for one seed)."""
     ref = runs[runs.strategy == reference].set_index("seed")[metric]
     diff = runs.assign(gain=runs[metric] - runs["seed"].map(ref)).dropna(subset=["gain"])
     g = diff.groupby("strategy", sort=False)["gain"]
-    out = pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1).fillna(0.0), "negative_seeds": g.apply(lambda x: int((x.round(9) < 0).sum()))})
+    out = pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1), "negative_seeds": g.apply(lambda x: int((x.round(9) < 0).sum()))})
     return out.reindex(list(dict.fromkeys(runs["strategy"])))
 
 
-def compare(summary: pd.DataFrame, candidate: str | None, baselines: list[str]) -> dict:
-    """Transfer gains of the candidate (mean test accuracy over seeds) and the strategies whose mean test
-    accuracy falls below scratch (negative transfer)."""
-    gain = {}
-    if candidate is not None:
-        for b in baselines:
-            gain[f"over_{b}"] = float(summary.loc[candidate, "test_acc"] - summary.loc[b, "test_acc"])
-    negative = []
-    if "scratch" in summary.index:
-        negative = [s for s in summary.index if s != "scratch" and round(summary.loc[s, "test_acc"] - summary.loc["scratch", "test_acc"], 9) < 0]
-    return {"transfer_gain": gain, "negative_transfer": negative}
-
-
-def to_markdown(summary: pd.DataFrame, candidate: str | None, selections: dict[str, str], rule: str = SELECTION, by: str = "val_acc") -> str:
+def to_markdown(summary: pd.DataFrame, candidate: str | None, selections: dict[str, str], rule: str = SELECTION, by: str = "val_acc",
+                vs_scratch: pd.DataFrame | None = None) -> str:
     """The side-by-side table ``adaptflow run`` prints (mean ± std over seeds). ``by``: what chose the
-    candidate; at ``pool_im`` (target.k = 0) the label-free score gets its own column, as the number that chose."""
+    candidate; at ``pool_im`` (target.k = 0) the label-free score gets its own column, as the number that chose.
+    ``vs_scratch``: :func:`paired_gains` against scratch, shown as its column (none without it)."""
     pm = lambda r, k: report.pm(r[k], r.get(k + "_std"), int(r["n_seeds"]))  # noqa: E731
     has_ece = "test_ece" in summary.columns
-    has_scratch = "scratch" in summary.index
+    has_scratch = vs_scratch is not None
     im = by == "pool_im"
     lines = ["| strategy | seeds |" + (" pool IM (chose) |" if im else "") + " val acc | test acc | test macro-F1 |" + (" test ECE |" if has_ece else "")
              + (" gain vs scratch |" if has_scratch else "") + " checkpoint chosen by |",
              "|---|---|" + ("---|" if im else "") + "---|---|---|" + ("---|" if has_ece else "") + ("---|" if has_scratch else "") + "---|"]
     for s, r in summary.iterrows():
         mark = " **(candidate)**" if s == candidate else (" (oracle: reported only)" if s in NOT_CANDIDATES else "")
-        gain = f" {r.test_acc - summary.loc['scratch', 'test_acc']:+.4f} |" if has_scratch else ""
+        gain = f" {'—' if s == 'scratch' else report.signed(vs_scratch.loc[s, 'mean'], vs_scratch.loc[s, 'std'], int(r.n_seeds))} |" if has_scratch else ""
         ece = f" {pm(r, 'test_ece')} |" if has_ece else ""
         score = f" {pm(r, 'pool_im')} |" if im else ""
         lines.append(f"| {s}{mark} | {int(r.n_seeds)} |{score} {pm(r, 'val_acc')} | {pm(r, 'test_acc')} | {pm(r, 'test_macro_f1')} |{ece}{gain} {selections.get(s, '')} |")
     lines.append("")
-    lines.append(f"Candidate chosen by: {rule}. Test accuracy chooses nothing. Values are mean ± std over seeds.")
+    lines.append(f"Candidate chosen by: {rule}. Test accuracy chooses nothing. Values are mean ± std over seeds"
+                 + (" (gain vs scratch: the per-seed difference, paired by seed)." if has_scratch else "."))
     return "\n".join(lines) + "\n"
 
 
@@ -204,6 +198,7 @@ def selection_rules(candidate_rule: str, label_free: bool, references: list[str]
         "test acc, macro-F1, per-class recall, ECE, NLL": "target test, scored once per run after every choice was made; they choose nothing here (register's gate reads them once)",
         "test ECE": f"top-label expected calibration error: {n_bins} equal-width confidence bins on [0, 1], count-weighted mean |accuracy − confidence|",
         "test NLL": "mean negative log-likelihood of the true class on target test",
+        "test macro-F1": "unweighted mean of per-class F1 over the classes true or predicted at least once in target test",
         "pool IM": "information maximisation (H(mean p) − mean H(p)) / log C on the unlabeled target pool: label-free"
                    + ("; it chooses the candidate here" if label_free else "; shown for reference"),
         "mean ± std": "over finetune.seeds; std is the sample standard deviation (ddof = 1); a single seed shows its value alone",
@@ -318,7 +313,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (tmp / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
         table.to_csv(tmp / "comparison.csv", index=False)
-        (tmp / "comparison.md").write_text(to_markdown(summary, candidate, selections, rule, by))
+        (tmp / "comparison.md").write_text(to_markdown(summary, candidate, selections, rule, by, gains.get("scratch")))
         (tmp / "report.md").write_text(report.render_markdown(evaluation))
         (tmp / "report.html").write_text(report.render_html(evaluation, tmp))
     log.info("evaluate: candidate %s seed %s (%s); report %s", candidate, candidate_seed, rule, out / "report.html")

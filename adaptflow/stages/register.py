@@ -77,8 +77,9 @@ def gate(
     ``candidate_model_acc`` is the registered model's own (defaults to ``candidate_acc``), which is what
     the champion — one model — is compared with. ``chance`` is (the test split's most common class, its
     share): always answering it scores that share, so the candidate must beat it like a baseline — the one
-    baseline that needs no training and that no params setting removes — with both its mean and, given as
-    ``model_test_acc``, the registered model's own accuracy on the whole test split.
+    baseline that needs no training and that no params setting removes. Each baseline and chance must be
+    beaten both by the mean and, given as ``model_test_acc``, by the registered model's own accuracy on the
+    whole test split: a good mean must not carry a weak seed's model (the one val chose) past scratch.
     """
     ok, reasons = True, []
     model_acc = candidate_acc if candidate_model_acc is None else candidate_model_acc
@@ -92,10 +93,12 @@ def gate(
         which = "" if model_test_acc is None else f"the lower of the mean {candidate_acc:.4f} and this model's {model_test_acc:.4f}: "
         reasons.append(f"{'beats' if passed else 'does not beat'} chance ({which}{lowest:.4f} vs {share:.4f} for always "
                        f"answering the most common test class, {label!r}; margin {margin})")
+    lowest = candidate_acc if model_test_acc is None else min(candidate_acc, model_test_acc)
+    which = "" if lowest == candidate_acc else f"this model's, below the strategy's mean {candidate_acc:.4f}: "
     for name, acc in baseline_accs.items():
-        passed = round(candidate_acc - acc, 9) > margin  # rounded: "by exactly the margin" is not a float accident
+        passed = round(lowest - acc, 9) > margin  # rounded: "by exactly the margin" is not a float accident
         ok &= passed
-        reasons.append(f"{'beats' if passed else 'does not beat'} {name} ({candidate_acc:.4f} vs {acc:.4f}, margin {margin})")
+        reasons.append(f"{'beats' if passed else 'does not beat'} {name} ({which}{lowest:.4f} vs {acc:.4f}, margin {margin})")
     if champion_acc is None:
         reasons.append("no current champion")
     else:
@@ -499,7 +502,8 @@ def hold(name: str, version: str, champion: str | None, test_set: str) -> str | 
     """Why a version whose gate passed must wait for `adaptflow registry promote` rather than move champion,
     or None. A test set picks the champion at most once: were every run gated on it free to promote, a sweep
     (DVC experiments, or runs with other params or code on the same test images) would end with the champion
-    whose test score was best, chosen by test. ``test_set``: :data:`TEST_SET`, the test images and labels by
+    whose test score was best, chosen by test — and so would runs repeated until one passes, so any version
+    gated on it before holds this one, whatever that gate said. ``test_set``: :data:`TEST_SET`, the test images and labels by
     decoded content, so another ``preprocess`` is the same test set; a new one (new target data, or a
     re-split: another ``seed`` or fraction) gates afresh."""
     from adaptflow import tracking
@@ -512,6 +516,12 @@ def hold(name: str, version: str, champion: str | None, test_set: str) -> str | 
     if champion is not None and tracking.version_tags(name, champion).get(TEST_SET) == test_set:
         return (f"held: champion (version {champion}) was registered on this same test set ({TEST_SET} {test_set}), "
                 f"which picks the champion once (re-gated on it run after run, the best test score would pick it); {then}")
+    # a gate that failed on this test set counts too: run after run until one passes, the test score would choose
+    gated = [v for v in tracking.find_versions(name, {TEST_SET: test_set}) if v != version]
+    if gated:
+        shown = ", ".join(gated[:5]) + (f" and {len(gated) - 5} more" if len(gated) > 5 else "")
+        return (f"held: version(s) {shown} were gated on this same test set ({TEST_SET} {test_set}) before, which picks the champion "
+                f"once (re-run until a gate passes, the test score would choose); {then}")
     return None
 
 

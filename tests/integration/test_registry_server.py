@@ -248,11 +248,12 @@ def test_gate_does_not_overwrite_a_champion_that_moved_meanwhile(server_runs, mo
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server_runs["uri"])
     tracking.configure(root)
     # Put the weak v1 back as champion (recorded like any move), so the normal candidate passes the gate, and
-    # as if v1 had been registered on an older split: the gate on today's test set may then promote.
+    # as if every version had been registered on an older split: the gate on today's test set may then promote.
     tracking.move_alias(name, "champion", v1, expected=v2, reason="test: roll back to v1")
     client = _client(server_runs["uri"])
-    test_set_v1 = client.get_model_version(name, v1).tags[register.TEST_SET]
-    client.set_model_version_tag(name, v1, register.TEST_SET, "an older split")
+    test_sets = {v: client.get_model_version(name, v).tags[register.TEST_SET] for v in (v1, v2, v3)}
+    for v in test_sets:
+        client.set_model_version_tag(name, v, register.TEST_SET, "an older split")
     with pytest.raises(aliases.AliasConflict):
         tracking.move_alias(name, "champion", v3, expected=v2, reason="stale premise")
 
@@ -270,7 +271,8 @@ def test_gate_does_not_overwrite_a_champion_that_moved_meanwhile(server_runs, mo
     try:
         res = register.run(p, root)
     finally:
-        client.set_model_version_tag(name, v1, register.TEST_SET, test_set_v1)
+        for v, test_set in test_sets.items():
+            client.set_model_version_tag(name, v, register.TEST_SET, test_set)
     assert raced == [f"models:/{name}/{v1}"]
     assert res["promoted"] is False and res["alias"] == "challenger"
     assert any("champion moved to version " + v3 in r for r in res["reasons"]), res["reasons"]

@@ -100,8 +100,11 @@ def test_confusion_and_macro_f1_agree_with_scikit_learn():
         y, pred = rng.integers(0, n, size), rng.integers(0, n - 1, size)  # class n-1 never predicted
         y[y == 0] = 1  # class 0 never true
         assert np.array_equal(confusion(pred, y, n), confusion_matrix(y, pred, labels=range(n)))
-        assert macro_f1(pred, y, n) == pytest.approx(f1_score(y, pred, average="macro", labels=range(n), zero_division=0))
-    assert macro_f1(np.array([0, 0]), np.array([0, 0]), 3) == pytest.approx(1 / 3)  # classes 1, 2: neither true nor predicted
+        assert macro_f1(pred, y, n) == pytest.approx(f1_score(y, pred, average="macro"))
+    # classes 1, 2: neither true nor predicted (a split that holds none of them): not counted as 0
+    assert macro_f1(np.array([0, 0]), np.array([0, 0]), 3) == 1.0
+    assert macro_f1(np.array([1, 0]), np.array([0, 0]), 3) == pytest.approx((2 / 3 + 0) / 2)  # 1 predicted, never true: a 0
+    assert np.isnan(macro_f1(np.array([], dtype=int), np.array([], dtype=int), 3))
 
 
 def test_nll():

@@ -11,7 +11,7 @@ import pytest
 
 from adaptflow.data import store
 from adaptflow.params import BASELINES, STRATEGIES
-from adaptflow.stages.evaluate import best_row, choose_candidate, compare, paired_gains, selection_rules, summarise, to_markdown
+from adaptflow.stages.evaluate import best_row, choose_candidate, paired_gains, selection_rules, summarise, to_markdown
 from adaptflow.stages.register import gate, majority
 
 
@@ -66,31 +66,6 @@ def test_choose_candidate_every_non_baseline(winner):
     assert choose_candidate(rows(**vals), BASE) == winner
 
 
-def test_compare_transfer_gain_and_negative_transfer():
-    r = rows(scratch=(0.5, 0.60), source_only=(0.4, 0.30), linear_probe=(0.7, 0.55), finetune=(0.8, 0.75))
-    out = compare(r, "finetune", BASE)
-    assert out["transfer_gain"] == {"over_scratch": pytest.approx(0.15), "over_source_only": pytest.approx(0.45)}
-    assert sorted(out["negative_transfer"]) == ["linear_probe", "source_only"]
-
-
-def test_compare_negative_gain_for_bad_candidate():
-    r = rows(scratch=(0.5, 0.8), source_only=(0.4, 0.3), finetune=(0.9, 0.7))
-    out = compare(r, "finetune", BASE)
-    assert out["transfer_gain"]["over_scratch"] == pytest.approx(-0.1)
-    assert sorted(out["negative_transfer"]) == ["finetune", "source_only"]
-
-
-def test_compare_equal_to_scratch_is_not_negative():
-    r = rows(scratch=(0.5, 0.7), finetune=(0.9, 0.7))
-    assert compare(r, "finetune", ["scratch"]) == {"transfer_gain": {"over_scratch": 0.0}, "negative_transfer": []}
-
-
-def test_compare_without_candidate_or_scratch():
-    r = rows(source_only=(0.4, 0.3), finetune=(0.9, 0.7))
-    assert compare(r, None, BASE) == {"transfer_gain": {}, "negative_transfer": []}
-    assert compare(r, "finetune", ["source_only"])["transfer_gain"] == {"over_source_only": pytest.approx(0.4)}
-
-
 def test_summarise_means_and_stds_over_seeds():
     runs = pd.DataFrame([
         {"strategy": "scratch", "seed": 0, "val_acc": 0.5, "test_acc": 0.6, "test_macro_f1": 0.6},
@@ -101,7 +76,15 @@ def test_summarise_means_and_stds_over_seeds():
     assert list(s.index) == ["scratch", "finetune"]
     assert s.loc["scratch", "val_acc"] == pytest.approx(0.6) and s.loc["scratch", "n_seeds"] == 2
     assert s.loc["scratch", "test_acc_std"] == pytest.approx(0.1414213, abs=1e-6)
-    assert s.loc["finetune", "test_acc_std"] == 0.0
+    assert np.isnan(s.loc["finetune", "test_acc_std"])  # one seed has no spread: not 0
+
+
+def test_a_seed_missing_a_number_leaves_the_mean_missing_not_the_other_seeds_mean():
+    runs = pd.DataFrame([{"strategy": "finetune", "seed": k, "val_acc": 0.5, "test_acc": 0.5, "pool_im": im} for k, im in enumerate((0.95, 0.95, np.nan))]
+                        + [{"strategy": "dann", "seed": k, "val_acc": 0.5, "test_acc": 0.5, "pool_im": 0.93} for k in range(3)])
+    s = summarise(runs)
+    assert np.isnan(s.loc["finetune", "pool_im"]) and np.isnan(s.loc["finetune", "pool_im_std"]) and s.loc["finetune", "n_seeds"] == 3
+    assert choose_candidate(s, BASE, by="pool_im") == "dann"  # not the strategy whose third seed scored nothing
 
 
 def test_oracle_is_never_the_candidate():
@@ -110,10 +93,18 @@ def test_oracle_is_never_the_candidate():
 
 
 def test_markdown_marks_candidate():
-    r = rows(scratch=(0.5, 0.6), finetune=(0.8, 0.75))
-    md = to_markdown(r, "finetune", {"scratch": "sel", "finetune": "sel"})
+    runs = pd.DataFrame([{"strategy": s, "seed": 0, "val_acc": v, "test_acc": t, "test_macro_f1": t} for s, v, t in (("scratch", 0.5, 0.6), ("finetune", 0.8, 0.75))])
+    md = to_markdown(summarise(runs), "finetune", {"scratch": "sel", "finetune": "sel"}, vs_scratch=paired_gains(runs, "scratch"))
     assert "| finetune **(candidate)** |" in md
-    assert "+0.1500" in md and "| scratch | 1 |" in md
+    assert "| +0.1500 |" in md and "| scratch | 1 |" in md and "± 0.0000" not in md  # one seed: its value alone
+
+
+def test_markdown_gain_vs_scratch_is_the_paired_gain_with_its_std():
+    runs = seeded(scratch=[0.50, 0.60, 0.70], finetune=[0.60, 0.55, 0.90])
+    md = to_markdown(summarise(runs), "finetune", {}, vs_scratch=paired_gains(runs, "scratch"))
+    std = pd.Series([0.10, -0.05, 0.20]).std()
+    assert f"| {(0.10 - 0.05 + 0.20) / 3:+.4f} ± {std:.4f} |" in md and "paired by seed" in md
+    assert "| scratch | 3 | 0.5000 ± 0.0000 | 0.6000 ± 0.1000 | 0.6000 ± 0.1000 | — |" in md
 
 
 # --- gate ---------------------------------------------------------------------------------------------
@@ -171,6 +162,15 @@ def test_gate_chance_is_beaten_by_the_registered_model_too():
     assert not ok and reasons[0] == ("does not beat chance (the lower of the mean 0.4500 and this model's 0.3800: 0.3800 vs 0.4000 "
                                      "for always answering the most common test class, '3'; margin 0.0)")
     assert gate(0.45, {"scratch": 0.1}, None, margin=0.0, chance=("3", 0.40), model_test_acc=0.41)[0]
+
+
+def test_gate_baselines_are_beaten_by_the_registered_model_too():
+    # seeds at 0.99, 0.99, 0.80: the mean 0.9267 beats scratch's 0.92, the seed val chose (0.80) does not
+    ok, reasons = gate(0.9267, {"scratch": 0.92, "source_only": 0.5}, None, margin=0.0, model_test_acc=0.80)
+    assert not ok and reasons[0] == "does not beat scratch (this model's, below the strategy's mean 0.9267: 0.8000 vs 0.9200, margin 0.0)"
+    assert reasons[1].startswith("beats source_only (this model's, below")
+    ok, reasons = gate(0.9267, {"scratch": 0.92}, None, margin=0.0, model_test_acc=0.99)  # above the mean: the mean decides, as before
+    assert ok and reasons[0] == "beats scratch (0.9267 vs 0.9200, margin 0.0)"
 
 
 def test_majority_is_the_commonest_test_class_and_its_share():
@@ -359,14 +359,21 @@ def test_a_test_set_picks_the_champion_once(monkeypatch):
     from adaptflow.stages import register
 
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    tags = {"1": {"test_set": "aaa111"}, "2": {"test_data_hash": "aaa111"}}  # version 2: registered before test_set was
+    tags = {"1": {"test_set": "aaa111"}, "2": {"test_data_hash": "aaa111"}, "3": {"test_set": "aaa111"}}  # 2: before test_set was recorded
     monkeypatch.setattr(tracking, "version_tags", lambda name, v: tags[v])
-    assert register.hold("m", "3", None, "aaa111") is None  # no champion: the first one is promoted
+    monkeypatch.setattr(tracking, "find_versions", lambda name, want: sorted((v for v, t in tags.items() if want.items() <= t.items()), key=int, reverse=True))
+    assert register.hold("m", "3", None, "ccc333") is None  # the first gate on a test set is promoted
     assert register.hold("m", "3", "1", "bbb222") is None  # new target data: a new test set
     held = register.hold("m", "3", "1", "aaa111")
     assert held.startswith("held: champion (version 1) was registered on this same test set (test_set aaa111)")
     assert "on val (adaptflow registry show m)" in held and "adaptflow registry promote m 3" in held
-    assert register.hold("m", "3", "2", "aaa111") is None  # nothing recorded to compare with
+    assert register.hold("m", "3", "2", "bbb222") is None  # nothing recorded to compare with
+    # no champion, or one from another test set, but version 1's gate (passed or failed) read this test set already
+    for champion in (None, "2"):
+        held = register.hold("m", "3", champion, "aaa111")
+        assert held.startswith("held: version(s) 1 were gated on this same test set (test_set aaa111) before"), held
+    tags.update({str(v): {"test_set": "aaa111"} for v in range(4, 11)})
+    assert "version(s) 10, 9, 8, 7, 6 and 4 more were gated" in register.hold("m", "11", None, "aaa111")
     monkeypatch.setenv("DVC_EXP_NAME", "tidy-lamb")
     for champion in (None, "1"):
         assert register.hold("m", "3", champion, "bbb222").startswith("held: DVC experiment 'tidy-lamb' never moves champion")
