@@ -8,6 +8,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -15,6 +16,10 @@ import typer
 
 from adaptflow import machine, orchestrate
 from adaptflow import params as params_mod
+
+# Every decode refuses a canvas over Pillow's limit (the file is quarantined, or skipped, with that reason): Pillow's
+# own warning about the same file, printed first on stderr, would say it twice
+warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit of \d+ pixels")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Adapt a source-domain model to a target domain, prove it helped, register the winner.")
 
@@ -342,8 +347,9 @@ def deploy(
 def _expand(paths: list[Path]) -> list[Path]:
     """Files as given; a folder becomes every file below it (sorted), as ingest reads a class folder: any
     file PIL decodes is an image, whatever its name; one that is not is skipped with its reason later, and
-    what ingest would not read (hidden files and folders, symlinked folders) is named here, a folder once."""
-    from adaptflow.data.files import walk
+    what ingest would not read (hidden files and folders, symlinked folders) is named here, a folder once. A
+    file whose name is not UTF-8 is kept, for predict to skip and count."""
+    from adaptflow.data.files import BAD_NAME, shown, walk
 
     out: list[Path] = []
     for p in paths:
@@ -352,8 +358,8 @@ def _expand(paths: list[Path]) -> list[Path]:
             continue
         found = []
         for f, why in walk(p, skip_hidden_folders=True):
-            if why:
-                typer.secho(f"ignored {f}: {why}", fg="yellow", err=True)
+            if why and why != BAD_NAME:
+                typer.secho(f"ignored {shown(f)}: {why}", fg="yellow", err=True)
             else:
                 found.append(f)
         out += sorted(found)
@@ -397,8 +403,9 @@ def predict(
     import pandas as pd
 
     from adaptflow import imaging, outputs, tracking
+    from adaptflow.data.files import BAD_NAME, shown, undecodable
 
-    missing = [str(p) for p in paths if not p.exists()]
+    missing = [shown(p) for p in paths if not p.exists()]
     if missing:
         typer.secho(f"error: no such file: {', '.join(missing)}", fg="red", err=True)
         raise typer.Exit(2)
@@ -433,6 +440,10 @@ def predict(
     # user named, read in this process: a shell's ADAPTFLOW_READ_PATHS=0 (meant for a server) does not apply.
     # Set for the loop only: a caller in the same process (a test, a notebook) keeps its own setting.
     tables, n_unreadable = [], 0
+    for p in [f for f in files if undecodable(str(f))]:  # no table or model input carries such a name as text
+        typer.secho(f"skipped {shown(p)}: {BAD_NAME}", fg="yellow", err=True)
+        n_unreadable += 1
+    n_files, files = len(files), [f for f in files if not undecodable(str(f))]
     with machine.environ_kept(ADAPTFLOW_READ_PATHS="1"):
         for i in range(0, len(files), batch_size):
             batch = files[i : i + batch_size]
@@ -444,16 +455,16 @@ def predict(
                     raise  # every file decodes: the failure is the model's, not the input's
                 n_unreadable += len(unreadable)
                 for p, why in unreadable:
-                    typer.secho(f"skipped {p}: {why}", fg="yellow", err=True)
+                    typer.secho(f"skipped {shown(p)}: {why}", fg="yellow", err=True)
                 if not batch:
                     continue
                 out = m.predict(frame(batch))
             for p, label, conf in zip(batch, out["label"], out["confidence"]):
-                typer.echo(f"{p}\t{label}\t{conf:.4f}")
+                typer.echo(f"{shown(p)}\t{label}\t{conf:.4f}")  # one line per file, whatever its name holds
             if output is not None:
                 out.insert(0, "path", [str(p) for p in batch])
                 tables.append(out)
-    if n_unreadable == len(files):
+    if n_unreadable == n_files:
         typer.secho(f"error: none of the {n_unreadable} file(s) is a readable image", fg="red", err=True)
         raise typer.Exit(2)
     if output is not None:
@@ -461,7 +472,7 @@ def predict(
         outputs.atomic_write_text(output, table.to_csv(index=False))
         typer.echo(f"wrote {len(table)} predictions to {output}", err=True)
     if n_unreadable:
-        typer.secho(f"skipped {n_unreadable} of {len(files)} file(s) (listed above)" + ("; --strict: exit status 3" if strict else ""),
+        typer.secho(f"skipped {n_unreadable} of {n_files} file(s) (listed above)" + ("; --strict: exit status 3" if strict else ""),
                     fg="yellow", err=True)
         if strict:
             raise typer.Exit(3)

@@ -187,10 +187,22 @@ def _opaque(im: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
+def _tiff_bits(im: Image.Image) -> tuple[int, ...]:
+    """A TIFF's bits per sample (tag 258), or () for any other file."""
+    tags = getattr(im, "tag_v2", None)
+    try:
+        bits = tags.get(258) if tags is not None else None
+        return tuple(int(b) for b in (bits if isinstance(bits, (tuple, list)) else [bits])) if bits is not None else ()
+    except (TypeError, ValueError):
+        return ()
+
+
 def _to_mode(im: Image.Image, channels: int) -> Image.Image:
     """``im`` as 8-bit grey (1 channel) or RGB (3)."""
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # "I": what Pillow opens 16-bit PGM/PPM (and older Pillows PNG) as
-        im = Image.fromarray(to_uint8(np.asarray(im), sixteen_bit=im.mode != "F"))
+        # ... and a TIFF of 32-bit integers, which says so: its values keep to_uint8's ranges (0–255 as is)
+        wide = im.mode == "I" and max(_tiff_bits(im), default=0) > 16
+        im = Image.fromarray(to_uint8(np.asarray(im), sixteen_bit=im.mode != "F" and not wide))
     im = _opaque(im)
     mode = "L" if channels == 1 else "RGB"
     try:

@@ -33,6 +33,28 @@ class BadItem(Exception):
     """One image that cannot be used; ``str()`` is the reason recorded in the ingest report."""
 
 
+# What operating systems leave in image folders: not images, so named as what they are rather than quarantined
+SYSTEM_FILES = {"thumbs.db": "Windows thumbnail cache", "ehthumbs.db": "Windows thumbnail cache", "desktop.ini": "Windows folder settings"}
+BAD_NAME = "its name is not valid UTF-8 (not read; rename it)"
+
+
+def undecodable(name: str) -> bool:
+    """Whether a name the OS handed over holds bytes that are not UTF-8 (Python keeps them as surrogates): a
+    name from an old archive or a Windows share, which no table, report or model input can carry as text."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def shown(path: object) -> str:
+    r"""A path as one line of text: bytes that are not UTF-8 as ``\xNN``, and tab, newline and carriage return
+    escaped, so a message or a tab-separated line stays whole."""
+    text = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text.translate({9: "\\t", 10: "\\n", 13: "\\r"})
+
+
 def natural_key(name: str) -> tuple:
     """Sort key that orders "2" before "10": class order is this, stable and recorded in the card."""
     return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t)
@@ -52,11 +74,12 @@ class FileListing:
         """Cheap identity of the files' current state (path, size, mtime): a change re-runs ingest."""
         h = hashlib.sha256(extra)
         for rel in self.files:
+            name = os.fsencode(rel)  # the name's bytes as the OS has them, UTF-8 or not
             try:
                 st = os.stat(self.root / rel)
-                h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                h.update(name + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
             except OSError:
-                h.update(f"{rel}\0missing\n".encode())
+                h.update(name + b"\0missing\n")
         return h.hexdigest()[:16]
 
 
@@ -66,20 +89,26 @@ def _hidden(rel: Path) -> bool:
 
 def walk(folder: Path, skip_hidden_folders: bool = False) -> Iterator[tuple[Path, str | None]]:
     """Every file below ``folder``, at any depth (sorted within each folder), with why it is not an image to
-    read, or None: a hidden file, or one in a hidden folder. A symlinked folder comes with its reason too,
-    and is not followed (no cycles); so does a hidden folder with ``skip_hidden_folders`` (``.git``,
+    read, or None: a hidden file, or one in a hidden folder; a system file (``Thumbs.db``); a name that is not
+    UTF-8 (:data:`BAD_NAME`). A symlinked folder comes with its reason too, and is not followed (no cycles); so
+    does a folder whose name is not UTF-8, and a hidden folder with ``skip_hidden_folders`` (``.git``,
     ``.venv``: named once, not file by file). What ingest takes from a class folder, and predict from a folder."""
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
         for sub in list(dirnames):
             if os.path.islink(os.path.join(dirpath, sub)):
                 yield Path(dirpath, sub), "symlinked folder (not followed)"
+            elif undecodable(sub):
+                dirnames.remove(sub)
+                yield Path(dirpath, sub), BAD_NAME.replace("its name", "the folder's name")
             elif skip_hidden_folders and sub.startswith("."):
                 dirnames.remove(sub)
                 yield Path(dirpath, sub), "hidden folder (not read)"
         for fname in sorted(filenames):
             path = Path(dirpath, fname)
-            yield path, "hidden file" if _hidden(path.relative_to(folder)) else None
+            system = SYSTEM_FILES.get(fname.lower())
+            yield path, ("hidden file" if _hidden(path.relative_to(folder)) else BAD_NAME if undecodable(fname)
+                         else f"{system} (not an image)" if system else None)
 
 
 def scan_imagefolder(root: Path, key: str) -> FileListing:
@@ -93,12 +122,15 @@ def scan_imagefolder(root: Path, key: str) -> FileListing:
     if not root.is_dir():
         raise DataError(f"{key}: imagefolder path {root} is a file, not a folder; point imagefolder: at a folder with one subfolder per class (use csv: for a manifest)")
     files, names, ignored = [], [], []
-    class_dirs = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: natural_key(d.name))
+    class_dirs = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and not undecodable(d.name)),
+                        key=lambda d: natural_key(d.name))
     for entry in sorted(root.iterdir()):
         if entry.name.startswith("."):
             ignored.append({"item": entry.name, "reason": "hidden folder (not a class)" if entry.is_dir() else "hidden file"})
+        elif undecodable(entry.name) and entry.is_dir():
+            ignored.append({"item": shown(entry.name), "reason": "the folder's name is not valid UTF-8 (not a class; rename it)"})
         elif not entry.is_dir():
-            ignored.append({"item": entry.name, "reason": "not inside a class folder"})
+            ignored.append({"item": shown(entry.name), "reason": "not inside a class folder"})
     if not class_dirs:
         raise DataError(f"{key}: imagefolder {root} has no class subfolders; put each class's images in a subfolder named after the class (e.g. {root}/3/img.png)")
     empty = []
@@ -107,7 +139,7 @@ def scan_imagefolder(root: Path, key: str) -> FileListing:
         for path, why in walk(d):
             rel = path.relative_to(root)
             if why:
-                ignored.append({"item": str(rel), "reason": why})
+                ignored.append({"item": shown(rel), "reason": why})
                 continue
             files.append(str(rel))
             names.append(d.name)
@@ -145,6 +177,8 @@ def read_manifest(path: Path, key: str, allowed_splits: tuple[str, ...] = SPLIT_
     folder = os.path.normpath(path.parent.resolve())
     rel = []
     for p in df["path"].str.strip():
+        if "\\" in p and os.sep == "/" and not os.path.lexists(os.path.join(folder, p)):
+            p = p.replace("\\", "/")  # written on Windows (3\a.png): a name holding a backslash is rarer than that
         full = os.path.normpath(os.path.join(folder, p))  # lexical: a symlink inside the folder is the user's choice
         rel.append(os.path.relpath(full, folder) if full.startswith(folder + os.sep) else None)
     escaping = pd.Series([r is None for r in rel], index=df.index)
@@ -156,8 +190,10 @@ def read_manifest(path: Path, key: str, allowed_splits: tuple[str, ...] = SPLIT_
         s = df["split"].str.strip().str.lower()
         bad = ~s.isin(allowed_splits)
         if bad.any():
-            raise DataError(f"{key}: csv manifest {path}: split {df['split'][bad].iloc[0]!r} on line(s) {rows(bad)} is not one of {list(allowed_splits)}; "
-                            "fix it, or drop the `split` column to let ingest split by target/source fractions")
+            values = list(dict.fromkeys(df["split"][bad]))
+            said = ", ".join(map(repr, values[:5])) + (f" and {len(values) - 5} more" if len(values) > 5 else "")
+            raise DataError(f"{key}: csv manifest {path}: split value(s) {said} on line(s) {rows(bad)} not one of {list(allowed_splits)}; "
+                            "fix them, or drop the `split` column to let ingest split by target/source fractions")
         splits = s.tolist()
     return FileListing(Path(folder), rel, df["label"].str.strip().tolist(), splits, [])
 

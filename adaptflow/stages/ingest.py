@@ -351,7 +351,10 @@ def check_class_sizes(counts: dict[str, int], params: Params, role: str, lost: d
         detail.append(f"{c!r}: {n}" + (f" ({why})" if why else "") + (f" ({', '.join(named)})" if named else ""))
     asks = ", ".join(f"{name}_fraction={f}" for name, f in fractions.items())
     k_txt = f"target.k={k} labeled train images, " if role == "target" else ""
-    fixes = (_limit_note(params, role, list(short), before, need) + "add images to those classes"
+    conflicted = any(lost.get(c, Counter())["excluded for a label conflict"] for c in short)
+    fixes = (_limit_note(params, role, list(short), before, need)
+             + ("give each conflicting image one label (the copies are listed with the label conflicts), " if conflicted else "")
+             + "add images to those classes"
              + (", lower target.k" if role == "target" and k > 1 else "") + ", or remove the classes.")
     raise DataError(
         f"{role}.domain: class(es) with too few {what} — {'; '.join(detail)}. Each class needs at least {need} "
@@ -457,10 +460,11 @@ def _failed_path(report: Path) -> Path:
 
 def _failed_report(params: Params, root: Path, role: str, dec, domain, exc: DataError) -> Path:
     """A failed ingest's own report beside the report of the store it left in place: the error and every
-    quarantined and ignored file, with its reason."""
+    file it left out, with its reason: quarantined, ignored, duplicates and label conflicts."""
     path = _failed_path(report_path(params, root, role))
     outputs.atomic_write_text(path, json.dumps({"role": role, "domain": getattr(params, role).domain, "error": str(exc),
-                                                "quarantined": dec.quarantined, "ignored": domain.ignored}, indent=2))
+                                                "quarantined": dec.quarantined, "ignored": domain.ignored,
+                                                "label_conflicts": dec.conflict_log, "duplicates": dec.duplicates}, indent=2))
     return path
 
 
@@ -518,7 +522,8 @@ def run(params: Params, root: Path = Path("."), role: str = "target") -> dict:
         except DataError as exc:  # what was quarantined is listed even though nothing is stored
             failed = _failed_report(params, root, role, dec, domain, exc)
             _log_items(role, "quarantined", dec.quarantined, failed)
-            raise DataError(f"{exc} (quarantined and ignored files: {failed})") from None
+            _log_items(role, "label conflict", dec.conflict_log, failed)
+            raise DataError(f"{exc} (every file left out, with its reason: {failed})") from None
         labeled = np.zeros(len(labels), dtype=bool)
         if role == "target" and params.target.k > 0:
             labeled = k_shot(labels, split == "train", params.target.k, dec.content, seed=params.seed)

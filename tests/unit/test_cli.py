@@ -185,6 +185,33 @@ def test_predict_reads_a_folder_as_ingest_reads_a_class_folder(tmp_path, monkeyp
     assert f"skipped {folder / 'notes.txt'}: not an image Pillow can read" in res.output
 
 
+def test_predict_skips_a_name_that_is_not_utf8_and_keeps_one_line_per_file(tmp_path, monkeypatch, png_bytes):
+    """A Latin-1 name (an old archive, a Windows share) is skipped and counted, not a traceback for the whole
+    batch; a tab or newline in a name is escaped on stdout, so each line is still path, label, confidence."""
+    from adaptflow import tracking
+
+    fake = _FakeModel()
+    monkeypatch.setattr(tracking, "load_model", lambda uri: fake)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exported" / "model").mkdir(parents=True)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("a.png", "tab\there.png", "new\nline.png"):
+        (folder / name).write_bytes(png_bytes)
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.png"), "wb") as f:
+        f.write(png_bytes)
+    res = _invoke(["predict", "-m", "exported/model", str(folder), "-o", "p.csv", "--strict"])
+    assert res.exit_code == 3, res.output
+    assert f"skipped {folder}/caf\\xe9.png: its name is not valid UTF-8 (not read; rename it)" in res.output
+    assert "skipped 1 of 4 file(s)" in res.output
+    lines = res.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [f"{folder}/a.png", f"{folder}/new\\nline.png", f"{folder}/tab\\there.png"]
+    assert all(len(line.split("\t")) == 3 for line in lines)
+    import pandas as pd
+
+    assert sorted(pd.read_csv(tmp_path / "p.csv").path) == sorted(str(folder / n) for n in ("a.png", "tab\there.png", "new\nline.png"))
+
+
 def test_predict_does_not_blame_readable_images_for_a_model_failure(tmp_path, monkeypatch, png_bytes):
     from adaptflow import tracking
 

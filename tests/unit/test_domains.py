@@ -148,6 +148,35 @@ def test_imagefolder_relative_to_root_and_ignored_files(tmp_path):
                                                            ".cache": "hidden folder (not a class)"}
 
 
+def test_imagefolder_names_system_files_and_names_that_are_not_utf8(tmp_path):
+    """Thumbs.db is what it is, not a quarantined image; a Latin-1 file or folder name is listed (escaped) and
+    not read, rather than crashing the fingerprint, the tables and the reports that would carry it."""
+    import os
+
+    folder = make_imagefolder(tmp_path / "f", per_class=2, classes=2, mixed=False)
+    (folder / "0" / "Thumbs.db").write_bytes(b"\0" * 10)
+    (folder / "1" / "desktop.ini").write_text("[.ShellClassInfo]")
+    raw = os.fsencode(folder)
+    Image.new("L", (8, 8), 7).save(os.path.join(raw, b"1", b"caf\xe9.png").decode("utf-8", "surrogateescape"))
+    os.mkdir(os.path.join(raw, b"1", b"d\xe9p\xf4t"))
+    os.mkdir(os.path.join(raw, b"cl\xe9"))
+    Image.new("L", (8, 8), 7).save(os.path.join(raw, b"cl\xe9", b"x.png").decode("utf-8", "surrogateescape"))
+    d = open_domain(f"imagefolder:{folder}", CFG)
+    assert len(d) == 4 and d.classes == ["0", "1"] and d.fingerprint
+    assert {i["item"]: i["reason"] for i in d.ignored} == {
+        "0/Thumbs.db": "Windows thumbnail cache (not an image)", "1/desktop.ini": "Windows folder settings (not an image)",
+        "1/caf\\xe9.png": "its name is not valid UTF-8 (not read; rename it)",
+        "1/d\\xe9p\\xf4t": "the folder's name is not valid UTF-8 (not read; rename it)",
+        "cl\\xe9": "the folder's name is not valid UTF-8 (not a class; rename it)"}
+
+
+def test_csv_paths_written_on_windows_resolve(tmp_path):
+    m = make_manifest(tmp_path / "m", per_class=2, classes=2)
+    m.write_text(m.read_text().replace("img/", "img\\"))
+    d = open_domain(f"csv:{m}", CFG)
+    assert d.refs[0] == "img/0000.png" and np.asarray(d.load(0)).shape == (8, 8)
+
+
 def test_imagefolder_fingerprint_follows_files(tmp_path):
     folder = make_imagefolder(tmp_path / "f", per_class=2, classes=2, mixed=False)
     before = open_domain(f"imagefolder:{folder}", CFG).fingerprint
@@ -229,7 +258,9 @@ def test_csv_empty_label_and_bad_split(tmp_path):
     (tmp_path / "a.csv").write_text("path,label\nx.png,\n")
     assert "empty `label` on line(s) 2" in _err("csv:a.csv", tmp_path)
     (tmp_path / "b.csv").write_text("path,label,split\nx.png,1,holdout\n")
-    assert "split 'holdout' on line(s) 2 is not one of ['train', 'val', 'test']" in _err("csv:b.csv", tmp_path)
+    assert "split value(s) 'holdout' on line(s) 2 not one of ['train', 'val', 'test']" in _err("csv:b.csv", tmp_path)
+    (tmp_path / "c.csv").write_text("path,label,split\nx.png,1,validation\ny.png,1,\nz.png,1,Test\nw.png,1,validation\n")
+    assert "split value(s) 'validation', '' on line(s) 2, 3, 5 not one of" in _err("csv:c.csv", tmp_path)  # every one at once
     assert "not one of ['train', 'val']" in _err("csv:b.csv", tmp_path, "source.domain", allowed_splits=("train", "val"))
 
 

@@ -123,6 +123,17 @@ def test_sixteen_bit_images_are_scaled_alike_and_agree_with_their_8_bit_version(
         assert (prepare(buf.getvalue(), 3, 1)[0] == prepare(eight, 3, 1)[0]).all(), (fmt, mode)
 
 
+def test_a_tiff_of_32_bit_integers_keeps_its_values_ranges_not_the_16_bit_factor():
+    """Pillow opens both a 16-bit PGM and a TIFF of 32-bit integers as "I"; the TIFF says its width (bits per
+    sample 32), so its 0–255 values are stored as they are, not divided by 257 into a black image."""
+    eight = np.array([[0, 10, 128], [200, 254, 255]], dtype=np.uint8)
+    for values, want in ((eight.astype(np.int32), eight), (eight.astype(np.int32) * 257, eight)):  # 8-bit values; 16-bit values
+        buf = io.BytesIO()
+        Image.fromarray(values, mode="I").save(buf, format="TIFF")
+        assert Image.open(io.BytesIO(buf.getvalue())).mode == "I"
+        assert (prepare(buf.getvalue(), 3, 1)[0] == prepare(want, 3, 1)[0]).all()
+
+
 def test_prepare_uci_like_digit_matches_255_scale():
     # an 8×8 float image in 0–16 (UCI digits) ends up 0–255 with its max at 255
     img = np.zeros((8, 8))

@@ -155,6 +155,24 @@ def test_limited_subset_takes_new_images_only_in_place_of_old_ones(tmp_path):
 # --- duplicates: removed before splitting, counted, never straddling a split --------------------------------
 
 
+def test_a_class_emptied_by_label_conflicts_names_its_copies_and_the_fix(tmp_path, folder, caplog):
+    """Class '7' holds only copies of class-0 images (a mislabeled export): the error says to fix the labels,
+    and the failed report lists every copy, as a successful ingest's card would."""
+    files = sorted((folder / "0").iterdir())[:7]
+    (folder / "7").mkdir()
+    for i, f in enumerate(files):
+        shutil.copy(f, folder / "7" / f"copy{i}{f.suffix}")
+    with pytest.raises(DataError) as exc:
+        ingest.run(params(f"imagefolder:{folder}"), tmp_path, "target")
+    assert "'7': 0 (7 excluded for a label conflict)" in str(exc.value)
+    assert "Give each conflicting image one label (the copies are listed with the label conflicts)" in str(exc.value)
+    failed = json.loads((tmp_path / "reports" / "ingest_target.failed.json").read_text())
+    copies = [f"7/copy{i}{f.suffix}" for i, f in enumerate(files)]
+    assert sorted(c["item"] for c in failed["label_conflicts"] if c["item"].startswith("7/")) == copies
+    assert {d["item"] for d in failed["duplicates"]} == set(copies)
+    assert f"{copies[0]}: labeled '7', and copies of the same image are labeled '0'" in caplog.text
+
+
 def test_duplicates_removed_counted_and_never_straddle(tmp_path, folder, caplog):
     pngs = sorted((folder / "0").glob("*.png"))
     shutil.copy(pngs[0], folder / "0" / "z_copy_same_class.png")
@@ -352,7 +370,7 @@ def test_class_emptied_by_quarantine_counts_what_was_lost(tmp_path, folder, capl
     broken = sorted((folder / "2").iterdir())[4:]
     for p in broken:
         p.write_bytes(b"")
-    with pytest.raises(DataError, match=r"'2': 4 \(6 quarantined\).*quarantined and ignored files: .*ingest_target\.failed\.json"):
+    with pytest.raises(DataError, match=r"'2': 4 \(6 quarantined\).*every file left out, with its reason: .*ingest_target\.failed\.json"):
         ingest.run(params(f"imagefolder:{folder}"), tmp_path, "target")
     # nothing is stored, but every quarantined file is listed with its reason: in a report and on the console
     failed = json.loads((tmp_path / "reports" / "ingest_target.failed.json").read_text())
