@@ -24,7 +24,7 @@ warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds li
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Adapt a source-domain model to a target domain, prove it helped, register the winner.")
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params file (sections per stage)")
-SetOpt = typer.Option(None, "--set", "-s", help="override a param: key=value, e.g. finetune.lr=0.01 (repeatable)")
+SetOpt = typer.Option(None, "--set", "-s", "-S", help="override a param: key=value, e.g. finetune.lr=0.01 (repeatable; -S as in `dvc exp run -S`)")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -500,10 +500,23 @@ def _registry_errors(command: Callable) -> Callable:
     return run
 
 
+ModelNameArg = typer.Argument(None, help="registered model name, e.g. adaptflow-uci_digits (default: this project's, from ./params.yaml)")
+
+
+def _project_model(name: Optional[str]) -> str:
+    """NAME as given, else the model this project registers (``register.model_name`` in ./params.yaml)."""
+    if name:
+        return name
+    if not Path("params.yaml").is_file():
+        _error("give the registered model's NAME (no params.yaml here to take this project's from)")
+        raise typer.Exit(2)
+    return _load(Path("params.yaml"), None, plain_only=True).registered_model_name()
+
+
 @registry_app.command("history")
 @_registry_errors
 def registry_history(
-    name: str = typer.Argument(..., help="registered model name, e.g. adaptflow-uci_digits"),
+    name: Optional[str] = ModelNameArg,
     alias: Optional[str] = typer.Option(None, "--alias", "-a", help="only this alias (champion, challenger)"),
     at: Optional[str] = typer.Option(None, "--at", help="which version held --alias (default champion) at this date/time (ISO; UTC unless a zone is given)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
@@ -514,6 +527,7 @@ def registry_history(
 
     from adaptflow import aliases, tracking
 
+    name = _project_model(name)
     with _bad_input_exits():
         tracking.configure(Path.cwd(), create=False)
     moves = tracking.alias_history(name, alias)
@@ -614,12 +628,13 @@ def registry_rollback(name: str = typer.Argument(..., help="registered model nam
 
 @registry_app.command("show")
 @_registry_errors
-def registry_show(name: str = typer.Argument(..., help="registered model name")) -> None:
+def registry_show(name: Optional[str] = ModelNameArg) -> None:
     """Where each alias of NAME points now, with the gate's verdict on that version; then every version whose
     gate passed and was held, with what chooses among them (val accuracy; at k = 0 the label-free score)."""
     from adaptflow import tracking
     from adaptflow.stages.register import GATED_AGAINST, HELD
 
+    name = _project_model(name)
     with _bad_input_exits():
         tracking.configure(Path.cwd(), create=False)
     current = tracking.model_aliases(name)

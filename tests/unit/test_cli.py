@@ -290,6 +290,32 @@ def test_run_checks_the_tracking_server_before_any_stage(tmp_path, monkeypatch):
     assert not (tmp_path / "data").exists()
 
 
+def test_registry_show_and_history_default_to_this_projects_model(tmp_path, monkeypatch):
+    from adaptflow import tracking
+
+    asked = []
+    monkeypatch.setattr(tracking, "configure", lambda *a, **k: None)
+    monkeypatch.setattr(tracking, "alias_history", lambda name, alias: asked.append(name) or [])
+    monkeypatch.setattr(tracking, "model_aliases", lambda name: asked.append(name) or {"champion": "1"})
+    monkeypatch.setattr(tracking, "find_versions", lambda name, tags: [])
+    monkeypatch.setattr(tracking, "version_tags", lambda name, v: {"strategy": "finetune", "seed": "0", "test_acc": "0.9", "gate": "promoted"})
+    monkeypatch.chdir(tmp_path)
+    res = _invoke(["registry", "show"])
+    assert res.exit_code == 2 and "give the registered model's NAME (no params.yaml here" in res.output
+    (tmp_path / "params.yaml").write_text(Path(PARAMS).read_text())
+    for args in (["registry", "show"], ["registry", "history"]):
+        asked.clear()
+        res = _invoke(args)
+        assert res.exit_code == 0, res.output
+        assert set(asked) == {"adaptflow-uci_digits"}, asked
+
+
+def test_set_is_also_dvcs_capital_s(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = _invoke(["run", "--params", PARAMS, "-S", "finetune.lrr=0.1"])
+    assert res.exit_code == 2 and "finetune.lrr" in res.output and "No such option" not in res.output, res.output
+
+
 def test_registry_history_shows_a_removed_alias(monkeypatch):
     from adaptflow import aliases, tracking
 
