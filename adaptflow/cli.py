@@ -348,8 +348,8 @@ def _expand(paths: list[Path]) -> list[Path]:
     """Files as given; a folder becomes every file below it (sorted), as ingest reads a class folder: any
     file PIL decodes is an image, whatever its name; one that is not is skipped with its reason later, and
     what ingest would not read (hidden files and folders, symlinked folders) is named here, a folder once. A
-    file whose name is not UTF-8 is kept, for predict to skip and count."""
-    from adaptflow.data.files import BAD_NAME, shown, walk
+    file or folder whose name is not UTF-8 is kept, for predict to skip and count."""
+    from adaptflow.data.files import BAD_FOLDER_NAME, BAD_NAME, shown, walk
 
     out: list[Path] = []
     for p in paths:
@@ -358,7 +358,7 @@ def _expand(paths: list[Path]) -> list[Path]:
             continue
         found = []
         for f, why in walk(p, skip_hidden_folders=True):
-            if why and why != BAD_NAME:
+            if why and why not in (BAD_NAME, BAD_FOLDER_NAME):
                 typer.secho(f"ignored {shown(f)}: {why}", fg="yellow", err=True)
             else:
                 found.append(f)
@@ -403,7 +403,7 @@ def predict(
     import pandas as pd
 
     from adaptflow import imaging, outputs, tracking
-    from adaptflow.data.files import BAD_NAME, shown, undecodable
+    from adaptflow.data.files import BAD_FOLDER_NAME, BAD_NAME, shown, undecodable
 
     missing = [shown(p) for p in paths if not p.exists()]
     if missing:
@@ -441,7 +441,7 @@ def predict(
     # Set for the loop only: a caller in the same process (a test, a notebook) keeps its own setting.
     tables, n_unreadable = [], 0
     for p in [f for f in files if undecodable(str(f))]:  # no table or model input carries such a name as text
-        typer.secho(f"skipped {shown(p)}: {BAD_NAME}", fg="yellow", err=True)
+        typer.secho(f"skipped {shown(p)}: {BAD_FOLDER_NAME if p.is_dir() else BAD_NAME}", fg="yellow", err=True)
         n_unreadable += 1
     n_files, files = len(files), [f for f in files if not undecodable(str(f))]
     with machine.environ_kept(ADAPTFLOW_READ_PATHS="1"):

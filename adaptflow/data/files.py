@@ -36,6 +36,7 @@ class BadItem(Exception):
 # What operating systems leave in image folders: not images, so named as what they are rather than quarantined
 SYSTEM_FILES = {"thumbs.db": "Windows thumbnail cache", "ehthumbs.db": "Windows thumbnail cache", "desktop.ini": "Windows folder settings"}
 BAD_NAME = "its name is not valid UTF-8 (not read; rename it)"
+BAD_FOLDER_NAME = "the folder's name is not valid UTF-8 (not read; rename it)"
 
 
 def undecodable(name: str) -> bool:
@@ -100,7 +101,7 @@ def walk(folder: Path, skip_hidden_folders: bool = False) -> Iterator[tuple[Path
                 yield Path(dirpath, sub), "symlinked folder (not followed)"
             elif undecodable(sub):
                 dirnames.remove(sub)
-                yield Path(dirpath, sub), BAD_NAME.replace("its name", "the folder's name")
+                yield Path(dirpath, sub), BAD_FOLDER_NAME
             elif skip_hidden_folders and sub.startswith("."):
                 dirnames.remove(sub)
                 yield Path(dirpath, sub), "hidden folder (not read)"
@@ -126,7 +127,7 @@ def scan_imagefolder(root: Path, key: str) -> FileListing:
                         key=lambda d: natural_key(d.name))
     for entry in sorted(root.iterdir()):
         if entry.name.startswith("."):
-            ignored.append({"item": entry.name, "reason": "hidden folder (not a class)" if entry.is_dir() else "hidden file"})
+            ignored.append({"item": shown(entry.name), "reason": "hidden folder (not a class)" if entry.is_dir() else "hidden file"})
         elif undecodable(entry.name) and entry.is_dir():
             ignored.append({"item": shown(entry.name), "reason": "the folder's name is not valid UTF-8 (not a class; rename it)"})
         elif not entry.is_dir():

@@ -101,9 +101,10 @@ def paired_gains(runs: pd.DataFrame, reference: str, metric: str = "test_acc") -
     and on how many seeds the difference was negative. Pairing by seed takes out what the seed does to both
     (data order, initial head), so the std is the spread of the gain, not of either model (NaN for one seed)."""
     ref = runs[runs.strategy == reference].set_index("seed")[metric]
-    diff = runs.assign(gain=runs[metric] - runs["seed"].map(ref)).dropna(subset=["gain"])
+    diff = runs.assign(gain=runs[metric] - runs["seed"].map(ref))  # a seed missing either number: the gain is missing
     g = diff.groupby("strategy", sort=False)["gain"]
-    out = pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1), "negative_seeds": g.apply(lambda x: int((x.round(9) < 0).sum()))})
+    out = pd.DataFrame({"mean": g.agg(lambda x: x.mean(skipna=False)), "std": g.agg(lambda x: x.std(ddof=1, skipna=False)),
+                        "negative_seeds": g.apply(lambda x: int((x.round(9) < 0).sum()))})
     return out.reindex(list(dict.fromkeys(runs["strategy"])))
 
 

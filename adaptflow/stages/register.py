@@ -2,14 +2,16 @@
 
 The candidate was chosen by evaluate without the test split (target val, or a label-free score when the
 target has no labels). The gate then reads target test once: the candidate strategy's mean test accuracy
-over seeds must beat ``scratch`` and ``source_only`` (means too) by ``register.margin``, and the candidate
-model must beat the current champion re-scored on the same test images (so a champion registered on other
-data is compared fairly). A candidate that fails gets the ``challenger`` alias and the reasons.
+over seeds, and the candidate model's own, must beat ``scratch`` and ``source_only`` (their means) and chance by
+``register.margin``, and the candidate model must beat the current champion re-scored on the same test images
+(so a champion registered on other data is compared fairly). A candidate that fails gets the ``challenger``
+alias and the reasons. A candidate that a registered version already serves (``served_digest``) registers,
+gates and moves nothing.
 
 Both aliases move by compare-and-set (``tracking.move_alias``): ``champion`` moves only if it still points
 where the gate read it, and every move lands in the registered model's alias history. A test set picks the
-champion once (:func:`hold`): under ``dvc exp run``, or when the champion was registered on this same test
-set, a passing gate is held (``challenger``, gate ``passed, held``): a sweep must not pick its champion by test
+champion once (:func:`hold`): under ``dvc exp run``, or when the champion or any other version was gated on
+this same test set, a passing gate is held (``challenger``, gate ``passed, held``): a sweep must not pick its champion by test
 score; :func:`promote` applies a held verdict once the version is chosen on val.
 
 What MLflow receives, per pipeline run: one parent run (the whole resolved params, per-strategy metrics,
@@ -194,7 +196,9 @@ def registered_before(name: str, key: str, root: Path, params: Params) -> dict |
     back to inputs registered before registers nothing new. Of several such versions, the newest whose verdict
     still stands: a promoted one that is still champion, or another whose gate compared it with today's
     champion. None if none stands (champion has moved since, or was removed) or its run kept no record: then
-    the inputs are gated again, against today's champion, as a new version."""
+    the inputs are gated again, against today's champion, as a new version. Inputs that registered nothing (a
+    version already served their candidate) are found by their pipeline run's ``register_key`` tag, and stand
+    while the champion is where it was."""
     from adaptflow import tracking
 
     champion = tracking.alias_version(name, "champion")
@@ -208,6 +212,16 @@ def registered_before(name: str, key: str, root: Path, params: Params) -> dict |
         records = {f: tracking.load_run_dict(run_id, f) for f in ("registry.json", "lineage.json")} if current and run_id else {}
         decision, lineage = records.get("registry.json"), records.get("lineage.json")
         if decision and lineage and decision.get("key") == key and decision.get("version") == version:
+            write_records(params, root, decision, lineage)
+            return decision
+    # inputs whose candidate a version already served registered nothing: their pipeline run kept the records
+    run_id = tracking.find_run({"adaptflow.kind": "pipeline", REGISTER_KEY: key})
+    records = {f: tracking.load_run_dict(run_id, f) for f in ("registry.json", "lineage.json")} if run_id else {}
+    decision, lineage = records.get("registry.json"), records.get("lineage.json")
+    if decision and lineage and decision.get("key") == key and decision.get("gate") in (SAME, SAME_VERSION):
+        stands = (champion == decision["version"] if decision["gate"] == SAME else  # still the champion; or nothing moved since
+                  champion == decision.get("champion") and tracking.version_exists(name, decision["version"]))
+        if stands:
             write_records(params, root, decision, lineage)
             return decision
     return None
@@ -294,14 +308,15 @@ def run(params: Params, root: Path = Path("."), flow_run_id: str | None = None) 
             decision.update(_gate_and_register(params, ev, test, test_ids, model_uri, {**tags, REGISTER_KEY: key, TEST_SET: test_set, SERVED: served},
                                                name, same, {"parent_run_id": parent_id, "candidate_run_id": run_ids[run_key(candidate, candidate_seed)],
                                                 "orchestrator": orch["kind"], **{k: v for k, v in orch.items() if v and k != "kind"}}))
-            tracking.set_tags({"model_name": name, "model_version": decision["version"], "gate": decision["alias"]})
+            tracking.set_tags({"model_name": name, "model_version": decision["version"], "gate": decision["alias"], REGISTER_KEY: key})
         decision["run_ids"] = run_ids
         decision["source_model_run_id"] = tags["source_model_run_id"]
         lineage = _lineage(params, root, ev, decision, orch, tags, lock, tgt_card, src_card, decision.get("model_uri", model_uri), tracking_uri, pairs)
         tracking.log_dict(lineage, "lineage.json")
         tracking.log_dict(decision, "registry.json")
     write_records(params, root, decision, lineage)
-    log.info("register: %s version %s %s — %s", name, decision.get("version"), "→ champion" if decision["promoted"] else "already champion" if decision.get("gate") == SAME else "not promoted", "; ".join(decision["reasons"]))
+    log.info("register: %s version %s %s — %s", name, decision.get("version"), "→ champion" if decision["promoted"] else "already champion" if decision.get("gate") == SAME else
+             "already registered" if decision.get("gate") == SAME_VERSION else "not promoted", "; ".join(decision["reasons"]))
     return {**decision, "cached": False}
 
 
@@ -441,23 +456,17 @@ def _gate_and_register(params: Params, ev: dict, test: store.Split, test_ids: pd
                        same: list[str], context: dict) -> dict:
     """Read the champion, score it and the candidate on the test images the champion has not seen, gate,
     register, and move an alias by compare-and-set. ``same``: the versions already serving exactly the
-    candidate (:func:`tracking.served_digest`), newest first: the champion among them stays as it is, with
-    nothing registered; another is gated again as itself rather than registered a second time."""
+    candidate (:func:`tracking.served_digest`), newest first: then nothing is registered, gated or moved (see
+    :func:`_already_registered`)."""
     from adaptflow import aliases, tracking
 
     candidate, candidate_seed = ev["candidate"], ev["candidate_seed"]
     per, cand_run = ev["strategies"], ev["runs"][run_key(candidate, candidate_seed)]
     cand_mean, cand_acc = per[candidate]["test_acc"], cand_run["test_acc"]
     champion = tracking.alias_version(name, "champion")  # what the gate reads; the move checks it is unchanged
-    existing = champion if champion in same else same[0] if same else None
     decision = {"previous_champion": champion, "candidate_seed": candidate_seed, "candidate_test_acc": cand_acc, "candidate_mean_test_acc": cand_mean}
-    if existing is not None:
-        model_uri = f"models:/{name}/{existing}"
-        said = (f"the candidate ({candidate}, seed {candidate_seed}) serves exactly what version {existing} serves (weights, classes, "
-                f"input and serving code, by {SERVED} {tags[SERVED]})")
-    if existing is not None and existing == champion:
-        return {**decision, "version": existing, "promoted": False, "gate": SAME, "alias": "champion", "previous_champion_test_acc": None,
-                "reasons": [f"{said}, the champion: nothing registered, no alias moved"], "champion": champion, "model_uri": model_uri}
+    if same:
+        return {**decision, **_already_registered(name, same, champion, f"the candidate ({candidate}, seed {candidate_seed})", tags[SERVED])}
     champion_acc, cand_vs_champion, note = None, cand_acc, None
     if champion is not None:
         rows, note = unseen_test(test_ids, tracking.seen_by(name, champion, SEEN))
@@ -469,15 +478,11 @@ def _gate_and_register(params: Params, ev: dict, test: store.Split, test_ids: pd
     passed, reasons = gate(cand_mean, baselines, champion_acc, params.register.margin, candidate_model_acc=cand_vs_champion,
                            unchecked=params.unchecked_baselines(), chance=majority(test), model_test_acc=cand_acc)
     reasons += [note] if note else []
-    reasons += [f"{said}: gated again as that version, nothing new registered"] if existing else []
-    registration = {
+    version = tracking.register(model_uri, name, {
         **tags, "strategy": candidate, "seed": candidate_seed, "val_acc": cand_run["val_acc"], "test_acc": cand_acc,
         "test_ece": cand_run["test_ece"], "strategy_mean_test_acc": cand_mean, "selection": ev["candidate_selection"],
         "pool_im": cand_run.get("pool_im"),
-        "parent_run_id": context["parent_run_id"], "test_data_hash": ev["test_data_hash"]}
-    if existing:  # its tags now tell this registration (this test set, these scores, this run's records), as a new version's would
-        tracking.set_version_tags(name, existing, registration)
-    version = existing or tracking.register(model_uri, name, registration)
+        "parent_run_id": context["parent_run_id"], "test_data_hash": ev["test_data_hash"]})
     context = {**context, "test_data_hash": ev["test_data_hash"], "git_commit": tags["git_commit"]}
     held = hold(name, version, champion, tags[TEST_SET]) if passed else None
     promoted = passed and not held
@@ -496,6 +501,31 @@ def _gate_and_register(params: Params, ev: dict, test: store.Split, test_ids: pd
     tracking.set_version_tags(name, version, {"gate": verdict, "gate_reasons": "; ".join(reasons), GATED_AGAINST: champion or "none"})
     return {**decision, "version": version, "promoted": promoted, "gate": verdict, "alias": alias, "reasons": reasons,
             "previous_champion_test_acc": champion_acc, "champion": version if promoted else champion, "model_uri": model_uri}
+
+
+def _already_registered(name: str, same: list[str], champion: str | None, candidate: str, served: str) -> dict:
+    """The decision for a candidate that a registered version already serves: nothing registered, gated or
+    moved. The champion stays champion. Another version keeps its verdict: gating it again (on a test set that
+    gated it before, with another margin, or after a rollback took it out of champion) would let a re-run undo
+    a decision made once; `adaptflow registry promote` applies a held verdict, and a rolled-back version stays
+    out."""
+    from adaptflow import tracking
+
+    version = champion if champion in same else same[0]
+    said = (f"{candidate} serves exactly what version {version} serves (weights, classes, input and serving code, by {SERVED} "
+            f"{served}): nothing registered, no alias moved")
+    if version == champion:
+        return {"version": version, "promoted": False, "gate": SAME, "alias": "champion", "previous_champion_test_acc": None,
+                "reasons": [f"{said}; it is the champion"], "champion": champion, "model_uri": f"models:/{name}/{version}"}
+    tags = tracking.version_tags(name, version)
+    then = tags.get("gate", "not recorded")
+    alias = next((a for a, v in tracking.model_aliases(name).items() if v == version), None)
+    why = f"{said}; its gate said {then!r} against champion {tags.get(GATED_AGAINST, 'none')}" + (
+        f", and it was rolled back ({tags['rolled_back']})" if "rolled_back" in tags else "")
+    if then == HELD:
+        why += f"; to make it champion: adaptflow registry promote {name} {version}"
+    return {"version": version, "promoted": False, "gate": SAME_VERSION, "alias": alias, "previous_champion_test_acc": None,
+            "reasons": [why], "champion": champion, "model_uri": f"models:/{name}/{version}"}
 
 
 def hold(name: str, version: str, champion: str | None, test_set: str) -> str | None:
@@ -530,6 +560,7 @@ TEST_SET = "test_set"  # version tag: the test images and labels it was gated on
 
 SERVED = "served_digest"  # version tag: what it serves, by content (tracking.served_digest)
 SAME = "same as champion"  # verdict: the candidate serves exactly what the champion serves; nothing registered
+SAME_VERSION = "same as a registered version"  # verdict: ... what another version serves; nothing registered or gated
 
 
 HELD = "passed, held"  # the gate passed, but the version waits for `adaptflow registry promote` (see hold)
@@ -636,6 +667,7 @@ def summary(reg: dict, root: Path) -> str:
 
     name = reg.get("model_name")
     verdict = ("promoted to champion" if reg.get("promoted") else "already champion" if reg.get("gate") == SAME else
+               "already registered" if reg.get("gate") == SAME_VERSION else
                "passed the gate, held as challenger" if reg.get("gate") == HELD else "not promoted")
     if not reg.get("cached"):
         return f"registry: {name} version {reg.get('version')} {verdict}: {'; '.join(reg.get('reasons', []))}"

@@ -172,8 +172,8 @@ def test_gate_keeps_champion_when_candidate_does_not_beat_it(flow_project, anoth
 
 def test_a_candidate_a_version_already_serves_is_not_registered_again(flow_project, monkeypatch):
     """The same weights come back after a change that leaves them alone (a register or evaluate setting; a code
-    change, retrained bit for bit): register adds no copy. The champion's stays as it is, nothing moved; a
-    non-champion version serving it is gated again as itself, its tags now this registration's."""
+    change, retrained bit for bit): register adds no copy and moves nothing. Going back and forth restores
+    each run's records byte for byte. A version that is not champion keeps its verdict: not gated again."""
     from mlflow import MlflowClient
 
     from adaptflow import tracking
@@ -182,27 +182,32 @@ def test_a_candidate_a_version_already_serves_is_not_registered_again(flow_proje
     root = flow_project["root"]
     p = [load(root / "params.yaml", overrides=["register.model_name=same-{target}", f"register.margin={m}"]) for m in (0, 0.001, 0.002, 0.003)]
     name = p[0].registered_model_name()
-    with records_kept(root) as (registry, _):
+    with records_kept(root) as files:
         first = register.run(p[0], root)
         again = register.run(p[1], root)
-        assert json.loads(registry.read_text())["version"] == first["version"] == again["version"] == "1"
+        written = [f.read_bytes() for f in files]
+        assert json.loads(files[0].read_text())["version"] == first["version"] == again["version"] == "1"
+        back, forth = register.run(p[0], root), register.run(p[1], root)
+        assert [f.read_bytes() for f in files] == written  # the records of the run that registered nothing, as it wrote them
         with monkeypatch.context() as mp:  # one other model: version 2, then made champion by hand
             mp.setattr(tracking, "served_digest", lambda d: "another-model")
             other = register.run(p[2], root)
         tracking.move_alias(name, "champion", other["version"], expected=first["version"], reason="test: another champion")
-        regated = register.run(p[3], root)
+        kept = tracking.version_tags(name, "1")
+        same = register.run(p[3], root)
     assert first["promoted"] and not again["cached"] and again["gate"] == register.SAME and again["alias"] == "champion"
     assert again["reasons"] == [f"the candidate ({first['candidate']}, seed {first['candidate_seed']}) serves exactly what version 1 serves "
-                                f"(weights, classes, input and serving code, by served_digest {tracking.version_tags(name, '1')['served_digest']}), "
-                                "the champion: nothing registered, no alias moved"]
+                                f"(weights, classes, input and serving code, by served_digest {kept['served_digest']}): nothing registered, "
+                                "no alias moved; it is the champion"]
     assert register.summary(again, root).startswith(f"registry: {name} version 1 already champion: the candidate")
-    assert other["version"] == "2" and tracking.model_aliases(name) == {"champion": "2", "challenger": "1"}
-    assert regated["version"] == "1" and not regated["promoted"] and regated["previous_champion"] == "2"
-    assert any(r.endswith(": gated again as that version, nothing new registered") for r in regated["reasons"]), regated["reasons"]
+    assert back["cached"] and back["version"] == "1" and forth["cached"] and forth["gate"] == register.SAME
+    assert other["version"] == "2" and tracking.model_aliases(name) == {"champion": "2", "challenger": "2"}
+    # not champion any more: its verdict stands, nothing gated, registered or moved
+    assert same["version"] == "1" and same["gate"] == register.SAME_VERSION and not same["promoted"] and same["alias"] is None
+    assert same["reasons"][0].endswith("no alias moved; its gate said 'promoted' against champion none"), same["reasons"]
     assert sorted(str(v.version) for v in MlflowClient().search_model_versions(f"name = '{name}'")) == ["1", "2"]
-    tags = tracking.version_tags(name, "1")
-    assert tags["register_key"] == regated["key"] and tags["parent_run_id"] == regated["parent_run_id"] and tags["gated_against"] == "2"
-    assert tags["gate"] == regated["gate"] and [m.reason for m in tracking.alias_history(name, "champion")][-1] == "test: another champion"
+    assert tracking.version_tags(name, "1") == kept and tracking.model_aliases(name) == {"champion": "2", "challenger": "2"}
+    assert register.summary(same, root).startswith(f"registry: {name} version 1 already registered: the candidate")
 
 
 def test_gate_scores_the_champion_only_on_test_images_it_never_saw(flow_project, monkeypatch, another_model):

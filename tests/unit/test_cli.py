@@ -200,10 +200,14 @@ def test_predict_skips_a_name_that_is_not_utf8_and_keeps_one_line_per_file(tmp_p
         (folder / name).write_bytes(png_bytes)
     with open(os.path.join(os.fsencode(folder), b"caf\xe9.png"), "wb") as f:
         f.write(png_bytes)
+    os.mkdir(os.path.join(os.fsencode(folder), b"sub\xff"))
+    with open(os.path.join(os.fsencode(folder), b"sub\xff", b"b.png"), "wb") as f:
+        f.write(png_bytes)
     res = _invoke(["predict", "-m", "exported/model", str(folder), "-o", "p.csv", "--strict"])
     assert res.exit_code == 3, res.output
     assert f"skipped {folder}/caf\\xe9.png: its name is not valid UTF-8 (not read; rename it)" in res.output
-    assert "skipped 1 of 4 file(s)" in res.output
+    assert f"skipped {folder}/sub\\xff: the folder's name is not valid UTF-8 (not read; rename it)" in res.output
+    assert "skipped 2 of 5 file(s)" in res.output
     lines = res.stdout.splitlines()
     assert [line.split("\t")[0] for line in lines] == [f"{folder}/a.png", f"{folder}/new\\nline.png", f"{folder}/tab\\there.png"]
     assert all(len(line.split("\t")) == 3 for line in lines)

@@ -85,6 +85,7 @@ def test_a_seed_missing_a_number_leaves_the_mean_missing_not_the_other_seeds_mea
     s = summarise(runs)
     assert np.isnan(s.loc["finetune", "pool_im"]) and np.isnan(s.loc["finetune", "pool_im_std"]) and s.loc["finetune", "n_seeds"] == 3
     assert choose_candidate(s, BASE, by="pool_im") == "dann"  # not the strategy whose third seed scored nothing
+    assert np.isnan(paired_gains(runs, "dann", metric="pool_im").loc["finetune", "mean"])  # nor a gain over two of three seeds
 
 
 def test_oracle_is_never_the_candidate():
