@@ -651,17 +651,26 @@ def registry_show(name: Optional[str] = ModelNameArg) -> None:
         except (TypeError, ValueError):
             return None
 
+    def chooser(t: dict) -> str:  # what chooses among versions: val accuracy (at k = 0 the label-free score), never test
+        val, im = four(t.get("val_acc")), four(t.get("pool_im"))
+        return f"val_acc {val or '?'}" if val or not im else f"pool_im {im} (label-free: no target val labels)"
+
     for alias, version in sorted(current.items()):
         t = tracking.version_tags(name, version)
-        typer.echo(f"{alias:<11} version {version}  {t.get('strategy', '?')} seed {t.get('seed', '?')}  test_acc {four(t.get('test_acc')) or '?'}  "
-                   f"gate {t.get('gate', '?')}: {t.get('gate_reasons', '')}")
-    if held:
-        typer.echo(f"held (gate passed; choose on these, not test, then: adaptflow registry promote {name} VERSION):")
-    for version in held:
-        t = tracking.version_tags(name, version)
-        val = four(t.get("val_acc"))
-        score = f"val_acc {val}" if val else f"pool_im {four(t.get('pool_im')) or '?'} (label-free: no target val labels)"
-        typer.echo(f"  version {version}  {t.get('strategy', '?')} seed {t.get('seed', '?')}  {score}  gated against {t.get(GATED_AGAINST, '?')}")
+        test = "" if t.get("gate") == HELD else f"  test_acc {four(t.get('test_acc')) or '?'}"  # a held one is chosen on val alone
+        rolled = f"  rolled back: {t['rolled_back']}" if "rolled_back" in t and alias != "champion" else ""
+        typer.echo(f"{alias:<11} version {version}  {t.get('strategy', '?')} seed {t.get('seed', '?')}  {chooser(t)}{test}  "
+                   f"gate {t.get('gate', '?')}: {t.get('gate_reasons', '')}{rolled}")
+    champion = current.get("champion")
+    stands = [v for v in held if tracking.version_tags(name, v).get(GATED_AGAINST, "none") == (champion or "none")]
+    for title, versions in ((f"held (gate passed; choose on these, not test, then: adaptflow registry promote {name} VERSION):", stands),
+                            (f"held against an earlier champion (champion is now {champion or 'none'}: promote refuses; run the configuration "
+                             "that made one again to gate it anew):", [v for v in held if v not in stands])):
+        if versions:
+            typer.echo(title)
+        for version in versions:
+            t = tracking.version_tags(name, version)
+            typer.echo(f"  version {version}  {t.get('strategy', '?')} seed {t.get('seed', '?')}  {chooser(t)}  gated against {t.get(GATED_AGAINST, '?')}")
 
 
 def main() -> None:  # pragma: no cover

@@ -295,10 +295,10 @@ def run(params: Params, root: Path = Path("."), flow_run_id: str | None = None) 
                               **{f"transfer_gain.{k}": v for k, v in ev["transfer_gain"].items()}})
         # a candidate that serves exactly what a registered version serves is that version: not logged or registered again
         served = tracking.served_digest(adapted_dir(params, root, candidate, candidate_seed)) if candidate is not None else None
-        same = tracking.find_versions(name, {SERVED: served}) if served else []
+        same = standing_version(name, tracking.find_versions(name, {SERVED: served})) if served else None
         run_ids, model_uri = {}, None
         for s, seed in pairs:
-            run_ids[run_key(s, seed)], uri = _log_strategy_run(params, root, ev, s, seed, tags, datasets[1], example, log_model=not same)
+            run_ids[run_key(s, seed)], uri = _log_strategy_run(params, root, ev, s, seed, tags, datasets[1], example, log_model=same is None)
             model_uri = uri or model_uri
 
         if candidate is None:
@@ -453,10 +453,10 @@ def _accuracy(model: Any, test: store.Split, rows: np.ndarray) -> float:
 
 
 def _gate_and_register(params: Params, ev: dict, test: store.Split, test_ids: pd.DataFrame, model_uri: str | None, tags: dict, name: str,
-                       same: list[str], context: dict) -> dict:
+                       same: str | None, context: dict) -> dict:
     """Read the champion, score it and the candidate on the test images the champion has not seen, gate,
-    register, and move an alias by compare-and-set. ``same``: the versions already serving exactly the
-    candidate (:func:`tracking.served_digest`), newest first: then nothing is registered, gated or moved (see
+    register, and move an alias by compare-and-set. ``same``: the version already serving exactly the
+    candidate whose verdict stands (:func:`standing_version`): then nothing is registered, gated or moved (see
     :func:`_already_registered`)."""
     from adaptflow import aliases, tracking
 
@@ -465,7 +465,7 @@ def _gate_and_register(params: Params, ev: dict, test: store.Split, test_ids: pd
     cand_mean, cand_acc = per[candidate]["test_acc"], cand_run["test_acc"]
     champion = tracking.alias_version(name, "champion")  # what the gate reads; the move checks it is unchanged
     decision = {"previous_champion": champion, "candidate_seed": candidate_seed, "candidate_test_acc": cand_acc, "candidate_mean_test_acc": cand_mean}
-    if same:
+    if same is not None:
         return {**decision, **_already_registered(name, same, champion, f"the candidate ({candidate}, seed {candidate_seed})", tags[SERVED])}
     champion_acc, cand_vs_champion, note = None, cand_acc, None
     if champion is not None:
@@ -503,15 +503,31 @@ def _gate_and_register(params: Params, ev: dict, test: store.Split, test_ids: pd
             "previous_champion_test_acc": champion_acc, "champion": version if promoted else champion, "model_uri": model_uri}
 
 
-def _already_registered(name: str, same: list[str], champion: str | None, candidate: str, served: str) -> dict:
-    """The decision for a candidate that a registered version already serves: nothing registered, gated or
-    moved. The champion stays champion. Another version keeps its verdict: gating it again (on a test set that
-    gated it before, with another margin, or after a rollback took it out of champion) would let a re-run undo
-    a decision made once; `adaptflow registry promote` applies a held verdict, and a rolled-back version stays
-    out."""
+def standing_version(name: str, same: list[str]) -> str | None:
+    """Of the versions serving exactly a candidate (newest first), the one that answers for it, or None: the
+    champion; else the newest whose verdict still stands (gated against today's champion) or that was rolled
+    back. Its verdict is the candidate's: gating it again (with another margin, on a test set that gated it
+    before, or after a rollback took it out) would let a re-run undo a decision made once. None when each one's
+    verdict was against a champion since replaced: the candidate is registered and gated anew (a passing gate
+    on a test set gated before is held)."""
     from adaptflow import tracking
 
-    version = champion if champion in same else same[0]
+    champion = tracking.alias_version(name, "champion")
+    if champion in same:
+        return champion
+    for version in same:
+        tags = tracking.version_tags(name, version)
+        if "rolled_back" in tags or tags.get(GATED_AGAINST, "none") == (champion or "none"):
+            return version
+    return None
+
+
+def _already_registered(name: str, version: str, champion: str | None, candidate: str, served: str) -> dict:
+    """The decision for a candidate that ``version`` already serves (:func:`standing_version`): nothing
+    registered, gated or moved. The champion stays champion; another version keeps its verdict (a held one is
+    promoted by hand; a rolled-back one stays out unless rolled back to)."""
+    from adaptflow import tracking
+
     said = (f"{candidate} serves exactly what version {version} serves (weights, classes, input and serving code, by {SERVED} "
             f"{served}): nothing registered, no alias moved")
     if version == champion:
@@ -524,6 +540,8 @@ def _already_registered(name: str, same: list[str], champion: str | None, candid
         f", and it was rolled back ({tags['rolled_back']})" if "rolled_back" in tags else "")
     if then == HELD:
         why += f"; to make it champion: adaptflow registry promote {name} {version}"
+    elif "rolled_back" in tags:
+        why += f"; to put it back anyway: adaptflow registry rollback {name} --to {version} --reason '…'"
     return {"version": version, "promoted": False, "gate": SAME_VERSION, "alias": alias, "previous_champion_test_acc": None,
             "reasons": [why], "champion": champion, "model_uri": f"models:/{name}/{version}"}
 
@@ -574,7 +592,7 @@ def promote(name: str, version: str, who: str = "adaptflow registry promote") ->
     from adaptflow import aliases, tracking
 
     if not tracking.version_exists(name, version):
-        raise PromoteRefused(f"{name} version {version}: no such registered version")
+        raise PromoteRefused(tracking.missing_model(name) or f"{name} version {version}: no such registered version")
     tags = tracking.version_tags(name, version)
     current = tracking.alias_version(name, "champion")
     if current == str(version):  # asked twice, or promoted by its gate: nothing to move (but a challenger left behind)
@@ -589,8 +607,9 @@ def promote(name: str, version: str, who: str = "adaptflow registry promote") ->
     against = tags.get(GATED_AGAINST, "none")
     if (current or "none") != against:
         raise PromoteRefused(f"{name} version {version} was gated against champion {against}, but champion is now {current or 'none'}: "
-                             "its verdict no longer holds; gate it again against the current champion (dvc exp apply the "
-                             "experiment if it was one, delete reports/registry.json, run adaptflow stage register)")
+                             "its verdict no longer holds; gate it anew against the current champion by running the configuration "
+                             "that made it again (its params are in its parent run; a DVC experiment: dvc exp apply it, then dvc repro) "
+                             "— the same weights are registered and gated anew")
     reasons = tags.get("gate_reasons", "")
     try:
         tracking.move_alias(name, "champion", version, expected=current, reason=f"promoted by hand ({who}): gate passed: {reasons}",
@@ -621,7 +640,7 @@ def rollback(name: str, reason: str, to: str | None = None, who: str = "adaptflo
         raise PromoteRefused("--reason: say why (it goes into the alias history)")
     current = tracking.alias_version(name, "champion")
     if current is None and to is None:
-        raise PromoteRefused(f"{name} has no champion (or is no registered model): give --to a former champion to put back")
+        raise PromoteRefused(tracking.missing_model(name) or f"{name} has no champion: give --to a former champion to put back")
     moves = [m for m in tracking.alias_history(name, "champion") if not m.context.get("outside")]  # what adaptflow moved
     if to is None:
         put = next((m for m in reversed(moves) if m.to_version == current and "rolled_back_from" not in m.context), None)  # not a rollback
@@ -633,7 +652,7 @@ def rollback(name: str, reason: str, to: str | None = None, who: str = "adaptflo
     if to == current:
         raise PromoteRefused(f"{name}@champion is version {to} already")
     if not tracking.version_exists(name, to):
-        raise PromoteRefused(f"{name} version {to}: no such registered version")
+        raise PromoteRefused(tracking.missing_model(name) or f"{name} version {to}: no such registered version")
     if to not in _former_champions(name):
         raise PromoteRefused(f"{name} version {to} was never made champion by adaptflow: only a former champion can be rolled back to "
                              "(a held version: adaptflow registry promote; any other goes through the gate, in a pipeline run)")
@@ -644,16 +663,17 @@ def rollback(name: str, reason: str, to: str | None = None, who: str = "adaptflo
         raise PromoteRefused(f"champion moved to version {exc.found or 'none'} meanwhile: nothing rolled back") from None
     if current is not None:
         tracking.set_version_tags(name, current, {"rolled_back": reason})
+    _retire_challenger(name, to, who, how="made champion again by a rollback")  # champion and challenger never name one version
     return {"model_name": name, "version": to, "previous_champion": current}
 
 
-def _retire_challenger(name: str, version: str, who: str) -> None:
+def _retire_challenger(name: str, version: str, who: str, how: str = "promoted to champion by hand") -> None:
     """``challenger`` names a version that is not champion: remove it where it names ``version``, champion now
     (also on a retry after a promotion that stopped before this step)."""
     from adaptflow import aliases, tracking
 
     try:
-        tracking.move_alias(name, "challenger", None, expected=version, reason=f"version {version} promoted to champion by hand ({who})",
+        tracking.move_alias(name, "challenger", None, expected=version, reason=f"version {version} {how} ({who})",
                             context={"orchestrator": "cli"})
     except aliases.AliasConflict:
         pass  # challenger names another version (or none): it stays

@@ -172,16 +172,23 @@ def test_gate_keeps_champion_when_candidate_does_not_beat_it(flow_project, anoth
 
 def test_a_candidate_a_version_already_serves_is_not_registered_again(flow_project, monkeypatch):
     """The same weights come back after a change that leaves them alone (a register or evaluate setting; a code
-    change, retrained bit for bit): register adds no copy and moves nothing. Going back and forth restores
-    each run's records byte for byte. A version that is not champion keeps its verdict: not gated again."""
+    change, retrained bit for bit): register adds no copy and moves nothing, and going back and forth restores
+    each run's records byte for byte. A version whose verdict stands, or that was rolled back, answers for its
+    weights (no re-gate undoes it); one gated against a champion since replaced is registered and gated anew."""
     from mlflow import MlflowClient
 
     from adaptflow import tracking
     from adaptflow.stages import register
 
     root = flow_project["root"]
-    p = [load(root / "params.yaml", overrides=["register.model_name=same-{target}", f"register.margin={m}"]) for m in (0, 0.001, 0.002, 0.003)]
+    p = [load(root / "params.yaml", overrides=["register.model_name=same-{target}", f"register.margin={m}"]) for m in (0, 1e-3, 2e-3, 3e-3, 4e-3)]
     name = p[0].registered_model_name()
+
+    def other_model(params):  # the other weights: version 2, and later the rolled-back one
+        with monkeypatch.context() as mp:
+            mp.setattr(tracking, "served_digest", lambda d: "another-model")
+            return register.run(params, root)
+
     with records_kept(root) as files:
         first = register.run(p[0], root)
         again = register.run(p[1], root)
@@ -189,25 +196,26 @@ def test_a_candidate_a_version_already_serves_is_not_registered_again(flow_proje
         assert json.loads(files[0].read_text())["version"] == first["version"] == again["version"] == "1"
         back, forth = register.run(p[0], root), register.run(p[1], root)
         assert [f.read_bytes() for f in files] == written  # the records of the run that registered nothing, as it wrote them
-        with monkeypatch.context() as mp:  # one other model: version 2, then made champion by hand
-            mp.setattr(tracking, "served_digest", lambda d: "another-model")
-            other = register.run(p[2], root)
+        other = other_model(p[2])
         tracking.move_alias(name, "champion", other["version"], expected=first["version"], reason="test: another champion")
-        kept = tracking.version_tags(name, "1")
-        same = register.run(p[3], root)
+        anew = register.run(p[3], root)  # version 1 was gated against no champion; champion is 2 now: gated anew
+        register.rollback(name, "test: version 2 misreads sevens")  # champion back to 1; 2 tagged rolled_back
+        kept = tracking.version_tags(name, "2")
+        out = other_model(p[4])
     assert first["promoted"] and not again["cached"] and again["gate"] == register.SAME and again["alias"] == "champion"
     assert again["reasons"] == [f"the candidate ({first['candidate']}, seed {first['candidate_seed']}) serves exactly what version 1 serves "
-                                f"(weights, classes, input and serving code, by served_digest {kept['served_digest']}): nothing registered, "
-                                "no alias moved; it is the champion"]
+                                f"(weights, classes, input and serving code, by served_digest {tracking.version_tags(name, '1')['served_digest']}): "
+                                "nothing registered, no alias moved; it is the champion"]
     assert register.summary(again, root).startswith(f"registry: {name} version 1 already champion: the candidate")
     assert back["cached"] and back["version"] == "1" and forth["cached"] and forth["gate"] == register.SAME
-    assert other["version"] == "2" and tracking.model_aliases(name) == {"champion": "2", "challenger": "2"}
-    # not champion any more: its verdict stands, nothing gated, registered or moved
-    assert same["version"] == "1" and same["gate"] == register.SAME_VERSION and not same["promoted"] and same["alias"] is None
-    assert same["reasons"][0].endswith("no alias moved; its gate said 'promoted' against champion none"), same["reasons"]
-    assert sorted(str(v.version) for v in MlflowClient().search_model_versions(f"name = '{name}'")) == ["1", "2"]
-    assert tracking.version_tags(name, "1") == kept and tracking.model_aliases(name) == {"champion": "2", "challenger": "2"}
-    assert register.summary(same, root).startswith(f"registry: {name} version 1 already registered: the candidate")
+    assert other["version"] == "2" and anew["version"] == "3" and anew["previous_champion"] == "2" and not anew["promoted"]
+    # the rolled-back weights come back: nothing registered, nothing moved, and the way back if wanted
+    assert out["version"] == "2" and out["gate"] == register.SAME_VERSION and not out["promoted"] and out["alias"] is None
+    assert "and it was rolled back (test: version 2 misreads sevens)" in out["reasons"][0], out["reasons"]
+    assert f"adaptflow registry rollback {name} --to 2" in out["reasons"][0]
+    assert register.summary(out, root).startswith(f"registry: {name} version 2 already registered: the candidate")
+    assert sorted(str(v.version) for v in MlflowClient().search_model_versions(f"name = '{name}'")) == ["1", "2", "3"]
+    assert tracking.version_tags(name, "2") == kept and tracking.alias_version(name, "champion") == "1"
 
 
 def test_gate_scores_the_champion_only_on_test_images_it_never_saw(flow_project, monkeypatch, another_model):

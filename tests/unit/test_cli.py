@@ -340,18 +340,25 @@ def test_registry_show_lists_held_versions_by_what_chooses_among_them_never_test
     tags = {"1": {"strategy": "finetune", "seed": "0", "test_acc": "0.95", "gate": "promoted", "gate_reasons": "no current champion"},
             "2": {"strategy": "dann", "seed": "0", "val_acc": "0.9712345", "test_acc": "0.97", "gate": "passed, held", "gated_against": "1"},
             "3": {"strategy": "fixmatch", "seed": "1", "val_acc": "None", "pool_im": "0.81234", "test_acc": "0.96",
-                  "gate": "passed, held", "gated_against": "1"}}  # k = 0: no val labels
+                  "gate": "passed, held", "gated_against": "1"},  # k = 0: no val labels
+            "4": {"strategy": "coral", "seed": "0", "val_acc": "0.91", "test_acc": "0.99", "gate": "passed, held", "gated_against": "0"}}
     monkeypatch.setattr(tracking, "configure", lambda *a, **k: None)
     monkeypatch.setattr(tracking, "model_aliases", lambda name: {"champion": "1", "challenger": "3"})
     monkeypatch.setattr(tracking, "alias_history", lambda name, alias=None: [])  # (no move recorded: warned, not refused)
-    monkeypatch.setattr(tracking, "find_versions", lambda name, t: ["3", "2"] if t == {"gate": "passed, held"} else [])
+    monkeypatch.setattr(tracking, "find_versions", lambda name, t: ["4", "3", "2"] if t == {"gate": "passed, held"} else [])
     monkeypatch.setattr(tracking, "version_tags", lambda name, v: tags[v])
     out = _invoke(["registry", "show", "m"]).output
-    assert "champion    version 1  finetune seed 0  test_acc 0.9500  gate promoted: no current champion" in out
+    assert "champion    version 1  finetune seed 0  val_acc ?  test_acc 0.9500  gate promoted: no current champion" in out
+    # a held challenger is chosen on val: no test score beside it
+    assert "challenger  version 3  fixmatch seed 1  pool_im 0.8123 (label-free: no target val labels)  gate passed, held: " in out
     assert "held (gate passed; choose on these, not test, then: adaptflow registry promote m VERSION):" in out
     assert "  version 3  fixmatch seed 1  pool_im 0.8123 (label-free: no target val labels)  gated against 1" in out
     assert "  version 2  dann seed 0  val_acc 0.9712  gated against 1" in out
     assert out.index("\n  version 3 ") < out.index("\n  version 2 ")  # newest first
+    # gated against a champion since replaced: listed apart, as promote would refuse it
+    stale = out.index("held against an earlier champion (champion is now 1: promote refuses; run the configuration that made one again")
+    assert out.index("\n  version 4  coral seed 0  val_acc 0.9100  gated against 0") > stale > out.index("\n  version 2 ")
+    assert "0.99" not in out and "0.96" not in out
     monkeypatch.setattr(tracking, "model_aliases", lambda name: {})
     monkeypatch.setattr(tracking, "find_versions", lambda name, t: [])
     monkeypatch.setattr(tracking, "missing_model", lambda name: None)

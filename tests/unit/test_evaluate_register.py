@@ -400,8 +400,11 @@ def test_promote_refuses_what_no_held_gate_stands_behind(monkeypatch):
 
     monkeypatch.setattr(tracking, "move_alias", move)
     monkeypatch.setattr(tracking, "set_version_tags", lambda name, v, t: tags[v].update(t))
+    monkeypatch.setattr(tracking, "missing_model", lambda name: None if name == "m" else f"{name}: no such registered model (did you mean m?)")
     with pytest.raises(register.PromoteRefused, match="no such registered version"):
         register.promote("m", "9")
+    with pytest.raises(register.PromoteRefused, match=r"^n: no such registered model \(did you mean m\?\)$"):
+        register.promote("n", "9")
     with pytest.raises(register.PromoteRefused, match=r"its gate was 'rejected'.*does not beat scratch"):
         register.promote("m", "1")
     assert register.promote("m", "2")["previous_champion"] is None
@@ -432,6 +435,7 @@ def test_rollback_goes_back_to_a_former_champion_only(monkeypatch):
     monkeypatch.setattr(tracking, "alias_version", lambda name, alias: where.get(alias))
     monkeypatch.setattr(tracking, "alias_history", lambda name, alias=None: [m for m in moves if alias in (None, m.alias)])
     monkeypatch.setattr(tracking, "set_version_tags", lambda name, v, t: tags[v].update(t))
+    monkeypatch.setattr(tracking, "missing_model", lambda name: None)
 
     def move(name, alias, v, **kw):
         if kw["expected"] != where.get(alias):
@@ -455,7 +459,9 @@ def test_rollback_goes_back_to_a_former_champion_only(monkeypatch):
     assert tags["2"]["rolled_back"] == "v2 mislabels blurry scans" and tags["2"]["gate"] == "promoted"
     with pytest.raises(register.PromoteRefused, match="version 1, and the alias history shows no version before it: give --to"):
         register.rollback("m", "again")  # v1 was the first champion (the rollback that put it back is not a promotion)
+    where["challenger"] = "2"  # e.g. its weights came back in a run and were gated again: champion and challenger never name one version
     assert register.rollback("m", "v2 was fine after all", to="2")["version"] == "2"
+    assert where["challenger"] is None and moves[-1].reason == "version 2 made champion again by a rollback (adaptflow registry rollback)"
     # a version made champion outside adaptflow (a noticed move) passed no gate: never a rollback's target
     tags["5"] = {"gate": "rejected"}
     moves.append(aliases.AliasMove(len(moves) + 1, "champion", "2", "5", 400.0, "noticed", "outside adaptflow", {"outside": True}))
@@ -467,6 +473,6 @@ def test_rollback_goes_back_to_a_former_champion_only(monkeypatch):
         register.rollback("m", "x", to="5")
     # champion removed (outside adaptflow): only --to can put a former champion back
     where["champion"] = None
-    with pytest.raises(register.PromoteRefused, match="m has no champion .or is no registered model.: give --to"):
+    with pytest.raises(register.PromoteRefused, match="m has no champion: give --to"):
         register.rollback("m", "x")
     assert register.rollback("m", "champion was deleted by mistake", to="1")["previous_champion"] is None and where["champion"] == "1"
