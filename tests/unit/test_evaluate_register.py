@@ -401,6 +401,7 @@ def test_promote_refuses_what_no_held_gate_stands_behind(monkeypatch):
     monkeypatch.setattr(tracking, "move_alias", move)
     monkeypatch.setattr(tracking, "set_version_tags", lambda name, v, t: tags[v].update(t))
     monkeypatch.setattr(tracking, "missing_model", lambda name: None if name == "m" else f"{name}: no such registered model (did you mean m?)")
+    monkeypatch.setattr(tracking, "alias_history", lambda name, alias=None: [])  # (else MLflow's default store: an mlflow.db in the cwd)
     with pytest.raises(register.PromoteRefused, match="no such registered version"):
         register.promote("m", "9")
     with pytest.raises(register.PromoteRefused, match=r"^n: no such registered model \(did you mean m\?\)$"):
