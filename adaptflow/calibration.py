@@ -108,6 +108,17 @@ def macro_f1(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> float:
     return float(np.mean(2 * tp[present] / denom[present])) if present.any() else float("nan")
 
 
+def wilson_interval(accuracy: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The 95 % Wilson score interval of an accuracy measured on ``n`` images (one model, one test split): how
+    far the number could move on another draw of test images of the same size. (NaN, NaN) for no images."""
+    if n <= 0 or accuracy is None or math.isnan(accuracy):
+        return float("nan"), float("nan")
+    z2 = z * z
+    centre = (accuracy + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def nll(probs: np.ndarray, labels: np.ndarray) -> float:
     """Mean negative log-likelihood of the true class (probabilities clipped at 1e-12)."""
     probs, labels = _check(probs, labels)

@@ -133,8 +133,9 @@ def learning_png(histories: dict[int, list[dict]], title: str, path: Path) -> No
     _save(fig, path)
 
 
-def summary_png(strategies: dict[str, dict], baselines: Iterable[str], candidate: str | None, path: Path) -> None:
-    """Mean target test accuracy ± std over seeds per strategy; baselines grey, candidate highlighted."""
+def summary_png(strategies: dict[str, dict], baselines: Iterable[str], candidate: str | None, path: Path, chance: float | None = None) -> None:
+    """Mean target test accuracy ± std over seeds per strategy; baselines grey, candidate highlighted; chance
+    (always answering the commonest test class) as a dashed line."""
     plt = _plt()
     names = list(strategies)
     means = [strategies[s]["test_acc"] for s in names]
@@ -145,6 +146,9 @@ def summary_png(strategies: dict[str, dict], baselines: Iterable[str], candidate
     ax.bar(names, means, yerr=stds, color=colors, capsize=4)
     for i, (m, sd) in enumerate(zip(means, stds)):
         ax.text(i, m + sd + 0.01, f"{m:.3f}", ha="center", va="bottom", fontsize=7)
+    if chance is not None:
+        ax.axhline(chance, color="k", ls="--", lw=1)
+        ax.text(len(names) - 0.5, chance + 0.01, f"chance {chance:.3f}", ha="right", va="bottom", fontsize=7)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("target test accuracy")
     ax.set_title("mean ± std over seeds (grey: baselines, orange: candidate)", fontsize=8)
@@ -206,23 +210,31 @@ def signed(mean: float | None, std: float | None, n: int) -> str:
 def tables(ev: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
     """The report's tables as (header, rows) of strings, shared by the HTML and markdown renderings."""
     gain_cols = [f"gain vs {b}" for b in ev["reference_baselines"]]
-    side_head = ["strategy", "role", "seeds", "val acc", "test acc", "test macro-F1", "test ECE", *gain_cols, "negative transfer", "checkpoint chosen by"]
+    im = bool(ev.get("label_free"))  # target.k = 0: the label-free score chose, and gets its column
+    side_head = ["strategy", "role", "seeds", *(["pool IM (chose)"] if im else []), "val acc", "test acc", "test macro-F1", "test ECE",
+                 *gain_cols, "negative transfer", "checkpoint chosen by"]
     side = []
     for s, m in ev["strategies"].items():
         n = m["n_seeds"]
         gains = ["—" if b == s else signed(m.get(f"gain_over_{b}"), m.get(f"gain_over_{b}_std"), n) for b in ev["reference_baselines"]]
-        neg = "—" if m.get("negative_transfer") is None else (f"YES ({m['negative_transfer_seeds']}/{n} seeds)" if m["negative_transfer"] else "no")
-        side.append([s, m["role"], str(n), pm(m["val_acc"], m["val_acc_std"], n), pm(m["test_acc"], m["test_acc_std"], n),
-                     pm(m["test_macro_f1"], m["test_macro_f1_std"], n), pm(m["test_ece"], m["test_ece_std"], n), *gains, neg,
+        neg = "—" if m.get("negative_transfer") is None else (
+            f"{'YES' if m['negative_transfer'] else 'no'} ({m['negative_transfer_seeds']}/{n} seeds below)")
+        test = pm(m["test_acc"], m["test_acc_std"], n) + (" (at or below chance)" if m.get("below_chance") else "")
+        side.append([s, m["role"], str(n), *([pm(m.get("pool_im"), m.get("pool_im_std"), n)] if im else []), pm(m["val_acc"], m["val_acc_std"], n),
+                     test, pm(m["test_macro_f1"], m["test_macro_f1_std"], n), pm(m["test_ece"], m["test_ece_std"], n), *gains, neg,
                      ev["checkpoint_selection"].get(s, "")])
-    run_head = ["run", "val acc", "test acc", "test macro-F1", "test ECE", "test NLL", "pool IM", "best epoch"]
-    run_rows = [[k, f"{r['val_acc']:.4f}", f"{r['test_acc']:.4f}", f"{r['test_macro_f1']:.4f}", f"{r['test_ece']:.4f}",
+    run_head = ["run", "val acc", "test acc", "test acc 95% interval", "test macro-F1", "test ECE", "test NLL", "pool IM", "best epoch"]
+    run_rows = [[k, f"{r['val_acc']:.4f}", f"{r['test_acc']:.4f}", _interval(r.get("test_acc_ci95")), f"{r['test_macro_f1']:.4f}", f"{r['test_ece']:.4f}",
                  _fmt(r["test_nll"], 4), _fmt(r.get("pool_im"), 4), "—" if r.get("best_epoch") is None else str(r["best_epoch"])]
                 for k, r in ev["runs"].items()]
     classes = ev["classes"]
     recall_head = ["strategy", *classes]
     recall_rows = [[s, *(_fmt(m["recall"].get(c)) for c in classes)] for s, m in ev["strategies"].items()]
     return {"side": (side_head, side), "runs": (run_head, run_rows), "recall": (recall_head, recall_rows)}
+
+
+def _interval(ci: list | None) -> str:
+    return "n/a" if not ci or any(v is None for v in ci) else f"{ci[0]:.3f}–{ci[1]:.3f}"
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
@@ -239,7 +251,21 @@ def _headline(ev: dict) -> list[str]:
         m = ev["strategies"][c]
         gains = "; ".join(f"{signed(m.get(f'gain_over_{b}'), m.get(f'gain_over_{b}_std'), m['n_seeds'])} over {b}" for b in ev["reference_baselines"])
         lines.append(f"Candidate: **{c}** (seed {ev['candidate_seed']}), chosen on {ev['candidate_rule']}. "
-                     f"Test accuracy {pm(m['test_acc'], m['test_acc_std'], m['n_seeds'])}" + (f"; transfer gain {gains}." if gains else "."))
+                     f"Test accuracy {pm(m['test_acc'], m['test_acc_std'], m['n_seeds'])} over seeds" + (f"; transfer gain {gains}." if gains else "."))
+        run = ev["runs"].get(f"{c}/seed{ev['candidate_seed']}", {})
+        if run.get("test_acc") is not None:
+            lines.append(f"The model register gates (seed {ev['candidate_seed']}): test accuracy {run['test_acc']:.4f}, 95% interval "
+                         f"{_interval(run.get('test_acc_ci95'))} over the {ev['n_test']} test images (the ± over seeds holds training "
+                         "randomness only: every seed has the same splits and labeled set).")
+    idle = [k for k, r in ev["runs"].items() if r.get("pseudo_label_rate_max") == 0]
+    if idle:
+        lines.append(f"FixMatch trained nothing in {', '.join(idle)}: no pool image reached its confidence threshold in any epoch "
+                     "(pseudo_label_rate 0), so those runs are their other parts alone.")
+    chance = ev.get("chance")  # (an evaluation written before it was recorded has none)
+    if chance:
+        below = [s for s, m in ev["strategies"].items() if m.get("below_chance")]
+        lines.append(f"Chance: always answering {chance['class']!r}, the commonest test class, scores {chance['test_acc']:.4f}"
+                     + (f"; at or below it: {', '.join(below)} (a gain over such a baseline says little)." if below else "."))
     if ev["negative_transfer"]:
         lines.append(f"Negative transfer (mean test accuracy below scratch): {', '.join(ev['negative_transfer'])}.")
     data = ev.get("target_data")  # (an evaluation written before it was recorded has none)

@@ -35,7 +35,7 @@ from adaptflow.data.store import Split
 from adaptflow.models import load
 from adaptflow.params import Params
 from adaptflow.stages.finetune import output_dir as adapted_dir
-from adaptflow.stages.finetune import runs
+from adaptflow.stages.finetune import max_pseudo_label_rate, runs
 from adaptflow.stages.ingest import dropped
 from adaptflow.stages.ingest import output_dir as ingested_dir
 from adaptflow.stages.ingest import report_path as ingest_report
@@ -96,6 +96,16 @@ def best_row(table: pd.DataFrame, by: str):
     return top.index[0]
 
 
+def majority(split: Split) -> tuple[str, float]:
+    """The split's most common class and its share of the split (the lowest label on a tie): chance, what
+    always answering that class scores."""
+    if len(split.labels) == 0:
+        raise ValueError("the test split holds no image: there is nothing to gate on")
+    counts = np.bincount(np.asarray(split.labels), minlength=len(split.classes))
+    top = int(counts.argmax())
+    return str(split.classes[top]), float(counts[top] / counts.sum())
+
+
 def paired_gains(runs: pd.DataFrame, reference: str, metric: str = "test_acc") -> pd.DataFrame:
     """Per strategy: the mean and std over seeds of (strategy − ``reference``) in ``metric``, paired by seed,
     and on how many seeds the difference was negative. Pairing by seed takes out what the seed does to both
@@ -109,7 +119,7 @@ def paired_gains(runs: pd.DataFrame, reference: str, metric: str = "test_acc") -
 
 
 def to_markdown(summary: pd.DataFrame, candidate: str | None, selections: dict[str, str], rule: str = SELECTION, by: str = "val_acc",
-                vs_scratch: pd.DataFrame | None = None) -> str:
+                vs_scratch: pd.DataFrame | None = None, chance: tuple[str, float] | None = None) -> str:
     """The side-by-side table ``adaptflow run`` prints (mean ± std over seeds). ``by``: what chose the
     candidate; at ``pool_im`` (target.k = 0) the label-free score gets its own column, as the number that chose.
     ``vs_scratch``: :func:`paired_gains` against scratch, shown as its column (none without it)."""
@@ -128,7 +138,13 @@ def to_markdown(summary: pd.DataFrame, candidate: str | None, selections: dict[s
         lines.append(f"| {s}{mark} | {int(r.n_seeds)} |{score} {pm(r, 'val_acc')} | {pm(r, 'test_acc')} | {pm(r, 'test_macro_f1')} |{ece}{gain} {selections.get(s, '')} |")
     lines.append("")
     lines.append(f"Candidate chosen by: {rule}. Test accuracy chooses nothing. Values are mean ± std over seeds"
-                 + (" (gain vs scratch: the per-seed difference, paired by seed)." if has_scratch else "."))
+                 + (" (gain vs scratch: the per-seed difference, paired by seed)" if has_scratch else "")
+                 + "; the seeds vary training only (one split, one labeled set)."
+                 + (" At target.k = 0 the val labels chose nothing: val acc is shown for reference." if im else ""))
+    if chance is not None:
+        below = [str(s) for s, r in summary.iterrows() if round(r.test_acc - chance[1], 9) <= 0]
+        lines.append(f"Chance: always answering {chance[0]!r}, the commonest test class, scores {chance[1]:.4f}"
+                     + (f"; at or below it: {', '.join(below)}." if below else "."))
     return "\n".join(lines) + "\n"
 
 
@@ -202,7 +218,12 @@ def selection_rules(candidate_rule: str, label_free: bool, references: list[str]
         "test macro-F1": "unweighted mean of per-class F1 over the classes true or predicted at least once in target test",
         "pool IM": "information maximisation (H(mean p) − mean H(p)) / log C on the unlabeled target pool: label-free"
                    + ("; it chooses the candidate here" if label_free else "; shown for reference"),
-        "mean ± std": "over finetune.seeds; std is the sample standard deviation (ddof = 1); a single seed shows its value alone",
+        "mean ± std": "over finetune.seeds, which vary training only (initialisation, data order, augmentation): every seed has the "
+                      "same splits and labeled set, drawn by `seed`, so the std leaves out which images were labeled and tested; "
+                      "sample standard deviation (ddof = 1); a single seed shows its value alone",
+        "95% interval": "Wilson score interval of one model's test accuracy over the n test images: how far it could move on "
+                        "another test draw of that size",
+        "chance": "always answering the test split's most common class; a strategy at or below it learned nothing usable",
         "oracle": f"strategies {list(NOT_CANDIDATES)} are reported but never the candidate: they are allowed labels the pipeline does not grant",
     }
     for b in references:
@@ -254,6 +275,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         candidate_seed = int(mine.loc[best_row(mine, by), "seed"])
     references = [b for b in REFERENCES if b in summary.index]
     gains = {b: paired_gains(table, b) for b in references}
+    chance_class, chance_acc = majority(test)
 
     strategies = {}
     for s, r in summary.iterrows():
@@ -268,8 +290,11 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             m["negative_transfer"], m["negative_transfer_seeds"] = None, None
         per_seed = [scored[(s, k)].metrics["recall"] for k in params.finetune.seeds]
         m["recall"] = {c: _mean([rc[c] for rc in per_seed]) for c in test.classes}
+        m["below_chance"] = None if m["test_acc"] is None else bool(round(m["test_acc"] - chance_acc, 9) <= 0)
         strategies[s] = m
     run_metrics = {run_key(s, k): {"strategy": s, "seed": k, **{m: _clean(v) for m, v in sc.metrics.items() if m not in ("recall", "best_epoch")},
+                                   "test_acc_ci95": [_clean(x) for x in calibration.wilson_interval(sc.metrics["test_acc"], len(test))],
+                                   "pseudo_label_rate_max": max_pseudo_label_rate(sc.history),
                                    "best_epoch": sc.metrics["best_epoch"], "recall": sc.metrics["recall"]} for (s, k), sc in scored.items()}
     cand_gain = {f"over_{b}": strategies[candidate][f"gain_over_{b}"] for b in references} if candidate else {}
     cand_gain_std = {f"over_{b}": strategies[candidate][f"gain_over_{b}_std"] for b in references} if candidate else {}
@@ -284,7 +309,9 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         "runs": run_metrics,
         "transfer_gain": cand_gain,
         "transfer_gain_std": cand_gain_std,
-        "negative_transfer": [s for s, m in strategies.items() if m["negative_transfer"]],
+        # null when there is no scratch to fall below (target.k = 0, or not run): not assessed, rather than none found
+        "negative_transfer": [s for s, m in strategies.items() if m["negative_transfer"]] if "scratch" in gains else None,
+        "chance": {"class": chance_class, "test_acc": chance_acc, "rule": "always answering the test split's most common class"},
     }
     rule = SELECTION_LABEL_FREE if label_free else SELECTION
     plots = {"summary": f"{report.PLOTS}/summary.png",
@@ -295,6 +322,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         **metrics,
         "candidate_selection": rule,
         "candidate_rule": "the unlabeled target pool (label-free IM score)" if label_free else "target val accuracy",
+        "label_free": label_free,
         "target_domain": params.target.domain,
         # what ingest left out of the target data, and where each file is listed with its reason
         "target_data": _left_out(store.read_card(tgt), params),
@@ -314,7 +342,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (tmp / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
         table.to_csv(tmp / "comparison.csv", index=False)
-        (tmp / "comparison.md").write_text(to_markdown(summary, candidate, selections, rule, by, gains.get("scratch")))
+        (tmp / "comparison.md").write_text(to_markdown(summary, candidate, selections, rule, by, gains.get("scratch"), (chance_class, chance_acc)))
         (tmp / "report.md").write_text(report.render_markdown(evaluation))
         (tmp / "report.html").write_text(report.render_html(evaluation, tmp))
     log.info("evaluate: candidate %s seed %s (%s); report %s", candidate, candidate_seed, rule, out / "report.html")
@@ -330,7 +358,7 @@ def _write_plots(directory: Path, ev: dict, scored: dict[tuple[str, int], RunSco
     """PNGs for people and the report; CSVs for `dvc plots`."""
     (directory / report.PLOTS).mkdir()
     p = ev["plots"]
-    report.summary_png(ev["strategies"], baselines, ev["candidate"], directory / p["summary"])
+    report.summary_png(ev["strategies"], baselines, ev["candidate"], directory / p["summary"], chance=ev["chance"]["test_acc"])
     learning, reliability = [], []
     for s in ev["strategies"]:
         histories = {k: sc.history for (s2, k), sc in scored.items() if s2 == s}

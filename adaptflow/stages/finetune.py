@@ -92,12 +92,19 @@ def run_one(params: Params, root: Path, strategy: str, seed: int) -> dict:
     return {"strategy": strategy, "seed": seed, "path": str(out), "digest": outputs.digest(out), "cached": False, "val_acc": val_acc}
 
 
+def max_pseudo_label_rate(history: list[dict]) -> float | None:
+    """A fixmatch run's highest share of pool images pseudo-labeled in an epoch (0: its loss trained nothing);
+    None for a run without fixmatch."""
+    rates = [r["pseudo_label_rate"] for r in history if r.get("pseudo_label_rate") is not None]
+    return float(max(rates)) if rates else None
+
+
 def warn_no_pseudo_labels(label: str, history: list[dict], params: Params) -> None:
     """Say so when fixmatch trained on nothing: no pool image reached its threshold in any epoch (its loss was 0
-    throughout). The run still counts as trained, so the table alone would not show it."""
-    rates = [r["pseudo_label_rate"] for r in history if r.get("pseudo_label_rate") is not None]
-    if not rates or max(rates) > 0:
+    throughout). The run still counts as trained, so the table alone would not show it (evaluate's report says it too)."""
+    if max_pseudo_label_rate(history) != 0:
         return
+    rates = [r for r in history if r.get("pseudo_label_rate") is not None]
     k = params.target.k
     log.warning("%s: no pool image reached finetune.fixmatch.threshold=%s in any of %d epochs (pseudo_label_rate 0): its "
                 "fixmatch loss trained nothing%s. Lower the threshold, or start from a model more confident on the target",

@@ -43,6 +43,7 @@ import yaml
 from adaptflow import outputs
 from adaptflow.data import store
 from adaptflow.params import Params
+from adaptflow.stages.evaluate import majority  # noqa: F401  (the gate's chance: what evaluate reports as chance)
 from adaptflow.stages.evaluate import output_dir as evaluate_dir
 from adaptflow.stages.evaluate import run_key
 from adaptflow.stages.finetune import output_dir as adapted_dir
@@ -436,15 +437,6 @@ def unseen_test(test_ids: pd.DataFrame, seen: dict | None) -> tuple[np.ndarray, 
         return every, "every test image was among the champion's training or val images: compared on the whole test set, which flatters the champion"
     return keep, (f"champion and candidate compared on the {len(keep)} of {len(every)} test images the champion never trained or chose on "
                   f"({len(every) - len(keep)} it had were left out)" + (f"; {older}" if older else ""))
-
-
-def majority(split: store.Split) -> tuple[str, float]:
-    """The split's most common class and its share of the split (the lowest label on a tie)."""
-    if len(split.labels) == 0:
-        raise ValueError("the test split holds no image: there is nothing to gate on")
-    counts = np.bincount(np.asarray(split.labels), minlength=len(split.classes))
-    top = int(counts.argmax())
-    return str(split.classes[top]), float(counts[top] / counts.sum())
 
 
 def _accuracy(model: Any, test: store.Split, rows: np.ndarray) -> float:

@@ -74,6 +74,13 @@ def test_report_page_has_tables_and_plots(flow_project):
     for rule in ev["selection_rules"]:
         assert rule in page
     assert "Candidate: <b>" + ev["candidate"] + "</b>" in page
+    # chance, and the gated model's own number with its sampling interval, beside the means over seeds
+    label, share = ev["chance"]["class"], ev["chance"]["test_acc"]
+    assert f"Chance: always answering {label!r}, the commonest test class, scores {share:.4f}" in page.replace("&#x27;", "'")
+    run = ev["runs"][f"{ev['candidate']}/seed{ev['candidate_seed']}"]
+    lo, hi = run["test_acc_ci95"]
+    assert lo <= run["test_acc"] <= hi and f"test accuracy {run['test_acc']:.4f}, 95% interval {lo:.3f}–{hi:.3f}" in page
+    assert all(m["below_chance"] == (round(m["test_acc"] - share, 9) <= 0) for m in ev["strategies"].values())
 
 
 def test_lineage_record_links_the_run(flow_project):

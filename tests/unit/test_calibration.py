@@ -121,3 +121,13 @@ def test_information_maximisation_prefers_confident_and_diverse():
     assert a > b and a > c
     assert c == pytest.approx(0.0, abs=1e-9)
     assert -1.0 <= b <= 1.0 and a <= 1.0
+
+
+def test_wilson_interval_matches_the_textbook_values():
+    from adaptflow.calibration import wilson_interval
+
+    lo, hi = wilson_interval(0.5, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+    lo, hi = wilson_interval(1.0, 20)  # never above 1, and not a zero-width interval at a perfect score
+    assert hi == 1.0 and lo == pytest.approx(0.8389, abs=1e-4)
+    assert all(np.isnan(v) for v in wilson_interval(0.5, 0))

@@ -100,6 +100,13 @@ def test_markdown_marks_candidate():
     assert "| +0.1500 |" in md and "| scratch | 1 |" in md and "± 0.0000" not in md  # one seed: its value alone
 
 
+def test_markdown_names_chance_and_who_is_at_or_below_it():
+    runs = seeded(scratch=[0.10, 0.12], finetune=[0.60, 0.70])
+    md = to_markdown(summarise(runs), "finetune", {}, vs_scratch=paired_gains(runs, "scratch"), chance=("2", 0.149))
+    assert "Chance: always answering '2', the commonest test class, scores 0.1490; at or below it: scratch." in md
+    assert "the seeds vary training only (one split, one labeled set)" in md
+
+
 def test_markdown_gain_vs_scratch_is_the_paired_gain_with_its_std():
     runs = seeded(scratch=[0.50, 0.60, 0.70], finetune=[0.60, 0.55, 0.90])
     md = to_markdown(summarise(runs), "finetune", {}, vs_scratch=paired_gains(runs, "scratch"))
@@ -477,3 +484,23 @@ def test_rollback_goes_back_to_a_former_champion_only(monkeypatch):
     with pytest.raises(register.PromoteRefused, match="m has no champion: give --to"):
         register.rollback("m", "x")
     assert register.rollback("m", "champion was deleted by mistake", to="1")["previous_champion"] is None and where["champion"] == "1"
+
+
+def test_the_report_says_when_fixmatch_trained_nothing_and_where_chance_is():
+    from adaptflow import report
+    from adaptflow.stages.finetune import max_pseudo_label_rate
+
+    assert max_pseudo_label_rate([{"pseudo_label_rate": 0.0}, {"pseudo_label_rate": 0.0}]) == 0
+    assert max_pseudo_label_rate([{"pseudo_label_rate": 0.0}, {"pseudo_label_rate": 0.25}]) == 0.25
+    assert max_pseudo_label_rate([{"train_loss": 1.0}]) is None  # no fixmatch in the run
+    m = {"n_seeds": 1, "test_acc": 0.4, "test_acc_std": None, "below_chance": False}
+    ev = {"target_domain": "t", "source_domain": "s", "test_data_hash": "h", "n_test": 208, "n_val": 73, "seeds": [0],
+          "candidate": "dann+fixmatch", "candidate_seed": 0, "candidate_rule": "target val accuracy", "reference_baselines": [],
+          "strategies": {"dann+fixmatch": m, "scratch": {**m, "test_acc": 0.11, "below_chance": True}}, "negative_transfer": None,
+          "runs": {"dann+fixmatch/seed0": {"test_acc": 0.4087, "test_acc_ci95": [0.344, 0.477], "pseudo_label_rate_max": 0.0},
+                   "scratch/seed0": {"test_acc": 0.11, "pseudo_label_rate_max": None}},
+          "chance": {"class": "2", "test_acc": 0.149}}
+    text = "\n".join(report._headline(ev))
+    assert "FixMatch trained nothing in dann+fixmatch/seed0: no pool image reached its confidence threshold" in text
+    assert "test accuracy 0.4087, 95% interval 0.344–0.477 over the 208 test images" in text
+    assert "Chance: always answering '2', the commonest test class, scores 0.1490; at or below it: scratch" in text
