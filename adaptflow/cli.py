@@ -664,8 +664,8 @@ def registry_show(name: Optional[str] = ModelNameArg) -> None:
     champion = current.get("champion")
     stands = [v for v in held if tracking.version_tags(name, v).get(GATED_AGAINST, "none") == (champion or "none")]
     for title, versions in ((f"held (gate passed; choose on these, not test, then: adaptflow registry promote {name} VERSION):", stands),
-                            (f"held against an earlier champion (champion is now {champion or 'none'}: promote refuses; run the configuration "
-                             "that made one again to gate it anew):", [v for v in held if v not in stands])):
+                            (f"held against an earlier champion (champion is now {champion or 'none'}: promote refuses; to gate one anew, bring back "
+                             "its configuration, delete reports/registry.json and run adaptflow stage register):", [v for v in held if v not in stands])):
         if versions:
             typer.echo(title)
         for version in versions:

@@ -265,7 +265,7 @@ def _headline(ev: dict) -> list[str]:
     if chance:
         below = [s for s, m in ev["strategies"].items() if m.get("below_chance")]
         lines.append(f"Chance: always answering {chance['class']!r}, the commonest test class, scores {chance['test_acc']:.4f}"
-                     + (f"; at or below it: {', '.join(below)} (a gain over such a baseline says little)." if below else "."))
+                     + (f"; at or below it: {', '.join(below)} (a gain over one of them says little)." if below else "."))
     if ev["negative_transfer"]:
         lines.append(f"Negative transfer (mean test accuracy below scratch): {', '.join(ev['negative_transfer'])}.")
     data = ev.get("target_data")  # (an evaluation written before it was recorded has none)

@@ -329,6 +329,15 @@ def set_version_tags(name: str, version: str, tags: dict[str, Any]) -> None:
         client.set_model_version_tag(name, version, tag_key(k), str(v))
 
 
+def delete_version_tag(name: str, version: str, key: str) -> None:
+    """Remove a version's tag; one it does not carry is no error."""
+    try:
+        MlflowClient().delete_model_version_tag(name, version, tag_key(key))
+    except MlflowException as exc:
+        if not _not_found(exc):
+            raise
+
+
 def seen_by(name: str, version: str, artifact_file: str) -> dict | None:
     """The dict ``artifact_file`` holds in the run that registered ``version`` (its ``parent_run_id`` tag), or
     None when that version has none (registered before it was recorded)."""

@@ -27,3 +27,17 @@ def _mlflow_uris_stay_put():
     them would leave a later test (and every subprocess it starts) pointed at its store or stopped server."""
     with environ_kept("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         yield
+
+
+@pytest.fixture(autouse=True)
+def _no_store_left_in_the_working_folder(request):
+    """A test that reaches MLflow without configuring it gets MLflow's default store: an ``mlflow.db`` in the
+    working folder (the repository, under ``make test``). Name the test that left one, and remove it."""
+    from pathlib import Path
+
+    stray = Path.cwd() / "mlflow.db"
+    before = stray.exists()
+    yield
+    if not before and stray.exists():
+        stray.unlink()
+        pytest.fail(f"{request.node.nodeid} left {stray}: mock the tracking call it makes, or configure a store in tmp_path")

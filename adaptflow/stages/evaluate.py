@@ -100,7 +100,7 @@ def majority(split: Split) -> tuple[str, float]:
     """The split's most common class and its share of the split (the lowest label on a tie): chance, what
     always answering that class scores."""
     if len(split.labels) == 0:
-        raise ValueError("the test split holds no image: there is nothing to gate on")
+        raise ValueError("the test split holds no image: there is nothing to score or gate on")
     counts = np.bincount(np.asarray(split.labels), minlength=len(split.classes))
     top = int(counts.argmax())
     return str(split.classes[top]), float(counts[top] / counts.sum())
@@ -311,7 +311,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         "transfer_gain_std": cand_gain_std,
         # null when there is no scratch to fall below (target.k = 0, or not run): not assessed, rather than none found
         "negative_transfer": [s for s, m in strategies.items() if m["negative_transfer"]] if "scratch" in gains else None,
-        "chance": {"class": chance_class, "test_acc": chance_acc, "rule": "always answering the test split's most common class"},
+        "chance": {"class": chance_class, "test_acc": chance_acc},  # always answering the test split's most common class
     }
     rule = SELECTION_LABEL_FREE if label_free else SELECTION
     plots = {"summary": f"{report.PLOTS}/summary.png",

@@ -221,7 +221,8 @@ def registered_before(name: str, key: str, root: Path, params: Params) -> dict |
     decision, lineage = records.get("registry.json"), records.get("lineage.json")
     if decision and lineage and decision.get("key") == key and decision.get("gate") in (SAME, SAME_VERSION):
         stands = (champion == decision["version"] if decision["gate"] == SAME else  # still the champion; or nothing moved since
-                  champion == decision.get("champion") and tracking.version_exists(name, decision["version"]))
+                  champion == decision.get("champion") and tracking.version_exists(name, decision["version"])
+                  and standing_version(name, [decision["version"]]) == decision["version"])
         if stands:
             write_records(params, root, decision, lineage)
             return decision
@@ -509,7 +510,11 @@ def standing_version(name: str, same: list[str]) -> str | None:
         return champion
     for version in same:
         tags = tracking.version_tags(name, version)
-        if "rolled_back" in tags or tags.get(GATED_AGAINST, "none") == (champion or "none"):
+        if "rolled_back" in tags:
+            return version
+        # a verdict recorded in full (a registration cut short left none) and given against today's champion; a
+        # promoted version no longer champion (replaced, or the alias removed) stands for nothing
+        if tags.get("gate") in ("rejected", HELD) and GATED_AGAINST in tags and tags[GATED_AGAINST] == (champion or "none"):
             return version
     return None
 
@@ -599,9 +604,9 @@ def promote(name: str, version: str, who: str = "adaptflow registry promote") ->
     against = tags.get(GATED_AGAINST, "none")
     if (current or "none") != against:
         raise PromoteRefused(f"{name} version {version} was gated against champion {against}, but champion is now {current or 'none'}: "
-                             "its verdict no longer holds; gate it anew against the current champion by running the configuration "
-                             "that made it again (its params are in its parent run; a DVC experiment: dvc exp apply it, then dvc repro) "
-                             "— the same weights are registered and gated anew")
+                             "its verdict no longer holds; gate its weights anew against the current champion: bring back the "
+                             "configuration that made it (its params are in its parent run; a DVC experiment: dvc exp apply it), delete "
+                             "reports/registry.json, run adaptflow stage register, and promote the new version that registers")
     reasons = tags.get("gate_reasons", "")
     try:
         tracking.move_alias(name, "champion", version, expected=current, reason=f"promoted by hand ({who}): gate passed: {reasons}",
@@ -655,6 +660,7 @@ def rollback(name: str, reason: str, to: str | None = None, who: str = "adaptflo
         raise PromoteRefused(f"champion moved to version {exc.found or 'none'} meanwhile: nothing rolled back") from None
     if current is not None:
         tracking.set_version_tags(name, current, {"rolled_back": reason})
+    tracking.delete_version_tag(name, to, "rolled_back")  # champion again: an earlier rollback from it no longer stands
     _retire_challenger(name, to, who, how="made champion again by a rollback")  # champion and challenger never name one version
     return {"model_name": name, "version": to, "previous_champion": current}
 

@@ -356,7 +356,7 @@ def test_registry_show_lists_held_versions_by_what_chooses_among_them_never_test
     assert "  version 2  dann seed 0  val_acc 0.9712  gated against 1" in out
     assert out.index("\n  version 3 ") < out.index("\n  version 2 ")  # newest first
     # gated against a champion since replaced: listed apart, as promote would refuse it
-    stale = out.index("held against an earlier champion (champion is now 1: promote refuses; run the configuration that made one again")
+    stale = out.index("held against an earlier champion (champion is now 1: promote refuses; to gate one anew, bring back its configuration")
     assert out.index("\n  version 4  coral seed 0  val_acc 0.9100  gated against 0") > stale > out.index("\n  version 2 ")
     assert "0.99" not in out and "0.96" not in out
     monkeypatch.setattr(tracking, "model_aliases", lambda name: {})

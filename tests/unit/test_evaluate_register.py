@@ -443,6 +443,7 @@ def test_rollback_goes_back_to_a_former_champion_only(monkeypatch):
     monkeypatch.setattr(tracking, "alias_version", lambda name, alias: where.get(alias))
     monkeypatch.setattr(tracking, "alias_history", lambda name, alias=None: [m for m in moves if alias in (None, m.alias)])
     monkeypatch.setattr(tracking, "set_version_tags", lambda name, v, t: tags[v].update(t))
+    monkeypatch.setattr(tracking, "delete_version_tag", lambda name, v, key: tags[v].pop(key, None))
     monkeypatch.setattr(tracking, "missing_model", lambda name: None)
 
     def move(name, alias, v, **kw):
@@ -469,6 +470,7 @@ def test_rollback_goes_back_to_a_former_champion_only(monkeypatch):
         register.rollback("m", "again")  # v1 was the first champion (the rollback that put it back is not a promotion)
     where["challenger"] = "2"  # e.g. its weights came back in a run and were gated again: champion and challenger never name one version
     assert register.rollback("m", "v2 was fine after all", to="2")["version"] == "2"
+    assert "rolled_back" not in tags["2"] and tags["1"]["rolled_back"] == "v2 was fine after all"  # champion again: not rolled back
     assert where["challenger"] is None and moves[-1].reason == "version 2 made champion again by a rollback (adaptflow registry rollback)"
     # a version made champion outside adaptflow (a noticed move) passed no gate: never a rollback's target
     tags["5"] = {"gate": "rejected"}
@@ -504,3 +506,26 @@ def test_the_report_says_when_fixmatch_trained_nothing_and_where_chance_is():
     assert "FixMatch trained nothing in dann+fixmatch/seed0: no pool image reached its confidence threshold" in text
     assert "test accuracy 0.4087, 95% interval 0.344–0.477 over the 208 test images" in text
     assert "Chance: always answering '2', the commonest test class, scores 0.1490; at or below it: scratch" in text
+
+
+def test_the_version_that_answers_for_weights_already_registered(monkeypatch):
+    """Of the versions serving one candidate: the champion; else one whose verdict (rejected or held) was given
+    against today's champion, or one rolled back; never a registration cut short (no verdict recorded), nor a
+    promoted version no longer champion: those weights are gated anew."""
+    from adaptflow import tracking
+    from adaptflow.stages import register
+
+    tags = {"1": {"gate": "promoted", "gated_against": "none"},  # the first champion, since replaced
+            "2": {"gate": "rejected", "gated_against": "3"},
+            "4": {"gate": "passed, held", "gated_against": "1"},
+            "5": {},  # registered, then the run stopped before its gate was recorded
+            "6": {"gate": "promoted", "gated_against": "1", "rolled_back": "misreads sevens"}}
+    where = {"champion": "3"}
+    monkeypatch.setattr(tracking, "alias_version", lambda name, alias: where.get(alias))
+    monkeypatch.setattr(tracking, "version_tags", lambda name, v: tags[v])
+    assert register.standing_version("m", ["3", "2"]) == "3"  # the champion itself
+    assert register.standing_version("m", ["4", "2"]) == "2"  # 4 was gated against 1, no longer champion
+    assert register.standing_version("m", ["5", "1", "4"]) is None  # every verdict stale or missing: gated anew
+    assert register.standing_version("m", ["6"]) == "6"  # a rollback is not undone by a re-run
+    where["champion"] = None  # the champion alias removed
+    assert register.standing_version("m", ["1"]) is None and register.standing_version("m", ["5"]) is None
