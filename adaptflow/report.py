@@ -257,6 +257,10 @@ def _headline(ev: dict) -> list[str]:
             lines.append(f"The model register gates (seed {ev['candidate_seed']}): test accuracy {run['test_acc']:.4f}, 95% interval "
                          f"{_interval(run.get('test_acc_ci95'))} over the {ev['n_test']} test images (the ± over seeds holds training "
                          "randomness only: every seed has the same splits and labeled set).")
+    diverged = [f"{k} (epoch {r['diverged_at']})" for k, r in ev["runs"].items() if r.get("diverged_at")]
+    if diverged:
+        lines.append(f"Training diverged (a loss that was no longer finite) in {', '.join(diverged)}: each stopped there and kept its "
+                     "best checkpoint before it; lower the learning rate.")
     idle = [k for k, r in ev["runs"].items() if r.get("pseudo_label_rate_max") == 0]
     if idle:
         lines.append(f"FixMatch trained nothing in {', '.join(idle)}: no pool image reached its confidence threshold in any epoch "

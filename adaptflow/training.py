@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -68,6 +69,7 @@ class FitResult:
     best_score: float = float("nan")  # the selection rule's score at the chosen epoch
     selection: str = "max val_acc (ties: lowest val_loss)"
     compile_fell_back: str = ""  # the compiler's error when a compiled run went on eagerly ("" if it did not)
+    diverged_at: int | None = None  # the epoch whose training loss was not finite (training stopped there), or None
 
 
 Scorer = Callable[[nn.Module], dict]  # → {"score": higher is better, "tiebreak": higher is better, **logged}; every process calls it
@@ -229,7 +231,7 @@ def fit(
     result = FitResult(selection=selection or FitResult.selection)
     best_key, best_state = None, None
 
-    def consider(epoch: int, logs: dict) -> None:
+    def consider(epoch: int, logs: dict, eligible: bool = True) -> None:
         nonlocal best_key, best_state
         if before_score is not None:
             before_score(model)
@@ -237,7 +239,7 @@ def fit(
         row = {"epoch": epoch, **logs, **{k: v for k, v in s.items() if k not in ("score", "tiebreak")}}
         result.history.append(row)
         key = (s["score"], s["tiebreak"])
-        if best_key is None or key > best_key:
+        if eligible and (best_key is None or key > best_key):
             best_key, best_state = key, copy.deepcopy(model.state_dict())
             result.best_epoch, result.best_val_acc, result.best_score = epoch, s.get("val_acc", float("nan")), s["score"]
 
@@ -295,10 +297,22 @@ def fit(
                 sums[k] = sums.get(k, 0.0) + v
         distributed.average_buffers([model, *objectives])
         sums = distributed.mean_across(sums)
-        consider(epoch, {k: float(v) / steps_per_epoch for k, v in sums.items()})
+        epoch_logs = {k: float(v) / steps_per_epoch for k, v in sums.items()}
+        # a loss that is no longer finite: the weights it moved are no model (NaN or inf), never a checkpoint;
+        # every process has the same mean, so all stop here
+        diverged = not math.isfinite(epoch_logs.get("train_loss", 0.0))
+        consider(epoch, epoch_logs, eligible=not diverged)
         row = result.history[-1]
         log.info("%s epoch %d/%d train_loss %.4f score %s", desc, epoch, epochs, row["train_loss"],
                  {k: round(v, 4) for k, v in row.items() if k.startswith("val") or k.startswith("sel")})
+        if diverged:
+            result.diverged_at = epoch
+            if best_state is None:
+                raise RuntimeError(f"{desc}: the training loss is {row['train_loss']} at epoch {epoch}, before any checkpoint could be "
+                                   "kept: training diverged; lower the learning rate (or the loss weights)")
+            log.warning("%s: the training loss is %s at epoch %d: training diverged, so it stopped there; the checkpoint is "
+                        "epoch %d's. Lower the learning rate (or the loss weights)", desc, row["train_loss"], epoch, result.best_epoch)
+            break
     if feed is not None:
         feed.close()
     model.load_state_dict(best_state)

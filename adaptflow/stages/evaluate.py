@@ -35,7 +35,7 @@ from adaptflow.data.store import Split
 from adaptflow.models import load
 from adaptflow.params import Params
 from adaptflow.stages.finetune import output_dir as adapted_dir
-from adaptflow.stages.finetune import max_pseudo_label_rate, runs
+from adaptflow.stages.finetune import diverged_at, max_pseudo_label_rate, runs
 from adaptflow.stages.ingest import dropped
 from adaptflow.stages.ingest import output_dir as ingested_dir
 from adaptflow.stages.ingest import report_path as ingest_report
@@ -294,7 +294,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         strategies[s] = m
     run_metrics = {run_key(s, k): {"strategy": s, "seed": k, **{m: _clean(v) for m, v in sc.metrics.items() if m not in ("recall", "best_epoch")},
                                    "test_acc_ci95": [_clean(x) for x in calibration.wilson_interval(sc.metrics["test_acc"], len(test))],
-                                   "pseudo_label_rate_max": max_pseudo_label_rate(sc.history),
+                                   "pseudo_label_rate_max": max_pseudo_label_rate(sc.history), "diverged_at": diverged_at(sc.history),
                                    "best_epoch": sc.metrics["best_epoch"], "recall": sc.metrics["recall"]} for (s, k), sc in scored.items()}
     cand_gain = {f"over_{b}": strategies[candidate][f"gain_over_{b}"] for b in references} if candidate else {}
     cand_gain_std = {f"over_{b}": strategies[candidate][f"gain_over_{b}_std"] for b in references} if candidate else {}

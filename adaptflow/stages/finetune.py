@@ -99,6 +99,12 @@ def max_pseudo_label_rate(history: list[dict]) -> float | None:
     return float(max(rates)) if rates else None
 
 
+def diverged_at(history: list[dict]) -> int | None:
+    """The epoch whose training loss was not finite (training stops there: ``training.fit``), or None. Epoch 0,
+    scored before training, has no loss."""
+    return next((r["epoch"] for r in history if r.get("epoch", 0) > 0 and not math.isfinite(r.get("train_loss", 0.0))), None)
+
+
 def warn_no_pseudo_labels(label: str, history: list[dict], params: Params) -> None:
     """Say so when fixmatch trained on nothing: no pool image reached its threshold in any epoch (its loss was 0
     throughout). The run still counts as trained, so the table alone would not show it (evaluate's report says it too)."""

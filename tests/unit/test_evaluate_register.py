@@ -529,3 +529,15 @@ def test_the_version_that_answers_for_weights_already_registered(monkeypatch):
     assert register.standing_version("m", ["6"]) == "6"  # a rollback is not undone by a re-run
     where["champion"] = None  # the champion alias removed
     assert register.standing_version("m", ["1"]) is None and register.standing_version("m", ["5"]) is None
+
+
+def test_the_report_names_a_run_whose_training_diverged():
+    from adaptflow import report
+    from adaptflow.stages.finetune import diverged_at
+
+    nan = float("nan")
+    assert diverged_at([{"epoch": 0, "train_loss": nan}, {"epoch": 1, "train_loss": 0.5}]) is None  # epoch 0 has no loss
+    assert diverged_at([{"epoch": 0, "train_loss": nan}, {"epoch": 1, "train_loss": 0.5}, {"epoch": 2, "train_loss": float("inf")}]) == 2
+    ev = {"target_domain": "t", "source_domain": "s", "test_data_hash": "h", "n_test": 10, "n_val": 5, "seeds": [0], "candidate": None,
+          "strategies": {}, "negative_transfer": None, "runs": {"finetune/seed0": {"diverged_at": 2}, "scratch/seed0": {"diverged_at": None}}}
+    assert "Training diverged (a loss that was no longer finite) in finetune/seed0 (epoch 2): each stopped there" in "\n".join(report._headline(ev))

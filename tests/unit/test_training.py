@@ -72,6 +72,29 @@ def test_fit_restores_best_val_weights():
     assert last["val_acc"] < res.best_val_acc  # the restore made a difference
 
 
+class _Diverges(torch.nn.Module):
+    """An objective whose loss turns NaN ``after`` a share of training (a learning rate far too high)."""
+
+    def __init__(self, after: float = 0.25, value: float = float("nan")):
+        super().__init__()
+        self.after, self.value = after, value
+
+    def forward(self, model, progress):
+        return torch.tensor(self.value if progress >= self.after else 0.0), {}  # 0.25: from epoch 2 (2 steps of 8)
+
+
+def test_fit_stops_where_the_loss_diverged_and_keeps_the_last_good_checkpoint(caplog):
+    train, val = bright_dark(16, 0), bright_dark(8, 1)
+    model = _model()
+    res = _fit(model, train, val, epochs=4, objectives=[_Diverges()])
+    assert [h["epoch"] for h in res.history] == [1, 2] and res.diverged_at == 2  # stopped there, not two epochs of NaN more
+    assert math.isfinite(res.history[0]["train_loss"]) and not math.isfinite(res.history[1]["train_loss"])
+    assert res.best_epoch == 1 and all(torch.isfinite(p).all() for p in model.parameters())  # epoch 1's weights, not NaN
+    assert "training diverged, so it stopped there; the checkpoint is epoch 1's" in caplog.text
+    with pytest.raises(RuntimeError, match="before any checkpoint could be kept: training diverged; lower the learning rate"):
+        _fit(_model(), train, val, epochs=2, objectives=[_Diverges(after=0.0, value=float("inf"))])
+
+
 def test_evaluate_start_records_epoch_zero():
     train, val = bright_dark(8, 0), bright_dark(6, 1)
     model = _model()
