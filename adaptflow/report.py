@@ -251,7 +251,8 @@ def _headline(ev: dict) -> list[str]:
         m = ev["strategies"][c]
         gains = "; ".join(f"{signed(m.get(f'gain_over_{b}'), m.get(f'gain_over_{b}_std'), m['n_seeds'])} over {b}" for b in ev["reference_baselines"])
         lines.append(f"Candidate: **{c}** (seed {ev['candidate_seed']}), chosen on {ev['candidate_rule']}. "
-                     f"Test accuracy {pm(m['test_acc'], m['test_acc_std'], m['n_seeds'])} over seeds" + (f"; transfer gain {gains}." if gains else "."))
+                     f"Test accuracy {pm(m['test_acc'], m['test_acc_std'], m['n_seeds'])}" + (" over seeds" if m["n_seeds"] > 1 else "")
+                     + (f"; transfer gain {gains}." if gains else "."))
         run = ev["runs"].get(f"{c}/seed{ev['candidate_seed']}", {})
         if run.get("test_acc") is not None:
             lines.append(f"The model register gates (seed {ev['candidate_seed']}): test accuracy {run['test_acc']:.4f}, 95% interval "
