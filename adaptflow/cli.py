@@ -632,7 +632,7 @@ def registry_show(name: Optional[str] = ModelNameArg) -> None:
     """Where each alias of NAME points now, with the gate's verdict on that version; then every version whose
     gate passed and was held, with what chooses among them (val accuracy; at k = 0 the label-free score)."""
     from adaptflow import tracking
-    from adaptflow.stages.register import GATED_AGAINST, HELD
+    from adaptflow.stages.register import GATED_AGAINST, HELD, ROLLED_BACK, gated_against_today
 
     name = _project_model(name)
     with _bad_input_exits():
@@ -658,11 +658,11 @@ def registry_show(name: Optional[str] = ModelNameArg) -> None:
     for alias, version in sorted(current.items()):
         t = tracking.version_tags(name, version)
         test = "" if t.get("gate") == HELD else f"  test_acc {four(t.get('test_acc')) or '?'}"  # a held one is chosen on val alone
-        rolled = f"  rolled back: {t['rolled_back']}" if "rolled_back" in t and alias != "champion" else ""
+        rolled = f"  rolled back: {t[ROLLED_BACK]}" if ROLLED_BACK in t and alias != "champion" else ""
         typer.echo(f"{alias:<11} version {version}  {t.get('strategy', '?')} seed {t.get('seed', '?')}  {chooser(t)}{test}  "
                    f"gate {t.get('gate', '?')}: {t.get('gate_reasons', '')}{rolled}")
     champion = current.get("champion")
-    stands = [v for v in held if tracking.version_tags(name, v).get(GATED_AGAINST, "none") == (champion or "none")]
+    stands = [v for v in held if gated_against_today(tracking.version_tags(name, v), champion)]
     for title, versions in ((f"held (gate passed; choose on these, not test, then: adaptflow registry promote {name} VERSION):", stands),
                             (f"held against an earlier champion (champion is now {champion or 'none'}: promote refuses; to gate one anew, bring back "
                              "its configuration, delete reports/registry.json and run adaptflow stage register):", [v for v in held if v not in stands])):

@@ -199,6 +199,17 @@ def pm(mean: float | None, std: float | None, n: int, digits: int = 4) -> str:
     return f"{mean:.{digits}f}"
 
 
+def at_or_below_chance(acc: float, chance: float) -> bool:
+    """An accuracy no better than always answering the commonest test class (rounded: a tie is no better)."""
+    return round(acc - chance, 9) <= 0
+
+
+def chance_line(label: str, share: float, below: list[str], note: str = "") -> str:
+    """The sentence the table and the report say chance in, with the strategies at or below it."""
+    return (f"Chance: always answering {label!r}, the commonest test class, scores {share:.4f}"
+            + (f"; at or below it: {', '.join(below)}{note}." if below else "."))
+
+
 def signed(mean: float | None, std: float | None, n: int) -> str:
     """A gain, ``+mean ± std`` when there is more than one seed, else the single value; "—" when missing."""
     if mean is None or math.isnan(mean):
@@ -269,8 +280,7 @@ def _headline(ev: dict) -> list[str]:
     chance = ev.get("chance")  # (an evaluation written before it was recorded has none)
     if chance:
         below = [s for s, m in ev["strategies"].items() if m.get("below_chance")]
-        lines.append(f"Chance: always answering {chance['class']!r}, the commonest test class, scores {chance['test_acc']:.4f}"
-                     + (f"; at or below it: {', '.join(below)} (a gain over one of them says little)." if below else "."))
+        lines.append(chance_line(chance["class"], chance["test_acc"], below, " (a gain over one of them says little)"))
     if ev["negative_transfer"]:
         lines.append(f"Negative transfer (mean test accuracy below scratch): {', '.join(ev['negative_transfer'])}.")
     data = ev.get("target_data")  # (an evaluation written before it was recorded has none)

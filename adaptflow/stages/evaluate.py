@@ -142,9 +142,7 @@ def to_markdown(summary: pd.DataFrame, candidate: str | None, selections: dict[s
                  + "; the seeds vary training only (one split, one labeled set)."
                  + (" At target.k = 0 the val labels chose nothing: val acc is shown for reference." if im else ""))
     if chance is not None:
-        below = [str(s) for s, r in summary.iterrows() if round(r.test_acc - chance[1], 9) <= 0]
-        lines.append(f"Chance: always answering {chance[0]!r}, the commonest test class, scores {chance[1]:.4f}"
-                     + (f"; at or below it: {', '.join(below)}." if below else "."))
+        lines.append(report.chance_line(*chance, [str(s) for s, r in summary.iterrows() if report.at_or_below_chance(r.test_acc, chance[1])]))
     return "\n".join(lines) + "\n"
 
 
@@ -290,7 +288,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             m["negative_transfer"], m["negative_transfer_seeds"] = None, None
         per_seed = [scored[(s, k)].metrics["recall"] for k in params.finetune.seeds]
         m["recall"] = {c: _mean([rc[c] for rc in per_seed]) for c in test.classes}
-        m["below_chance"] = None if m["test_acc"] is None else bool(round(m["test_acc"] - chance_acc, 9) <= 0)
+        m["below_chance"] = None if m["test_acc"] is None else report.at_or_below_chance(m["test_acc"], chance_acc)
         strategies[s] = m
     run_metrics = {run_key(s, k): {"strategy": s, "seed": k, **{m: _clean(v) for m, v in sc.metrics.items() if m not in ("recall", "best_epoch")},
                                    "test_acc_ci95": [_clean(x) for x in calibration.wilson_interval(sc.metrics["test_acc"], len(test))],

@@ -43,7 +43,7 @@ import yaml
 from adaptflow import outputs
 from adaptflow.data import store
 from adaptflow.params import Params
-from adaptflow.stages.evaluate import majority  # noqa: F401  (the gate's chance: what evaluate reports as chance)
+from adaptflow.stages.evaluate import majority  # the gate's chance: what evaluate reports as chance
 from adaptflow.stages.evaluate import output_dir as evaluate_dir
 from adaptflow.stages.evaluate import run_key
 from adaptflow.stages.finetune import output_dir as adapted_dir
@@ -208,7 +208,7 @@ def registered_before(name: str, key: str, root: Path, params: Params) -> dict |
         if tags.get("gate") == "promoted":
             current = champion == version  # promoted: still champion (not replaced, nor the alias removed)
         else:
-            current = champion != version and tags.get(GATED_AGAINST, "none") == (champion or "none")  # the champion it was gated against
+            current = champion != version and gated_against_today(tags, champion)
         run_id = tags.get("parent_run_id")
         records = {f: tracking.load_run_dict(run_id, f) for f in ("registry.json", "lineage.json")} if current and run_id else {}
         decision, lineage = records.get("registry.json"), records.get("lineage.json")
@@ -510,11 +510,11 @@ def standing_version(name: str, same: list[str]) -> str | None:
         return champion
     for version in same:
         tags = tracking.version_tags(name, version)
-        if "rolled_back" in tags:
+        if ROLLED_BACK in tags:
             return version
         # a verdict recorded in full (a registration cut short left none) and given against today's champion; a
         # promoted version no longer champion (replaced, or the alias removed) stands for nothing
-        if tags.get("gate") in ("rejected", HELD) and GATED_AGAINST in tags and tags[GATED_AGAINST] == (champion or "none"):
+        if tags.get("gate") in ("rejected", HELD) and GATED_AGAINST in tags and gated_against_today(tags, champion):
             return version
     return None
 
@@ -534,10 +534,10 @@ def _already_registered(name: str, version: str, champion: str | None, candidate
     then = tags.get("gate", "not recorded")
     alias = next((a for a, v in tracking.model_aliases(name).items() if v == version), None)
     why = f"{said}; its gate said {then!r} against champion {tags.get(GATED_AGAINST, 'none')}" + (
-        f", and it was rolled back ({tags['rolled_back']})" if "rolled_back" in tags else "")
+        f", and it was rolled back ({tags[ROLLED_BACK]})" if ROLLED_BACK in tags else "")
     if then == HELD:
         why += f"; to make it champion: adaptflow registry promote {name} {version}"
-    elif "rolled_back" in tags:
+    elif ROLLED_BACK in tags:
         why += f"; to put it back anyway: adaptflow registry rollback {name} --to {version} --reason '…'"
     return {"version": version, "promoted": False, "gate": SAME_VERSION, "alias": alias, "previous_champion_test_acc": None,
             "reasons": [why], "champion": champion, "model_uri": f"models:/{name}/{version}"}
@@ -580,6 +580,13 @@ SAME_VERSION = "same as a registered version"  # verdict: ... what another versi
 
 HELD = "passed, held"  # the gate passed, but the version waits for `adaptflow registry promote` (see hold)
 GATED_AGAINST = "gated_against"  # version tag: the champion the gate compared with ("none": there was none)
+ROLLED_BACK = "rolled_back"  # version tag: why a rollback took champion off it (cleared when a rollback puts it back)
+
+
+def gated_against_today(tags: dict, champion: str | None) -> bool:
+    """Whether a version's gate compared it with today's champion (``champion``; None: there is none), so its
+    verdict still stands: what promote requires, and what `registry show` sorts held versions by."""
+    return tags.get(GATED_AGAINST, "none") == (champion or "none")
 
 
 def promote(name: str, version: str, who: str = "adaptflow registry promote") -> dict:
@@ -602,7 +609,7 @@ def promote(name: str, version: str, who: str = "adaptflow registry promote") ->
         raise PromoteRefused(f"{name} version {version}: its gate was {tags.get('gate', 'never run')!r}, and only a version whose gate passed "
                              f"and was held can be promoted by hand ({tags.get('gate_reasons', 'no reasons recorded')}){back}")
     against = tags.get(GATED_AGAINST, "none")
-    if (current or "none") != against:
+    if not gated_against_today(tags, current):
         raise PromoteRefused(f"{name} version {version} was gated against champion {against}, but champion is now {current or 'none'}: "
                              "its verdict no longer holds; gate its weights anew against the current champion: bring back the "
                              "configuration that made it (its params are in its parent run; a DVC experiment: dvc exp apply it), delete "
@@ -659,8 +666,8 @@ def rollback(name: str, reason: str, to: str | None = None, who: str = "adaptflo
     except aliases.AliasConflict as exc:
         raise PromoteRefused(f"champion moved to version {exc.found or 'none'} meanwhile: nothing rolled back") from None
     if current is not None:
-        tracking.set_version_tags(name, current, {"rolled_back": reason})
-    tracking.delete_version_tag(name, to, "rolled_back")  # champion again: an earlier rollback from it no longer stands
+        tracking.set_version_tags(name, current, {ROLLED_BACK: reason})
+    tracking.delete_version_tag(name, to, ROLLED_BACK)  # champion again: an earlier rollback from it no longer stands
     _retire_challenger(name, to, who, how="made champion again by a rollback")  # champion and challenger never name one version
     return {"model_name": name, "version": to, "previous_champion": current}
 
